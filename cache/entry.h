@@ -1,0 +1,47 @@
+/*
+ * cache/entry.h - the cache entry format (grammar in cache/FORMAT.md).
+ *
+ * An entry is a fixed little-endian header, the full key bytes, then the cubin.
+ * The cache knows nothing of what a kernel computes: the full key is opaque
+ * bytes (the runtime's serialised variant plus build identity).
+ */
+#ifndef FAJIT_CACHE_ENTRY_H
+#define FAJIT_CACHE_ENTRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FAJIT__ENTRY_MAGIC "FAJITCE\x01"
+#define FAJIT__ENTRY_FORMAT_VERSION 1u
+
+typedef struct fajit__entry_meta {
+    uint32_t arch;          /* sm number, e.g. 90 */
+    uint32_t arch_suffix;   /* 0, or 'a' (sm_90a) */
+    uint32_t nvrtc_version; /* major * 1000 + minor * 10 */
+    uint32_t registers;     /* per thread */
+    uint32_t smem_bytes;    /* static shared memory */
+    uint32_t spill_bytes;   /* spill stores + loads, bytes */
+    uint32_t compile_us;    /* NVRTC wall time */
+} fajit__entry_meta;
+
+/* A decoded view into an entry's bytes (pointers alias the input buffer). */
+typedef struct fajit__entry_view {
+    fajit__entry_meta meta;
+    const uint8_t *full_key;
+    size_t full_key_len;
+    const uint8_t *cubin;
+    size_t cubin_len;
+} fajit__entry_view;
+
+/* Builds an entry into a malloc'd buffer. 0 or FAJIT_ENOMEM / FAJIT_EINVAL. */
+int fajit__entry_encode(const fajit__entry_meta *meta, const uint8_t *full_key,
+                        size_t full_key_len, const uint8_t *cubin, size_t cubin_len,
+                        uint8_t **out, size_t *out_len);
+
+/* Validates magic, version, every length, and the checksum, then fills *view.
+ * 0, or FAJIT_ECORRUPT with *why (static text) saying what is wrong (why may be
+ * NULL). Never reads past len; records nothing with fajit__fail. */
+int fajit__entry_decode(const uint8_t *buf, size_t len, fajit__entry_view *view,
+                        const char **why);
+
+#endif

@@ -1,0 +1,83 @@
+/*
+ * cache/store.h - the LMDB store of cache entries, keyed by a 16-byte XXH3-128
+ * digest of the full key.
+ *
+ * Contract:
+ *  - One MDB_env per path per process (shared, refcounted), reopened in a child
+ *    after fork. Compiling happens outside any transaction.
+ *  - get returns an entry only if it decodes (cache/entry.h) and its stored
+ *    full key equals the asked one byte for byte; anything else is a miss, and a
+ *    bad entry is counted and deleted (read-write mode) so a put replaces it.
+ *  - lock_key / unlock_key serialise compiles of one key across threads and
+ *    processes (OFD byte-range locks on <dir>/compile.lock): a caller that got
+ *    the lock after waiting gets again before compiling.
+ *  - put grows the map on MDB_MAP_FULL and retries; a map grown by another
+ *    process is adopted (MDB_MAP_RESIZED).
+ *  - READONLY: gets only (put returns FAJIT_EREADONLY, lock is a no-op); works on
+ *    a read-only directory. OFF: never used (the runtime does not open a store).
+ */
+#ifndef FAJIT_CACHE_STORE_H
+#define FAJIT_CACHE_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "entry.h"
+#include "runtime/error.h"
+
+typedef struct fajit__store fajit__store;
+
+typedef struct fajit__store_counters {
+    uint64_t hits, misses, compiles, bad_entries;
+} fajit__store_counters;
+
+/* Errors are recorded with fajit__fail (runtime/error.h); bad entries and map
+ * growth are logged to log (may be NULL; must outlive the store).
+ *
+ * mode: FAJIT_CACHE_READWRITE or FAJIT_CACHE_READONLY. map_bytes: initial map
+ * size (0 = 256 MiB). READWRITE creates dir (and parents). */
+int fajit__store_open(const char *dir, int mode, uint64_t map_bytes, const fajit__logger *log,
+                      fajit__store **out);
+void fajit__store_close(fajit__store *s); /* NULL is a no-op */
+
+/* Looks key up. On a valid hit *entry is a malloc'd copy of the whole entry
+ * (decode it with fajit__entry_decode) and 0 is returned; FAJIT_ENOTFOUND on a
+ * miss (including a bad or mismatching entry). Counts hits/misses. */
+int fajit__store_get(fajit__store *s, const uint8_t key[16], const uint8_t *full_key,
+                     size_t full_key_len, uint8_t **entry, size_t *entry_len);
+
+/* Stores an encoded entry under key (replacing any). Counts a compile. */
+int fajit__store_put(fajit__store *s, const uint8_t key[16], const uint8_t *entry,
+                     size_t entry_len);
+
+/* Removes one entry (FAJIT_ENOTFOUND if absent), or all with key NULL. */
+int fajit__store_del(fajit__store *s, const uint8_t key[16]);
+
+/* Iterates every entry in key order with its raw bytes (valid during the call
+ * only); cb returns nonzero to stop. Entries are passed even if corrupt. */
+typedef int (*fajit__store_iter_cb)(void *user, const uint8_t key[16], const uint8_t *entry,
+                                    size_t entry_len);
+int fajit__store_iterate(fajit__store *s, fajit__store_iter_cb cb, void *user);
+
+typedef struct fajit__keylock {
+    int fd;
+    int64_t offset;
+} fajit__keylock;
+int fajit__store_lock_key(fajit__store *s, const uint8_t key[16], fajit__keylock *lk);
+void fajit__store_unlock_key(fajit__store *s, fajit__keylock *lk);
+
+/* entries, bytes (sum of entry sizes), map size; persistent counters (those of
+ * the store plus this process's unflushed ones). */
+int fajit__store_stats(fajit__store *s, uint64_t *entries, uint64_t *bytes, uint64_t *map_bytes,
+                       fajit__store_counters *counters);
+
+/* Adds this process's counters to the persistent ones (read-write only). */
+int fajit__store_flush_counters(fajit__store *s);
+
+/* Count a bad entry found outside get (by verify). */
+void fajit__store_count_bad(fajit__store *s);
+
+const char *fajit__store_dir(const fajit__store *s);
+int fajit__store_mode(const fajit__store *s);
+
+#endif

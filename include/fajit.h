@@ -1,0 +1,287 @@
+/*
+ * fajit.h - libfajit, FlashAttention kernels generated, compiled and run at run time.
+ *
+ * This is the only public header. Everything not declared here is internal.
+ *
+ * Conventions
+ *  - Every function returning int returns 0 (FAJIT_OK) on success or a negative
+ *    FAJIT_E* code. fajit_strerror() names the code; fajit_last_error() gives the
+ *    detail of the most recent failure on the calling thread (the bad field and
+ *    value, the NVRTC log, the CUDA error name).
+ *  - Option and argument structs are filled by their *_init() function first; it
+ *    sets struct_size, which lets later versions append fields without breaking
+ *    callers compiled against this header.
+ *  - Device pointers are void * / const void *; a stream is a CUstream passed as
+ *    void * (NULL is the legacy default stream). Shapes and strides are int64_t,
+ *    counted in elements.
+ *  - The library never aborts the process and prints nothing unless asked (a log
+ *    callback, or FAJIT_LOG_LEVEL with no callback, which logs to stderr).
+ */
+#ifndef FAJIT_H
+#define FAJIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FAJIT_VERSION_MAJOR 0
+#define FAJIT_VERSION_MINOR 1
+#define FAJIT_VERSION_PATCH 0
+#define FAJIT_VERSION_STRING "0.1.0"
+/* FAJIT_VERSION_MAJOR * 10000 + MINOR * 100 + PATCH */
+#define FAJIT_VERSION_NUMBER 100
+
+#if defined(FAJIT_STATIC)
+#define FAJIT_API
+#elif defined(FAJIT_BUILDING)
+#define FAJIT_API __attribute__((visibility("default")))
+#else
+#define FAJIT_API
+#endif
+
+/* Version of the library actually loaded, e.g. "0.1.0". Static storage. */
+FAJIT_API const char *fajit_version(void);
+
+/* ---------------------------------------------------------------- status codes */
+
+#define FAJIT_STATUS_LIST(X)                                                        \
+    X(FAJIT_OK, 0, "success")                                                       \
+    X(FAJIT_EINVAL, -1, "invalid argument")                                         \
+    X(FAJIT_ENOMEM, -2, "out of memory")                                            \
+    X(FAJIT_ENOGPU, -3, "no usable GPU or CUDA driver")                             \
+    X(FAJIT_ECUDA, -4, "CUDA driver call failed")                                   \
+    X(FAJIT_ECOMPILE, -5, "kernel compilation failed")                              \
+    X(FAJIT_ECACHE, -6, "kernel cache error")                                       \
+    X(FAJIT_EIO, -7, "I/O error")                                                   \
+    X(FAJIT_ENOTFOUND, -8, "not found")                                             \
+    X(FAJIT_EUNSUPPORTED, -9, "unsupported configuration")                          \
+    X(FAJIT_EPARSE, -10, "cannot parse variant or manifest text")                   \
+    X(FAJIT_EREADONLY, -11, "cache is read-only")                                   \
+    X(FAJIT_ECORRUPT, -12, "corrupt cache entry")                                   \
+    X(FAJIT_EAMBIGUOUS, -13, "key prefix matches several entries")
+
+enum fajit_status {
+#define FAJIT_X_ENUM(name, value, text) name = value,
+    FAJIT_STATUS_LIST(FAJIT_X_ENUM)
+#undef FAJIT_X_ENUM
+};
+
+/* Static text for a status code; "unknown status" for codes not in the list. */
+FAJIT_API const char *fajit_strerror(int status);
+
+/* Detail of the most recent failing call made by this thread ("" if none).
+ * Thread-local storage, valid until this thread's next failing call. */
+FAJIT_API const char *fajit_last_error(void);
+
+/* Frees memory the library returned through an out-parameter (source text...). */
+FAJIT_API void fajit_free(void *p);
+
+/* ---------------------------------------------------------------- context */
+
+typedef struct fajit_ctx fajit_ctx;
+
+enum fajit_cache_mode {
+    FAJIT_CACHE_DEFAULT = -1,  /* FAJIT_CACHE_MODE, else read-write */
+    FAJIT_CACHE_READWRITE = 0, /* hits served, misses compiled and stored */
+    FAJIT_CACHE_READONLY = 1,  /* hits served, misses compiled in memory only */
+    FAJIT_CACHE_OFF = 2        /* the disk is never touched */
+};
+
+enum fajit_log_level {
+    FAJIT_LOG_DEFAULT = -1, /* FAJIT_LOG_LEVEL, else off */
+    FAJIT_LOG_OFF = 0,
+    FAJIT_LOG_ERROR = 1,
+    FAJIT_LOG_WARN = 2,
+    FAJIT_LOG_INFO = 3,
+    FAJIT_LOG_DEBUG = 4
+};
+
+/* Log callback: msg is valid only during the call. May be called from any
+ * thread that uses the context, concurrently; it must not call back into fajit. */
+typedef void (*fajit_log_fn)(void *user, int level, const char *msg);
+
+typedef struct fajit_options {
+    uint32_t struct_size;  /* set by fajit_options_init */
+    const char *cache_dir; /* NULL: $FAJIT_CACHE_DIR, else $XDG_CACHE_HOME/fajit,
+                              else ~/.cache/fajit. Copied by fajit_create. */
+    int cache_mode;        /* enum fajit_cache_mode */
+    int log_level;         /* enum fajit_log_level */
+    fajit_log_fn log_fn;   /* NULL: stderr, only if a level above OFF is set */
+    void *log_user;        /* passed to log_fn; not owned */
+    int device;            /* CUDA device ordinal; -1: $FAJIT_DEVICE, else 0 */
+    uint64_t cache_map_bytes; /* initial LMDB map size; 0: $FAJIT_CACHE_MAP_MB, else
+                                 256 MiB. The map grows when full either way. */
+} fajit_options;
+
+/* Fills *opt with "unset" values: explicit fields override FAJIT_* variables,
+ * which override the built-in defaults. */
+FAJIT_API void fajit_options_init(fajit_options *opt);
+
+/* Creates a context. opt may be NULL (all defaults). No GPU is needed: the CUDA
+ * driver is opened only when something must be launched. The cache is opened
+ * here (read-write mode creates the directory). *out is NULL on failure.
+ * A context may be used from several threads at once; create/destroy are not
+ * thread-safe with respect to other calls on the same context. */
+FAJIT_API int fajit_create(fajit_ctx **out, const fajit_options *opt);
+
+/* Destroys a context, flushing its cache counters. NULL is a no-op. Modules it
+ * loaded stay loaded in their CUDA contexts until those contexts are destroyed. */
+FAJIT_API void fajit_destroy(fajit_ctx *ctx);
+
+/* ---------------------------------------------------------------- attention */
+
+enum fajit_dtype { FAJIT_DTYPE_FP16 = 0, FAJIT_DTYPE_BF16 = 1 };
+
+enum fajit_mask {
+    FAJIT_MASK_NONE = 0,
+    FAJIT_MASK_CAUSAL = 1,   /* aligned to the bottom-right corner, as FlashAttention 2.1+ */
+    FAJIT_MASK_CAUSAL_TL = 2 /* aligned to the top-left corner */
+};
+
+enum fajit_kernel_choice {
+    FAJIT_KERNEL_AUTO = 0,     /* the fastest kernel that covers the call */
+    FAJIT_KERNEL_REFERENCE = 1 /* the simple exact reference kernel */
+};
+
+/*
+ * Forward attention arguments. Layout (batch, seqlen, nheads, headdim) with any
+ * batch/seq/head strides and a contiguous last dimension.
+ *
+ * A stride triple {batch, seq, head} of all zeros means contiguous. LSE, when
+ * requested, is fp32 with layout (batch, nheads_q, seqlen_q), contiguous; fully
+ * masked rows get output 0 and LSE -inf. nheads_q must be a multiple of
+ * nheads_kv (GQA/MQA). All pointers are device pointers owned by the caller and
+ * must stay valid until the work queued on the stream has finished.
+ */
+typedef struct fajit_attn_args {
+    uint32_t struct_size; /* set by fajit_attn_args_init */
+    const void *q;        /* (batch, seqlen_q, nheads_q, dqk) */
+    const void *k;        /* (batch, seqlen_k, nheads_kv, dqk) */
+    const void *v;        /* (batch, seqlen_k, nheads_kv, dv) */
+    void *o;              /* (batch, seqlen_q, nheads_q, dv), written */
+    float *lse;           /* NULL, or (batch, nheads_q, seqlen_q) fp32, written */
+    int64_t batch, seqlen_q, seqlen_k, nheads_q, nheads_kv, dqk, dv;
+    int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3]; /* batch, seq, head */
+    int dtype;           /* enum fajit_dtype, for q, k, v and o */
+    int mask;            /* enum fajit_mask */
+    float softmax_scale; /* 0: 1/sqrt(dqk) */
+    int kernel;          /* enum fajit_kernel_choice */
+} fajit_attn_args;
+
+FAJIT_API void fajit_attn_args_init(fajit_attn_args *args);
+
+/* Queues attention on `stream` (a CUstream, NULL for the default stream) in the
+ * calling thread's current CUDA context, else the primary context of the
+ * context's device. The first call for a variant compiles it (or loads it from
+ * the cache); later calls only launch. Arguments are checked first: on any error
+ * nothing is launched. Thread-safe. */
+FAJIT_API int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream);
+
+/* Canonical text of the variant fajit_attn_fwd would run for these arguments,
+ * written to buf (NUL-terminated, truncated to cap). Needs the GPU only to learn
+ * its arch. Returns the text length or a negative status. */
+FAJIT_API int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf,
+                                 size_t cap);
+
+/* ---------------------------------------------------------------- variants */
+
+/* Completes a spec (canonical text with fields left out, e.g. "ref dqk=72")
+ * into full canonical text: defaults filled in, dv = dqk, tile fields from the
+ * runtime heuristic, arch from the context's GPU (else sm_90). Errors name the
+ * bad field and value. Returns the length or a negative status. */
+FAJIT_API int fajit_variant_complete(fajit_ctx *ctx, const char *spec, char *buf, size_t cap);
+
+/* Expands a manifest (one spec a line, '#' comments, lists "a,b" and ranges
+ * "lo..hi:step" in values) into completed canonical texts, calling fn for each
+ * in order; fn returns nonzero to stop (that value is returned). Errors name the
+ * line, the field and the value. */
+typedef int (*fajit_variant_fn)(void *user, const char *variant);
+FAJIT_API int fajit_manifest_expand(fajit_ctx *ctx, const char *manifest, fajit_variant_fn fn,
+                                    void *user);
+
+/* Exact CUDA source generated for a variant (a spec is completed first).
+ * *src is NUL-terminated, owned by the caller, freed with fajit_free. */
+FAJIT_API int fajit_variant_source(fajit_ctx *ctx, const char *spec, char **src, size_t *len);
+
+typedef struct fajit_compile_result {
+    uint32_t struct_size;
+    int cached;           /* 1: found in the cache, nothing compiled */
+    double compile_ms;    /* NVRTC time of this compile (0 if cached) */
+    uint64_t cubin_bytes;
+    int registers, smem_bytes, spill_bytes;
+    char key_hex[33];     /* XXH3-128 key of the entry */
+} fajit_compile_result;
+
+/* Makes sure the variant (a spec is completed first) is compiled and in the
+ * cache, compiling it if missing; no GPU needed. Thread-safe: concurrent
+ * calls, even from other processes, compile a key once. res may be NULL. */
+FAJIT_API int fajit_compile(fajit_ctx *ctx, const char *spec, fajit_compile_result *res);
+
+/* ---------------------------------------------------------------- cache */
+
+typedef struct fajit_entry_info {
+    char key_hex[33];      /* XXH3-128 of the entry's full key */
+    char variant[320];     /* canonical text ("?" if undecodable) */
+    char arch[16];         /* e.g. "sm_90" */
+    int current_build;     /* 1: reachable by this build; 0: another build's */
+    int valid;             /* 1: header, checksum and key check out */
+    uint64_t cubin_bytes, entry_bytes;
+    int registers, smem_bytes, spill_bytes;
+    double compile_ms;
+    uint32_t nvrtc_version; /* major * 1000 + minor * 10 */
+    char problem[128];     /* why the entry is invalid, "" if valid */
+} fajit_entry_info;
+
+typedef int (*fajit_entry_fn)(void *user, const fajit_entry_info *e);
+
+/* Calls fn for each entry in key order; fn returns nonzero to stop. */
+FAJIT_API int fajit_cache_list(fajit_ctx *ctx, fajit_entry_fn fn, void *user);
+
+/* Finds one entry by key: a hex digest or unique prefix of at least 6 digits, or
+ * a variant spec (completed first). FAJIT_ENOTFOUND / FAJIT_EAMBIGUOUS. */
+FAJIT_API int fajit_cache_find(fajit_ctx *ctx, const char *key, fajit_entry_info *out);
+
+/* Removes one entry (key as fajit_cache_find) or, with key NULL, all entries. */
+FAJIT_API int fajit_cache_remove(fajit_ctx *ctx, const char *key);
+
+typedef struct fajit_verify_result {
+    uint32_t struct_size;
+    uint64_t checked, bad, removed;
+} fajit_verify_result;
+
+/* Checks every entry (header, lengths, checksum, key digest); calls fn (may be
+ * NULL) for each bad one; with fix, removes the bad ones. */
+FAJIT_API int fajit_cache_verify(fajit_ctx *ctx, int fix, fajit_entry_fn fn, void *user,
+                                 fajit_verify_result *res);
+
+typedef struct fajit_cache_stats {
+    uint32_t struct_size;
+    uint64_t entries, bytes, map_bytes;
+    /* Counters kept in the store across processes and runs. */
+    uint64_t hits, misses, compiles, bad_entries;
+} fajit_cache_stats;
+
+FAJIT_API int fajit_cache_get_stats(fajit_ctx *ctx, fajit_cache_stats *out);
+
+typedef struct fajit_info {
+    uint32_t struct_size;
+    char cache_dir[1024];
+    int cache_mode;
+    int nvrtc_major, nvrtc_minor;
+    int driver_version;    /* 0 if no driver */
+    int device_count;      /* 0 if no driver or GPU */
+    char device_name[128]; /* the context's device, "" if none */
+    char device_arch[16];  /* e.g. "sm_90", "" if none */
+    char build_id[33];     /* hex digest of templates, codegen, NVRTC, options, format */
+    char no_gpu_reason[256];
+} fajit_info;
+
+FAJIT_API int fajit_get_info(fajit_ctx *ctx, fajit_info *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FAJIT_H */
