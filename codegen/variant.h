@@ -95,6 +95,13 @@ int fajit__variant_deserialize(const uint8_t *buf, size_t len, fajit__variant *o
  * Returns 0, FAJIT_EINVAL (unset/out-of-range field) or FAJIT_ENOMEM. */
 int fajit__render(const fajit__variant *v, char **src, size_t *len, const char **entry);
 
+/* The extern "C" name of the kernel an op's template defines ("fajit_ref_fwd"),
+ * or NULL for an unknown op. Static string. */
+const char *fajit__variant_entry_name(const fajit__variant *v);
+
+/* The embedded template an op renders ("reference.cuh"), or NULL. Static. */
+const char *fajit__variant_template_name(const fajit__variant *v);
+
 /* Digest (16 bytes) of every embedded template byte and of the codegen source,
  * computed once. Part of the build identity. */
 const uint8_t *fajit__codegen_digest(void);
