@@ -268,7 +268,7 @@ FAJIT_API int fajit_cache_get_stats(fajit_ctx *ctx, fajit_cache_stats *out);
 
 typedef struct fajit_info {
     uint32_t struct_size;
-    char cache_dir[1024];
+    char cache_dir[4096];
     int cache_mode;
     int nvrtc_major, nvrtc_minor;
     int driver_version;    /* 0 if no driver */

@@ -1,0 +1,407 @@
+/*
+ * runtime/api.c - the public functions on variants, manifests and the cache,
+ * on top of codegen/ and cache/. No GPU is needed by any of them.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <xxhash.h>
+
+#include <nvrtc.h>
+
+#include "runtime/runtime.h"
+
+static void to_hex(const uint8_t *bytes, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+static int spec_to_variant(fajit_ctx *ctx, const char *spec, fajit__variant *v)
+{
+    int rc;
+    fajit__clear_error();
+    if (!ctx || !spec)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "spec" : "ctx");
+    rc = fajit__spec_parse(spec, v);
+    if (rc == 0)
+        rc = fajit__complete_spec(ctx, v);
+    return rc;
+}
+
+int fajit_variant_complete(fajit_ctx *ctx, const char *spec, char *buf, size_t cap)
+{
+    fajit__variant v;
+    int rc = spec_to_variant(ctx, spec, &v);
+    if (rc == 0 && !buf)
+        rc = fajit__fail(FAJIT_EINVAL, "buf: NULL");
+    return rc != 0 ? rc : fajit__variant_format(&v, buf, cap);
+}
+
+/* ---------------------------------------------------------------- manifests */
+
+struct expand_state {
+    fajit_ctx *ctx;
+    fajit_variant_fn fn;
+    void *user;
+    int status; /* an error of ours, as opposed to the caller's stop value */
+};
+
+static int expand_one(void *user, const fajit__variant *spec, int line)
+{
+    struct expand_state *st = user;
+    char text[FAJIT__VARIANT_TEXT_MAX];
+    fajit__variant v = *spec;
+    int rc = fajit__complete_spec(st->ctx, &v);
+    if (rc == 0)
+        rc = fajit__variant_format(&v, text, sizeof text);
+    if (rc < 0) {
+        st->status = fajit__fail_prefix(rc, "line %d", line);
+        return rc;
+    }
+    return st->fn(st->user, text);
+}
+
+int fajit_manifest_expand(fajit_ctx *ctx, const char *manifest, fajit_variant_fn fn, void *user)
+{
+    struct expand_state st = {ctx, fn, user, 0};
+    int rc;
+    fajit__clear_error();
+    if (!ctx || !manifest || !fn)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", !ctx ? "ctx" : !manifest ? "manifest" : "fn");
+    rc = fajit__manifest_expand(manifest, expand_one, &st);
+    return st.status ? st.status : rc;
+}
+
+/* ---------------------------------------------------------------- source, compile */
+
+int fajit_variant_source(fajit_ctx *ctx, const char *spec, char **src, size_t *len)
+{
+    fajit__variant v;
+    const char *entry;
+    size_t n = 0;
+    int rc = spec_to_variant(ctx, spec, &v);
+    if (rc == 0 && !src)
+        rc = fajit__fail(FAJIT_EINVAL, "src: NULL");
+    if (rc != 0)
+        return rc;
+    rc = fajit__render(&v, src, &n, &entry);
+    if (rc == 0 && len)
+        *len = n;
+    return rc;
+}
+
+int fajit_compile(fajit_ctx *ctx, const char *spec, fajit_compile_result *res)
+{
+    fajit__variant v;
+    fajit__entry_view view;
+    uint8_t *entry = NULL, digest[16], *full_key = NULL;
+    size_t entry_len = 0, full_key_len = 0;
+    int cached = 0, rc = spec_to_variant(ctx, spec, &v);
+
+    if (rc == 0)
+        rc = fajit__kernel_entry(ctx, &v, &entry, &entry_len, &cached);
+    if (rc != 0 || !res)
+        goto free_entry;
+    if (fajit__entry_decode(entry, entry_len, &view, NULL) != 0 ||
+        (rc = fajit__variant_key(ctx, &v, &full_key, &full_key_len, digest)) != 0) {
+        rc = rc ? rc : fajit__fail(FAJIT_ECORRUPT, "entry just built does not decode");
+        goto free_entry;
+    }
+    memset(res, 0, sizeof *res);
+    res->struct_size = sizeof *res;
+    res->cached = cached;
+    res->compile_ms = cached ? 0.0 : view.meta.compile_us / 1000.0;
+    res->cubin_bytes = view.cubin_len;
+    res->registers = (int)view.meta.registers;
+    res->smem_bytes = (int)view.meta.smem_bytes;
+    res->spill_bytes = (int)view.meta.spill_bytes;
+    to_hex(digest, 16, res->key_hex);
+free_entry:
+    free(full_key);
+    free(entry);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- cache listing */
+
+/* Everything a listing says about one stored entry, valid or not. */
+static void describe_entry(const fajit_ctx *ctx, const uint8_t key[16], const uint8_t *bytes,
+                           size_t len, fajit_entry_info *e)
+{
+    fajit__entry_view view;
+    fajit__variant v;
+    XXH128_canonical_t c;
+    const char *why = NULL;
+
+    memset(e, 0, sizeof *e);
+    to_hex(key, 16, e->key_hex);
+    strcpy(e->variant, "?");
+    e->entry_bytes = len;
+    if (fajit__entry_decode(bytes, len, &view, &why) != 0) {
+        snprintf(e->problem, sizeof e->problem, "%s", why ? why : "does not decode");
+        return;
+    }
+    XXH128_canonicalFromHash(&c, XXH3_128bits(view.full_key, view.full_key_len));
+    snprintf(e->arch, sizeof e->arch, "sm_%u%s", view.meta.arch, view.meta.arch_suffix ? "a" : "");
+    e->cubin_bytes = view.cubin_len;
+    e->registers = (int)view.meta.registers;
+    e->smem_bytes = (int)view.meta.smem_bytes;
+    e->spill_bytes = (int)view.meta.spill_bytes;
+    e->compile_ms = view.meta.compile_us / 1000.0;
+    e->nvrtc_version = view.meta.nvrtc_version;
+    if (memcmp(c.digest, key, 16) != 0) {
+        snprintf(e->problem, sizeof e->problem, "stored under a key that is not its digest");
+        return;
+    }
+    e->valid = 1;
+    if (view.full_key_len > 16) {
+        e->current_build =
+            memcmp(view.full_key + view.full_key_len - 16, ctx->build_id, 16) == 0;
+        if (fajit__variant_deserialize(view.full_key, view.full_key_len - 16, &v) == 0)
+            fajit__variant_format(&v, e->variant, sizeof e->variant);
+    }
+}
+
+struct list_state {
+    const fajit_ctx *ctx;
+    fajit_entry_fn fn;
+    void *user;
+};
+
+static int list_one(void *user, const uint8_t key[16], const uint8_t *bytes, size_t len)
+{
+    struct list_state *st = user;
+    fajit_entry_info e;
+    describe_entry(st->ctx, key, bytes, len, &e);
+    return st->fn(st->user, &e);
+}
+
+int fajit_cache_list(fajit_ctx *ctx, fajit_entry_fn fn, void *user)
+{
+    struct list_state st = {ctx, fn, user};
+    fajit__clear_error();
+    if (!ctx || !fn)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "fn" : "ctx");
+    return ctx->store ? fajit__store_iterate(ctx->store, list_one, &st) : 0;
+}
+
+/* ---------------------------------------------------------------- find, remove */
+
+static int is_hex_prefix(const char *s)
+{
+    size_t n = strspn(s, "0123456789abcdefABCDEF");
+    return n >= 6 && n <= 32 && s[n] == '\0';
+}
+
+struct find_state {
+    const char *prefix;   /* hex prefix, or NULL */
+    uint8_t digest[16];   /* exact key when prefix is NULL */
+    fajit_entry_info *out;
+    const fajit_ctx *ctx;
+    int matches;
+};
+
+static int find_one(void *user, const uint8_t key[16], const uint8_t *bytes, size_t len)
+{
+    struct find_state *st = user;
+    char hex[33];
+    to_hex(key, 16, hex);
+    if (st->prefix ? strncasecmp(hex, st->prefix, strlen(st->prefix)) != 0
+                   : memcmp(key, st->digest, 16) != 0)
+        return 0;
+    if (st->matches++ == 0)
+        describe_entry(st->ctx, key, bytes, len, st->out);
+    return 0;
+}
+
+int fajit_cache_find(fajit_ctx *ctx, const char *key, fajit_entry_info *out)
+{
+    struct find_state st = {NULL, {0}, out, ctx, 0};
+    fajit__variant v;
+    uint8_t *full_key = NULL;
+    size_t full_key_len;
+    int rc;
+
+    fajit__clear_error();
+    if (!ctx || !key || !out)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", !ctx ? "ctx" : !key ? "key" : "out");
+    if (is_hex_prefix(key)) {
+        st.prefix = key;
+    } else {
+        if ((rc = spec_to_variant(ctx, key, &v)) != 0 ||
+            (rc = fajit__variant_key(ctx, &v, &full_key, &full_key_len, st.digest)) != 0)
+            return fajit__fail_prefix(rc, "key '%s' is neither a hex digest nor a variant", key);
+        free(full_key);
+    }
+    if (ctx->store && (rc = fajit__store_iterate(ctx->store, find_one, &st)) != 0)
+        return rc;
+    if (st.matches == 0)
+        return fajit__fail(FAJIT_ENOTFOUND, "no cache entry for '%s'", key);
+    if (st.matches > 1)
+        return fajit__fail(FAJIT_EAMBIGUOUS, "'%s' matches %d entries", key, st.matches);
+    return 0;
+}
+
+static void from_hex(const char *hex, uint8_t out[16])
+{
+    for (int i = 0; i < 16; i++) {
+        char byte[3] = {hex[2 * i], hex[2 * i + 1], 0};
+        out[i] = (uint8_t)strtoul(byte, NULL, 16);
+    }
+}
+
+int fajit_cache_remove(fajit_ctx *ctx, const char *key)
+{
+    fajit_entry_info e;
+    uint8_t digest[16];
+    int rc;
+
+    fajit__clear_error();
+    if (!ctx)
+        return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
+    if (!ctx->store)
+        return key ? fajit__fail(FAJIT_ENOTFOUND, "cache is off") : 0;
+    if (ctx->cache_mode == FAJIT_CACHE_READONLY)
+        return fajit__fail(FAJIT_EREADONLY, "cache %s is open read-only", ctx->cache_dir);
+    if (!key)
+        return fajit__store_del(ctx->store, NULL);
+    if ((rc = fajit_cache_find(ctx, key, &e)) != 0)
+        return rc;
+    from_hex(e.key_hex, digest);
+    return fajit__store_del(ctx->store, digest);
+}
+
+/* ---------------------------------------------------------------- verify */
+
+struct verify_state {
+    const fajit_ctx *ctx;
+    fajit_entry_fn fn;
+    void *user;
+    fajit_verify_result *res;
+    uint8_t (*bad)[16]; /* keys to remove after the iteration */
+    size_t nbad, capbad;
+    int status;
+};
+
+static int verify_one(void *user, const uint8_t key[16], const uint8_t *bytes, size_t len)
+{
+    struct verify_state *st = user;
+    fajit_entry_info e;
+    describe_entry(st->ctx, key, bytes, len, &e);
+    st->res->checked++;
+    if (e.valid)
+        return 0;
+    st->res->bad++;
+    if (st->fn)
+        st->fn(st->user, &e);
+    if (st->nbad == st->capbad) {
+        size_t cap = st->capbad ? st->capbad * 2 : 16;
+        void *grown = realloc(st->bad, cap * sizeof *st->bad);
+        if (!grown) {
+            st->status = fajit__fail(FAJIT_ENOMEM, "verify: list of bad keys");
+            return 1;
+        }
+        st->bad = grown;
+        st->capbad = cap;
+    }
+    memcpy(st->bad[st->nbad++], key, 16);
+    return 0;
+}
+
+int fajit_cache_verify(fajit_ctx *ctx, int fix, fajit_entry_fn fn, void *user,
+                       fajit_verify_result *res)
+{
+    fajit_verify_result local;
+    struct verify_state st = {ctx, fn, user, res ? res : &local, NULL, 0, 0, 0};
+    int rc;
+
+    fajit__clear_error();
+    if (!ctx)
+        return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
+    memset(st.res, 0, sizeof *st.res);
+    st.res->struct_size = sizeof *st.res;
+    if (!ctx->store)
+        return 0;
+    rc = fajit__store_iterate(ctx->store, verify_one, &st);
+    if (rc == 0 && st.status)
+        rc = st.status;
+    for (size_t i = 0; i < st.nbad; i++)
+        fajit__store_count_bad(ctx->store);
+    if (rc == 0 && fix && st.nbad && ctx->cache_mode == FAJIT_CACHE_READONLY)
+        rc = fajit__fail(FAJIT_EREADONLY, "cannot fix: cache %s is open read-only",
+                         ctx->cache_dir);
+    for (size_t i = 0; rc == 0 && fix && i < st.nbad; i++) {
+        rc = fajit__store_del(ctx->store, st.bad[i]);
+        if (rc == 0)
+            st.res->removed++;
+    }
+    free(st.bad);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- stats, info */
+
+int fajit_cache_get_stats(fajit_ctx *ctx, fajit_cache_stats *out)
+{
+    fajit__store_counters c = {0, 0, 0, 0};
+    int rc = 0;
+
+    fajit__clear_error();
+    if (!ctx || !out)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "out" : "ctx");
+    memset(out, 0, sizeof *out);
+    out->struct_size = sizeof *out;
+    if (ctx->store)
+        rc = fajit__store_stats(ctx->store, &out->entries, &out->bytes, &out->map_bytes, &c);
+    out->hits = c.hits;
+    out->misses = c.misses;
+    out->compiles = c.compiles;
+    out->bad_entries = c.bad_entries;
+    return rc;
+}
+
+static void gpu_info(fajit_ctx *ctx, fajit_info *out)
+{
+    const fajit__driver *drv;
+    fajit__device_info dinfo;
+    CUdevice dev;
+    CUresult r;
+
+    if (fajit__driver_get(&drv) != 0) {
+        snprintf(out->no_gpu_reason, sizeof out->no_gpu_reason, "%s", fajit__detail());
+        return;
+    }
+    out->driver_version = drv->version;
+    drv->deviceGetCount(&out->device_count);
+    r = drv->deviceGet(&dev, ctx->device);
+    if (r != CUDA_SUCCESS) {
+        fajit__cu_fail(r, "cuDeviceGet");
+        snprintf(out->no_gpu_reason, sizeof out->no_gpu_reason, "device %d: %s", ctx->device,
+                 fajit__detail());
+        return;
+    }
+    drv->deviceGetName(out->device_name, (int)sizeof out->device_name, dev);
+    if (fajit__device_info_get(ctx, drv, dev, &dinfo) == 0)
+        snprintf(out->device_arch, sizeof out->device_arch, "sm_%d", dinfo.arch);
+}
+
+int fajit_get_info(fajit_ctx *ctx, fajit_info *out)
+{
+    fajit__clear_error();
+    if (!ctx || !out)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "out" : "ctx");
+    memset(out, 0, sizeof *out);
+    out->struct_size = sizeof *out;
+    snprintf(out->cache_dir, sizeof out->cache_dir, "%s", ctx->cache_dir);
+    out->cache_mode = ctx->cache_mode;
+    nvrtcVersion(&out->nvrtc_major, &out->nvrtc_minor);
+    to_hex(ctx->build_id, 16, out->build_id);
+    gpu_info(ctx, out);
+    fajit__clear_error(); /* the GPU probe's failures are reported in the struct */
+    return 0;
+}

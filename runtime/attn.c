@@ -1,0 +1,244 @@
+/*
+ * runtime/attn.c - fajit_attn_fwd: check the arguments, derive the variant,
+ * find its kernel, launch it on the caller's stream.
+ *
+ * Everything is checked before anything is launched; the warm path is a table
+ * lookup and one cuLaunchKernel.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "runtime/runtime.h"
+#include "templates/fwd_params.h"
+
+#define MAX_GRID_YZ 65535
+
+void fajit_attn_args_init(fajit_attn_args *a)
+{
+    memset(a, 0, sizeof *a);
+    a->struct_size = sizeof *a;
+    a->dtype = FAJIT_DTYPE_FP16;
+    a->mask = FAJIT_MASK_NONE;
+    a->kernel = FAJIT_KERNEL_AUTO;
+}
+
+/* A caller built against an older header passes a shorter struct: the fields
+ * it does not know keep their defaults. A newer one is refused, since fields
+ * it set would be silently ignored. */
+static int copy_args(const fajit_attn_args *in, fajit_attn_args *a)
+{
+    if (!in)
+        return fajit__fail(FAJIT_EINVAL, "args: NULL");
+    fajit_attn_args_init(a);
+    if (in->struct_size > sizeof *a || in->struct_size < offsetof(fajit_attn_args, kernel))
+        return fajit__fail(FAJIT_EINVAL,
+                           "args struct_size=%u, this library knows %zu: call "
+                           "fajit_attn_args_init, and build against the installed fajit.h",
+                           in->struct_size, sizeof *a);
+    memcpy(a, in, in->struct_size);
+    a->struct_size = sizeof *a;
+    return 0;
+}
+
+static int check_range(const char *name, int64_t v, int64_t lo, int64_t hi)
+{
+    if (v < lo || v > hi)
+        return fajit__fail(FAJIT_EINVAL, "%s=%lld: must be in %lld..%lld", name, (long long)v,
+                           (long long)lo, (long long)hi);
+    return 0;
+}
+
+static int check_shapes(const fajit_attn_args *a)
+{
+    int rc;
+    if ((rc = check_range("batch", a->batch, 0, MAX_GRID_YZ)) ||
+        (rc = check_range("seqlen_q", a->seqlen_q, 0, INT32_MAX)) ||
+        (rc = check_range("seqlen_k", a->seqlen_k, 0, INT32_MAX)) ||
+        (rc = check_range("nheads_q", a->nheads_q, 1, MAX_GRID_YZ)) ||
+        (rc = check_range("nheads_kv", a->nheads_kv, 1, MAX_GRID_YZ)) ||
+        (rc = check_range("dqk", a->dqk, 1, 512)) || (rc = check_range("dv", a->dv, 1, 512)) ||
+        (rc = check_range("dtype", a->dtype, FAJIT_DTYPE_FP16, FAJIT_DTYPE_BF16)) ||
+        (rc = check_range("mask", a->mask, FAJIT_MASK_NONE, FAJIT_MASK_CAUSAL_TL)) ||
+        (rc = check_range("kernel", a->kernel, FAJIT_KERNEL_AUTO, FAJIT_KERNEL_REFERENCE)))
+        return rc;
+    if (a->nheads_q % a->nheads_kv != 0)
+        return fajit__fail(FAJIT_EINVAL, "nheads_q=%lld is not a multiple of nheads_kv=%lld",
+                           (long long)a->nheads_q, (long long)a->nheads_kv);
+    if (!isfinite(a->softmax_scale))
+        return fajit__fail(FAJIT_EINVAL, "softmax_scale=%g: must be finite (0 for default)",
+                           (double)a->softmax_scale);
+    return 0;
+}
+
+/* Strides: all zero means contiguous; otherwise each must be >= 0, and the
+ * offsets within one batch must not overflow int64 (batch: fill_params). */
+static int resolve_strides(const char *name, const int64_t in[3], int64_t seqlen, int64_t heads,
+                           int64_t dim, int64_t out[3])
+{
+    if (in[0] == 0 && in[1] == 0 && in[2] == 0) {
+        out[2] = dim;
+        out[1] = heads * dim;
+        out[0] = seqlen * heads * dim;
+        return 0;
+    }
+    int64_t extent[3] = {0, seqlen, heads}, last = dim;
+    for (int i = 0; i < 3; i++) {
+        int64_t span;
+        if (in[i] < 0)
+            return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: must be >= 0", name, i,
+                               (long long)in[i]);
+        out[i] = in[i];
+        if (i > 0 && extent[i] > 0 &&
+            (__builtin_mul_overflow(extent[i] - 1, in[i], &span) ||
+             __builtin_add_overflow(last, span, &last)))
+            return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: offsets overflow int64", name,
+                               i, (long long)in[i]);
+    }
+    return 0;
+}
+
+static int check_pointer(const char *name, const void *p, size_t align, int required)
+{
+    if (!p && required)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL device pointer", name);
+    if ((uintptr_t)p % align != 0)
+        return fajit__fail(FAJIT_EINVAL, "%s=%p: must be %zu-byte aligned", name, p, align);
+    return 0;
+}
+
+static int check_pointers(const fajit_attn_args *a)
+{
+    int rc, need_kv = a->seqlen_k > 0;
+    if ((rc = check_pointer("q", a->q, 2, 1)) || (rc = check_pointer("k", a->k, 2, need_kv)) ||
+        (rc = check_pointer("v", a->v, 2, need_kv)) || (rc = check_pointer("o", a->o, 2, 1)) ||
+        (rc = check_pointer("lse", a->lse, 4, 0)))
+        return rc;
+    return 0;
+}
+
+static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
+{
+    int64_t span;
+    int rc;
+    memset(p, 0, sizeof *p);
+    if ((rc = resolve_strides("q", a->q_stride, a->seqlen_q, a->nheads_q, a->dqk, p->q_stride)) ||
+        (rc = resolve_strides("k", a->k_stride, a->seqlen_k, a->nheads_kv, a->dqk, p->k_stride)) ||
+        (rc = resolve_strides("v", a->v_stride, a->seqlen_k, a->nheads_kv, a->dv, p->v_stride)) ||
+        (rc = resolve_strides("o", a->o_stride, a->seqlen_q, a->nheads_q, a->dv, p->o_stride)))
+        return rc;
+    if (a->batch > 0 && (__builtin_mul_overflow(a->batch - 1, p->q_stride[0], &span) ||
+                         __builtin_mul_overflow(a->batch - 1, p->k_stride[0], &span) ||
+                         __builtin_mul_overflow(a->batch - 1, p->v_stride[0], &span) ||
+                         __builtin_mul_overflow(a->batch - 1, p->o_stride[0], &span)))
+        return fajit__fail(FAJIT_EINVAL, "batch=%lld: batch strides overflow int64",
+                           (long long)a->batch);
+    p->q = a->q;
+    p->k = a->k;
+    p->v = a->v;
+    p->o = a->o;
+    p->lse = a->lse;
+    p->batch = (int)a->batch;
+    p->seqlen_q = (int)a->seqlen_q;
+    p->seqlen_k = (int)a->seqlen_k;
+    p->nheads_q = (int)a->nheads_q;
+    p->nheads_kv = (int)a->nheads_kv;
+    p->softmax_scale = a->softmax_scale != 0.0f ? a->softmax_scale : 1.0f / sqrtf((float)a->dqk);
+    p->softmax_scale_log2 = p->softmax_scale * 1.4426950408889634f;
+    return 0;
+}
+
+/* The variant for validated arguments on a device of the given arch. */
+static void derive_variant(const fajit_attn_args *a, int arch, fajit__variant *v)
+{
+    fajit__variant_defaults(v);
+    v->op = FAJIT__OP_REF; /* the only kernel so far; the fast forward adds a rule here */
+    v->dqk = (int)a->dqk;
+    v->dv = (int)a->dv;
+    v->dtype = a->dtype;
+    v->mask = a->mask;
+    v->arch = arch;
+    v->arch_suffix = 0;
+    fajit__heuristic_tiles(v);
+}
+
+static int launch(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
+                  struct fajit_fwd_params *p, void *stream)
+{
+    unsigned grid_x = (unsigned)((p->seqlen_q + v->bm - 1) / v->bm);
+    void *kargs[] = {p};
+    CUresult r = drv->launchKernel(fn, grid_x, (unsigned)p->nheads_q, (unsigned)p->batch,
+                                   (unsigned)(v->warps * 32), 1, 1, 0, (CUstream)stream, kargs,
+                                   NULL);
+    return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuLaunchKernel");
+}
+
+/* Arguments checked and the variant derived, for the calling thread's CUDA
+ * context (made current by the caller). */
+static int prepare(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_args *a,
+                   fajit__variant *v)
+{
+    fajit__device_info info;
+    CUdevice dev;
+    CUresult r = drv->ctxGetDevice(&dev);
+    int rc;
+    if (r != CUDA_SUCCESS)
+        return fajit__cu_fail(r, "cuCtxGetDevice");
+    rc = fajit__device_info_get(ctx, drv, dev, &info);
+    if (rc != 0)
+        return rc;
+    derive_variant(a, info.arch, v);
+    return fajit__variant_check(v);
+}
+
+static unsigned long long context_id(const fajit__driver *drv, CUcontext cu)
+{
+    unsigned long long id = 0;
+    if (drv->ctxGetId && drv->ctxGetId(cu, &id) == CUDA_SUCCESS)
+        return id;
+    return (unsigned long long)(uintptr_t)cu;
+}
+
+int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
+{
+    const fajit__driver *drv;
+    struct fajit_fwd_params p;
+    fajit_attn_args a;
+    fajit__variant v;
+    CUfunction fn;
+    CUcontext cu;
+    int rc, pushed;
+
+    if (!ctx)
+        return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
+    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_pointers(&a)) ||
+        (rc = fill_params(&a, &p)))
+        return rc;
+    if (a.batch == 0 || a.seqlen_q == 0)
+        return 0; /* nothing to compute */
+    if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
+        return rc;
+    rc = prepare(ctx, drv, &a, &v);
+    if (rc == 0)
+        rc = fajit__kernel_function(ctx, drv, &v, context_id(drv, cu), &fn);
+    if (rc == 0)
+        rc = launch(drv, fn, &v, &p, stream);
+    if (pushed)
+        drv->ctxPopCurrent(&cu);
+    return rc;
+}
+
+int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, size_t cap)
+{
+    fajit_attn_args a;
+    fajit__variant v;
+    int rc;
+
+    if (!ctx || !buf)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "buf" : "ctx");
+    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)))
+        return rc;
+    derive_variant(&a, fajit__default_arch(ctx), &v);
+    rc = fajit__variant_check(&v);
+    return rc != 0 ? rc : fajit__variant_format(&v, buf, cap);
+}

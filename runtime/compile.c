@@ -1,0 +1,179 @@
+/*
+ * runtime/compile.c - NVRTC: rendered source to cubin, with resource usage.
+ *
+ * Compiles happen in memory, with no include path: everything a kernel needs
+ * is inlined by the renderer. ptxas' verbose report is parsed for registers,
+ * shared memory and spills, so they are known without a GPU.
+ */
+#include <nvrtc.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "runtime/runtime.h"
+
+/* Fixed options; the arch option is added per variant. Changing this text
+ * changes the build identity, hence every key. */
+static const char *const fixed_options[] = {"-std=c++17", "--ptxas-options=-v"};
+#define N_FIXED (sizeof fixed_options / sizeof fixed_options[0])
+
+const char *fajit__nvrtc_options_text(void)
+{
+    return "-std=c++17 --ptxas-options=-v --gpu-architecture=sm_<arch>";
+}
+
+uint32_t fajit__nvrtc_version(void)
+{
+    int major = 0, minor = 0;
+    if (nvrtcVersion(&major, &minor) != NVRTC_SUCCESS)
+        return 0;
+    return (uint32_t)(major * 1000 + minor * 10);
+}
+
+static double now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+/* Sum of every "<n> <unit>" number following `tag` in the ptxas report. */
+static uint32_t sum_after(const char *log, const char *tag, const char *unit)
+{
+    uint32_t total = 0;
+    for (const char *p = strstr(log, tag); p; p = strstr(p + 1, tag)) {
+        const char *q = p + strlen(tag);
+        unsigned long n;
+        char *end;
+        while (*q == ' ')
+            q++;
+        n = strtoul(q, &end, 10);
+        if (end != q && strncmp(end, unit, strlen(unit)) == 0)
+            total += (uint32_t)n;
+    }
+    return total;
+}
+
+/* Sum of every number written just before `tag` ("8 bytes spill"). */
+static uint32_t sum_before(const char *log, const char *tag)
+{
+    uint32_t total = 0;
+    for (const char *p = strstr(log, tag); p; p = strstr(p + 1, tag)) {
+        const char *q = p;
+        while (q > log && q[-1] == ' ')
+            q--;
+        while (q > log && q[-1] >= '0' && q[-1] <= '9')
+            q--;
+        total += (uint32_t)strtoul(q, NULL, 10);
+    }
+    return total;
+}
+
+/* ptxas lines: "Used 40 registers, used 1 barriers, 1024 bytes smem" and
+ * "0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads". */
+static void parse_resource_usage(const char *log, fajit__entry_meta *m)
+{
+    m->registers = sum_after(log, "Used", " registers");
+    m->spill_bytes = sum_before(log, "bytes spill");
+    m->smem_bytes = sum_before(log, "bytes smem");
+}
+
+static char *program_log(nvrtcProgram prog)
+{
+    size_t n = 0;
+    char *log;
+    if (nvrtcGetProgramLogSize(prog, &n) != NVRTC_SUCCESS || n == 0)
+        return NULL;
+    log = malloc(n + 1);
+    if (!log)
+        return NULL;
+    if (nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS)
+        log[0] = '\0';
+    log[n] = '\0';
+    return log;
+}
+
+static int take_cubin(nvrtcProgram prog, fajit__compiled *out)
+{
+    size_t n = 0;
+    if (nvrtcGetCUBINSize(prog, &n) != NVRTC_SUCCESS || n == 0)
+        return fajit__fail(FAJIT_ECOMPILE, "NVRTC produced no cubin");
+    out->cubin = malloc(n);
+    if (!out->cubin)
+        return fajit__fail(FAJIT_ENOMEM, "cubin of %zu bytes", n);
+    if (nvrtcGetCUBIN(prog, (char *)out->cubin) != NVRTC_SUCCESS) {
+        free(out->cubin);
+        out->cubin = NULL;
+        return fajit__fail(FAJIT_ECOMPILE, "nvrtcGetCUBIN failed");
+    }
+    out->cubin_len = n;
+    return 0;
+}
+
+static int run_nvrtc(const char *src, const char *name, const fajit__variant *v,
+                     fajit__compiled *out)
+{
+    const char *opts[N_FIXED + 1];
+    char arch_opt[48], text[FAJIT__VARIANT_TEXT_MAX];
+    nvrtcProgram prog;
+    nvrtcResult r;
+    char *log;
+    int rc;
+    double t0 = now_us();
+
+    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=sm_%d%s", v->arch,
+             v->arch_suffix ? "a" : "");
+    memcpy(opts, fixed_options, sizeof fixed_options);
+    opts[N_FIXED] = arch_opt;
+    r = nvrtcCreateProgram(&prog, src, name, 0, NULL, NULL);
+    if (r != NVRTC_SUCCESS)
+        return fajit__fail(FAJIT_ECOMPILE, "nvrtcCreateProgram: %s", nvrtcGetErrorString(r));
+    r = nvrtcCompileProgram(prog, (int)(N_FIXED + 1), opts);
+    log = program_log(prog);
+    if (r != NVRTC_SUCCESS) {
+        fajit__variant_format(v, text, sizeof text);
+        rc = fajit__fail(FAJIT_ECOMPILE, "NVRTC failed (%s) for '%s':\n%s", nvrtcGetErrorString(r),
+                         text, log ? log : "(no log)");
+        goto destroy_program;
+    }
+    rc = take_cubin(prog, out);
+    if (rc == 0) {
+        parse_resource_usage(log ? log : "", &out->meta);
+        out->meta.compile_us = (uint32_t)(now_us() - t0);
+    }
+destroy_program:
+    free(log);
+    nvrtcDestroyProgram(&prog);
+    return rc;
+}
+
+int fajit__compile_variant(const fajit__variant *v, fajit__compiled *out)
+{
+    char *src = NULL;
+    size_t len = 0;
+    const char *entry = NULL;
+    int rc;
+
+    memset(out, 0, sizeof *out);
+    rc = fajit__render(v, &src, &len, &entry);
+    if (rc != 0)
+        return rc;
+    rc = run_nvrtc(src, "fajit_kernel.cu", v, out);
+    free(src);
+    if (rc != 0)
+        return rc;
+    out->meta.arch = (uint32_t)v->arch;
+    out->meta.arch_suffix = (uint32_t)v->arch_suffix;
+    out->meta.nvrtc_version = fajit__nvrtc_version();
+    return 0;
+}
+
+void fajit__compiled_free(fajit__compiled *c)
+{
+    if (!c)
+        return;
+    free(c->cubin);
+    c->cubin = NULL;
+    c->cubin_len = 0;
+}

@@ -1,0 +1,126 @@
+/*
+ * runtime/driver.c - loads libcuda.so.1 with dlopen, once per process.
+ */
+#include "runtime/driver.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "runtime/error.h"
+
+static fajit__driver drv;
+static int drv_status;
+static char drv_reason[512];
+static pthread_once_t drv_once = PTHREAD_ONCE_INIT;
+
+/* dlsym into a function-pointer field. Going through a void * copy keeps ISO C
+ * happy about object-to-function pointer conversion. */
+static int load_symbol(void *lib, const char *name, void *field, size_t size)
+{
+    void *sym = dlsym(lib, name);
+    if (!sym)
+        return -1;
+    memcpy(field, &sym, size);
+    return 0;
+}
+
+#define SYM(field, name) {name, offsetof(fajit__driver, field)}
+static const struct {
+    const char *name;
+    size_t offset;
+} required[] = {
+    SYM(init, "cuInit"),
+    SYM(driverGetVersion, "cuDriverGetVersion"),
+    SYM(deviceGet, "cuDeviceGet"),
+    SYM(deviceGetCount, "cuDeviceGetCount"),
+    SYM(deviceGetAttribute, "cuDeviceGetAttribute"),
+    SYM(deviceGetName, "cuDeviceGetName"),
+    SYM(primaryCtxRetain, "cuDevicePrimaryCtxRetain"),
+    SYM(primaryCtxRelease, "cuDevicePrimaryCtxRelease_v2"),
+    SYM(ctxGetCurrent, "cuCtxGetCurrent"),
+    SYM(ctxPushCurrent, "cuCtxPushCurrent_v2"),
+    SYM(ctxPopCurrent, "cuCtxPopCurrent_v2"),
+    SYM(ctxGetDevice, "cuCtxGetDevice"),
+    SYM(moduleLoadData, "cuModuleLoadData"),
+    SYM(moduleUnload, "cuModuleUnload"),
+    SYM(moduleGetFunction, "cuModuleGetFunction"),
+    SYM(funcSetAttribute, "cuFuncSetAttribute"),
+    SYM(launchKernel, "cuLaunchKernel"),
+    SYM(getErrorName, "cuGetErrorName"),
+    SYM(getErrorString, "cuGetErrorString"),
+};
+#undef SYM
+
+static int load_symbols(void *lib)
+{
+    for (size_t i = 0; i < sizeof required / sizeof required[0]; i++) {
+        if (load_symbol(lib, required[i].name, (char *)&drv + required[i].offset,
+                        sizeof drv.init) != 0) {
+            snprintf(drv_reason, sizeof drv_reason, "libcuda.so.1 lacks %s: driver too old",
+                     required[i].name);
+            return FAJIT_ENOGPU;
+        }
+    }
+    /* Optional: a unique id per context (a destroyed context's address can be
+     * reused by a new one, so the address alone is not a safe cache key). */
+    if (load_symbol(lib, "cuCtxGetId", &drv.ctxGetId, sizeof drv.ctxGetId) != 0)
+        drv.ctxGetId = NULL;
+    return 0;
+}
+
+static void load_driver(void)
+{
+    const char *name = NULL;
+    int count = 0;
+    CUresult r;
+    /* Never unloaded: CUfunctions handed out stay valid for the process. */
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(drv_reason, sizeof drv_reason, "no CUDA driver: cannot load libcuda.so.1 (%s)",
+                 dlerror());
+        drv_status = FAJIT_ENOGPU;
+        return;
+    }
+    drv_status = load_symbols(lib);
+    if (drv_status != 0)
+        return;
+    r = drv.init(0);
+    if (r == CUDA_SUCCESS)
+        r = drv.deviceGetCount(&count);
+    if (r != CUDA_SUCCESS || count == 0) {
+        if (r != CUDA_SUCCESS)
+            drv.getErrorName(r, &name);
+        snprintf(drv_reason, sizeof drv_reason, "no usable GPU: %s",
+                 r != CUDA_SUCCESS ? (name ? name : "cuInit failed") : "the driver sees 0 devices");
+        drv_status = FAJIT_ENOGPU;
+        return;
+    }
+    drv.driverGetVersion(&drv.version);
+    drv_status = 0;
+}
+
+int fajit__driver_get(const fajit__driver **out)
+{
+    pthread_once(&drv_once, load_driver);
+    if (drv_status != 0) {
+        *out = NULL;
+        return fajit__fail(drv_status, "%s", drv_reason);
+    }
+    *out = &drv;
+    return 0;
+}
+
+int fajit__cu_fail(CUresult r, const char *what)
+{
+    const char *name = "CUDA_ERROR_UNKNOWN", *text = "unknown error";
+    if (drv.getErrorName)
+        drv.getErrorName(r, &name);
+    if (drv.getErrorString)
+        drv.getErrorString(r, &text);
+    return fajit__fail(r == CUDA_ERROR_NO_DEVICE || r == CUDA_ERROR_INVALID_DEVICE ? FAJIT_ENOGPU
+                                                                                   : FAJIT_ECUDA,
+                       "%s: %s: %s", what, name ? name : "?", text ? text : "?");
+}

@@ -1,0 +1,44 @@
+/*
+ * runtime/driver.h - the CUDA Driver API, opened with dlopen at first use so the
+ * library loads, compiles and caches on a machine with no driver.
+ */
+#ifndef FAJIT_RUNTIME_DRIVER_H
+#define FAJIT_RUNTIME_DRIVER_H
+
+#include <cuda.h> /* types and constants only; every function comes through the table */
+
+typedef struct fajit__driver {
+    int version; /* cuDriverGetVersion */
+    CUresult (*init)(unsigned int);
+    CUresult (*driverGetVersion)(int *);
+    CUresult (*deviceGet)(CUdevice *, int);
+    CUresult (*deviceGetCount)(int *);
+    CUresult (*deviceGetAttribute)(int *, CUdevice_attribute, CUdevice);
+    CUresult (*deviceGetName)(char *, int, CUdevice);
+    CUresult (*primaryCtxRetain)(CUcontext *, CUdevice);
+    CUresult (*primaryCtxRelease)(CUdevice);
+    CUresult (*ctxGetCurrent)(CUcontext *);
+    CUresult (*ctxPushCurrent)(CUcontext);
+    CUresult (*ctxPopCurrent)(CUcontext *);
+    CUresult (*ctxGetDevice)(CUdevice *);
+    CUresult (*ctxGetId)(CUcontext, unsigned long long *); /* NULL before CUDA 12 */
+    CUresult (*moduleLoadData)(CUmodule *, const void *);
+    CUresult (*moduleUnload)(CUmodule);
+    CUresult (*moduleGetFunction)(CUfunction *, CUmodule, const char *);
+    CUresult (*funcSetAttribute)(CUfunction, CUfunction_attribute, int);
+    CUresult (*launchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             unsigned, unsigned, CUstream, void **, void **);
+    CUresult (*getErrorName)(CUresult, const char **);
+    CUresult (*getErrorString)(CUresult, const char **);
+} fajit__driver;
+
+/* The driver table, loaded and cuInit'ed once per process. FAJIT_ENOGPU with a
+ * detail saying why (no libcuda.so.1, cuInit failed, no device...) otherwise;
+ * the outcome is remembered, so later calls cost nothing. */
+int fajit__driver_get(const fajit__driver **out);
+
+/* Records a CUDA failure: FAJIT_ECUDA (FAJIT_ENOGPU for "no device" errors) with
+ * "<what>: CUDA_ERROR_NAME: description". */
+int fajit__cu_fail(CUresult r, const char *what);
+
+#endif

@@ -1,0 +1,118 @@
+/*
+ * runtime/runtime.h - the runtime layer's internal interfaces: the context,
+ * the compile step, the kernel lookup chain and the tile heuristic.
+ */
+#ifndef FAJIT_RUNTIME_RUNTIME_H
+#define FAJIT_RUNTIME_RUNTIME_H
+
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdint.h>
+
+#include "cache/store.h"
+#include "codegen/variant.h"
+#include "fajit.h"
+#include "runtime/driver.h"
+#include "runtime/error.h"
+
+/* ---------------------------------------------------------------- compile */
+
+typedef struct fajit__compiled {
+    uint8_t *cubin; /* malloc'd */
+    size_t cubin_len;
+    fajit__entry_meta meta; /* resource usage, NVRTC version, compile time */
+} fajit__compiled;
+
+/* NVRTC version of the library linked in, as major * 1000 + minor * 10. */
+uint32_t fajit__nvrtc_version(void);
+
+/* The fixed NVRTC options (the arch option aside), part of the build identity. */
+const char *fajit__nvrtc_options_text(void);
+
+/* Renders and compiles a full variant to a cubin for its arch. On failure:
+ * FAJIT_ECOMPILE with the NVRTC log in the detail. */
+int fajit__compile_variant(const fajit__variant *v, fajit__compiled *out);
+void fajit__compiled_free(fajit__compiled *c);
+
+/* ---------------------------------------------------------------- the kernel table */
+
+/* One loaded kernel: a variant in one CUDA context. */
+typedef struct fajit__kernel_slot {
+    fajit__variant variant;
+    unsigned long long cu_ctx_id;
+    CUmodule module;
+    CUfunction function;
+    int used;
+} fajit__kernel_slot;
+
+typedef struct fajit__kernel_table {
+    fajit__kernel_slot *slots; /* open addressing, capacity a power of two */
+    size_t capacity, count;
+} fajit__kernel_table;
+
+/* Per-device facts learnt once. */
+typedef struct fajit__device_info {
+    int known;
+    int arch;           /* e.g. 90 */
+    int smem_optin;     /* max dynamic shared memory per block, bytes */
+} fajit__device_info;
+
+#define FAJIT__MAX_DEVICES 64
+
+struct fajit_ctx {
+    fajit__logger log;
+    char cache_dir[PATH_MAX];
+    int cache_mode;
+    int device;
+    fajit__store *store; /* NULL in FAJIT_CACHE_OFF mode */
+    uint8_t build_id[16];
+    pthread_mutex_t lock; /* guards table, devices, primary */
+    fajit__kernel_table table;
+    fajit__device_info devices[FAJIT__MAX_DEVICES];
+    CUcontext primary;    /* retained primary context of `device`, or NULL */
+};
+
+/* Build identity: XXH3-128 of the codegen digest (templates + codegen sources),
+ * the NVRTC version, the compile options and the cache format version. */
+void fajit__build_identity(uint8_t out[16]);
+
+/* Full key (serialised variant + build identity) and its XXH3-128 digest. */
+int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, uint8_t **full_key,
+                       size_t *full_key_len, uint8_t digest[16]);
+
+/* The cache entry for a full variant: from the store, else compiled (once across
+ * threads and processes) and stored unless the cache is read-only or off.
+ * *entry is malloc'd; *cached says whether it came from the store. No GPU. */
+int fajit__kernel_entry(fajit_ctx *ctx, const fajit__variant *v, uint8_t **entry,
+                        size_t *entry_len, int *cached);
+
+/* The CUfunction for a full variant in the current CUDA context (identified by
+ * cu_ctx_id): the in-process table, else the entry loaded with cuModuleLoadData. */
+int fajit__kernel_function(fajit_ctx *ctx, const fajit__driver *drv, const fajit__variant *v,
+                           unsigned long long cu_ctx_id, CUfunction *fn);
+
+void fajit__kernel_table_free(fajit_ctx *ctx, const fajit__driver *drv);
+
+/* ---------------------------------------------------------------- heuristic, devices */
+
+/* Fills tile fields left FAJIT__UNSET in v with the heuristic's choice for v's
+ * op, head dims, dtype and arch. */
+void fajit__heuristic_tiles(fajit__variant *v);
+
+/* Arch of the context's device when a GPU is present, else 90. */
+int fajit__default_arch(fajit_ctx *ctx);
+
+/* Completes a spec: tiles by the heuristic, arch by fajit__default_arch, then
+ * checks the whole variant. */
+int fajit__complete_spec(fajit_ctx *ctx, fajit__variant *v);
+
+/* Facts about a CUDA device, learnt on first use. */
+int fajit__device_info_get(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev,
+                           fajit__device_info *out);
+
+/* Makes a CUDA context current for a launch: the caller's, else the primary
+ * context of ctx->device (pushed; *pushed tells the caller to pop it). */
+int fajit__enter_cuda(fajit_ctx *ctx, const fajit__driver *drv, CUcontext *cu, int *pushed);
+
+#endif
