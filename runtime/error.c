@@ -41,16 +41,24 @@ int fajit__fail(int status, const char *fmt, ...)
 
 int fajit__fail_prefix(int status, const char *fmt, ...)
 {
-    char prefix[512], old[FAJIT__DETAIL_MAX];
+    char old[FAJIT__DETAIL_MAX];
+    size_t n, rest;
     va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(prefix, sizeof prefix, fmt, ap);
-    va_end(ap);
     memcpy(old, detail, sizeof old);
-    if (old[0])
-        snprintf(detail, sizeof detail, "%s: %s", prefix, old);
-    else
-        snprintf(detail, sizeof detail, "%s", prefix);
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    n = strlen(detail);
+    rest = strlen(old);
+    /* "<prefix>: <old detail>", cut to fit */
+    if (rest && n + 2 < sizeof detail) {
+        memcpy(detail + n, ": ", 2);
+        n += 2;
+        if (rest > sizeof detail - 1 - n)
+            rest = sizeof detail - 1 - n;
+        memcpy(detail + n, old, rest);
+        detail[n + rest] = '\0';
+    }
     return status;
 }
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job: build, prebuild the default manifest into the default cache
+# and print its summary; on a machine with a GPU, also run attention checked
+# against the reference, with its speed.
+#   scripts/main.sh
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$root/scripts/setup.sh"
+mkdir -p "$root/build"
+fajit_build "$root/build"
+
+echo "== fajit prebuild (default manifest, default cache)"
+"$root/build/fajit-prebuild"
+"$root/build/fajit" info
+echo "== attention on the GPU, checked against the reference"
+"$root/build/examples/fajit_example"
