@@ -1,0 +1,287 @@
+/*
+ * tests/test_api.c - the public API without a GPU: options and environment,
+ * cache modes, compile and cache queries, argument validation of
+ * fajit_attn_fwd (every bad value named, nothing launched), FAJIT_ENOGPU.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fajit.h"
+
+static int failures;
+static char tmp[256];
+
+static void check(int ok, const char *what)
+{
+    printf("%s %s\n", ok ? "ok  " : "FAIL", what);
+    if (!ok) {
+        printf("     detail: %s\n", fajit_last_error());
+        failures++;
+    }
+}
+
+static int exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+static fajit_ctx *make_ctx(const char *dir, int mode)
+{
+    fajit_options o;
+    fajit_ctx *ctx = NULL;
+    fajit_options_init(&o);
+    o.cache_dir = dir;
+    o.cache_mode = mode;
+    if (fajit_create(&ctx, &o) != 0)
+        printf("     fajit_create(%s): %s\n", dir, fajit_last_error());
+    return ctx;
+}
+
+static void test_options_and_environment(void)
+{
+    char a[300], b[300], x[300];
+    fajit_options o;
+    fajit_ctx *ctx;
+    fajit_info info;
+
+    snprintf(a, sizeof a, "%s/env-dir", tmp);
+    snprintf(b, sizeof b, "%s/explicit-dir", tmp);
+    snprintf(x, sizeof x, "%s/xdg", tmp);
+    setenv("FAJIT_CACHE_DIR", a, 1);
+    ctx = make_ctx(NULL, FAJIT_CACHE_DEFAULT);
+    check(ctx && fajit_get_info(ctx, &info) == 0 && strcmp(info.cache_dir, a) == 0,
+          "FAJIT_CACHE_DIR sets the cache directory");
+    fajit_destroy(ctx);
+    ctx = make_ctx(b, FAJIT_CACHE_DEFAULT);
+    check(ctx && fajit_get_info(ctx, &info) == 0 && strcmp(info.cache_dir, b) == 0,
+          "an explicit cache_dir overrides FAJIT_CACHE_DIR");
+    fajit_destroy(ctx);
+    unsetenv("FAJIT_CACHE_DIR");
+    setenv("XDG_CACHE_HOME", x, 1);
+    ctx = make_ctx(NULL, FAJIT_CACHE_OFF);
+    check(ctx && fajit_get_info(ctx, &info) == 0 && strncmp(info.cache_dir, x, strlen(x)) == 0 &&
+              strcmp(info.cache_dir + strlen(x), "/fajit") == 0,
+          "XDG_CACHE_HOME/fajit is the next default");
+    fajit_destroy(ctx);
+    unsetenv("XDG_CACHE_HOME");
+    setenv("HOME", "/nonexistent-home", 1);
+    ctx = make_ctx(NULL, FAJIT_CACHE_OFF);
+    check(ctx && fajit_get_info(ctx, &info) == 0 &&
+              strcmp(info.cache_dir, "/nonexistent-home/.cache/fajit") == 0,
+          "~/.cache/fajit is the last default");
+    fajit_destroy(ctx);
+
+    setenv("FAJIT_CACHE_MODE", "sideways", 1);
+    fajit_options_init(&o);
+    o.cache_dir = b;
+    ctx = NULL;
+    check(fajit_create(&ctx, &o) == FAJIT_EINVAL && !ctx &&
+              strstr(fajit_last_error(), "FAJIT_CACHE_MODE=sideways"),
+          "a bad FAJIT_CACHE_MODE is refused, naming it");
+    setenv("FAJIT_CACHE_MODE", "off", 1);
+    ctx = make_ctx(b, FAJIT_CACHE_DEFAULT);
+    check(ctx && fajit_get_info(ctx, &info) == 0 && info.cache_mode == FAJIT_CACHE_OFF,
+          "FAJIT_CACHE_MODE=off applies when the option is unset");
+    fajit_destroy(ctx);
+    ctx = make_ctx(b, FAJIT_CACHE_READONLY);
+    check(ctx && fajit_get_info(ctx, &info) == 0 && info.cache_mode == FAJIT_CACHE_READONLY,
+          "an explicit cache_mode overrides FAJIT_CACHE_MODE");
+    fajit_destroy(ctx);
+    unsetenv("FAJIT_CACHE_MODE");
+    setenv("FAJIT_DEVICE", "-3", 1);
+    check(fajit_create(&ctx, &o) == FAJIT_EINVAL && strstr(fajit_last_error(), "FAJIT_DEVICE=-3"),
+          "a bad FAJIT_DEVICE is refused, naming it");
+    unsetenv("FAJIT_DEVICE");
+    o.struct_size = 3;
+    check(fajit_create(&ctx, &o) == FAJIT_EINVAL && strstr(fajit_last_error(), "struct_size"),
+          "an options struct not from fajit_options_init is refused");
+    fajit_destroy(NULL); /* a no-op */
+    check(strcmp(fajit_version(), FAJIT_VERSION_STRING) == 0, "fajit_version matches the header");
+    check(strcmp(fajit_strerror(FAJIT_ENOGPU), "no usable GPU or CUDA driver") == 0 &&
+              strcmp(fajit_strerror(12345), "unknown status") == 0,
+          "fajit_strerror names codes from the X-macro list");
+}
+
+#define SPEC "ref dqk=40 dv=24 dtype=bf16 mask=causal-tl arch=sm_80"
+
+static void test_cache_modes(void)
+{
+    char off[300], ro[300], rw[300];
+    fajit_compile_result r1, r2;
+    fajit_entry_info e;
+    fajit_ctx *ctx;
+
+    snprintf(off, sizeof off, "%s/off", tmp);
+    ctx = make_ctx(off, FAJIT_CACHE_OFF);
+    check(ctx && fajit_compile(ctx, SPEC, &r1) == 0 && !r1.cached && r1.cubin_bytes > 0,
+          "mode off compiles in memory");
+    check(!exists(off), "mode off never creates the cache directory");
+    fajit_destroy(ctx);
+
+    snprintf(ro, sizeof ro, "%s/ro-missing", tmp);
+    ctx = make_ctx(ro, FAJIT_CACHE_READONLY);
+    check(ctx && fajit_compile(ctx, SPEC, &r1) == 0 && !r1.cached, "read-only compiles a miss");
+    check(ctx && fajit_compile(ctx, SPEC, &r1) == 0 && !r1.cached,
+          "read-only stores nothing (a second ask compiles again)");
+    check(ctx && fajit_cache_remove(ctx, NULL) == FAJIT_EREADONLY, "read-only refuses rm");
+    fajit_destroy(ctx);
+    check(!exists(ro), "read-only never creates the cache directory");
+
+    snprintf(rw, sizeof rw, "%s/rw", tmp);
+    ctx = make_ctx(rw, FAJIT_CACHE_READWRITE);
+    check(ctx && fajit_compile(ctx, SPEC, &r1) == 0 && !r1.cached && r1.registers > 0 &&
+              r1.compile_ms > 0,
+          "read-write compiles a miss and reports registers and time");
+    check(ctx && fajit_compile(ctx, SPEC, &r2) == 0 && r2.cached &&
+              strcmp(r1.key_hex, r2.key_hex) == 0 && r1.cubin_bytes == r2.cubin_bytes,
+          "the second ask is a hit with the same key");
+    check(fajit_cache_find(ctx, SPEC, &e) == 0 && e.valid && e.current_build &&
+              strcmp(e.key_hex, r1.key_hex) == 0 && strstr(e.variant, "dqk=40 dv=24") &&
+              strcmp(e.arch, "sm_80") == 0,
+          "find by spec gives the entry, its variant text and arch");
+    char prefix[8];
+    memcpy(prefix, r1.key_hex, 7);
+    prefix[7] = '\0';
+    check(fajit_cache_find(ctx, prefix, &e) == 0 && strcmp(e.key_hex, r1.key_hex) == 0,
+          "find by a hex prefix");
+    check(fajit_cache_find(ctx, "ref dqk=41", &e) == FAJIT_ENOTFOUND, "an absent spec is not found");
+    check(fajit_cache_find(ctx, "ref dqk=x", &e) == FAJIT_EPARSE &&
+              strstr(fajit_last_error(), "dqk"),
+          "a bad key is refused, naming the field");
+    check(fajit_cache_remove(ctx, r1.key_hex) == 0 && fajit_cache_find(ctx, SPEC, &e) == FAJIT_ENOTFOUND,
+          "rm removes the entry");
+    fajit_destroy(ctx);
+    ctx = make_ctx(rw, FAJIT_CACHE_READONLY);
+    check(ctx && fajit_compile(ctx, SPEC, &r2) == 0 && !r2.cached, "read-only sees the removal");
+    fajit_destroy(ctx);
+}
+
+static int count_cb(void *user, const char *variant)
+{
+    (void)variant;
+    ++*(int *)user;
+    return 0;
+}
+
+static void test_variants(void)
+{
+    char buf[400];
+    int n = 0;
+    fajit_ctx *ctx = make_ctx("/nonexistent", FAJIT_CACHE_OFF);
+    char *src = NULL;
+    size_t len = 0;
+
+    check(fajit_variant_complete(ctx, "ref dqk=72", buf, sizeof buf) > 0 &&
+              strstr(buf, "ref dqk=72 dv=72 dtype=fp16 mask=none") && strstr(buf, "bm=4 bn=32"),
+          "a spec is completed with defaults and heuristic tiles");
+    check(fajit_variant_complete(ctx, "ref dqk=72 dtype=fp8", buf, sizeof buf) == FAJIT_EPARSE &&
+              strstr(fajit_last_error(), "fp8"),
+          "a bad spec is refused, naming the value");
+    check(fajit_manifest_expand(ctx, "# two dims, two dtypes\nref dqk=64,128 dtype=fp16,bf16\n",
+                                count_cb, &n) == 0 && n == 4,
+          "a manifest expands to the product");
+    n = 0;
+    check(fajit_manifest_expand(ctx, "ref dqk=64\nref dqk=64 bogus=1\n", count_cb, &n) ==
+                  FAJIT_EPARSE &&
+              strstr(fajit_last_error(), "line 2") && strstr(fajit_last_error(), "bogus"),
+          "a bad manifest line is refused, naming line and field");
+    check(fajit_variant_source(ctx, "ref dqk=72", &src, &len) == 0 && len == strlen(src) &&
+              strstr(src, "fajit_ref_fwd") && !strstr(src, "#include \""),
+          "the source is complete (no includes left) and names the kernel");
+    fajit_free(src);
+    fajit_destroy(ctx);
+}
+
+static void valid_args(fajit_attn_args *a)
+{
+    static const char fake[64] __attribute__((aligned(16))) = {0};
+    fajit_attn_args_init(a);
+    /* Never dereferenced: validation happens first, and here there is no GPU. */
+    a->q = a->k = a->v = fake;
+    a->o = (void *)fake;
+    a->batch = 2, a->seqlen_q = 17, a->seqlen_k = 33, a->nheads_q = 8, a->nheads_kv = 2;
+    a->dqk = 72, a->dv = 72;
+}
+
+typedef void (*breaker)(fajit_attn_args *);
+static void bad_dqk(fajit_attn_args *a) { a->dqk = 513; }
+static void bad_dv(fajit_attn_args *a) { a->dv = 0; }
+static void bad_heads(fajit_attn_args *a) { a->nheads_kv = 3; }
+static void bad_dtype(fajit_attn_args *a) { a->dtype = 7; }
+static void bad_mask(fajit_attn_args *a) { a->mask = -1; }
+static void bad_q(fajit_attn_args *a) { a->q = NULL; }
+static void bad_align(fajit_attn_args *a) { a->o = (char *)a->o + 1; }
+static void bad_stride(fajit_attn_args *a) { a->k_stride[1] = -5; }
+static void bad_scale(fajit_attn_args *a) { a->softmax_scale = 1.0f / 0.0f; }
+static void bad_size(fajit_attn_args *a) { a->struct_size = 100000; }
+static void bad_batch(fajit_attn_args *a) { a->batch = -1; }
+static void bad_overflow(fajit_attn_args *a) { a->q_stride[0] = 1, a->q_stride[1] = INT64_MAX / 4; }
+
+static void test_attn_validation(void)
+{
+    static const struct {
+        breaker fn;
+        const char *named;
+    } cases[] = {
+        {bad_dqk, "dqk=513"},         {bad_dv, "dv=0"},       {bad_heads, "nheads_kv=3"},
+        {bad_dtype, "dtype=7"},       {bad_mask, "mask=-1"},  {bad_q, "q: NULL"},
+        {bad_align, "aligned"},       {bad_stride, "k_stride[1]=-5"},
+        {bad_scale, "softmax_scale"}, {bad_size, "struct_size=100000"},
+        {bad_batch, "batch=-1"},      {bad_overflow, "overflow"},
+    };
+    fajit_ctx *ctx = make_ctx("/nonexistent", FAJIT_CACHE_OFF);
+    fajit_attn_args a;
+    char what[160];
+
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        valid_args(&a);
+        cases[i].fn(&a);
+        int rc = fajit_attn_fwd(ctx, &a, NULL);
+        snprintf(what, sizeof what, "fajit_attn_fwd refuses a bad argument, naming '%s'",
+                 cases[i].named);
+        check(rc == FAJIT_EINVAL && strstr(fajit_last_error(), cases[i].named), what);
+    }
+    check(fajit_attn_fwd(ctx, NULL, NULL) == FAJIT_EINVAL, "NULL args are refused");
+    check(fajit_attn_fwd(NULL, &a, NULL) == FAJIT_EINVAL, "a NULL context is refused");
+    valid_args(&a);
+    a.batch = 0;
+    check(fajit_attn_fwd(ctx, &a, NULL) == 0, "an empty batch is a successful no-op");
+    valid_args(&a);
+    if (access("/dev/nvidia0", F_OK) != 0) {
+        int rc = fajit_attn_fwd(ctx, &a, NULL);
+        check(rc == FAJIT_ENOGPU && fajit_last_error()[0] != '\0',
+              "valid arguments without a GPU give FAJIT_ENOGPU with the reason");
+        printf("     reason: %s\n", fajit_last_error());
+        char text[400];
+        check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0 && strstr(text, "arch=sm_90") &&
+                  strstr(text, "dqk=72 dv=72 dtype=fp16"),
+              "fajit_attn_variant without a GPU assumes sm_90");
+    } else {
+        printf("skip the no-GPU checks: this machine has a GPU\n");
+    }
+    fajit_destroy(ctx);
+}
+
+int main(void)
+{
+    snprintf(tmp, sizeof tmp, "/tmp/fajit-test-api-XXXXXX");
+    if (!mkdtemp(tmp)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    test_options_and_environment();
+    test_cache_modes();
+    test_variants();
+    test_attn_validation();
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    if (system(cmd) != 0)
+        printf("could not remove %s\n", tmp);
+    printf("%s: %d failure(s)\n", failures ? "FAIL" : "PASS", failures);
+    return failures ? 1 : 0;
+}
