@@ -187,6 +187,9 @@ static int prepare(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_ar
     rc = fajit__device_info_get(ctx, drv, dev, &info);
     if (rc != 0)
         return rc;
+    if (info.arch < 80)
+        return fajit__fail(FAJIT_EUNSUPPORTED, "GPU arch sm_%d: fajit needs sm_80 or newer",
+                           info.arch);
     derive_variant(a, info.arch, v);
     return fajit__variant_check(v);
 }
