@@ -86,7 +86,7 @@ void fajit__cli_json_number(FILE *f, double x)
         fprintf(f, "%.3f", x);
 }
 
-fajit_ctx *fajit__cli_open(const fajit__cli_global *g)
+fajit_ctx *fajit__cli_open(const fajit__cli_global *g, int *exit_code)
 {
     fajit_options opt;
     fajit_ctx *ctx = NULL;
@@ -96,8 +96,8 @@ fajit_ctx *fajit__cli_open(const fajit__cli_global *g)
     if (g->verbose)
         opt.log_level = FAJIT_LOG_INFO;
     int st = fajit_create(&ctx, &opt);
-    if (st != FAJIT_OK) {
-        fajit__cli_report(g, "cannot create a context", st);
+    if (st != FAJIT_OK) { /* EINVAL here is a bad FAJIT_* variable: exit 2 */
+        *exit_code = fajit__cli_report(g, "cannot create a context", st);
         return NULL;
     }
     return ctx;
@@ -189,15 +189,17 @@ static void entry_note(const fajit_entry_info *e, char *buf, size_t cap)
 
 typedef struct ls_state {
     int json, all;
-    uint64_t shown;
+    uint64_t shown, hidden;
 } ls_state;
 
 static int ls_row(void *user, const fajit_entry_info *e)
 {
     ls_state *st = user;
     char note[192];
-    if (!st->all && !e->current_build)
+    if (!st->all && !e->current_build) {
+        st->hidden++;
         return 0;
+    }
     if (st->json) {
         fputs(st->shown ? ",\n" : "\n", stdout);
         print_entry_json(stdout, e);
@@ -213,17 +215,20 @@ static int ls_row(void *user, const fajit_entry_info *e)
 
 static int cmd_ls(const fajit__cli_global *g, fajit_ctx *ctx, const cli_args *a)
 {
-    ls_state st = {.json = !!(a->flags & ARG_JSON), .all = !!(a->flags & ARG_ALL), .shown = 0};
+    ls_state st = {.json = !!(a->flags & ARG_JSON), .all = !!(a->flags & ARG_ALL)};
     if (st.json)
         fputc('[', stdout);
     else
         printf("%-12s  %-6s %9s %4s %6s %6s %9s  %s\n", "KEY", "ARCH", "SIZE", "REGS", "SMEM",
-               "SPILLS", "COMPILEMS", "VARIANT");
+               "SPILLS", "MS", "VARIANT");
     int rc = fajit_cache_list(ctx, ls_row, &st);
     if (st.json)
         fputs(st.shown ? "\n]\n" : "]\n", stdout);
     if (rc != FAJIT_OK)
         return fajit__cli_report(g, "ls", rc);
+    if (st.hidden) /* stderr: the table on stdout stays one row per entry */
+        fprintf(stderr, "%s: %" PRIu64 " entries of other builds not shown (ls --all shows them)\n",
+                g->prog, st.hidden);
     return FAJIT_EXIT_OK;
 }
 
@@ -453,7 +458,7 @@ static const cli_cmd commands[] = {
      "compile a manifest's variants into the cache", NULL},
     {"ls", cmd_ls, ARG_JSON | ARG_ALL, 0, 0, "ls [--all] [--json]", "list cache entries",
      "Columns: key (first 12 hex digits), arch, cubin size in bytes, registers per\n"
-     "thread, static shared memory bytes, spill bytes, compile time, variant text.\n"
+     "thread, shared memory bytes, spill bytes, compile time in ms, variant text.\n"
      "Only entries this build can reach are listed; --all adds other builds' entries\n"
      "(marked [other build]) and undecodable ones (marked [bad: ...]).\n"},
     {"show", cmd_show, ARG_JSON, 1, -1, "show KEY [--json]", "print every field of one entry",
@@ -490,12 +495,13 @@ static const cli_cmd *find_command(const char *name)
     return NULL;
 }
 
-static void print_common_help(FILE *f)
+void fajit__cli_common_help(FILE *f)
 {
     fputs("Options (before or after the command):\n"
           "  --cache-dir DIR          cache directory (default $FAJIT_CACHE_DIR, else\n"
           "                           $XDG_CACHE_HOME/fajit, else ~/.cache/fajit)\n"
-          "  --cache-mode rw|ro|off   read-write (default), read-only, or no cache at all\n"
+          "  --cache-mode rw|ro|off   read-write, read-only, or no cache at all (default\n"
+          "                           $FAJIT_CACHE_MODE, else rw)\n"
           "  -v, --verbose            log to stderr at level info\n"
           "  --version                print the version and exit\n"
           "  -h, --help               print help and exit\n"
@@ -517,7 +523,7 @@ static void print_usage(const fajit__cli_global *g, FILE *f)
     for (size_t i = 0; i < NCOMMANDS; i++)
         fprintf(f, "  %-26s %s\n", commands[i].usage, commands[i].summary);
     fputc('\n', f);
-    print_common_help(f);
+    fajit__cli_common_help(f);
 }
 
 static void print_command_help(const fajit__cli_global *g, const cli_cmd *c, FILE *f)
@@ -530,7 +536,7 @@ static void print_command_help(const fajit__cli_global *g, const cli_cmd *c, FIL
             fprintf(f, "\n%s", c->details);
     }
     fputc('\n', f);
-    print_common_help(f);
+    fajit__cli_common_help(f);
 }
 
 static int cmd_help(const fajit__cli_global *g, int npos, const char *name)
@@ -550,9 +556,9 @@ static int cmd_help(const fajit__cli_global *g, int npos, const char *name)
 
 static int parse_cache_mode(const char *s, int *mode)
 {
-    if (!strcmp(s, "rw") || !strcmp(s, "read-write"))
+    if (!strcmp(s, "rw") || !strcmp(s, "read-write") || !strcmp(s, "readwrite"))
         *mode = FAJIT_CACHE_READWRITE;
-    else if (!strcmp(s, "ro") || !strcmp(s, "read-only"))
+    else if (!strcmp(s, "ro") || !strcmp(s, "read-only") || !strcmp(s, "readonly"))
         *mode = FAJIT_CACHE_READONLY;
     else if (!strcmp(s, "off"))
         *mode = FAJIT_CACHE_OFF;
@@ -675,9 +681,9 @@ static int run_command(const fajit__cli_global *g, const cli_cmd *c, int argc, c
         return rc;
     if (strcmp(c->name, "help") == 0)
         return cmd_help(g, a.npos, a.pos);
-    fajit_ctx *ctx = fajit__cli_open(g);
+    fajit_ctx *ctx = fajit__cli_open(g, &rc);
     if (!ctx)
-        return FAJIT_EXIT_FAILED;
+        return rc;
     rc = c->run(g, ctx, &a);
     fajit_destroy(ctx);
     if (fflush(stdout) != 0 && rc == FAJIT_EXIT_OK) {

@@ -38,9 +38,9 @@ typedef struct fajit__cli_global {
     int verbose;           /* -v: library log level info, to stderr */
 } fajit__cli_global;
 
-/* Creates the library context the options ask for; on failure prints why and
- * returns NULL. */
-fajit_ctx *fajit__cli_open(const fajit__cli_global *g);
+/* Creates the library context the options ask for; on failure prints why,
+ * sets *exit_code and returns NULL. */
+fajit_ctx *fajit__cli_open(const fajit__cli_global *g, int *exit_code);
 
 /* Prints "PROG: WHAT: <status text>: <detail>" to stderr and returns the exit
  * code for status (see fajit__cli_exit_code). */
@@ -64,7 +64,10 @@ void fajit__cli_json_number(FILE *f, double x);
 /* The prebuild subcommand; argv[0] is "prebuild". Returns the exit code. */
 int fajit__cli_prebuild(const fajit__cli_global *g, int argc, char **argv);
 
-/* Usage text of the prebuild subcommand. */
+/* Global options, key and spec syntax, exit codes: the tail of every --help. */
+void fajit__cli_common_help(FILE *f);
+
+/* Usage text of the prebuild subcommand (without the common tail). */
 void fajit__cli_prebuild_help(const fajit__cli_global *g, FILE *f);
 
 /* The default manifest embedded at build time (tools/default.manifest). */

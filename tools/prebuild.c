@@ -382,6 +382,8 @@ static int parse_prebuild_args(const fajit__cli_global *g, int argc, char **argv
             only_positional = 1;
         } else if (!strcmp(w, "-h") || !strcmp(w, "--help")) {
             fajit__cli_prebuild_help(g, stdout);
+            fputc('\n', stdout);
+            fajit__cli_common_help(stdout);
             return FAJIT_EXIT_OK;
         } else if (!strcmp(w, "--dry-run")) {
             o->dry_run = 1;
@@ -490,11 +492,9 @@ int fajit__cli_prebuild(const fajit__cli_global *g, int argc, char **argv)
     char *manifest = load_manifest(g, o.manifest);
     if (!manifest)
         return FAJIT_EXIT_USAGE;
-    fajit_ctx *ctx = fajit__cli_open(g);
-    if (!ctx) {
-        rc = FAJIT_EXIT_FAILED;
+    fajit_ctx *ctx = fajit__cli_open(g, &rc);
+    if (!ctx)
         goto free_manifest;
-    }
     memset(&list, 0, sizeof list);
     int st = fajit_manifest_expand(ctx, manifest, collect_variant, &list);
     if (st != FAJIT_OK) {
