@@ -1,0 +1,170 @@
+/*
+ * cache/entry.c - encode and decode cache entries; the grammar is in
+ * cache/FORMAT.md, and the two must agree (tests/golden/entry_v1.bin pins it).
+ */
+#include "cache/entry.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* For XXH3_state_t on the stack: header and library come from one install. */
+#define XXH_STATIC_LINKING_ONLY
+#include <xxhash.h>
+
+#include "runtime/error.h"
+
+enum {
+    OFF_MAGIC = 0,
+    OFF_VERSION = 8,
+    OFF_HEADER_LEN = 12,
+    OFF_ARCH = 16,
+    OFF_ARCH_SUFFIX = 20,
+    OFF_NVRTC = 24,
+    OFF_REGISTERS = 28,
+    OFF_SMEM = 32,
+    OFF_SPILL = 36,
+    OFF_COMPILE_US = 40,
+    OFF_KEY_LEN = 44,
+    OFF_CUBIN_LEN = 48,
+    OFF_CHECKSUM = 56,
+    HEADER_LEN = 64
+};
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_u64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static uint64_t get_u64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* XXH3-64 of the whole entry with the checksum field read as zeros, without
+ * copying the (possibly large) entry. */
+static uint64_t entry_checksum(const uint8_t *buf, size_t len)
+{
+    static const uint8_t zeros[8];
+    XXH3_state_t st;
+    XXH3_INITSTATE(&st);
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, buf, OFF_CHECKSUM);
+    XXH3_64bits_update(&st, zeros, sizeof zeros);
+    XXH3_64bits_update(&st, buf + HEADER_LEN, len - HEADER_LEN);
+    return XXH3_64bits_digest(&st);
+}
+
+static void write_header(uint8_t *h, const fajit__entry_meta *m, uint32_t key_len,
+                         uint64_t cubin_len)
+{
+    memcpy(h + OFF_MAGIC, FAJIT__ENTRY_MAGIC, 8);
+    put_u32(h + OFF_VERSION, FAJIT__ENTRY_FORMAT_VERSION);
+    put_u32(h + OFF_HEADER_LEN, HEADER_LEN);
+    put_u32(h + OFF_ARCH, m->arch);
+    put_u32(h + OFF_ARCH_SUFFIX, m->arch_suffix);
+    put_u32(h + OFF_NVRTC, m->nvrtc_version);
+    put_u32(h + OFF_REGISTERS, m->registers);
+    put_u32(h + OFF_SMEM, m->smem_bytes);
+    put_u32(h + OFF_SPILL, m->spill_bytes);
+    put_u32(h + OFF_COMPILE_US, m->compile_us);
+    put_u32(h + OFF_KEY_LEN, key_len);
+    put_u64(h + OFF_CUBIN_LEN, cubin_len);
+    put_u64(h + OFF_CHECKSUM, 0);
+}
+
+int fajit__entry_encode(const fajit__entry_meta *meta, const uint8_t *full_key,
+                        size_t full_key_len, const uint8_t *cubin, size_t cubin_len,
+                        uint8_t **out, size_t *out_len)
+{
+    if (!meta || !out || !out_len || (!full_key && full_key_len) || (!cubin && cubin_len))
+        return fajit__fail(FAJIT_EINVAL, "cache entry: NULL argument");
+    *out = NULL;
+    *out_len = 0;
+    if (full_key_len > UINT32_MAX)
+        return fajit__fail(FAJIT_EINVAL, "cache entry: full key of %zu bytes exceeds 4 GiB",
+                           full_key_len);
+    if (cubin_len > SIZE_MAX - HEADER_LEN - full_key_len)
+        return fajit__fail(FAJIT_EINVAL, "cache entry: cubin of %zu bytes is too large",
+                           cubin_len);
+    size_t len = HEADER_LEN + full_key_len + cubin_len;
+    uint8_t *buf = malloc(len);
+    if (!buf)
+        return fajit__fail(FAJIT_ENOMEM, "cache entry: cannot allocate %zu bytes", len);
+    write_header(buf, meta, (uint32_t)full_key_len, cubin_len);
+    if (full_key_len)
+        memcpy(buf + HEADER_LEN, full_key, full_key_len);
+    if (cubin_len)
+        memcpy(buf + HEADER_LEN + full_key_len, cubin, cubin_len);
+    put_u64(buf + OFF_CHECKSUM, entry_checksum(buf, len));
+    *out = buf;
+    *out_len = len;
+    return 0;
+}
+
+/* Checks the fixed header and the lengths; NULL if fine, else why. */
+static const char *check_layout(const uint8_t *buf, size_t len)
+{
+    if (len < HEADER_LEN)
+        return "shorter than the 64-byte header";
+    if (memcmp(buf + OFF_MAGIC, FAJIT__ENTRY_MAGIC, 8) != 0)
+        return "bad magic (not a fajit cache entry)";
+    if (get_u32(buf + OFF_VERSION) != FAJIT__ENTRY_FORMAT_VERSION)
+        return "unknown format version";
+    if (get_u32(buf + OFF_HEADER_LEN) != HEADER_LEN)
+        return "header length does not match the format version";
+    size_t left = len - HEADER_LEN;
+    uint64_t key_len = get_u32(buf + OFF_KEY_LEN);
+    if (key_len > left)
+        return "full key length runs past the end of the entry";
+    left -= (size_t)key_len;
+    uint64_t cubin_len = get_u64(buf + OFF_CUBIN_LEN);
+    if (cubin_len > left)
+        return "cubin length runs past the end of the entry";
+    if (cubin_len != left)
+        return "trailing bytes after the cubin";
+    return NULL;
+}
+
+int fajit__entry_decode(const uint8_t *buf, size_t len, fajit__entry_view *view,
+                        const char **why)
+{
+    const char *bad = buf ? check_layout(buf, len) : "no entry bytes";
+    if (!bad && get_u64(buf + OFF_CHECKSUM) != entry_checksum(buf, len))
+        bad = "checksum mismatch";
+    if (why)
+        *why = bad;
+    if (bad)
+        return FAJIT_ECORRUPT;
+    if (view) {
+        view->meta.arch = get_u32(buf + OFF_ARCH);
+        view->meta.arch_suffix = get_u32(buf + OFF_ARCH_SUFFIX);
+        view->meta.nvrtc_version = get_u32(buf + OFF_NVRTC);
+        view->meta.registers = get_u32(buf + OFF_REGISTERS);
+        view->meta.smem_bytes = get_u32(buf + OFF_SMEM);
+        view->meta.spill_bytes = get_u32(buf + OFF_SPILL);
+        view->meta.compile_us = get_u32(buf + OFF_COMPILE_US);
+        view->full_key_len = get_u32(buf + OFF_KEY_LEN);
+        view->full_key = buf + HEADER_LEN;
+        view->cubin_len = (size_t)get_u64(buf + OFF_CUBIN_LEN);
+        view->cubin = buf + HEADER_LEN + view->full_key_len;
+    }
+    return 0;
+}
