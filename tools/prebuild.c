@@ -192,7 +192,7 @@ static void report_one_locked(pb_run *r, size_t i)
         r->compiled++;
     if (r->tty) {
         if (res->status != FAJIT_OK) /* keep failures visible above the progress line */
-            fprintf(stderr, "\r\033[KFAILED  %s\n", text);
+            fprintf(stderr, "\r\033[KFAILED    %s\n", text);
         print_progress_locked(r);
     } else if (res->status != FAJIT_OK) {
         fprintf(stderr, "FAILED    %s\n", text);
