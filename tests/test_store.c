@@ -491,6 +491,42 @@ static void test_growth_under_readers(void)
     fajit__store_close(s);
 }
 
+/* Another process grows the map past ours: our next transaction must adopt
+ * the new size (MDB_MAP_RESIZED) rather than fail. */
+static void test_map_grown_elsewhere(void)
+{
+    const char *dir = sub("grown_elsewhere");
+    fajit__store *s = NULL;
+    if (fajit__store_open(dir, FAJIT_CACHE_READWRITE, 128 * 1024, NULL, &s) != 0) {
+        CHECK(0, "open: %s", fajit__detail());
+        return;
+    }
+    put_seed(s, 1, 1000);
+    uint64_t before = 0, after = 0;
+    fajit__store_stats(s, NULL, NULL, &before, NULL);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int bad = 0;
+        for (int i = 0; i < 30; i++)
+            bad |= put_seed(s, 300 + i, 100 * 1024) != 0;
+        fajit__store_close(s);
+        _exit(bad);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "another process filled 3 MiB");
+    int get_fail = 0;
+    for (int i = 0; i < 30; i++)
+        get_fail += get_seed(s, 300 + i, 100 * 1024) != 0;
+    fajit__store_stats(s, NULL, NULL, &after, NULL);
+    CHECK(get_fail == 0 && after > before,
+          "this process reads it all, adopting the grown map (%llu -> %llu bytes, %d failed)",
+          (unsigned long long)before, (unsigned long long)after, get_fail);
+    CHECK(put_seed(s, 2, 1000) == 0 && get_seed(s, 2, 1000) == 0, "and still writes");
+    fajit__store_close(s);
+}
+
 static void test_counters_persist(void)
 {
     const char *dir = sub("counters");
@@ -629,6 +665,7 @@ int main(void)
     test_read_only_unwritable();
     test_map_growth();
     test_growth_under_readers();
+    test_map_grown_elsewhere();
     test_counters_persist();
     test_iterate_del();
     test_fork();
