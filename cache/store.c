@@ -729,8 +729,8 @@ int fajit__store_iterate(fajit__store *s, fajit__store_iter_cb cb, void *user)
         return rc;
     uint8_t key[16];
     for (int first = 1;; first = 0) {
-        uint8_t *val;
-        size_t len;
+        uint8_t *val = NULL;
+        size_t len = 0;
         rc = copy_next(s, e, first ? NULL : key, key, &val, &len);
         if (rc == MDB_NOTFOUND)
             return 0;
