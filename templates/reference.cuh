@@ -1,0 +1,163 @@
+/*
+ * templates/reference.cuh - the reference forward attention: simple and exact.
+ *
+ * What it computes, for every batch b, query head h and query row i:
+ *
+ *   s_j   = softmax_scale * (q[b,i,h,:] . k[b,j,hk,:])        for visible keys j
+ *   o     = sum_j exp(s_j - m) v[b,j,hk,:] / l,   m = max_j s_j,  l = sum_j exp(s_j - m)
+ *   lse   = m + log(l)                                       (natural log)
+ *
+ * with hk = h / (nheads_q / nheads_kv) (GQA/MQA), following FlashAttention 2.x:
+ * layout (batch, seqlen, nheads, headdim) with any batch/seq/head strides (in
+ * elements) and a contiguous last dimension; fp16 or bf16 in and out, fp32 for
+ * every sum. Visible keys are those of visible_keys() in common.cuh (causal
+ * bottom-right or top-left, local window). A row with no visible key (fully
+ * masked, or seqlen_k == 0) gets output 0 and LSE -inf. LSE is written to
+ * lse[(b * nheads_q + h) * seqlen_q + i] when p.lse is not NULL.
+ *
+ * How: one warp per query row. The row's q (as fp32) sits in shared memory; the
+ * keys are visited in steps of FAJIT_BN, one key per lane at a time, with the
+ * softmax kept exact by online max/sum rescaling (expf, not exp2 shortcuts);
+ * each lane accumulates output columns lane, lane + 32, ... in registers.
+ * It is the GPU reference the fast kernels are tested against and the fallback
+ * for shapes they do not cover, so plain correctness beats speed here.
+ *
+ * Launch (the runtime does exactly this): grid (ceil(seqlen_q / FAJIT_BM),
+ * nheads_q, batch), FAJIT_WARPS * 32 threads, no dynamic shared memory. Warp w
+ * of a block handles rows w, w + FAJIT_WARPS, ... of the block's FAJIT_BM rows.
+ * FAJIT_STAGES is unused. Every index into a tensor is 64-bit.
+ */
+#include "common.cuh"
+#include "fwd_params.h"
+
+static_assert(FAJIT_DQK >= 1 && FAJIT_DQK <= 512, "reference: dqk must be 1..512");
+static_assert(FAJIT_DV >= 1 && FAJIT_DV <= 512, "reference: dv must be 1..512");
+static_assert(FAJIT_BM >= 1, "reference: bm must be >= 1");
+static_assert(FAJIT_BN >= 32 && FAJIT_BN % 32 == 0, "reference: bn must be a multiple of 32");
+static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 32, "reference: warps must be 1..32");
+static_assert(FAJIT_DROPOUT == 0 && FAJIT_SOFTCAP == 0 && FAJIT_ALIBI == 0,
+              "reference: dropout, softcap and alibi are not implemented");
+static_assert(FAJIT_VARLEN == 0 && FAJIT_PAGED == 0,
+              "reference: varlen and paged KV are not implemented");
+
+namespace fajit_ref {
+
+using fajit::kWarpSize;
+using elem_t = unsigned short; /* raw fp16 / bf16 bits */
+
+constexpr int kKeysPerLane = FAJIT_BN / kWarpSize;                /* per step */
+constexpr int kColsPerLane = (FAJIT_DV + kWarpSize - 1) / kWarpSize; /* output columns */
+
+/* Per warp: its q row and the probabilities of the current step's keys. */
+static_assert(FAJIT_WARPS * (FAJIT_DQK + FAJIT_BN) * sizeof(float) <= 48 * 1024,
+              "reference: static shared memory over 48 KB; lower warps or bn");
+
+/* q . k for one key row, in fp32, in order of the head dimension. */
+__device__ __forceinline__ float dot_q_k(const float *q_shared, const elem_t *k_row) {
+    float acc = 0.0f;
+    for (int d = 0; d < FAJIT_DQK; ++d)
+        acc += q_shared[d] * fajit::load_as_float<FAJIT_DTYPE>(k_row + d);
+    return acc;
+}
+
+/* Attention for one query row, computed by the whole warp. */
+__device__ void attend_row(const fajit_fwd_params &p, long long b, long long h, long long row,
+                           float *q_shared, float *probs_shared, int lane) {
+    const long long h_kv = h / (p.nheads_q / p.nheads_kv);
+    const elem_t *q_row = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] +
+                          row * p.q_stride[1] + h * p.q_stride[2];
+    const elem_t *k_head = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + h_kv * p.k_stride[2];
+    const elem_t *v_head = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + h_kv * p.v_stride[2];
+    elem_t *o_row = static_cast<elem_t *>(p.o) + b * p.o_stride[0] + row * p.o_stride[1] +
+                    h * p.o_stride[2];
+
+    for (int d = lane; d < FAJIT_DQK; d += kWarpSize)
+        q_shared[d] = fajit::load_as_float<FAJIT_DTYPE>(q_row + d);
+    __syncwarp();
+
+    const fajit::KeyRange keys = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
+        row, p.seqlen_q, p.seqlen_k);
+    float row_max = fajit::neg_infinity(); /* m: max score so far */
+    float row_sum = 0.0f;                  /* l: sum of exp(score - m) so far */
+    float out[kColsPerLane];
+#pragma unroll
+    for (int c = 0; c < kColsPerLane; ++c)
+        out[c] = 0.0f;
+
+    for (long long start = keys.begin; start < keys.end; start += FAJIT_BN) {
+        /* Scores of this step's keys: lane handles start + lane + 32 t. */
+        float score[kKeysPerLane];
+        float step_max = fajit::neg_infinity();
+#pragma unroll
+        for (int t = 0; t < kKeysPerLane; ++t) {
+            const long long key = start + t * kWarpSize + lane;
+            score[t] = fajit::neg_infinity();
+            if (key < keys.end)
+                score[t] = p.softmax_scale * dot_q_k(q_shared, k_head + key * p.k_stride[1]);
+            step_max = fmaxf(step_max, score[t]);
+        }
+        /* The step's first key is visible, so new_max is finite (for finite
+         * inputs) and exp(row_max - new_max) is 0 on the first step. */
+        const float new_max = fmaxf(row_max, fajit::warp_max(step_max));
+        const float rescale = expf(row_max - new_max);
+        float step_sum = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kKeysPerLane; ++t) {
+            const long long key = start + t * kWarpSize + lane;
+            const float prob = key < keys.end ? expf(score[t] - new_max) : 0.0f;
+            probs_shared[t * kWarpSize + lane] = prob;
+            step_sum += prob;
+        }
+        row_sum = row_sum * rescale + fajit::warp_sum(step_sum);
+        row_max = new_max;
+        __syncwarp(); /* probs_shared complete */
+
+        const long long left = keys.end - start;
+        const int step_keys = left < FAJIT_BN ? static_cast<int>(left) : FAJIT_BN;
+#pragma unroll
+        for (int c = 0; c < kColsPerLane; ++c)
+            out[c] *= rescale;
+        for (int j = 0; j < step_keys; ++j) {
+            const float prob = probs_shared[j];
+            const elem_t *v_row = v_head + (start + j) * p.v_stride[1];
+#pragma unroll
+            for (int c = 0; c < kColsPerLane; ++c) {
+                const int d = c * kWarpSize + lane;
+                if (d < FAJIT_DV)
+                    out[c] += prob * fajit::load_as_float<FAJIT_DTYPE>(v_row + d);
+            }
+        }
+        __syncwarp(); /* probs_shared read by all lanes before the next step */
+    }
+
+    /* row_sum >= 1 when any key was visible (the max contributes exp(0)). */
+    const bool any_visible = row_sum > 0.0f;
+#pragma unroll
+    for (int c = 0; c < kColsPerLane; ++c) {
+        const int d = c * kWarpSize + lane;
+        if (d < FAJIT_DV)
+            fajit::store_from_float<FAJIT_DTYPE>(o_row + d, any_visible ? out[c] / row_sum : 0.0f);
+    }
+    if (p.lse != nullptr && lane == 0) {
+        const long long at = (b * p.nheads_q + h) * p.seqlen_q + row;
+        p.lse[at] = any_visible ? row_max + logf(row_sum) : fajit::neg_infinity();
+    }
+    __syncwarp(); /* q_shared read by all lanes before the next row overwrites it */
+}
+
+} // namespace fajit_ref
+
+extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32) fajit_ref_fwd(const fajit_fwd_params p) {
+    __shared__ float q_rows[FAJIT_WARPS][FAJIT_DQK];
+    __shared__ float probs[FAJIT_WARPS][FAJIT_BN];
+    const int warp = threadIdx.x / fajit::kWarpSize;
+    const int lane = threadIdx.x % fajit::kWarpSize;
+    const long long b = blockIdx.z;
+    const long long h = blockIdx.y;
+    for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
+        const long long row = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
+        if (row >= p.seqlen_q)
+            break;
+        fajit_ref::attend_row(p, b, h, row, q_rows[warp], probs[warp], lane);
+    }
+}
