@@ -94,8 +94,8 @@ unlock:
 int fajit__kernel_entry(fajit_ctx *ctx, const fajit__variant *v, uint8_t **entry,
                         size_t *entry_len, int *cached)
 {
-    uint8_t *full_key, digest[16];
-    size_t full_key_len;
+    uint8_t *full_key = NULL, digest[16];
+    size_t full_key_len = 0;
     int rc = fajit__variant_key(ctx, v, &full_key, &full_key_len, digest);
     if (rc != 0)
         return rc;
