@@ -30,6 +30,9 @@
 #include "common.cuh"
 #include "fwd_params.h"
 
+static_assert(FAJIT_OP == 0, "reference.cuh is the template of op ref");
+static_assert(FAJIT_ARCH >= 70, "reference: needs sm_70 or newer");
+static_assert(FAJIT_STAGES >= 1, "reference: stages is unused but must be >= 1");
 static_assert(FAJIT_DQK >= 1 && FAJIT_DQK <= 512, "reference: dqk must be 1..512");
 static_assert(FAJIT_DV >= 1 && FAJIT_DV <= 512, "reference: dv must be 1..512");
 static_assert(FAJIT_BM >= 1, "reference: bm must be >= 1");

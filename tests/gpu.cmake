@@ -1,0 +1,26 @@
+# Tests of the reference kernel. test_ref_compile needs no GPU (NVRTC only) and
+# runs in CI; the ones labelled gpu skip (exit 77) with a reason when no CUDA GPU
+# is present, and run in full on the GPU machine through tests/gpu/run.sh.
+
+# NVRTC's library itself rather than CUDA::nvrtc, which drags in the driver stub
+# (the test must run where no libcuda.so.1 exists).
+fajit_add_test(test_ref_compile
+  SOURCES test_ref_compile.c ${FAJIT_CODEGEN_OBJS}
+  LIBS ${CUDA_nvrtc_LIBRARY} ${XXHASH_LIBRARY} Threads::Threads)
+target_include_directories(test_ref_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+
+# Host-side problems and the fp64 reference, shared by the GPU tests.
+add_library(fajit_attn_check STATIC gpu/attn_check.c)
+target_compile_options(fajit_attn_check PRIVATE ${FAJIT_WARNINGS})
+target_link_libraries(fajit_attn_check PUBLIC m)
+target_include_directories(fajit_attn_check PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/gpu)
+
+fajit_add_test(test_ref_gpu
+  SOURCES gpu/test_ref_gpu.c
+  LIBS fajit fajit_attn_check CUDA::cudart
+  LABELS gpu)
+
+fajit_add_test(test_cache_gpu
+  SOURCES gpu/test_cache_gpu.c
+  LIBS fajit fajit_attn_check CUDA::cudart
+  LABELS gpu)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh OUTDIR - everything to run on the GPU machine, in one go.
+#
+# Builds Release into /tmp/b (FAJIT_GPU_BUILD_DIR overrides), runs every CTest
+# test (the GPU ones included), the benchmarks, and compute-sanitizer on a quick
+# run of test_ref_gpu; writes each step's full log into OUTDIR and prints a
+# summary table last. Run from anywhere; assumes `source .gpu-deps/install.sh`
+# was done in this shell. Exit status: 0 if every step passed, else 1.
+set -u -o pipefail
+
+out=${1:?usage: tests/gpu/run.sh OUTDIR}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+build=${FAJIT_GPU_BUILD_DIR:-/tmp/b}
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1
+
+rows=()   # "step|status|seconds|detail"
+failed=0
+
+# step NAME LOG COMMAND...: runs COMMAND with stdout+stderr into OUTDIR/LOG.
+step() {
+    local name=$1 log=$2 start end rc
+    shift 2
+    echo "== $name: $* (log: $out/$log)"
+    start=$(date +%s.%N)
+    "$@" >"$out/$log" 2>&1
+    rc=$?
+    end=$(date +%s.%N)
+    last_rc=$rc
+    last_secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+    [ "$rc" -eq 0 ] || failed=1
+}
+
+# record NAME DETAIL: one summary row for the step just run.
+record() {
+    local status=PASS
+    [ "$last_rc" -eq 0 ] || status="FAIL($last_rc)"
+    rows+=("$1|$status|$last_secs|$2")
+}
+
+# First line of LOG matching PATTERN, or "-".
+grab() { grep -E -m1 "$2" "$out/$1" 2>/dev/null || echo "-"; }
+
+# ---------------------------------------------------------------- environment
+{
+    date -u
+    uname -a
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    nvcc --version 2>&1 | tail -2
+    cmake --version | head -1
+    gcc --version | head -1
+    git -C "$root" log --oneline -1 2>&1
+} >"$out/environment.log" 2>&1
+
+# ---------------------------------------------------------------- build
+step build build.log bash -c "cmake -S '$root' -B '$build' -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build '$build'"
+record build "$(tail -1 "$out/build.log" | cut -c1-70)"
+if [ "$last_rc" -ne 0 ]; then
+    tail -30 "$out/build.log"
+else
+    # ---------------------------------------------------------------- tests
+    step ctest ctest.log ctest --test-dir "$build" --output-on-failure --output-junit "$out/ctest.xml"
+    detail=$(grab ctest.log 'tests passed')
+    skipped=$(grep -cE '\*\*\*Skipped|Not Run' "$out/ctest.log")
+    [ "$skipped" -eq 0 ] || detail="$detail; $skipped skipped (a GPU test skipped on the GPU machine?)"
+    record ctest "$detail"
+    # ctest shows output only on failure: run it again for the per-case log.
+    step test_ref_gpu test_ref_gpu.log env FAJIT_CACHE_DIR="$build/test-cache/test_ref_gpu" \
+        "$build/tests/test_ref_gpu"
+    record "test_ref_gpu (again, log)" "$(grab test_ref_gpu.log '^test_ref_gpu|^SKIP')"
+
+    # ---------------------------------------------------------------- sanitizers
+    export FAJIT_CACHE_DIR="$build/test-cache/sanitizer"
+    sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    for tool in memcheck racecheck synccheck initcheck; do
+        step "$tool" "sanitizer-$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 99 \
+            "$build/tests/test_ref_gpu" --quick
+        record "sanitizer $tool" "$(grab "sanitizer-$tool.log" 'ERROR SUMMARY|RACECHECK SUMMARY|^SKIP' | cut -c1-70)"
+    done
+    unset FAJIT_CACHE_DIR
+
+    # ---------------------------------------------------------------- benchmarks
+    step bench_compile bench_compile.log "$build/benchmarks/bench_compile"
+    record bench_compile "$(grab bench_compile.log '^cold compile' | sed 's/, median of [0-9]* fresh contexts//')"
+    rows+=("  cached load| | |$(grab bench_compile.log '^cached load' | sed 's/.*processes: //')")
+    step bench_dispatch bench_dispatch.log "$build/benchmarks/bench_dispatch"
+    record bench_dispatch "$(grab bench_dispatch.log '^fajit_attn_fwd' | tr -s ' ')"
+    rows+=("  bare launch| | |$(grab bench_dispatch.log '^cuLaunchKernel' | tr -s ' ')")
+fi
+
+# ---------------------------------------------------------------- summary
+echo
+echo "Logs in $out"
+printf '%-26s %-10s %8s  %s\n' step status seconds detail
+for row in "${rows[@]}"; do
+    IFS='|' read -r name status secs detail <<<"$row"
+    printf '%-26s %-10s %8s  %s\n' "$name" "$status" "$secs" "$detail"
+done
+exit "$failed"
