@@ -238,6 +238,11 @@ static void print_job(const job *j) {
 }
 
 int main(void) {
+    /* Where a CUDA driver is installed, NVRTC keeps ptxas output in the
+     * driver's compute cache (~/.nv/ComputeCache) across processes; a variant
+     * served from it compiles without a ptxas report, so its resources could
+     * not be checked. Compile for real. */
+    setenv("CUDA_CACHE_DISABLE", "1", 1);
     int major = 0, minor = 0;
     nvrtcVersion(&major, &minor);
     printf("NVRTC %d.%d, %d threads\n", major, minor, COMPILE_THREADS);
