@@ -6,6 +6,7 @@
  * shared memory and spills, so they are known without a GPU.
  */
 #include <nvrtc.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,12 +16,26 @@
 
 /* Fixed options; the arch option is added per variant. Changing this text
  * changes the build identity, hence every key. */
-static const char *const fixed_options[] = {"-std=c++17", "--ptxas-options=-v"};
+/* --no-cache: our store is the cache. NVRTC's own (in ~/.nv when a driver is
+ * present) would skip ptxas on a repeat and leave no resource usage to record. */
+static const char *const fixed_options[] = {"-std=c++17", "--ptxas-options=-v", "--no-cache"};
 #define N_FIXED (sizeof fixed_options / sizeof fixed_options[0])
+
+static char options_text[256];
+static pthread_once_t options_once = PTHREAD_ONCE_INIT;
+
+static void join_options(void)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < N_FIXED; i++)
+        n += (size_t)snprintf(options_text + n, sizeof options_text - n, "%s ", fixed_options[i]);
+    snprintf(options_text + n, sizeof options_text - n, "--gpu-architecture=sm_<arch>");
+}
 
 const char *fajit__nvrtc_options_text(void)
 {
-    return "-std=c++17 --ptxas-options=-v --gpu-architecture=sm_<arch>";
+    pthread_once(&options_once, join_options);
+    return options_text;
 }
 
 uint32_t fajit__nvrtc_version(void)

@@ -20,7 +20,7 @@ echo "ok   installed header, libraries, tools, manifest, CMake package and pkg-c
 cmake -S "$src/examples/consumer" -B "$tmp/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$tmp/prefix" \
     >"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; fail "find_package(fajit)"; }
 cmake --build "$tmp/consumer" >>"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; fail "consumer build"; }
-LD_LIBRARY_PATH="$tmp/prefix/$libdir" "$tmp/consumer/consumer" | grep -q "compiled 'ref dqk=100" \
+LD_LIBRARY_PATH="$tmp/prefix/$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$tmp/consumer/consumer" | grep -q "compiled 'ref dqk=100" \
     || fail "consumer (find_package) did not run"
 echo "ok   a find_package(fajit) consumer builds and runs"
 
