@@ -173,33 +173,41 @@ static int launch(const fajit__driver *drv, CUfunction fn, const fajit__variant 
     return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuLaunchKernel");
 }
 
-/* Arguments checked and the variant derived, for the calling thread's CUDA
- * context (made current by the caller). */
-static int prepare(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_args *a,
-                   fajit__variant *v)
-{
-    fajit__device_info info;
-    CUdevice dev;
-    CUresult r = drv->ctxGetDevice(&dev);
-    int rc;
-    if (r != CUDA_SUCCESS)
-        return fajit__cu_fail(r, "cuCtxGetDevice");
-    rc = fajit__device_info_get(ctx, drv, dev, &info);
-    if (rc != 0)
-        return rc;
-    if (info.arch < 80)
-        return fajit__fail(FAJIT_EUNSUPPORTED, "GPU arch sm_%d: fajit needs sm_80 or newer",
-                           info.arch);
-    derive_variant(a, info.arch, v);
-    return fajit__variant_check(v);
-}
-
 static unsigned long long context_id(const fajit__driver *drv, CUcontext cu)
 {
     unsigned long long id = 0;
     if (drv->ctxGetId && drv->ctxGetId(cu, &id) == CUDA_SUCCESS)
         return id;
     return (unsigned long long)(uintptr_t)cu;
+}
+
+/* Arch of the current CUDA context's device. The last answer is kept per
+ * thread, keyed by the context's unique id, so a warm call makes no driver call
+ * for it. */
+static int context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
+                        int *arch)
+{
+    static _Thread_local unsigned long long last_id;
+    static _Thread_local int last_arch;
+    fajit__device_info info;
+    CUdevice dev;
+    CUresult r;
+    int rc;
+
+    if (cu_id != 0 && cu_id == last_id) {
+        *arch = last_arch;
+        return 0;
+    }
+    if ((r = drv->ctxGetDevice(&dev)) != CUDA_SUCCESS)
+        return fajit__cu_fail(r, "cuCtxGetDevice");
+    if ((rc = fajit__device_info_get(ctx, drv, dev, &info)) != 0)
+        return rc;
+    if (info.arch < 80)
+        return fajit__fail(FAJIT_EUNSUPPORTED, "GPU arch sm_%d: fajit needs sm_80 or newer",
+                           info.arch);
+    last_id = cu_id;
+    last_arch = *arch = info.arch;
+    return 0;
 }
 
 int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
@@ -210,7 +218,8 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     fajit__variant v;
     CUfunction fn;
     CUcontext cu;
-    int rc, pushed;
+    unsigned long long cu_id;
+    int rc, pushed, arch = 0;
 
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
@@ -221,9 +230,12 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
         return 0; /* nothing to compute */
     if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
         return rc;
-    rc = prepare(ctx, drv, &a, &v);
-    if (rc == 0)
-        rc = fajit__kernel_function(ctx, drv, &v, context_id(drv, cu), &fn);
+    cu_id = context_id(drv, cu);
+    rc = context_arch(ctx, drv, cu_id, &arch);
+    if (rc == 0) {
+        derive_variant(&a, arch, &v); /* checked on a table miss, before compiling */
+        rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
+    }
     if (rc == 0)
         rc = launch(drv, fn, &v, &p, stream);
     if (pushed)

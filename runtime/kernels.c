@@ -170,7 +170,9 @@ static int load_function(fajit_ctx *ctx, const fajit__driver *drv, const fajit__
     int cached = 0, rc;
     CUresult r;
 
-    rc = fajit__kernel_entry(ctx, v, &entry, &entry_len, &cached);
+    rc = fajit__variant_check(v);
+    if (rc == 0)
+        rc = fajit__kernel_entry(ctx, v, &entry, &entry_len, &cached);
     if (rc != 0)
         return rc;
     /* The store verified it already; decoding again costs microseconds and

@@ -25,6 +25,7 @@ LD_LIBRARY_PATH="$tmp/prefix/$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$tmp
 echo "ok   a find_package(fajit) consumer builds and runs"
 
 export PKG_CONFIG_PATH="$tmp/prefix/$libdir/pkgconfig"
+unset PKG_CONFIG_SYSROOT_DIR  # set on the GPU host for its carried packages; wrong for ours
 cc -std=c11 $(pkg-config --cflags fajit) "$src/examples/consumer/main.c" -o "$tmp/pc-consumer" \
     $(pkg-config --libs fajit) -Wl,-rpath,"$tmp/prefix/$libdir" || fail "pkg-config build"
 "$tmp/pc-consumer" | grep -q "compiled" || fail "consumer (pkg-config) did not run"
