@@ -22,3 +22,12 @@ const char *fajit__variant_template_name(const fajit__variant *v)
 {
     return v->op >= 0 && v->op < FAJIT__OP_COUNT ? ops[v->op].template_name : NULL;
 }
+
+size_t fajit__variant_smem_bytes(const fajit__variant *v)
+{
+    switch (v->op) {
+    case FAJIT__OP_REF:
+    default:
+        return 0; /* static shared memory only */
+    }
+}

@@ -99,6 +99,10 @@ int fajit__render(const fajit__variant *v, char **src, size_t *len, const char *
  * or NULL for an unknown op. Static string. */
 const char *fajit__variant_entry_name(const fajit__variant *v);
 
+/* Dynamic shared memory, in bytes, the op's kernel is launched with for this
+ * variant (0 for the reference kernel, whose shared memory is static). */
+size_t fajit__variant_smem_bytes(const fajit__variant *v);
+
 /* The embedded template an op renders ("reference.cuh"), or NULL. Static. */
 const char *fajit__variant_template_name(const fajit__variant *v);
 

@@ -6,9 +6,11 @@
  * lookup and one cuLaunchKernel.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
 
+#include "codegen/embedded.h"
 #include "runtime/runtime.h"
 #include "templates/fwd_params.h"
 
@@ -148,11 +150,53 @@ static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
     return 0;
 }
 
+/* Why the fast forward kernel cannot take these arguments, or NULL if it can. */
+static const char *fast_fwd_refusal(const fajit_attn_args *a, const struct fajit_fwd_params *p)
+{
+    uintptr_t addresses = (uintptr_t)a->q | (uintptr_t)a->k | (uintptr_t)a->v | (uintptr_t)a->o;
+    if (a->kernel == FAJIT_KERNEL_REFERENCE)
+        return "the reference kernel was asked for";
+    if (a->dqk % 8 != 0 || a->dv % 8 != 0)
+        return "a head dim is not a multiple of 8";
+    if (a->dqk > 256 || a->dv > 256)
+        return "a head dim is above 256";
+    if (addresses % 16 != 0)
+        return "q, k, v or o is not 16-byte aligned";
+    for (int i = 0; i < 3; i++)
+        if (p->q_stride[i] % 8 || p->k_stride[i] % 8 || p->v_stride[i] % 8 || p->o_stride[i] % 8)
+            return "a stride is not a multiple of 8 elements";
+    return NULL;
+}
+
+/* The fast forward's template is part of this build (it lands in steps). */
+static int fast_fwd_built(void)
+{
+    for (size_t i = 0; i < fajit__embedded_count; i++)
+        if (strcmp(fajit__embedded_files[i].name, "flash_fwd.cuh") == 0)
+            return 1;
+    return 0;
+}
+
+/* The kernel for validated arguments: the fast forward where it applies, else
+ * the reference, which covers everything (said once per process at INFO). */
+static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct fajit_fwd_params *p)
+{
+    static atomic_int fallback_logged;
+    const char *why = fast_fwd_refusal(a, p);
+    if (!why && fast_fwd_built())
+        return FAJIT__OP_FWD;
+    if (a->kernel != FAJIT_KERNEL_REFERENCE && atomic_exchange(&fallback_logged, 1) == 0)
+        fajit__log(&ctx->log, FAJIT_LOG_INFO, "dqk=%lld dv=%lld: %s; using the reference kernel",
+                   (long long)a->dqk, (long long)a->dv,
+                   why ? why : "the fast forward is not in this build");
+    return FAJIT__OP_REF;
+}
+
 /* The variant for validated arguments on a device of the given arch. */
-static void derive_variant(const fajit_attn_args *a, int arch, fajit__variant *v)
+static void derive_variant(const fajit_attn_args *a, int op, int arch, fajit__variant *v)
 {
     fajit__variant_defaults(v);
-    v->op = FAJIT__OP_REF; /* the only kernel so far; the fast forward adds a rule here */
+    v->op = op;
     v->dqk = (int)a->dqk;
     v->dv = (int)a->dv;
     v->dtype = a->dtype;
@@ -162,14 +206,25 @@ static void derive_variant(const fajit_attn_args *a, int arch, fajit__variant *v
     fajit__heuristic_tiles(v);
 }
 
+int fajit__configure_function(const fajit__driver *drv, const fajit__variant *v, CUfunction fn)
+{
+    size_t smem = fajit__variant_smem_bytes(v);
+    CUresult r;
+    if (smem <= 48 * 1024)
+        return 0; /* the default limit */
+    r = drv->funcSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (int)smem);
+    return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuFuncSetAttribute(max dynamic smem)");
+}
+
 static int launch(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
                   struct fajit_fwd_params *p, void *stream)
 {
     unsigned grid_x = (unsigned)((p->seqlen_q + v->bm - 1) / v->bm);
     void *kargs[] = {p};
     CUresult r = drv->launchKernel(fn, grid_x, (unsigned)p->nheads_q, (unsigned)p->batch,
-                                   (unsigned)(v->warps * 32), 1, 1, 0, (CUstream)stream, kargs,
-                                   NULL);
+                                   (unsigned)(v->warps * 32), 1, 1,
+                                   (unsigned)fajit__variant_smem_bytes(v), (CUstream)stream,
+                                   kargs, NULL);
     return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuLaunchKernel");
 }
 
@@ -233,7 +288,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     cu_id = context_id(drv, cu);
     rc = context_arch(ctx, drv, cu_id, &arch);
     if (rc == 0) {
-        derive_variant(&a, arch, &v); /* checked on a table miss, before compiling */
+        derive_variant(&a, choose_op(ctx, &a, &p), arch, &v); /* checked on a table miss */
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
     }
     if (rc == 0)
@@ -245,15 +300,16 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
 
 int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, size_t cap)
 {
+    struct fajit_fwd_params p;
     fajit_attn_args a;
     fajit__variant v;
     int rc;
 
     if (!ctx || !buf)
         return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "buf" : "ctx");
-    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)))
+    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = fill_params(&a, &p)))
         return rc;
-    derive_variant(&a, fajit__default_arch(ctx), &v);
+    derive_variant(&a, choose_op(ctx, &a, &p), fajit__default_arch(ctx), &v);
     rc = fajit__variant_check(&v);
     return rc != 0 ? rc : fajit__variant_format(&v, buf, cap);
 }

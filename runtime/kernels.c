@@ -191,6 +191,8 @@ static int load_function(fajit_ctx *ctx, const fajit__driver *drv, const fajit__
     r = drv->moduleGetFunction(&slot->function, slot->module, src_entry ? src_entry : "?");
     if (r != CUDA_SUCCESS)
         rc = fajit__cu_fail(r, "cuModuleGetFunction");
+    if (rc == 0)
+        rc = fajit__configure_function(drv, v, slot->function);
     if (rc != 0)
         drv->moduleUnload(slot->module);
 free_entry:

@@ -92,6 +92,10 @@ int fajit__kernel_entry(fajit_ctx *ctx, const fajit__variant *v, uint8_t **entry
 int fajit__kernel_function(fajit_ctx *ctx, const fajit__driver *drv, const fajit__variant *v,
                            unsigned long long cu_ctx_id, CUfunction *fn);
 
+/* Function attributes a launch of v needs (dynamic shared memory above 48 KiB),
+ * set once when the function is loaded. runtime/attn.c, which launches. */
+int fajit__configure_function(const fajit__driver *drv, const fajit__variant *v, CUfunction fn);
+
 void fajit__kernel_table_free(fajit_ctx *ctx, const fajit__driver *drv);
 
 /* ---------------------------------------------------------------- heuristic, devices */
