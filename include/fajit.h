@@ -186,6 +186,60 @@ FAJIT_API int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *
 FAJIT_API int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf,
                                  size_t cap);
 
+/*
+ * Backward attention arguments: the gradients of the forward's inputs, with
+ * FlashAttention 2.x semantics. Layouts, strides, GQA/MQA, mask and
+ * softmax_scale are exactly those of fajit_attn_args, and must be the ones the
+ * forward ran with; o and lse are that forward's output and LSE (the gradient
+ * is computed from them, so a stale o or lse gives wrong gradients, silently).
+ *
+ * grad_k and grad_v are summed over the nheads_q / nheads_kv query heads that
+ * share a kv head. grad_q, grad_k and grad_v are fully overwritten (rows that
+ * see no key, or keys no row sees, get 0); they must not overlap each other
+ * or the inputs. All pointers are device pointers owned by the caller and must
+ * stay valid until the work queued on the stream has finished.
+ *
+ * Scratch: the reference backward needs none. The fast backward (a later
+ * release) will allocate what it needs itself, stream-ordered on the call's
+ * stream; how is said here when it lands.
+ *
+ * deterministic: 1 asks for bit-identical results across runs with the same
+ * arguments on the same device (no unordered floating-point atomics). The
+ * reference backward is always deterministic; with 0, a faster kernel may be
+ * chosen that is not.
+ */
+typedef struct fajit_attn_bwd_args {
+    uint32_t struct_size;       /* set by fajit_attn_bwd_args_init */
+    const void *q, *k, *v, *o;  /* the forward's inputs and output, layouts as fajit_attn_args */
+    const void *grad_out;       /* dO, (batch, seqlen_q, nheads_q, dv) */
+    const float *lse;           /* the forward's LSE, (batch, nheads_q, seqlen_q) fp32, required */
+    void *grad_q;               /* (batch, seqlen_q, nheads_q, dqk), written */
+    void *grad_k;               /* (batch, seqlen_k, nheads_kv, dqk), written: summed over the
+                                   query heads sharing a kv head */
+    void *grad_v;               /* (batch, seqlen_k, nheads_kv, dv), written, likewise */
+    int64_t batch, seqlen_q, seqlen_k, nheads_q, nheads_kv, dqk, dv;
+    int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3], grad_out_stride[3],
+        grad_q_stride[3], grad_k_stride[3], grad_v_stride[3]; /* {batch, seq, head}; all 0 = contiguous */
+    int dtype;                  /* enum fajit_dtype, all tensors */
+    int mask;                   /* enum fajit_mask, as in the forward */
+    float softmax_scale;        /* 0: 1/sqrt(dqk) */
+    int deterministic;          /* 1: bit-identical across runs (the reference always is) */
+    int kernel;                 /* enum fajit_kernel_choice */
+} fajit_attn_bwd_args;
+
+/* Fills *args with defaults: zeros and NULLs, contiguous strides, fp16, no
+ * mask, default scale, deterministic 0, kernel AUTO; sets struct_size. */
+FAJIT_API void fajit_attn_bwd_args_init(fajit_attn_bwd_args *args);
+
+/* Queues the backward on `stream`, in the same CUDA context as fajit_attn_fwd
+ * would use. Arguments are checked first (each error names the bad argument);
+ * on any error nothing is launched. The first call for a variant compiles it
+ * (or loads it from the cache); later calls only launch. With batch, seqlen_q
+ * and seqlen_k all valid and no work to do (batch 0), nothing is launched;
+ * with seqlen_q 0, grad_k and grad_v are written as zeros; with seqlen_k 0,
+ * grad_q is. Thread-safe. */
+FAJIT_API int fajit_attn_bwd(fajit_ctx *ctx, const fajit_attn_bwd_args *args, void *stream);
+
 /* ---------------------------------------------------------------- variants */
 
 /* Completes a spec (canonical text with fields left out, e.g. "ref dqk=72")
