@@ -43,26 +43,18 @@ static int copy_args(const fajit_attn_args *in, fajit_attn_args *a)
     return 0;
 }
 
-static int check_range(const char *name, int64_t v, int64_t lo, int64_t hi)
-{
-    if (v < lo || v > hi)
-        return fajit__fail(FAJIT_EINVAL, "%s=%lld: must be in %lld..%lld", name, (long long)v,
-                           (long long)lo, (long long)hi);
-    return 0;
-}
-
 static int check_shapes(const fajit_attn_args *a)
 {
     int rc;
-    if ((rc = check_range("batch", a->batch, 0, MAX_GRID_YZ)) ||
-        (rc = check_range("seqlen_q", a->seqlen_q, 0, INT32_MAX)) ||
-        (rc = check_range("seqlen_k", a->seqlen_k, 0, INT32_MAX)) ||
-        (rc = check_range("nheads_q", a->nheads_q, 1, MAX_GRID_YZ)) ||
-        (rc = check_range("nheads_kv", a->nheads_kv, 1, MAX_GRID_YZ)) ||
-        (rc = check_range("dqk", a->dqk, 1, 512)) || (rc = check_range("dv", a->dv, 1, 512)) ||
-        (rc = check_range("dtype", a->dtype, FAJIT_DTYPE_FP16, FAJIT_DTYPE_BF16)) ||
-        (rc = check_range("mask", a->mask, FAJIT_MASK_NONE, FAJIT_MASK_CAUSAL_TL)) ||
-        (rc = check_range("kernel", a->kernel, FAJIT_KERNEL_AUTO, FAJIT_KERNEL_REFERENCE)))
+    if ((rc = fajit__check_range("batch", a->batch, 0, MAX_GRID_YZ)) ||
+        (rc = fajit__check_range("seqlen_q", a->seqlen_q, 0, INT32_MAX)) ||
+        (rc = fajit__check_range("seqlen_k", a->seqlen_k, 0, INT32_MAX)) ||
+        (rc = fajit__check_range("nheads_q", a->nheads_q, 1, MAX_GRID_YZ)) ||
+        (rc = fajit__check_range("nheads_kv", a->nheads_kv, 1, MAX_GRID_YZ)) ||
+        (rc = fajit__check_range("dqk", a->dqk, 1, 512)) || (rc = fajit__check_range("dv", a->dv, 1, 512)) ||
+        (rc = fajit__check_range("dtype", a->dtype, FAJIT_DTYPE_FP16, FAJIT_DTYPE_BF16)) ||
+        (rc = fajit__check_range("mask", a->mask, FAJIT_MASK_NONE, FAJIT_MASK_CAUSAL_TL)) ||
+        (rc = fajit__check_range("kernel", a->kernel, FAJIT_KERNEL_AUTO, FAJIT_KERNEL_REFERENCE)))
         return rc;
     if (a->nheads_q % a->nheads_kv != 0)
         return fajit__fail(FAJIT_EINVAL, "nheads_q=%lld is not a multiple of nheads_kv=%lld",
@@ -73,48 +65,12 @@ static int check_shapes(const fajit_attn_args *a)
     return 0;
 }
 
-/* Strides: all zero means contiguous; otherwise each must be >= 0, and the
- * offsets within one batch must not overflow int64 (batch: fill_params). */
-static int resolve_strides(const char *name, const int64_t in[3], int64_t seqlen, int64_t heads,
-                           int64_t dim, int64_t out[3])
-{
-    if (in[0] == 0 && in[1] == 0 && in[2] == 0) {
-        out[2] = dim;
-        out[1] = heads * dim;
-        out[0] = seqlen * heads * dim;
-        return 0;
-    }
-    int64_t extent[3] = {0, seqlen, heads}, last = dim;
-    for (int i = 0; i < 3; i++) {
-        int64_t span;
-        if (in[i] < 0)
-            return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: must be >= 0", name, i,
-                               (long long)in[i]);
-        out[i] = in[i];
-        if (i > 0 && extent[i] > 0 &&
-            (__builtin_mul_overflow(extent[i] - 1, in[i], &span) ||
-             __builtin_add_overflow(last, span, &last)))
-            return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: offsets overflow int64", name,
-                               i, (long long)in[i]);
-    }
-    return 0;
-}
-
-static int check_pointer(const char *name, const void *p, size_t align, int required)
-{
-    if (!p && required)
-        return fajit__fail(FAJIT_EINVAL, "%s: NULL device pointer", name);
-    if ((uintptr_t)p % align != 0)
-        return fajit__fail(FAJIT_EINVAL, "%s=%p: must be %zu-byte aligned", name, p, align);
-    return 0;
-}
-
 static int check_pointers(const fajit_attn_args *a)
 {
     int rc, need_kv = a->seqlen_k > 0;
-    if ((rc = check_pointer("q", a->q, 2, 1)) || (rc = check_pointer("k", a->k, 2, need_kv)) ||
-        (rc = check_pointer("v", a->v, 2, need_kv)) || (rc = check_pointer("o", a->o, 2, 1)) ||
-        (rc = check_pointer("lse", a->lse, 4, 0)))
+    if ((rc = fajit__check_pointer("q", a->q, 2, 1)) || (rc = fajit__check_pointer("k", a->k, 2, need_kv)) ||
+        (rc = fajit__check_pointer("v", a->v, 2, need_kv)) || (rc = fajit__check_pointer("o", a->o, 2, 1)) ||
+        (rc = fajit__check_pointer("lse", a->lse, 4, 0)))
         return rc;
     return 0;
 }
@@ -124,10 +80,10 @@ static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
     int64_t span;
     int rc;
     memset(p, 0, sizeof *p);
-    if ((rc = resolve_strides("q", a->q_stride, a->seqlen_q, a->nheads_q, a->dqk, p->q_stride)) ||
-        (rc = resolve_strides("k", a->k_stride, a->seqlen_k, a->nheads_kv, a->dqk, p->k_stride)) ||
-        (rc = resolve_strides("v", a->v_stride, a->seqlen_k, a->nheads_kv, a->dv, p->v_stride)) ||
-        (rc = resolve_strides("o", a->o_stride, a->seqlen_q, a->nheads_q, a->dv, p->o_stride)))
+    if ((rc = fajit__resolve_strides("q", a->q_stride, a->seqlen_q, a->nheads_q, a->dqk, p->q_stride)) ||
+        (rc = fajit__resolve_strides("k", a->k_stride, a->seqlen_k, a->nheads_kv, a->dqk, p->k_stride)) ||
+        (rc = fajit__resolve_strides("v", a->v_stride, a->seqlen_k, a->nheads_kv, a->dv, p->v_stride)) ||
+        (rc = fajit__resolve_strides("o", a->o_stride, a->seqlen_q, a->nheads_q, a->dv, p->o_stride)))
         return rc;
     if (a->batch > 0 && (__builtin_mul_overflow(a->batch - 1, p->q_stride[0], &span) ||
                          __builtin_mul_overflow(a->batch - 1, p->k_stride[0], &span) ||
@@ -228,43 +184,6 @@ static int launch(const fajit__driver *drv, CUfunction fn, const fajit__variant 
     return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuLaunchKernel");
 }
 
-static unsigned long long context_id(const fajit__driver *drv, CUcontext cu)
-{
-    unsigned long long id = 0;
-    if (drv->ctxGetId && drv->ctxGetId(cu, &id) == CUDA_SUCCESS)
-        return id;
-    return (unsigned long long)(uintptr_t)cu;
-}
-
-/* Arch of the current CUDA context's device. The last answer is kept per
- * thread, keyed by the context's unique id, so a warm call makes no driver call
- * for it. */
-static int context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
-                        int *arch)
-{
-    static _Thread_local unsigned long long last_id;
-    static _Thread_local int last_arch;
-    fajit__device_info info;
-    CUdevice dev;
-    CUresult r;
-    int rc;
-
-    if (cu_id != 0 && cu_id == last_id) {
-        *arch = last_arch;
-        return 0;
-    }
-    if ((r = drv->ctxGetDevice(&dev)) != CUDA_SUCCESS)
-        return fajit__cu_fail(r, "cuCtxGetDevice");
-    if ((rc = fajit__device_info_get(ctx, drv, dev, &info)) != 0)
-        return rc;
-    if (info.arch < 80)
-        return fajit__fail(FAJIT_EUNSUPPORTED, "GPU arch sm_%d: fajit needs sm_80 or newer",
-                           info.arch);
-    last_id = cu_id;
-    last_arch = *arch = info.arch;
-    return 0;
-}
-
 int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
 {
     const fajit__driver *drv;
@@ -285,8 +204,8 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
         return 0; /* nothing to compute */
     if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
         return rc;
-    cu_id = context_id(drv, cu);
-    rc = context_arch(ctx, drv, cu_id, &arch);
+    cu_id = fajit__context_id(drv, cu);
+    rc = fajit__context_arch(ctx, drv, cu_id, &arch);
     if (rc == 0) {
         derive_variant(&a, choose_op(ctx, &a, &p), arch, &v); /* checked on a table miss */
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);

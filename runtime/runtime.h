@@ -119,4 +119,26 @@ int fajit__device_info_get(fajit_ctx *ctx, const fajit__driver *drv, CUdevice de
  * context of ctx->device (pushed; *pushed tells the caller to pop it). */
 int fajit__enter_cuda(fajit_ctx *ctx, const fajit__driver *drv, CUcontext *cu, int *pushed);
 
+/* ---------------------------------------------------------------- arguments (runtime/args.c) */
+
+/* FAJIT_EINVAL "name=v: must be in lo..hi" unless lo <= v <= hi. */
+int fajit__check_range(const char *name, int64_t v, int64_t lo, int64_t hi);
+
+/* A tensor's {batch, seq, head} strides in elements: in[] all zero means
+ * contiguous (seqlen, heads, dim); otherwise each must be >= 0 and the offsets
+ * within one batch must fit int64. The error names "<name>_stride[i]". */
+int fajit__resolve_strides(const char *name, const int64_t in[3], int64_t seqlen, int64_t heads,
+                           int64_t dim, int64_t out[3]);
+
+/* FAJIT_EINVAL naming the pointer if it is NULL while required, or misaligned. */
+int fajit__check_pointer(const char *name, const void *p, size_t align, int required);
+
+/* A unique id of a CUDA context (cuCtxGetId, else its address). */
+unsigned long long fajit__context_id(const fajit__driver *drv, CUcontext cu);
+
+/* Arch of the current CUDA context's device (cached per thread by context id);
+ * FAJIT_EUNSUPPORTED below sm_80. */
+int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
+                        int *arch);
+
 #endif
