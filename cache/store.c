@@ -27,12 +27,25 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <time.h>
 #include <unistd.h>
+
+#include "cache/hooks.h"
 
 #define DEFAULT_MAP_BYTES (256ull << 20)
 #define LOCK_SLOTS 65521u /* largest prime below 2^16: byte offsets in compile.lock */
 #define MAX_GROWTHS 48
 #define MAX_BEGIN_RETRIES 8
+
+/* Keys whose last use this process has recorded or queued: a set, so each
+ * entry's last-used time is written at most once per process. */
+typedef struct touch_set {
+    uint8_t (*keys)[16]; /* open addressing; all-zero slot = empty (a zero key is never touched) */
+    size_t cap, count;
+    struct touched { uint8_t key[16]; uint64_t when; } *pending; /* queued, not yet written */
+    size_t npending, cappending;
+} touch_set;
 
 typedef struct shared_env {
     struct shared_env *next;
@@ -43,6 +56,7 @@ typedef struct shared_env {
     int readonly; /* opened MDB_RDONLY (possibly MDB_NOLOCK too) */
     int refs;
     uint64_t map_bytes; /* as asked at open, to reopen after fork */
+    unsigned file_mode; /* mode of files LMDB creates */
     pthread_rwlock_t txn_lock;
     pthread_mutex_t write_lock;
 } shared_env;
@@ -53,7 +67,26 @@ struct fajit__store {
     const fajit__logger *log;
     shared_env *_Atomic env; /* NULL: read-only view of a cache that does not exist */
     _Atomic uint64_t hits, misses, compiles, bad;
+    fajit__store_options opt;
+    pthread_mutex_t touch_lock;
+    touch_set touched;
 };
+
+fajit__hooks fajit__test_hooks;
+
+void fajit__hooks_fail_alloc_at(long nth)
+{
+    atomic_store(&fajit__test_hooks.alloc_count, 0);
+    atomic_store(&fajit__test_hooks.alloc_fail_at, nth);
+}
+
+void *fajit__malloc(size_t n)
+{
+    long at = atomic_load(&fajit__test_hooks.alloc_fail_at);
+    if (at > 0 && atomic_fetch_add(&fajit__test_hooks.alloc_count, 1) + 1 == at)
+        return NULL;
+    return malloc(n);
+}
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static shared_env *registry;
@@ -102,8 +135,8 @@ static void put_le64(uint8_t *p, uint64_t v)
         p[i] = (uint8_t)(v >> (8 * i));
 }
 
-/* mkdir -p with mode 0755. */
-static int make_dirs(const char *dir)
+/* mkdir -p: parents 0755, the cache directory itself dir_mode. */
+static int make_dirs(const char *dir, unsigned dir_mode)
 {
     char path[PATH_MAX];
     size_t n = strlen(dir);
@@ -115,7 +148,7 @@ static int make_dirs(const char *dir)
             continue;
         char c = path[i];
         path[i] = '\0';
-        if (mkdir(path, 0755) != 0 && errno != EEXIST)
+        if (mkdir(path, c == '\0' ? dir_mode : 0755) != 0 && errno != EEXIST)
             return fajit__fail(errno == EACCES || errno == EROFS ? FAJIT_EREADONLY : FAJIT_EIO,
                                "cache %s: cannot create directory %s: %s", dir, path,
                                strerror(errno));
@@ -127,6 +160,100 @@ static int make_dirs(const char *dir)
     return 0;
 }
 
+/* ---------------------------------------------------------------- trust */
+
+/* Filesystems whose locking LMDB cannot rely on (statfs f_type). */
+static const struct { long magic; const char *name; } network_fs[] = {
+    {0x6969, "NFS"},          {0x517B, "SMB"},          {(long)0xFF534D42, "CIFS"},
+    {(long)0xFE534D42, "SMB2"}, {0x01021997, "9p"},     {0x5346414F, "AFS"},
+    {0x6B414653, "kAFS"},     {0x00C36400, "Ceph"},     {0x0BD00BD0, "Lustre"},
+    {0x01161970, "GFS2"},     {0x7461636F, "OCFS2"},    {0x47504653, "GPFS"},
+    {0x73757245, "Coda"},     {0x564C, "NCP"},
+};
+
+/* FAJIT_ECACHE if dir is on a network filesystem. */
+static int check_local_fs(const char *dir)
+{
+    struct statfs fs;
+    long type;
+    if (fajit__test_hooks.fs_type)
+        type = fajit__test_hooks.fs_type;
+    else if (statfs(dir, &fs) == 0)
+        type = (long)fs.f_type;
+    else
+        return 0; /* unknown: the opens that follow say what is wrong */
+    for (size_t i = 0; i < sizeof network_fs / sizeof network_fs[0]; i++)
+        if ((type & 0xFFFFFFFFL) == (network_fs[i].magic & 0xFFFFFFFFL))
+            return fajit__fail(FAJIT_ECACHE,
+                               "cache %s is on a network filesystem (%s): LMDB's locks do not "
+                               "work there, so it is not used; point FAJIT_CACHE_DIR at a local "
+                               "disk",
+                               dir, network_fs[i].name);
+    return 0;
+}
+
+/* Only this user or root may own what we trust, and nobody else may write it. */
+static int check_owner_mode(const char *dir, const char *path, const struct stat *st, int shared)
+{
+    if (shared)
+        return 0;
+    if (st->st_uid != geteuid() && st->st_uid != 0)
+        return fajit__fail(FAJIT_ECACHE,
+                           "cache %s: %s is owned by uid %u, not by this user (uid %u) or root: "
+                           "refused (turn on shared mode, FAJIT_CACHE_SHARED=1, to share a cache "
+                           "between users)",
+                           dir, path, (unsigned)st->st_uid, (unsigned)geteuid());
+    if (st->st_mode & (S_IWGRP | S_IWOTH))
+        return fajit__fail(FAJIT_ECACHE,
+                           "cache %s: %s is writable by %s (mode %03o): refused, since anyone "
+                           "who can write it can plant kernels (chmod go-w it, or turn on "
+                           "shared mode, FAJIT_CACHE_SHARED=1)",
+                           dir, path, st->st_mode & S_IWOTH ? "others" : "its group",
+                           (unsigned)(st->st_mode & 0777));
+    return 0;
+}
+
+/* The directory must be trusted, local, and its files regular files that
+ * are not symbolic links (LMDB opens them itself, following links; with a
+ * directory nobody else can write, nobody else can swap them afterwards). */
+static int check_trust(const char *dir, int shared)
+{
+    static const char *const files[] = {"data.mdb", "lock.mdb", "compile.lock"};
+    struct stat st;
+    char path[PATH_MAX];
+    if (stat(dir, &st) != 0)
+        return fajit__fail(FAJIT_EIO, "cache %s: %s", dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return fajit__fail(FAJIT_ECACHE, "cache %s: not a directory", dir);
+    int rc = check_owner_mode(dir, "the directory", &st, shared);
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        if (lstat(path, &st) != 0)
+            continue; /* absent: LMDB or the lock creates it, with our mode */
+        if (S_ISLNK(st.st_mode))
+            return fajit__fail(FAJIT_ECACHE, "cache %s: %s is a symbolic link: refused (a "
+                               "link can point the cache's writes anywhere)", dir, files[i]);
+        if (!S_ISREG(st.st_mode))
+            return fajit__fail(FAJIT_ECACHE, "cache %s: %s is not a regular file: refused",
+                               dir, files[i]);
+        if ((rc = check_owner_mode(dir, files[i], &st, shared)) != 0)
+            return rc;
+    }
+    return check_local_fs(dir);
+}
+
+static unsigned dir_mode_of(const fajit__store_options *o)
+{
+    return o->shared ? 0770 : o->private_files ? 0700 : 0755;
+}
+
+static unsigned file_mode_of(const fajit__store_options *o)
+{
+    return o->shared ? 0660 : o->private_files ? 0600 : 0644;
+}
+
 /* ---------------------------------------------------------------- fork safety */
 
 /* Holding the registry lock across fork keeps the child's copy consistent. */
@@ -136,9 +263,12 @@ static void install_atfork(void) { pthread_atfork(atfork_prepare, atfork_release
 
 /* ---------------------------------------------------------------- opening environments */
 
-static int try_env_open(const char *path, unsigned flags, uint64_t map_bytes, MDB_env **out)
+static int try_env_open(const char *path, unsigned flags, uint64_t map_bytes, unsigned file_mode,
+                        MDB_env **out)
 {
     MDB_env *env;
+    if (fajit__test_hooks.open_errno && !(flags & MDB_RDONLY))
+        return fajit__test_hooks.open_errno;
     int rc = mdb_env_create(&env);
     if (rc)
         return rc;
@@ -146,7 +276,7 @@ static int try_env_open(const char *path, unsigned flags, uint64_t map_bytes, MD
     if (!rc && map_bytes)
         rc = mdb_env_set_mapsize(env, (size_t)map_bytes);
     if (!rc)
-        rc = mdb_env_open(env, path, flags | MDB_NOTLS, 0644);
+        rc = mdb_env_open(env, path, flags | MDB_NOTLS, (mdb_mode_t)file_mode);
     if (rc) {
         mdb_env_close(env);
         return rc;
@@ -161,11 +291,11 @@ static int open_env(shared_env *e, int mode)
 {
     int rc;
     if (mode == FAJIT_CACHE_READWRITE)
-        rc = try_env_open(e->path, 0, e->map_bytes, &e->env);
+        rc = try_env_open(e->path, 0, e->map_bytes, e->file_mode, &e->env);
     else {
-        rc = try_env_open(e->path, MDB_RDONLY, 0, &e->env);
+        rc = try_env_open(e->path, MDB_RDONLY, 0, e->file_mode, &e->env);
         if (rc == EACCES || rc == EROFS)
-            rc = try_env_open(e->path, MDB_RDONLY | MDB_NOLOCK, 0, &e->env);
+            rc = try_env_open(e->path, MDB_RDONLY | MDB_NOLOCK, 0, e->file_mode, &e->env);
         if (rc == ENOENT)
             return FAJIT_ENOTFOUND;
     }
@@ -225,8 +355,8 @@ static void free_env(shared_env *e)
 }
 
 /* Opens a fresh environment for this process. Registry lock held. */
-static int env_new(const char *path, int mode, uint64_t map_bytes, const fajit__logger *log,
-                   shared_env **out)
+static int env_new(const char *path, int mode, uint64_t map_bytes, unsigned file_mode,
+                   const fajit__logger *log, shared_env **out)
 {
     shared_env *e = calloc(1, sizeof *e);
     if (!e || !(e->path = strdup(path))) {
@@ -235,6 +365,7 @@ static int env_new(const char *path, int mode, uint64_t map_bytes, const fajit__
     }
     e->pid = getpid();
     e->map_bytes = map_bytes ? map_bytes : DEFAULT_MAP_BYTES;
+    e->file_mode = file_mode;
     int rc = open_env(e, mode);
     if (!rc) {
         int dead = 0;
@@ -258,7 +389,7 @@ static int env_new(const char *path, int mode, uint64_t map_bytes, const fajit__
 }
 
 /* The environment for path in this process, shared or new. Registry lock held. */
-static int env_acquire(const char *path, int mode, uint64_t map_bytes,
+static int env_acquire(const char *path, int mode, uint64_t map_bytes, unsigned file_mode,
                        const fajit__logger *log, shared_env **out)
 {
     pid_t me = getpid();
@@ -274,7 +405,7 @@ static int env_acquire(const char *path, int mode, uint64_t map_bytes,
         *out = e;
         return 0;
     }
-    return env_new(path, mode, map_bytes, log, out);
+    return env_new(path, mode, map_bytes, file_mode, log, out);
 }
 
 /* Drops one reference; closes the environment with the last one. Only ever
@@ -311,7 +442,7 @@ static int store_env(fajit__store *s, shared_env **out)
     e = atomic_load(&s->env);
     if (e && e->pid != getpid()) {
         shared_env *mine = NULL;
-        rc = env_acquire(e->path, s->mode, e->map_bytes, s->log, &mine);
+        rc = env_acquire(e->path, s->mode, e->map_bytes, e->file_mode, s->log, &mine);
         if (rc == FAJIT_ENOTFOUND)
             rc = 0; /* read-only, and the cache is gone: empty */
         atomic_store(&s->hits, 0);
@@ -330,6 +461,33 @@ static int store_env(fajit__store *s, shared_env **out)
 int fajit__store_open(const char *dir, int mode, uint64_t map_bytes, const fajit__logger *log,
                       fajit__store **out)
 {
+    fajit__store_options o = {map_bytes, 0, 0, 0};
+    return fajit__store_open_ex(dir, mode, &o, log, out);
+}
+
+/* Trust checks, then the process's environment for canon. */
+static int attach_env(fajit__store *s, const char *canon)
+{
+    shared_env *e = NULL;
+    int rc = check_trust(canon, s->opt.shared);
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&registry_lock);
+    rc = env_acquire(canon, s->mode, s->opt.map_bytes, file_mode_of(&s->opt), s->log, &e);
+    pthread_mutex_unlock(&registry_lock);
+    if (rc == FAJIT_ENOTFOUND)
+        rc = 0; /* read-only and no cache there: every get misses */
+    if (rc == 0)
+        atomic_store(&s->env, e);
+    return rc;
+}
+
+int fajit__store_open_ex(const char *dir, int mode, const fajit__store_options *opt,
+                         const fajit__logger *log, fajit__store **out)
+{
+    static const fajit__store_options none;
+    if (!opt)
+        opt = &none;
     if (!out)
         return fajit__fail(FAJIT_EINVAL, "fajit__store_open: out is NULL");
     *out = NULL;
@@ -340,7 +498,7 @@ int fajit__store_open(const char *dir, int mode, uint64_t map_bytes, const fajit
                            dir, mode);
     pthread_once(&atfork_once, install_atfork);
     if (mode == FAJIT_CACHE_READWRITE) {
-        int rc = make_dirs(dir);
+        int rc = make_dirs(dir, dir_mode_of(opt));
         if (rc)
             return rc;
     }
@@ -349,6 +507,8 @@ int fajit__store_open(const char *dir, int mode, uint64_t map_bytes, const fajit
         return fajit__fail(FAJIT_ENOMEM, "cache %s: out of memory", dir);
     s->mode = mode;
     s->log = log;
+    s->opt = *opt;
+    pthread_mutex_init(&s->touch_lock, NULL);
     int rc = 0;
     char *canon = realpath(dir, NULL);
     if (!canon && !(mode == FAJIT_CACHE_READONLY && errno == ENOENT)) {
@@ -360,17 +520,8 @@ int fajit__store_open(const char *dir, int mode, uint64_t map_bytes, const fajit
         rc = fajit__fail(FAJIT_ENOMEM, "cache %s: out of memory", dir);
         goto free_store;
     }
-    if (canon) {
-        shared_env *e = NULL;
-        pthread_mutex_lock(&registry_lock);
-        rc = env_acquire(canon, mode, map_bytes, log, &e);
-        pthread_mutex_unlock(&registry_lock);
-        if (rc == FAJIT_ENOTFOUND)
-            rc = 0; /* read-only and no cache there: every get misses */
-        if (rc)
-            goto free_dir;
-        atomic_store(&s->env, e);
-    }
+    if (canon && (rc = attach_env(s, canon)) != 0)
+        goto free_dir;
     if (!atomic_load(&s->env))
         fajit__log(log, FAJIT_LOG_INFO, "cache %s: no cache there; read-only store is empty",
                    s->dir);
@@ -380,6 +531,7 @@ int fajit__store_open(const char *dir, int mode, uint64_t map_bytes, const fajit
 free_dir:
     free(s->dir);
 free_store:
+    pthread_mutex_destroy(&s->touch_lock);
     free(s);
     return rc;
 }
@@ -395,6 +547,9 @@ void fajit__store_close(fajit__store *s)
             fajit__log(s->log, FAJIT_LOG_WARN, "%s", fajit__detail());
         env_release(e);
     }
+    free(s->touched.keys);
+    free(s->touched.pending);
+    pthread_mutex_destroy(&s->touch_lock);
     free(s->dir);
     free(s);
 }
@@ -469,6 +624,210 @@ static int txn_commit(shared_env *e, MDB_txn *txn)
     return rc;
 }
 
+/* ---------------------------------------------------------------- last use */
+
+#define LRU_KEY_LEN 20 /* "lru:" and the entry's key, in the meta database */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static MDB_val lru_key(const uint8_t key[16], uint8_t buf[LRU_KEY_LEN])
+{
+    memcpy(buf, "lru:", 4);
+    memcpy(buf + 4, key, 16);
+    return (MDB_val){LRU_KEY_LEN, buf};
+}
+
+static int lru_put(shared_env *e, MDB_txn *txn, const uint8_t key[16], uint64_t when)
+{
+    uint8_t kb[LRU_KEY_LEN], vb[8];
+    MDB_val k = lru_key(key, kb), v = {8, vb};
+    put_le64(vb, when);
+    return mdb_put(txn, e->meta, &k, &v, 0);
+}
+
+/* Last use of an entry; 0 (evicted first) if never recorded. */
+static uint64_t lru_get(shared_env *e, MDB_txn *txn, const uint8_t key[16])
+{
+    uint8_t kb[LRU_KEY_LEN];
+    MDB_val k = lru_key(key, kb), v;
+    return mdb_get(txn, e->meta, &k, &v) == 0 && v.mv_size == 8 ? le64(v.mv_data) : 0;
+}
+
+static int lru_del(shared_env *e, MDB_txn *txn, const uint8_t key[16])
+{
+    uint8_t kb[LRU_KEY_LEN];
+    MDB_val k = lru_key(key, kb);
+    int rc = mdb_del(txn, e->meta, &k, NULL);
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+static int is_zero_key(const uint8_t key[16])
+{
+    for (int i = 0; i < 16; i++)
+        if (key[i])
+            return 0;
+    return 1;
+}
+
+/* Adds key to the set: 1 if it is new, 0 if it was there, -1 out of memory.
+ * An all-zero slot is empty, so the all-zero key is never added. */
+static int set_insert(touch_set *t, const uint8_t key[16])
+{
+    if ((t->count + 1) * 2 > t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 64;
+        uint8_t(*keys)[16] = calloc(cap, 16);
+        if (!keys)
+            return -1;
+        for (size_t i = 0; i < t->cap; i++) {
+            if (is_zero_key(t->keys[i]))
+                continue;
+            size_t j = (size_t)le64(t->keys[i]) & (cap - 1);
+            while (!is_zero_key(keys[j]))
+                j = (j + 1) & (cap - 1);
+            memcpy(keys[j], t->keys[i], 16);
+        }
+        free(t->keys);
+        t->keys = keys;
+        t->cap = cap;
+    }
+    size_t j = (size_t)le64(key) & (t->cap - 1);
+    for (; !is_zero_key(t->keys[j]); j = (j + 1) & (t->cap - 1))
+        if (memcmp(t->keys[j], key, 16) == 0)
+            return 0;
+    memcpy(t->keys[j], key, 16);
+    t->count++;
+    return 1;
+}
+
+/* Notes a use of key by this process; only the first is queued for writing. */
+static void touch(fajit__store *s, const uint8_t key[16], int queue)
+{
+    if (s->mode != FAJIT_CACHE_READWRITE || is_zero_key(key))
+        return;
+    pthread_mutex_lock(&s->touch_lock);
+    touch_set *t = &s->touched;
+    if (set_insert(t, key) == 1 && queue) {
+        if (t->npending == t->cappending) {
+            size_t cap = t->cappending ? t->cappending * 2 : 16;
+            void *grown = realloc(t->pending, cap * sizeof *t->pending);
+            if (!grown)
+                goto unlock; /* a lost last-use time only makes eviction less exact */
+            t->pending = grown;
+            t->cappending = cap;
+        }
+        memcpy(t->pending[t->npending].key, key, 16);
+        t->pending[t->npending++].when = now_ns();
+    }
+unlock:
+    pthread_mutex_unlock(&s->touch_lock);
+}
+
+/* Writes the queued last uses of entries still present; *n says how many of
+ * the queue it covered, so that they are dropped after the commit. */
+static int write_touches(fajit__store *s, shared_env *e, MDB_txn *txn, size_t *n)
+{
+    int rc = 0;
+    pthread_mutex_lock(&s->touch_lock);
+    *n = s->touched.npending;
+    for (size_t i = 0; i < *n && rc == 0; i++) {
+        MDB_val k = {16, s->touched.pending[i].key}, v;
+        if (mdb_get(txn, e->entries, &k, &v) == 0)
+            rc = lru_put(e, txn, s->touched.pending[i].key, s->touched.pending[i].when);
+    }
+    pthread_mutex_unlock(&s->touch_lock);
+    return rc;
+}
+
+static void drop_touches(fajit__store *s, size_t n)
+{
+    pthread_mutex_lock(&s->touch_lock);
+    touch_set *t = &s->touched;
+    memmove(t->pending, t->pending + n, (t->npending - n) * sizeof *t->pending);
+    t->npending -= n;
+    pthread_mutex_unlock(&s->touch_lock);
+}
+
+typedef struct lru_item {
+    uint64_t when;
+    uint8_t key[16];
+    size_t size;
+} lru_item;
+
+static int cmp_lru(const void *a, const void *b)
+{
+    const lru_item *x = a, *y = b;
+    if (x->when != y->when)
+        return x->when < y->when ? -1 : 1;
+    return memcmp(x->key, y->key, 16);
+}
+
+/* Every entry with its size and last use; *total is the sum of the sizes. */
+static int collect_lru(shared_env *e, MDB_txn *txn, lru_item **out, size_t *n,
+                       uint64_t *total)
+{
+    MDB_stat st;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    int rc = mdb_stat(txn, e->entries, &st);
+    if (rc)
+        return rc;
+    lru_item *items = fajit__malloc((st.ms_entries ? st.ms_entries : 1) * sizeof *items);
+    if (!items)
+        return ENOMEM;
+    if ((rc = mdb_cursor_open(txn, e->entries, &cur)) != 0) {
+        free(items);
+        return rc;
+    }
+    size_t i = 0;
+    *total = 0;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && i < st.ms_entries;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        *total += v.mv_size;
+        if (k.mv_size != 16)
+            continue;
+        memcpy(items[i].key, k.mv_data, 16);
+        items[i].size = v.mv_size;
+        items[i].when = lru_get(e, txn, items[i].key);
+        i++;
+    }
+    mdb_cursor_close(cur);
+    *out = items;
+    *n = i;
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+/* Deletes least-recently-used entries (never keep) until the entries' bytes
+ * are at most cap. In the caller's write transaction, so concurrent writers
+ * see all of it or none. */
+static int evict_lru(shared_env *e, MDB_txn *txn, const uint8_t *keep, uint64_t cap,
+                     uint64_t *evicted)
+{
+    lru_item *items = NULL;
+    size_t n = 0;
+    uint64_t total = 0;
+    int rc = collect_lru(e, txn, &items, &n, &total);
+    if (rc == 0 && total > cap) {
+        qsort(items, n, sizeof *items, cmp_lru);
+        for (size_t i = 0; i < n && total > cap; i++) {
+            MDB_val k = {16, items[i].key};
+            if (keep && memcmp(items[i].key, keep, 16) == 0)
+                continue;
+            if ((rc = mdb_del(txn, e->entries, &k, NULL)) != 0 ||
+                (rc = lru_del(e, txn, items[i].key)) != 0)
+                break;
+            total -= items[i].size;
+            ++*evicted;
+        }
+    }
+    free(items);
+    return rc;
+}
+
 /* What a write transaction does; returns an LMDB code. */
 typedef int (*write_op)(shared_env *e, MDB_txn *txn, void *arg);
 
@@ -481,13 +840,18 @@ static int run_write(fajit__store *s, shared_env *e, write_op op, void *arg, con
         int rc = txn_begin(e, 1, &txn);
         if (rc)
             return rc;
+        size_t touches = 0;
         rc = op(e, txn, arg);
+        if (rc == 0)
+            rc = write_touches(s, e, txn, &touches);
         if (rc) {
             txn_abort(e, txn, 1);
         } else {
             rc = txn_commit(e, txn);
-            if (rc == 0)
+            if (rc == 0) {
+                drop_touches(s, touches);
                 return 0;
+            }
         }
         if (rc == MDB_NOTFOUND)
             return rc;
@@ -541,7 +905,7 @@ static int read_entry(fajit__store *s, shared_env *e, const lookup *lk, uint8_t 
         rc = fail_mdb(s->dir, "mdb_get", rc);
     } else if ((*why = check_entry(&v, lk->full_key, lk->full_key_len)) != NULL) {
         rc = FAJIT_ENOTFOUND;
-    } else if (!(*out = malloc(v.mv_size ? v.mv_size : 1))) {
+    } else if (!(*out = fajit__malloc(v.mv_size ? v.mv_size : 1))) {
         rc = fajit__fail(FAJIT_ENOMEM, "cache %s: cannot allocate %zu bytes", s->dir, v.mv_size);
     } else {
         memcpy(*out, v.mv_data, v.mv_size);
@@ -600,6 +964,7 @@ int fajit__store_get(fajit__store *s, const uint8_t key[16], const uint8_t *full
     rc = e ? read_entry(s, e, &lk, entry, entry_len, &why) : FAJIT_ENOTFOUND;
     if (rc == 0) {
         atomic_fetch_add(&s->hits, 1);
+        touch(s, key, 1);
         return 0;
     }
     if (rc != FAJIT_ENOTFOUND)
@@ -615,15 +980,30 @@ int fajit__store_get(fajit__store *s, const uint8_t key[16], const uint8_t *full
 /* ---------------------------------------------------------------- put, del */
 
 typedef struct put_arg {
-    const uint8_t *key, *entry;
-    size_t entry_len;
+    size_t n;
+    const uint8_t (*keys)[16];
+    const uint8_t *const *entries;
+    const size_t *lens;
+    uint64_t cap, evicted;
 } put_arg;
 
+/* Puts every entry, stamps its last use, then evicts down to the cap. */
 static int put_op(shared_env *e, MDB_txn *txn, void *arg)
 {
-    const put_arg *p = arg;
-    MDB_val k = {16, (void *)p->key}, v = {p->entry_len, (void *)p->entry};
-    return mdb_put(txn, e->entries, &k, &v, 0);
+    put_arg *p = arg;
+    uint64_t when = now_ns();
+    if (fajit__test_hooks.put_errno)
+        return fajit__test_hooks.put_errno;
+    p->evicted = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        MDB_val k = {16, (void *)p->keys[i]}, v = {p->lens[i], (void *)p->entries[i]};
+        int rc = mdb_put(txn, e->entries, &k, &v, 0);
+        if (rc == 0)
+            rc = lru_put(e, txn, p->keys[i], when);
+        if (rc)
+            return rc;
+    }
+    return p->cap ? evict_lru(e, txn, p->n == 1 ? p->keys[0] : NULL, p->cap, &p->evicted) : 0;
 }
 
 static int writable_env(fajit__store *s, const char *what, shared_env **e)
@@ -637,29 +1017,80 @@ static int writable_env(fajit__store *s, const char *what, shared_env **e)
     return rc;
 }
 
+static int put_entries(fajit__store *s, put_arg *p)
+{
+    shared_env *e;
+    int rc = writable_env(s, "store an entry", &e);
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < p->n; i++)
+        if (p->cap && p->lens[i] > p->cap)
+            return fajit__fail(FAJIT_ECACHE, "cache %s: an entry of %zu bytes is larger than "
+                               "the cache's cap of %llu bytes", s->dir, p->lens[i],
+                               (unsigned long long)p->cap);
+    rc = run_write(s, e, put_op, p, "mdb_put");
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < p->n; i++)
+        touch(s, p->keys[i], 0); /* its last use is written: no need to queue one */
+    if (p->evicted)
+        fajit__log(s->log, FAJIT_LOG_INFO, "cache %s: evicted %llu least recently used "
+                   "entr%s to stay under %llu bytes", s->dir, (unsigned long long)p->evicted,
+                   p->evicted == 1 ? "y" : "ies", (unsigned long long)p->cap);
+    return 0;
+}
+
 int fajit__store_put(fajit__store *s, const uint8_t key[16], const uint8_t *entry,
                      size_t entry_len)
 {
     if (!s || !key || (!entry && entry_len))
         return fajit__fail(FAJIT_EINVAL, "fajit__store_put: NULL argument");
-    shared_env *e;
-    int rc = writable_env(s, "store an entry", &e);
+    const uint8_t(*keys)[16] = (const uint8_t(*)[16])key;
+    put_arg p = {1, keys, &entry, &entry_len, s->opt.max_bytes, 0};
+    int rc = put_entries(s, &p);
+    if (rc == 0)
+        atomic_fetch_add(&s->compiles, 1);
+    return rc;
+}
+
+int fajit__store_put_many(fajit__store *s, size_t n, const uint8_t (*keys)[16],
+                          const uint8_t *const *entries, const size_t *entry_lens)
+{
+    if (!s || (n && (!keys || !entries || !entry_lens)))
+        return fajit__fail(FAJIT_EINVAL, "fajit__store_put_many: NULL argument");
+    if (n == 0)
+        return 0;
+    put_arg p = {n, keys, entries, entry_lens, s->opt.max_bytes, 0};
+    return put_entries(s, &p);
+}
+
+/* Removes every last-use record (with all entries). */
+static int drop_lru(shared_env *e, MDB_txn *txn)
+{
+    MDB_cursor *cur;
+    MDB_val k, v;
+    int rc = mdb_cursor_open(txn, e->meta, &cur);
     if (rc)
         return rc;
-    put_arg p = {key, entry, entry_len};
-    rc = run_write(s, e, put_op, &p, "mdb_put");
-    if (rc)
-        return rc;
-    atomic_fetch_add(&s->compiles, 1);
-    return 0;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (k.mv_size == LRU_KEY_LEN && memcmp(k.mv_data, "lru:", 4) == 0 &&
+            (rc = mdb_cursor_del(cur, 0)) != 0)
+            break;
+    }
+    mdb_cursor_close(cur);
+    return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
 static int del_op(shared_env *e, MDB_txn *txn, void *arg)
 {
-    if (!arg)
-        return mdb_drop(txn, e->entries, 0);
+    if (!arg) {
+        int rc = mdb_drop(txn, e->entries, 0);
+        return rc ? rc : drop_lru(e, txn);
+    }
     MDB_val k = {16, arg};
-    return mdb_del(txn, e->entries, &k, NULL);
+    int rc = mdb_del(txn, e->entries, &k, NULL);
+    return rc ? rc : lru_del(e, txn, arg);
 }
 
 int fajit__store_del(fajit__store *s, const uint8_t key[16])
@@ -702,7 +1133,7 @@ static int copy_next(fajit__store *s, shared_env *e, const uint8_t *after, uint8
     while (rc == 0 && (k.mv_size != 16 || (after && memcmp(k.mv_data, after, 16) == 0)))
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT); /* skip the last one seen */
     if (rc == 0) {
-        *val = malloc(v.mv_size ? v.mv_size : 1);
+        *val = fajit__malloc(v.mv_size ? v.mv_size : 1);
         if (*val) {
             memcpy(key, k.mv_data, 16);
             memcpy(*val, v.mv_data, v.mv_size);
@@ -779,7 +1210,10 @@ int fajit__store_flush_counters(fajit__store *s)
         return rc;
     uint64_t add[4] = {atomic_load(&s->hits), atomic_load(&s->misses),
                        atomic_load(&s->compiles), atomic_load(&s->bad)};
-    if (!(add[0] | add[1] | add[2] | add[3]))
+    pthread_mutex_lock(&s->touch_lock);
+    size_t touches = s->touched.npending;
+    pthread_mutex_unlock(&s->touch_lock);
+    if (!(add[0] | add[1] | add[2] | add[3]) && !touches)
         return 0;
     rc = run_write(s, e, add_counters_op, add, "flushing counters");
     if (rc)
@@ -870,7 +1304,7 @@ int fajit__store_lock_key(fajit__store *s, const uint8_t key[16], fajit__keylock
     if (snprintf(path, sizeof path, "%s/compile.lock", s->dir) >= (int)sizeof path)
         return fajit__fail(FAJIT_EINVAL, "cache %s: path too long", s->dir);
     /* A descriptor per lock: OFD locks then also exclude threads of this process. */
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, (mode_t)file_mode_of(&s->opt));
     if (fd < 0)
         return fajit__fail(FAJIT_EIO, "cache %s: cannot open %s: %s", s->dir, path,
                            strerror(errno));

@@ -15,6 +15,18 @@
  *    process is adopted (MDB_MAP_RESIZED).
  *  - READONLY: gets only (put returns FAJIT_EREADONLY, lock is a no-op); works on
  *    a read-only directory. OFF: never used (the runtime does not open a store).
+ *  - Trust (both modes): a directory or file owned by someone other than this
+ *    user or root, or writable by group or others, is refused unless the shared
+ *    option is on; data.mdb, lock.mdb and compile.lock must be regular files and
+ *    are refused, even in shared mode, if they are symbolic links. A directory
+ *    on a network filesystem (NFS, SMB/CIFS, 9p, AFS, Ceph, Lustre...) is
+ *    refused: LMDB's locks do not work there. Refusals are FAJIT_ECACHE with a
+ *    detail saying what to do.
+ *  - Last use: every entry has a last-used time in the meta database, set when
+ *    it is put and when this process first gets it (written with the next write
+ *    transaction or at close: at most once per process per entry). With
+ *    max_bytes, a put evicts least-recently-used entries, in its own
+ *    transaction, until the entries' bytes are under the cap.
  */
 #ifndef FAJIT_CACHE_STORE_H
 #define FAJIT_CACHE_STORE_H
@@ -39,6 +51,18 @@ typedef struct fajit__store_counters {
 int fajit__store_open(const char *dir, int mode, uint64_t map_bytes, const fajit__logger *log,
                       fajit__store **out);
 void fajit__store_close(fajit__store *s); /* NULL is a no-op */
+
+typedef struct fajit__store_options {
+    uint64_t map_bytes; /* initial map size (0 = 256 MiB) */
+    uint64_t max_bytes; /* 0: no cap; else LRU eviction keeps the entries' bytes under it */
+    int private_files;  /* create the directory 0700 and files 0600 (else 0755 / 0644) */
+    int shared;         /* shared mode: other owners and group/other write allowed;
+                           creates 0770 / 0660 */
+} fajit__store_options;
+
+/* fajit__store_open with options (opt NULL: all zero, as fajit__store_open). */
+int fajit__store_open_ex(const char *dir, int mode, const fajit__store_options *opt,
+                         const fajit__logger *log, fajit__store **out);
 
 /* Looks key up. On a valid hit *entry is a malloc'd copy of the whole entry
  * (decode it with fajit__entry_decode) and 0 is returned; FAJIT_ENOTFOUND on a
@@ -76,6 +100,10 @@ int fajit__store_flush_counters(fajit__store *s);
 
 /* Count a bad entry found outside get (by verify). */
 void fajit__store_count_bad(fajit__store *s);
+
+/* Stores many encoded entries in one write transaction (all or none). */
+int fajit__store_put_many(fajit__store *s, size_t n, const uint8_t (*keys)[16],
+                          const uint8_t *const *entries, const size_t *entry_lens);
 
 const char *fajit__store_dir(const fajit__store *s);
 int fajit__store_mode(const fajit__store *s);

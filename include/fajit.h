@@ -114,6 +114,15 @@ typedef struct fajit_options {
     int device;            /* CUDA device ordinal; -1: $FAJIT_DEVICE, else 0 */
     uint64_t cache_map_bytes; /* initial LMDB map size; 0: $FAJIT_CACHE_MAP_MB, else
                                  256 MiB. The map grows when full either way. */
+    /* Fields below were added in 0.1; a struct_size that stops before them is
+     * accepted and they take their "unset" values. */
+    uint64_t cache_max_bytes; /* cap on the bytes of the cache's entries, kept by evicting
+                                 the least recently used; 0: $FAJIT_CACHE_MAX_BYTES, else
+                                 no cap */
+    int cache_shared;         /* 1: shared mode (a cache directory owned by another user or
+                                 writable by its group is used, files are created 0660);
+                                 0: private (refused, files 0600); -1 (set by
+                                 fajit_options_init): $FAJIT_CACHE_SHARED, else private */
 } fajit_options;
 
 /* Fills *opt with "unset" values: explicit fields override FAJIT_* variables,
@@ -334,6 +343,30 @@ typedef struct fajit_info {
 } fajit_info;
 
 FAJIT_API int fajit_get_info(fajit_ctx *ctx, fajit_info *out);
+
+/* ---------------------------------------------------------------- bundles */
+
+typedef struct fajit_bundle_result {
+    uint32_t struct_size;
+    uint64_t entries;  /* entries written to the bundle, or merged into the cache */
+    uint64_t bytes;    /* their bytes */
+    uint64_t skipped;  /* export: invalid entries left out; import: entries the cache
+                          already held, byte for byte */
+    char sha256[65];   /* hex SHA-256 of the bundle's manifest (which covers every entry) */
+} fajit_bundle_result;
+
+/* Writes every valid entry of the cache to a bundle file at path (replaced
+ * atomically): a header, a manifest with each entry's key, length and SHA-256,
+ * the SHA-256 of the manifest, then the entries. res may be NULL. */
+FAJIT_API int fajit_cache_export(fajit_ctx *ctx, const char *path, fajit_bundle_result *res);
+
+/* Merges a bundle into the cache (read-write mode). The whole bundle is
+ * verified first (manifest digest, every entry's SHA-256, entry format, key);
+ * any fault rejects all of it with FAJIT_ECORRUPT and nothing is written. If
+ * expect_sha256 is non-NULL, the manifest's SHA-256 (hex) must equal it, which
+ * ties the bundle to a digest obtained out of band. res may be NULL. */
+FAJIT_API int fajit_cache_import(fajit_ctx *ctx, const char *path, const char *expect_sha256,
+                                 fajit_bundle_result *res);
 
 #ifdef __cplusplus
 }

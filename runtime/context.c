@@ -3,6 +3,7 @@
  * context create/destroy, devices and CUDA contexts.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -18,6 +19,26 @@ void fajit_options_init(fajit_options *opt)
     opt->cache_mode = FAJIT_CACHE_DEFAULT;
     opt->log_level = FAJIT_LOG_DEFAULT;
     opt->device = -1;
+    opt->cache_shared = -1;
+}
+
+/* Size of fajit_options before cache_max_bytes was appended. */
+#define OPTIONS_SIZE_0_1_0 offsetof(fajit_options, cache_max_bytes)
+
+/* The caller's options in the current layout: a struct from an older header
+ * is copied over the current defaults. */
+static int adopt_options(const fajit_options *opt, fajit_options *out)
+{
+    fajit_options_init(out);
+    if (!opt)
+        return 0;
+    if (opt->struct_size != sizeof *opt && opt->struct_size != OPTIONS_SIZE_0_1_0)
+        return fajit__fail(FAJIT_EINVAL,
+                           "options struct_size=%u, expected %zu: call fajit_options_init",
+                           opt->struct_size, sizeof *opt);
+    memcpy(out, opt, opt->struct_size);
+    out->struct_size = sizeof *out;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- environment */
@@ -70,8 +91,23 @@ static int default_cache_dir(char *buf, size_t cap)
     return 0;
 }
 
+/* FAJIT_CACHE_MAX_BYTES and FAJIT_CACHE_SHARED, under their options. */
+static int resolve_cache_policy(const fajit_options *opt, fajit__store_options *so)
+{
+    static const char *const flags[] = {"0", "1", "off", "on"};
+    long max_bytes = 0;
+    int shared = 0, rc;
+    if ((rc = env_int("FAJIT_CACHE_MAX_BYTES", 0, LONG_MAX, &max_bytes)) != 0 ||
+        (rc = env_word("FAJIT_CACHE_SHARED", flags, 4, &shared)) != 0)
+        return rc;
+    so->max_bytes = opt->cache_max_bytes ? opt->cache_max_bytes : (uint64_t)max_bytes;
+    so->shared = opt->cache_shared < 0 ? shared : opt->cache_shared != 0;
+    so->private_files = 1;
+    return 0;
+}
+
 /* Explicit options override FAJIT_* variables, which override defaults. */
-static int resolve_options(const fajit_options *opt, fajit_ctx *ctx, uint64_t *map_bytes)
+static int resolve_options(const fajit_options *opt, fajit_ctx *ctx, fajit__store_options *so)
 {
     static const char *const modes[] = {"rw", "ro", "off", "readwrite", "readonly", NULL};
     static const char *const levels[] = {"off", "error", "warn", "info", "debug",
@@ -89,7 +125,9 @@ static int resolve_options(const fajit_options *opt, fajit_ctx *ctx, uint64_t *m
     ctx->log.fn = opt->log_fn;
     ctx->log.user = opt->log_user;
     ctx->device = opt->device < 0 ? (int)device : opt->device;
-    *map_bytes = opt->cache_map_bytes ? opt->cache_map_bytes : (uint64_t)map_mb << 20;
+    so->map_bytes = opt->cache_map_bytes ? opt->cache_map_bytes : (uint64_t)map_mb << 20;
+    if ((rc = resolve_cache_policy(opt, so)) != 0)
+        return rc;
     if (ctx->cache_mode < FAJIT_CACHE_READWRITE || ctx->cache_mode > FAJIT_CACHE_OFF)
         return fajit__fail(FAJIT_EINVAL, "cache_mode=%d: expected 0 (rw), 1 (ro) or 2 (off)",
                            ctx->cache_mode);
@@ -109,38 +147,58 @@ static int resolve_options(const fajit_options *opt, fajit_ctx *ctx, uint64_t *m
 
 /* ---------------------------------------------------------------- create / destroy */
 
+/* Opens the cache. A cache that cannot be used never fails the context: an
+ * unwritable one is opened read-only (hits served, misses compiled in
+ * memory); a refused one (untrusted, network filesystem...) or a broken one
+ * is not used at all. Either way one warning says why. */
+static int open_cache(fajit_ctx *ctx, const fajit__store_options *so)
+{
+    char why[1024];
+    int rc;
+    if (ctx->cache_mode == FAJIT_CACHE_OFF)
+        return 0;
+    rc = fajit__store_open_ex(ctx->cache_dir, ctx->cache_mode, so, &ctx->log, &ctx->store);
+    if (rc == 0 || rc == FAJIT_EINVAL || rc == FAJIT_ENOMEM)
+        return rc;
+    snprintf(why, sizeof why, "%s", fajit__detail());
+    if (rc == FAJIT_EREADONLY && ctx->cache_mode == FAJIT_CACHE_READWRITE &&
+        fajit__store_open_ex(ctx->cache_dir, FAJIT_CACHE_READONLY, so, &ctx->log,
+                             &ctx->store) == 0) {
+        ctx->cache_mode = FAJIT_CACHE_READONLY;
+        fajit__log(&ctx->log, FAJIT_LOG_WARN, "%s; using the cache read-only: hits served, "
+                   "misses compiled in memory", why);
+    } else {
+        ctx->cache_mode = FAJIT_CACHE_OFF;
+        fajit__log(&ctx->log, FAJIT_LOG_WARN, "%s; kernels are compiled in memory only", why);
+    }
+    fajit__clear_error();
+    return 0;
+}
+
 int fajit_create(fajit_ctx **out, const fajit_options *opt)
 {
-    fajit_options defaults;
+    fajit_options o;
+    fajit__store_options so;
     fajit_ctx *ctx;
-    uint64_t map_bytes = 0;
     int rc;
 
     fajit__clear_error();
     if (!out)
         return fajit__fail(FAJIT_EINVAL, "out: NULL");
     *out = NULL;
-    if (!opt) {
-        fajit_options_init(&defaults);
-        opt = &defaults;
-    }
-    if (opt->struct_size != sizeof *opt)
-        return fajit__fail(FAJIT_EINVAL,
-                           "options struct_size=%u, expected %zu: call fajit_options_init",
-                           opt->struct_size, sizeof *opt);
+    if ((rc = adopt_options(opt, &o)) != 0)
+        return rc;
+    opt = &o;
+    memset(&so, 0, sizeof so);
     ctx = calloc(1, sizeof *ctx);
     if (!ctx)
         return fajit__fail(FAJIT_ENOMEM, "context");
-    rc = resolve_options(opt, ctx, &map_bytes);
+    rc = resolve_options(opt, ctx, &so);
     if (rc != 0)
         goto free_ctx;
     fajit__build_identity(ctx->build_id);
-    if (ctx->cache_mode != FAJIT_CACHE_OFF) {
-        rc = fajit__store_open(ctx->cache_dir, ctx->cache_mode, map_bytes, &ctx->log,
-                               &ctx->store);
-        if (rc != 0)
-            goto free_ctx;
-    }
+    if ((rc = open_cache(ctx, &so)) != 0)
+        goto free_ctx;
     pthread_mutex_init(&ctx->lock, NULL);
     fajit__log(&ctx->log, FAJIT_LOG_INFO, "context: cache %s (%s), device %d", ctx->cache_dir,
                ctx->cache_mode == FAJIT_CACHE_OFF        ? "off"

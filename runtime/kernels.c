@@ -6,6 +6,7 @@
 #include <string.h>
 #include <xxhash.h>
 
+#include "cache/hooks.h"
 #include "runtime/runtime.h"
 
 /* ---------------------------------------------------------------- keys */
@@ -19,14 +20,17 @@ static size_t append(uint8_t *buf, size_t at, const void *bytes, size_t n)
 void fajit__build_identity(uint8_t out[16])
 {
     static const char tag[] = "fajit-build-identity-1";
-    const char *opts = fajit__nvrtc_options_text();
-    uint32_t nvrtc = fajit__nvrtc_version(), format = FAJIT__ENTRY_FORMAT_VERSION;
+    const fajit__hooks *h = &fajit__test_hooks; /* tests change one input at a time */
+    const char *opts = h->options_text ? h->options_text : fajit__nvrtc_options_text();
+    const uint8_t *codegen = h->codegen_digest ? h->codegen_digest : fajit__codegen_digest();
+    uint32_t nvrtc = h->nvrtc_version ? h->nvrtc_version : fajit__nvrtc_version();
+    uint32_t format = h->format_version ? h->format_version : FAJIT__ENTRY_FORMAT_VERSION;
     uint8_t buf[sizeof tag + 16 + 4 + 256 + 4];
     size_t n = 0, olen = strlen(opts) + 1;
     XXH128_canonical_t c;
 
     n = append(buf, n, tag, sizeof tag);
-    n = append(buf, n, fajit__codegen_digest(), 16);
+    n = append(buf, n, codegen, 16);
     n = append(buf, n, &nvrtc, sizeof nvrtc);
     n = append(buf, n, opts, olen < 256 ? olen : 256);
     n = append(buf, n, &format, sizeof format);
@@ -39,13 +43,15 @@ int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, uint8_t **
 {
     size_t n = fajit__variant_serialize(v, NULL, 0);
     XXH128_canonical_t c;
-    uint8_t *buf = malloc(n + 16);
+    uint8_t *buf = fajit__malloc(n + 16);
     if (!buf)
         return fajit__fail(FAJIT_ENOMEM, "variant key of %zu bytes", n + 16);
     fajit__variant_serialize(v, buf, n);
     memcpy(buf + n, ctx->build_id, 16);
     XXH128_canonicalFromHash(&c, XXH3_128bits(buf, n + 16));
     memcpy(digest, c.digest, 16);
+    if (fajit__test_hooks.force_digest) /* a forced collision: the full key must catch it */
+        memcpy(digest, fajit__test_hooks.digest, 16);
     *full_key = buf;
     *full_key_len = n + 16;
     return 0;
@@ -76,8 +82,11 @@ static int compile_once(fajit_ctx *ctx, const fajit__variant *v, const uint8_t *
 {
     fajit__keylock lk;
     int rc = fajit__store_lock_key(ctx->store, digest, &lk);
-    if (rc != 0)
-        return rc;
+    if (rc != 0) {
+        fajit__log(&ctx->log, FAJIT_LOG_WARN, "cache lock failed, kernel compiled in memory: %s",
+                   fajit__detail());
+        return compile_entry(v, full_key, full_key_len, entry, entry_len);
+    }
     if (fajit__store_get(ctx->store, digest, full_key, full_key_len, entry, entry_len) == 0) {
         *cached = 1;
         goto unlock;
@@ -91,7 +100,21 @@ unlock:
     return rc;
 }
 
-int fajit__kernel_entry(fajit_ctx *ctx, const fajit__variant *v, uint8_t **entry,
+/* A fresh compile that replaces what the store holds (after the stored one
+ * failed to load); in memory only unless the cache is writable. */
+static int recompile_entry(fajit_ctx *ctx, const fajit__variant *v, const uint8_t *full_key,
+                           size_t full_key_len, const uint8_t digest[16], uint8_t **entry,
+                           size_t *entry_len)
+{
+    int rc = compile_entry(v, full_key, full_key_len, entry, entry_len);
+    if (rc == 0 && ctx->store && ctx->cache_mode == FAJIT_CACHE_READWRITE &&
+        fajit__store_put(ctx->store, digest, *entry, *entry_len) != 0)
+        fajit__log(&ctx->log, FAJIT_LOG_WARN, "cache put failed, kernel kept in memory: %s",
+                   fajit__detail());
+    return rc;
+}
+
+static int kernel_entry(fajit_ctx *ctx, const fajit__variant *v, int fresh, uint8_t **entry,
                         size_t *entry_len, int *cached)
 {
     uint8_t *full_key = NULL, digest[16];
@@ -100,8 +123,11 @@ int fajit__kernel_entry(fajit_ctx *ctx, const fajit__variant *v, uint8_t **entry
     if (rc != 0)
         return rc;
     *cached = 0;
-    if (ctx->store &&
-        fajit__store_get(ctx->store, digest, full_key, full_key_len, entry, entry_len) == 0) {
+    if (fresh) {
+        rc = recompile_entry(ctx, v, full_key, full_key_len, digest, entry, entry_len);
+    } else if (ctx->store &&
+               fajit__store_get(ctx->store, digest, full_key, full_key_len, entry, entry_len) ==
+                   0) {
         *cached = 1;
     } else if (ctx->store && ctx->cache_mode == FAJIT_CACHE_READWRITE) {
         rc = compile_once(ctx, v, full_key, full_key_len, digest, entry, entry_len, cached);
@@ -110,6 +136,12 @@ int fajit__kernel_entry(fajit_ctx *ctx, const fajit__variant *v, uint8_t **entry
     }
     free(full_key);
     return rc;
+}
+
+int fajit__kernel_entry(fajit_ctx *ctx, const fajit__variant *v, uint8_t **entry,
+                        size_t *entry_len, int *cached)
+{
+    return kernel_entry(ctx, v, 0, entry, entry_len, cached);
 }
 
 /* ---------------------------------------------------------------- the table */
@@ -160,33 +192,85 @@ static int table_insert(fajit__kernel_table *t, const fajit__kernel_slot *s)
     return 0;
 }
 
+/* Entry view of a kernel ready for the driver; NULL *why if its cubin is for
+ * v's arch. Decoding again costs microseconds and guarantees nothing
+ * unchecked ever reaches cuModuleLoadData. */
+static int check_loadable(const fajit__variant *v, const uint8_t *entry, size_t entry_len,
+                          fajit__entry_view *view, const char **why)
+{
+    *why = NULL;
+    if (fajit__entry_decode(entry, entry_len, view, why) != 0)
+        return fajit__fail(FAJIT_ECORRUPT, "kernel entry: %s", *why ? *why : "invalid");
+    if (view->meta.arch != (uint32_t)v->arch || view->meta.arch_suffix != (uint32_t)v->arch_suffix)
+        *why = "its cubin is for another arch";
+    return 0;
+}
+
+/* A stored entry the driver refused, or one for the wrong arch: drop it so
+ * that the next process does not trip on it too, and count it as bad. */
+static void evict_stored(fajit_ctx *ctx, const fajit__variant *v, const char *why)
+{
+    uint8_t *full_key = NULL, digest[16];
+    size_t full_key_len = 0;
+    fajit__store_count_bad(ctx->store);
+    if (ctx->cache_mode == FAJIT_CACHE_READWRITE &&
+        fajit__variant_key(ctx, v, &full_key, &full_key_len, digest) == 0)
+        fajit__store_del(ctx->store, digest);
+    free(full_key);
+    fajit__log(&ctx->log, FAJIT_LOG_WARN, "cache: stored kernel %s; evicted, compiling it again",
+               why);
+}
+
+/* Load failures that say the cubin itself is unusable here (rather than, say,
+ * that the GPU is out of memory). */
+static int is_image_error(CUresult r)
+{
+    return r == CUDA_ERROR_INVALID_IMAGE || r == CUDA_ERROR_NO_BINARY_FOR_GPU ||
+           r == CUDA_ERROR_INVALID_PTX || r == CUDA_ERROR_UNSUPPORTED_PTX_VERSION ||
+           r == CUDA_ERROR_INVALID_SOURCE || r == CUDA_ERROR_SHARED_OBJECT_INIT_FAILED;
+}
+
+/* Loads the entry's cubin; a cached one that fails to load is evicted and
+ * compiled once more before giving up. */
+static int load_module(fajit_ctx *ctx, const fajit__driver *drv, const fajit__variant *v,
+                       CUmodule *module)
+{
+    for (int fresh = 0; fresh < 2; fresh++) {
+        uint8_t *entry = NULL;
+        size_t entry_len = 0;
+        fajit__entry_view view;
+        const char *why = NULL;
+        int cached = 0;
+        CUresult r = CUDA_SUCCESS;
+        int rc = kernel_entry(ctx, v, fresh, &entry, &entry_len, &cached);
+        if (rc == 0)
+            rc = check_loadable(v, entry, entry_len, &view, &why);
+        if (rc == 0 && !why) {
+            r = drv->moduleLoadData(module, view.cubin);
+            if (r != CUDA_SUCCESS)
+                rc = fajit__cu_fail(r, "cuModuleLoadData");
+        }
+        free(entry);
+        if (rc == 0 && !why)
+            return 0;
+        if (!cached || fresh || (r != CUDA_SUCCESS && !is_image_error(r)))
+            return rc ? rc : fajit__fail(FAJIT_ECOMPILE, "kernel compiled for sm_%u, not sm_%d",
+                                         view.meta.arch, v->arch);
+        evict_stored(ctx, v, why ? why : fajit__detail());
+    }
+    return FAJIT_ECACHE; /* not reached */
+}
+
 static int load_function(fajit_ctx *ctx, const fajit__driver *drv, const fajit__variant *v,
                          fajit__kernel_slot *slot)
 {
-    uint8_t *entry = NULL;
-    size_t entry_len = 0;
-    fajit__entry_view view;
-    const char *why = NULL, *src_entry = NULL;
-    int cached = 0, rc;
+    const char *src_entry = NULL;
     CUresult r;
-
-    rc = fajit__variant_check(v);
+    int rc = fajit__variant_check(v);
     if (rc == 0)
-        rc = fajit__kernel_entry(ctx, v, &entry, &entry_len, &cached);
+        rc = load_module(ctx, drv, v, &slot->module);
     if (rc != 0)
         return rc;
-    /* The store verified it already; decoding again costs microseconds and
-     * guarantees nothing unchecked ever reaches cuModuleLoadData. */
-    rc = fajit__entry_decode(entry, entry_len, &view, &why);
-    if (rc != 0) {
-        rc = fajit__fail(FAJIT_ECORRUPT, "kernel entry: %s", why ? why : "invalid");
-        goto free_entry;
-    }
-    r = drv->moduleLoadData(&slot->module, view.cubin);
-    if (r != CUDA_SUCCESS) {
-        rc = fajit__cu_fail(r, "cuModuleLoadData");
-        goto free_entry;
-    }
     src_entry = fajit__variant_entry_name(v);
     r = drv->moduleGetFunction(&slot->function, slot->module, src_entry ? src_entry : "?");
     if (r != CUDA_SUCCESS)
@@ -195,8 +279,6 @@ static int load_function(fajit_ctx *ctx, const fajit__driver *drv, const fajit__
         rc = fajit__configure_function(drv, v, slot->function);
     if (rc != 0)
         drv->moduleUnload(slot->module);
-free_entry:
-    free(entry);
     return rc;
 }
 
