@@ -1,0 +1,13 @@
+# The cache and the API under faults, races, bad input and hostile files
+# (issue 6). No GPU. Included by tests/CMakeLists.txt. The tests link the
+# static library, so that they can reach the internal test hooks
+# (cache/hooks.h) and the store; each makes its own directory under /tmp.
+set(FAJIT_FAULT_TESTS
+  test_cache_corruption)
+
+foreach(t ${FAJIT_FAULT_TESTS})
+  fajit_add_test(${t} SOURCES ${t}.c LIBS fajit_static ${LMDB_LIBRARY} ${XXHASH_LIBRARY}
+                 Threads::Threads LABELS "cache;faults")
+  target_include_directories(${t} PRIVATE ${CMAKE_SOURCE_DIR}/include)
+  set_tests_properties(${t} PROPERTIES TIMEOUT 120)
+endforeach()
