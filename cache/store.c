@@ -311,6 +311,13 @@ static int open_dbis(shared_env *e)
     MDB_txn *txn;
     unsigned create = e->readonly ? 0 : MDB_CREATE;
     int rc = mdb_txn_begin(e->env, NULL, e->readonly ? MDB_RDONLY : 0, &txn);
+    /* Another process may have grown the map since we opened it; nobody else
+     * holds this environment yet, so adopting its size needs no lock. */
+    for (int i = 0; rc == MDB_MAP_RESIZED && i < MAX_BEGIN_RETRIES; i++) {
+        rc = mdb_env_set_mapsize(e->env, 0);
+        if (!rc)
+            rc = mdb_txn_begin(e->env, NULL, e->readonly ? MDB_RDONLY : 0, &txn);
+    }
     if (rc)
         return fail_mdb(e->path, "mdb_txn_begin", rc);
     rc = mdb_dbi_open(txn, "entries", create, &e->entries);

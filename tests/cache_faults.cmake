@@ -3,7 +3,8 @@
 # static library, so that they can reach the internal test hooks
 # (cache/hooks.h) and the store; each makes its own directory under /tmp.
 set(FAJIT_FAULT_TESTS
-  test_cache_corruption)
+  test_cache_corruption
+  test_cache_crash)
 
 foreach(t ${FAJIT_FAULT_TESTS})
   fajit_add_test(${t} SOURCES ${t}.c LIBS fajit_static ${LMDB_LIBRARY} ${XXHASH_LIBRARY}

@@ -35,27 +35,27 @@ static int failures;
 
 static char root[64];
 
-static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+static inline int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
     (void)st, (void)flag, (void)ftw;
     chmod(path, 0700); /* so that a non-root user can empty a 0555 directory */
     return remove(path);
 }
 
-static int chmod_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+static inline int chmod_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
     (void)flag, (void)ftw;
     chmod(path, S_ISDIR(st->st_mode) ? 0700 : 0600);
     return 0;
 }
 
-static void remove_tree(const char *dir)
+static inline void remove_tree(const char *dir)
 {
     nftw(dir, chmod_one, 16, FTW_PHYS);
     nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static void make_root(const char *name)
+static inline void make_root(const char *name)
 {
     snprintf(root, sizeof root, "/tmp/fajit-%s-XXXXXX", name);
     if (!mkdtemp(root)) {
@@ -64,7 +64,7 @@ static void make_root(const char *name)
     }
 }
 
-static int finish(void)
+static inline int finish(void)
 {
     remove_tree(root);
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "PASS", failures);
@@ -72,7 +72,7 @@ static int finish(void)
 }
 
 /* root/name, in one of a few rotating buffers. */
-static const char *sub(const char *name)
+static inline const char *sub(const char *name)
 {
     static char bufs[8][256];
     static int next;
@@ -87,7 +87,7 @@ typedef struct log_capture {
     char last[1024];
 } log_capture;
 
-static void capture_log(void *user, int level, const char *msg)
+static inline void capture_log(void *user, int level, const char *msg)
 {
     log_capture *lc = user;
     if (level <= FAJIT_LOG_WARN) {
@@ -96,7 +96,7 @@ static void capture_log(void *user, int level, const char *msg)
     }
 }
 
-static fajit_ctx *open_ctx(const char *dir, int mode, log_capture *lc)
+static inline fajit_ctx *open_ctx(const char *dir, int mode, log_capture *lc)
 {
     fajit_options o;
     fajit_ctx *ctx = NULL;
@@ -113,7 +113,7 @@ static fajit_ctx *open_ctx(const char *dir, int mode, log_capture *lc)
     return ctx;
 }
 
-static fajit_cache_stats stats_of(fajit_ctx *ctx)
+static inline fajit_cache_stats stats_of(fajit_ctx *ctx)
 {
     fajit_cache_stats st;
     memset(&st, 0, sizeof st);
@@ -122,7 +122,7 @@ static fajit_cache_stats stats_of(fajit_ctx *ctx)
     return st;
 }
 
-static uint64_t verify_bad(fajit_ctx *ctx, uint64_t *checked)
+static inline uint64_t verify_bad(fajit_ctx *ctx, uint64_t *checked)
 {
     fajit_verify_result r;
     memset(&r, 0, sizeof r);
@@ -135,7 +135,7 @@ static uint64_t verify_bad(fajit_ctx *ctx, uint64_t *checked)
     return r.bad;
 }
 
-static void hex_to_key(const char *hex, uint8_t key[16])
+static inline void hex_to_key(const char *hex, uint8_t key[16])
 {
     for (int i = 0; i < 16; i++) {
         char b[3] = {hex[2 * i], hex[2 * i + 1], 0};
@@ -147,7 +147,7 @@ static void hex_to_key(const char *hex, uint8_t key[16])
 
 /* Opens the store's environment directly (no fajit context may have it open
  * in this process: one environment per path per process). */
-static int raw_open(const char *dir, MDB_env **env, MDB_dbi *entries)
+static inline int raw_open(const char *dir, MDB_env **env, MDB_dbi *entries)
 {
     MDB_txn *txn;
     int rc = mdb_env_create(env);
@@ -170,7 +170,7 @@ static int raw_open(const char *dir, MDB_env **env, MDB_dbi *entries)
 }
 
 /* Copies the value under key into a malloc'd buffer; NULL if absent. */
-static uint8_t *raw_get(const char *dir, const uint8_t key[16], size_t *len)
+static inline uint8_t *raw_get(const char *dir, const uint8_t key[16], size_t *len)
 {
     MDB_env *env;
     MDB_dbi dbi;
@@ -190,7 +190,7 @@ static uint8_t *raw_get(const char *dir, const uint8_t key[16], size_t *len)
     return out;
 }
 
-static int raw_put(const char *dir, const uint8_t key[16], const uint8_t *val, size_t len)
+static inline int raw_put(const char *dir, const uint8_t key[16], const uint8_t *val, size_t len)
 {
     MDB_env *env;
     MDB_dbi dbi;
