@@ -4,11 +4,13 @@
 # (cache/hooks.h) and the store; each makes its own directory under /tmp.
 set(FAJIT_FAULT_TESTS
   test_cache_corruption
-  test_cache_crash)
+  test_cache_crash
+  test_cache_collision)
 
 foreach(t ${FAJIT_FAULT_TESTS})
   fajit_add_test(${t} SOURCES ${t}.c LIBS fajit_static ${LMDB_LIBRARY} ${XXHASH_LIBRARY}
                  Threads::Threads LABELS "cache;faults")
   target_include_directories(${t} PRIVATE ${CMAKE_SOURCE_DIR}/include)
+  target_include_directories(${t} SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS}) # runtime/runtime.h
   set_tests_properties(${t} PROPERTIES TIMEOUT 120)
 endforeach()
