@@ -11,6 +11,8 @@ static const struct {
     [FAJIT__OP_REF] = {"reference.cuh", "fajit_ref_fwd"},
     [FAJIT__OP_FWD] = {"flash_fwd.cuh", "fajit_flash_fwd"},
     [FAJIT__OP_BWD] = {"flash_bwd.cuh", "fajit_flash_bwd"},
+    [FAJIT__OP_REF_DQ] = {"reference_bwd.cuh", "fajit_ref_bwd_dq"},
+    [FAJIT__OP_REF_DKDV] = {"reference_bwd.cuh", "fajit_ref_bwd_dkdv"},
 };
 
 const char *fajit__variant_entry_name(const fajit__variant *v)

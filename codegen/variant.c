@@ -52,7 +52,7 @@ static const struct field fields[] = {
 };
 #define NFIELDS (sizeof fields / sizeof fields[0])
 
-static const char *const op_words[FAJIT__OP_COUNT] = {"ref", "fwd", "bwd"};
+static const char *const op_words[FAJIT__OP_COUNT] = {"ref", "fwd", "bwd", "ref-dq", "ref-dkdv"};
 static const char *const dtype_words[] = {"fp16", "bf16"};
 static const char *const mask_words[] = {"none", "causal", "causal-tl"};
 static const int known_archs[] = {80, 86, 87, 89, 90, 100, 103, 110, 120, 121};
@@ -163,18 +163,20 @@ static int check_field(const fajit__variant *v, const struct field *f, int allow
     return fajit__fail(FAJIT_EINVAL, "%s: internal error: unknown field kind", f->name);
 }
 
-/* The reference kernel maps one warp to bm/warps query rows and walks keys in
- * steps of bn handled 32 lanes at a time, with no pipelining. Checks of pairs
- * only apply when both values are known (a spec may leave tiles out). */
+/* The reference kernels (forward and backward alike) map one warp to
+ * bm/warps rows and walk the other side in steps of bn handled 32 lanes at a
+ * time, with no pipelining. Checks of pairs only apply when both values are
+ * known (a spec may leave tiles out). */
 static int check_ref_tiles(const fajit__variant *v)
 {
+    const char *op = op_words[v->op];
     if (v->bn != FAJIT__UNSET && v->bn % 32 != 0)
-        return fajit__fail(FAJIT_EINVAL, "bn=%d: op ref needs a multiple of 32", v->bn);
+        return fajit__fail(FAJIT_EINVAL, "bn=%d: op %s needs a multiple of 32", v->bn, op);
     if (v->bm != FAJIT__UNSET && v->warps != FAJIT__UNSET && v->bm % v->warps != 0)
-        return fajit__fail(FAJIT_EINVAL, "bm=%d: op ref needs a multiple of warps (%d)", v->bm,
+        return fajit__fail(FAJIT_EINVAL, "bm=%d: op %s needs a multiple of warps (%d)", v->bm, op,
                            v->warps);
     if (v->stages != FAJIT__UNSET && v->stages != 1)
-        return fajit__fail(FAJIT_EINVAL, "stages=%d: op ref needs stages=1", v->stages);
+        return fajit__fail(FAJIT_EINVAL, "stages=%d: op %s needs stages=1", v->stages, op);
     return 0;
 }
 
@@ -185,7 +187,7 @@ static int check_variant(const fajit__variant *v, int allow_unset)
     for (size_t i = 0; i < NFIELDS; i++)
         if (check_field(v, &fields[i], allow_unset))
             return FAJIT_EINVAL;
-    if (v->op == FAJIT__OP_REF)
+    if (v->op == FAJIT__OP_REF || v->op == FAJIT__OP_REF_DQ || v->op == FAJIT__OP_REF_DKDV)
         return check_ref_tiles(v);
     return 0;
 }

@@ -25,6 +25,8 @@ void fajit__heuristic_tiles(fajit__variant *v)
 {
     switch (v->op) {
     case FAJIT__OP_REF:
+    case FAJIT__OP_REF_DQ:
+    case FAJIT__OP_REF_DKDV:
     default:
         reference_tiles(v);
         break;

@@ -170,7 +170,7 @@ static void test_rejections(void)
         int32_t value;
         const char *expect;
     } bad_values[] = {
-        {0, 3, "op=3"},        {1, 0, "dqk=0"},          {2, 513, "dv=513"},
+        {0, 99, "op=99"},      {1, 0, "dqk=0"},          {2, 513, "dv=513"},
         {3, 2, "dtype=2"},     {4, -1, "mask=-1"},       {5, -2, "left=-2"},
         {7, 2, "dropout=2"},   {11, 1 << 24, "paged=16777216"}, {12, -1, "bm: unset"},
         {13, 48, "bn=48: op ref needs a multiple of 32"}, {14, 3, "warps=3"},

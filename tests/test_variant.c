@@ -63,7 +63,7 @@ static void random_variant(fajit__variant *v)
     v->varlen = rnd(2);
     v->paged = rnd(2);
     v->warps = 1 << rnd(5);
-    if (v->op == FAJIT__OP_REF) {
+    if (v->op == FAJIT__OP_REF || v->op == FAJIT__OP_REF_DQ || v->op == FAJIT__OP_REF_DKDV) {
         v->bm = v->warps * (1 + rnd(256 / v->warps));
         v->bn = 32 * (1 + rnd(8));
         v->stages = 1;
@@ -132,10 +132,14 @@ static void test_round_trips(void)
             bad++;
         }
     }
-    printf("     %d variants: ref %d, fwd %d, bwd %d, sm_NNa %d\n", N, seen_op[0], seen_op[1],
-           seen_op[2], seen_suffix);
+    int every_op = 1;
+    for (int op = 0; op < FAJIT__OP_COUNT; op++)
+        every_op &= seen_op[op] > 0;
+    printf("     %d variants: ref %d, fwd %d, bwd %d, ref-dq %d, ref-dkdv %d, sm_NNa %d\n", N,
+           seen_op[FAJIT__OP_REF], seen_op[FAJIT__OP_FWD], seen_op[FAJIT__OP_BWD],
+           seen_op[FAJIT__OP_REF_DQ], seen_op[FAJIT__OP_REF_DKDV], seen_suffix);
     check(bad == 0, "5000 random variants: format/parse round trips, shuffled specs agree");
-    check(seen_op[0] && seen_op[1] && seen_op[2] && seen_suffix, "generator covered every op and sm_NNa");
+    check(every_op && seen_suffix, "generator covered every op and sm_NNa");
 }
 
 static void test_example(void)
