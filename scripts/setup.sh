@@ -14,6 +14,12 @@ need_packages() {
     command -v pkg-config >/dev/null || missing+=(pkg-config)
     [ -e /usr/include/lmdb.h ] || missing+=(liblmdb-dev)
     [ -e /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
+    # The Python binding's CPU tests (tests/python.cmake): pytest and numpy
+    # (DLPack parsing), Debian's, for /usr/bin/python3.
+    local mod
+    for mod in pytest numpy; do
+        /usr/bin/python3 -c "import $mod" 2>/dev/null || missing+=(python3-$mod)
+    done
     if [ ${#missing[@]} -gt 0 ] && [ -z "${CMAKE_PREFIX_PATH:-}" ]; then
         local sudo=""
         [ "$(id -u)" = 0 ] || sudo=sudo

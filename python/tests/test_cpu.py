@@ -1,0 +1,519 @@
+"""The Python binding without a GPU: import, library discovery, the struct
+mirrors against fajit.h, errors carried from C, argument errors, DLPack parsing,
+and `python -m fajit`.
+
+Runs under pytest or plain unittest (python3 -m unittest discover -s python/tests).
+torch and numpy are optional: the tests that need them skip without them."""
+
+import ctypes
+import gc
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+import weakref
+
+from _support import PY_DIR, REPO_DIR, STRICT, _lib, fajit, missing, require_library, try_import
+
+np = try_import("numpy")
+torch = try_import("torch")
+
+REQUIRED = inspect.Parameter.empty
+_COMMON = [("dropout_p", 0.0), ("softmax_scale", None), ("causal", False),
+           ("window_size", (-1, -1)), ("softcap", 0.0), ("alibi_slopes", None),
+           ("deterministic", False), ("return_attn_probs", False)]
+
+# flash_attn 2.x's signatures (flash_attn/flash_attn_interface.py), name by name.
+FLASH_ATTN_SIGNATURES = {
+    "flash_attn_func": [("q", REQUIRED), ("k", REQUIRED), ("v", REQUIRED)] + _COMMON,
+    "flash_attn_qkvpacked_func": [("qkv", REQUIRED)] + _COMMON,
+    "flash_attn_kvpacked_func": [("q", REQUIRED), ("kv", REQUIRED)] + _COMMON,
+    "flash_attn_varlen_func": [("q", REQUIRED), ("k", REQUIRED), ("v", REQUIRED),
+                               ("cu_seqlens_q", REQUIRED), ("cu_seqlens_k", REQUIRED),
+                               ("max_seqlen_q", REQUIRED), ("max_seqlen_k", REQUIRED)]
+    + _COMMON + [("block_table", None)],
+    "flash_attn_varlen_qkvpacked_func": [("qkv", REQUIRED), ("cu_seqlens", REQUIRED),
+                                         ("max_seqlen", REQUIRED)] + _COMMON,
+    "flash_attn_varlen_kvpacked_func": [("q", REQUIRED), ("kv", REQUIRED),
+                                        ("cu_seqlens_q", REQUIRED), ("cu_seqlens_k", REQUIRED),
+                                        ("max_seqlen_q", REQUIRED), ("max_seqlen_k", REQUIRED)]
+    + _COMMON,
+}
+
+
+def run_python(code, env_update=None, env_remove=()):
+    env = dict(os.environ)
+    for name in env_remove:
+        env.pop(name, None)
+    env.update(env_update or {})
+    env["PYTHONPATH"] = PY_DIR + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+class ImportTest(unittest.TestCase):
+    def test_signatures_match_flash_attn(self):
+        for name, want in FLASH_ATTN_SIGNATURES.items():
+            with self.subTest(function=name):
+                fn = getattr(fajit, name)
+                got = [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+                self.assertEqual(got, want)
+                print("signature ok: %s" % name)
+
+    def test_import_needs_neither_library_nor_torch(self):
+        # torch hidden and the library path wrong: import still works; the
+        # first call says what is missing.
+        r = run_python(
+            "import sys; sys.modules['torch'] = None\n"
+            "import fajit, fajit.dlpack\n"
+            "try:\n"
+            "    fajit.flash_attn_func(1, 2, 3)\n"
+            "except ImportError as e:\n"
+            "    print('IMPORTERROR', e)\n",
+            {"FAJIT_LIBRARY": "/nonexistent/libfajit.so"})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("IMPORTERROR", r.stdout)
+        self.assertIn("PyTorch", r.stdout)
+
+
+class DiscoveryTest(unittest.TestCase):
+    def test_fajit_library_is_used(self):
+        loaded = require_library(self)
+        env_path = os.environ.get("FAJIT_LIBRARY")
+        if env_path:
+            self.assertEqual(os.path.realpath(env_path), loaded.path)
+        self.assertTrue(os.path.isfile(loaded.path), loaded.path)
+        print("library: %s (version %s)" % (loaded.path, loaded.version))
+
+    def test_wrong_path_is_a_clear_error(self):
+        r = run_python("import fajit\n"
+                       "try:\n"
+                       "    fajit.load()\n"
+                       "except fajit.FajitLibraryError as e:\n"
+                       "    print('ERR', e)\n",
+                       {"FAJIT_LIBRARY": "/nonexistent/dir/libfajit.so"})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("ERR FAJIT_LIBRARY=/nonexistent/dir/libfajit.so: no such file", r.stdout)
+
+    def test_not_a_library_is_a_clear_error(self):
+        with tempfile.NamedTemporaryFile(suffix=".so") as f:
+            f.write(b"not an ELF file\n")
+            f.flush()
+            r = run_python("import fajit\n"
+                           "try:\n"
+                           "    fajit.load()\n"
+                           "except fajit.FajitLibraryError as e:\n"
+                           "    print('ERR', e)\n",
+                           {"FAJIT_LIBRARY": f.name})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("ERR FAJIT_LIBRARY=%s: cannot load it" % f.name, r.stdout)
+
+    def test_search_order(self):
+        paths = _lib.candidate_paths()
+        pkg = os.path.join(PY_DIR, "fajit")
+        self.assertTrue(paths[0].startswith(pkg + os.sep), paths[0])
+        self.assertIn(os.path.join(sys.prefix, "lib", "libfajit.so.0"), paths)
+        self.assertIn("libfajit.so.0", paths)  # the dynamic loader's own search
+        self.assertEqual(paths[-1], os.path.join(REPO_DIR, "build", "libfajit.so"))
+        self.assertLess(paths.index("libfajit.so.0"), len(paths) - 1)
+        print("search order ok: %d places" % len(paths))
+
+    def test_found_without_fajit_library_when_installed_or_built(self):
+        # Copy the library next to a copy of the package: found there with
+        # FAJIT_LIBRARY unset (the "bundled" place, first in the order).
+        loaded = require_library(self)
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(os.path.join(PY_DIR, "fajit"), os.path.join(tmp, "fajit"),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy(loaded.path, os.path.join(tmp, "fajit", "libfajit.so"))
+            env = dict(os.environ, PYTHONPATH=tmp)
+            env.pop("FAJIT_LIBRARY", None)
+            r = subprocess.run([sys.executable, "-c", "import fajit; print(fajit.library_path())"],
+                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(r.stdout.strip(),
+                             os.path.realpath(os.path.join(tmp, "fajit", "libfajit.so")))
+
+
+def _header():
+    path = os.path.join(REPO_DIR, "include", "fajit.h")
+    return path if os.path.isfile(path) else None
+
+
+class StructTest(unittest.TestCase):
+    MIRRORS = [(_lib.Options, "fajit_options"), (_lib.AttnArgs, "fajit_attn_args"),
+               (_lib.AttnBwdArgs, "fajit_attn_bwd_args"), (_lib.Info, "fajit_info"),
+               (_lib.CompileResult, "fajit_compile_result")]
+
+    def test_sizes_written_by_init_functions(self):
+        loaded = require_library(self)
+        checks = [(_lib.Options, "fajit_options_init"), (_lib.AttnArgs, "fajit_attn_args_init")]
+        if loaded.has_backward:
+            checks.append((_lib.AttnBwdArgs, "fajit_attn_bwd_args_init"))
+        for cls, init in checks:
+            size = _lib.init_struct(loaded, cls, init).struct_size
+            self.assertEqual(size, ctypes.sizeof(cls), init)
+            print("%s: struct_size %d == sizeof(%s)" % (init, size, cls.__name__))
+
+    def test_a_short_mirror_is_caught(self):
+        # What the check at load relies on: init writes C's size, whatever the mirror's.
+        loaded = require_library(self)
+
+        class Short(ctypes.Structure):  # (one int less would hide in the padding)
+            _fields_ = _lib.AttnArgs._fields_[:-3]
+
+        size = _lib.init_struct(loaded, Short, "fajit_attn_args_init").struct_size
+        self.assertNotEqual(size, ctypes.sizeof(Short))
+
+    def test_field_offsets_match_the_header(self):
+        # Compile a C program printing offsetof of every mirrored field.
+        header, cc = _header(), shutil.which("cc") or shutil.which("gcc")
+        if not header or not cc:
+            missing(self, "needs include/fajit.h and a C compiler")
+        lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "fajit.h"',
+                 "int main(void) {"]
+        for cls, cname in self.MIRRORS:
+            lines.append('printf("%s sizeof %%zu\\n", sizeof(%s));' % (cname, cname))
+            for field, _ in cls._fields_:
+                lines.append('printf("%s %s %%zu\\n", offsetof(%s, %s));'
+                             % (cname, field, cname, field))
+        lines.append("return 0; }")
+        with tempfile.TemporaryDirectory() as tmp:
+            src, exe = os.path.join(tmp, "offsets.c"), os.path.join(tmp, "offsets")
+            with open(src, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            r = subprocess.run([cc, "-std=c11", "-I", os.path.dirname(header), src, "-o", exe],
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, "a mirrored field is not in fajit.h:\n" + r.stderr)
+            out = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+        got = dict(line.rsplit(" ", 1) for line in out.splitlines())
+        for cls, cname in self.MIRRORS:
+            self.assertEqual(int(got["%s sizeof" % cname]), ctypes.sizeof(cls), cname)
+            for field, _ in cls._fields_:
+                self.assertEqual(int(got["%s %s" % (cname, field)]), getattr(cls, field).offset,
+                                 "%s.%s" % (cname, field))
+            print("%s: %d fields at the header's offsets, size %d"
+                  % (cname, len(cls._fields_), ctypes.sizeof(cls)))
+
+
+class ErrorTest(unittest.TestCase):
+    def test_error_from_c_carries_its_detail(self):
+        require_library(self)
+        with self.assertRaises(fajit.FajitError) as cm:
+            fajit.variant_complete("ref dqk=9999")
+        e = cm.exception
+        self.assertEqual(e.status, -10)
+        self.assertEqual(e.code, "FAJIT_EPARSE")
+        self.assertEqual(e.name, "fajit_variant_complete")
+        self.assertIn("dqk=9999", e.detail)  # fajit_last_error names the field and value
+        self.assertIn("cannot parse", e.reason)  # fajit_strerror
+        self.assertIn("fajit_variant_complete", str(e))
+        self.assertIn("dqk=9999", str(e))
+        print("FajitError: %s" % e)
+
+    def test_unknown_field(self):
+        require_library(self)
+        with self.assertRaises(fajit.FajitError) as cm:
+            fajit.variant_complete("ref dqk=64 bogus=1")
+        self.assertIn("bogus", cm.exception.detail)
+
+    def test_variant_complete_ok(self):
+        require_library(self)
+        text = fajit.variant_complete("ref dqk=72")
+        self.assertTrue(text.startswith("ref dqk=72 dv=72 "), text)
+
+    def test_error_pickles(self):
+        import pickle
+        e = fajit.FajitError(-1, "fajit_attn_fwd", "q is NULL", "invalid argument")
+        e2 = pickle.loads(pickle.dumps(e))
+        self.assertEqual((e2.status, e2.name, e2.detail, str(e2)),
+                         (e.status, e.name, e.detail, str(e)))
+
+    def test_info(self):
+        require_library(self)
+        d = fajit.info()
+        self.assertEqual(d["version"], fajit.version())
+        self.assertTrue(d["build_id"] and len(d["build_id"]) == 32, d["build_id"])
+        if d["device_count"] == 0:
+            self.assertTrue(d["no_gpu_reason"])
+
+
+@unittest.skipUnless(torch is not None, "needs torch (CPU tensors are enough)")
+class ArgumentTest(unittest.TestCase):
+    """Argument errors before any C call, shown with CPU tensors."""
+
+    def t(self, *shape, dtype=None):
+        return torch.zeros(*shape, dtype=dtype or torch.float16)
+
+    def test_errors(self):
+        q, k, v = self.t(2, 16, 4, 64), self.t(2, 16, 2, 64), self.t(2, 16, 2, 64)
+        cases = [
+            (TypeError, "q must be a torch.Tensor", lambda: fajit.flash_attn_func(1, k, v)),
+            (TypeError, "k must be torch.float16 or torch.bfloat16",
+             lambda: fajit.flash_attn_func(q, k.float(), v)),
+            (ValueError, "v must have 4 dimensions",
+             lambda: fajit.flash_attn_func(q, k, v[0])),
+            (TypeError, "k has dtype torch.bfloat16 but q has torch.float16",
+             lambda: fajit.flash_attn_func(q, k.bfloat16(), v)),
+            (ValueError, "q has head dim 64 but k has 32",
+             lambda: fajit.flash_attn_func(q, self.t(2, 16, 2, 32), self.t(2, 16, 2, 32))),
+            (ValueError, "nheads of q (4) must be a multiple of nheads of k (3)",
+             lambda: fajit.flash_attn_func(q, self.t(2, 16, 3, 64), self.t(2, 16, 3, 64))),
+            (ValueError, "q has batch 2 but k has 1",
+             lambda: fajit.flash_attn_func(q, k[:1], v[:1])),
+            (ValueError, "v has shape",
+             lambda: fajit.flash_attn_func(q, k, v[:, :8])),
+            (ValueError, "q must be on a CUDA device, got cpu",
+             lambda: fajit.flash_attn_func(q, k, v)),
+            (ValueError, "softmax_scale must be a finite nonzero",
+             lambda: fajit.flash_attn_func(q, k, v, softmax_scale=0.0)),
+            (ValueError, "dropout_p must be in [0, 1)",
+             lambda: fajit.flash_attn_func(q, k, v, dropout_p=1.5)),
+            (NotImplementedError, "dropout",
+             lambda: fajit.flash_attn_func(q, k, v, dropout_p=0.1)),
+            (NotImplementedError, "sliding-window",
+             lambda: fajit.flash_attn_func(q, k, v, window_size=(4, 4))),
+            (NotImplementedError, "sliding-window",
+             lambda: fajit.flash_attn_func(q, k, v, causal=True, window_size=(4, -1))),
+            (NotImplementedError, "softcap",
+             lambda: fajit.flash_attn_func(q, k, v, softcap=30.0)),
+            (NotImplementedError, "alibi_slopes",
+             lambda: fajit.flash_attn_func(q, k, v, alibi_slopes=torch.ones(4))),
+            (TypeError, "window_size must be a pair",
+             lambda: fajit.flash_attn_func(q, k, v, window_size=3)),
+            (ValueError, "qkv must have shape (batch, seqlen, 3, nheads, headdim)",
+             lambda: fajit.flash_attn_qkvpacked_func(self.t(2, 16, 2, 4, 64))),
+            (ValueError, "qkv must be on a CUDA device",
+             lambda: fajit.flash_attn_qkvpacked_func(self.t(2, 16, 3, 4, 64))),
+            (ValueError, "kv must have shape (batch, seqlen_k, 2, nheads_k, headdim)",
+             lambda: fajit.flash_attn_kvpacked_func(q, self.t(2, 16, 3, 2, 64))),
+            (ValueError, "nheads of q (4) must be a multiple of nheads of kv (3)",
+             lambda: fajit.flash_attn_kvpacked_func(q, self.t(2, 16, 2, 3, 64))),
+            (NotImplementedError, "flash_attn_varlen_func",
+             lambda: fajit.flash_attn_varlen_func(q[0], k[0], v[0], None, None, 16, 16)),
+            (NotImplementedError, "flash_attn_varlen_qkvpacked_func",
+             lambda: fajit.flash_attn_varlen_qkvpacked_func(None, None, 16)),
+            (NotImplementedError, "flash_attn_varlen_kvpacked_func",
+             lambda: fajit.flash_attn_varlen_kvpacked_func(q[0], None, None, None, 16, 16)),
+        ]
+        for exc, text, call in cases:
+            with self.subTest(expect=text):
+                with self.assertRaises(exc) as cm:
+                    call()
+                self.assertIn(text, str(cm.exception))
+                print("%s: %s" % (exc.__name__, cm.exception))
+
+    def test_windows_that_are_no_window(self):
+        from fajit import interface
+        self.assertEqual(interface._mask_for(False, (-1, -1), 16), _lib.MASK_NONE)
+        self.assertEqual(interface._mask_for(False, (16, 99), 16), _lib.MASK_NONE)
+        self.assertEqual(interface._mask_for(False, (-1, 0), 16), _lib.MASK_CAUSAL)
+        self.assertEqual(interface._mask_for(True, (-1, -1), 16), _lib.MASK_CAUSAL)
+        self.assertEqual(interface._mask_for(True, (100, 5), 16), _lib.MASK_CAUSAL)
+
+
+# ---------------------------------------------------------------- DLPack
+
+_CAPSULE_NAME = ctypes.create_string_buffer(b"dltensor")
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class FakeCudaTensor:
+    """A DLPack producer claiming a CUDA tensor at a made-up address: lets the
+    CUDA-side validation run here. Never launched on (see the test)."""
+
+    def __init__(self, shape, strides=None, code=2, bits=16, device_id=0, data=0x10000):
+        from fajit import dlpack
+        n = len(shape)
+        self._shape = (ctypes.c_int64 * n)(*shape)
+        self._strides = (ctypes.c_int64 * n)(*strides) if strides else None
+        m = dlpack._DLManagedTensor()
+        t = m.dl_tensor
+        t.data, t.ndim = data, n
+        t.device.device_type, t.device.device_id = dlpack.KDL_CUDA, device_id
+        t.dtype.code, t.dtype.bits, t.dtype.lanes = code, bits, 1
+        t.shape = ctypes.cast(self._shape, ctypes.POINTER(ctypes.c_int64))
+        if self._strides is not None:
+            t.strides = ctypes.cast(self._strides, ctypes.POINTER(ctypes.c_int64))
+        self._managed = m
+        self.streams = []
+
+    def __dlpack_device__(self):
+        return (2, self._managed.dl_tensor.device.device_id)
+
+    def __dlpack__(self, stream=None):
+        self.streams.append(stream)
+        return _capsule_new(ctypes.addressof(self._managed), _CAPSULE_NAME, None)
+
+
+@unittest.skipUnless(np is not None and hasattr(np.zeros(1), "__dlpack__"),
+                     "needs numpy >= 1.22 (DLPack)")
+class DLPackParseTest(unittest.TestCase):
+    def test_contiguous(self):
+        from fajit import dlpack
+        a = np.zeros((2, 3, 4, 5), dtype=np.float16)
+        t = dlpack.parse(a)
+        self.assertEqual((t.device_type, t.device_id, t.device_name), (1, 0, "cpu:0"))
+        self.assertEqual(t.dtype, (2, 16, 1))
+        self.assertEqual(t.dtype_name, "float16")
+        self.assertEqual(t.shape, (2, 3, 4, 5))
+        self.assertEqual(t.strides, (60, 20, 5, 1))
+        self.assertEqual(t.data, a.ctypes.data)
+        print("parsed contiguous: shape %s strides %s" % (t.shape, t.strides))
+
+    def test_strided_views(self):
+        from fajit import dlpack
+        base = np.arange(2 * 6 * 4 * 8, dtype=np.float16).reshape(2, 6, 4, 8)
+        for view, name in ((base.transpose(0, 2, 1, 3), "transpose"),
+                           (base[:, 1::2, :, 2:], "slice with offset and step"),
+                           (base[1:, :, 3:4], "batch and head offset")):
+            with self.subTest(view=name):
+                t = dlpack.parse(view)
+                self.assertEqual(t.shape, view.shape)
+                self.assertEqual(t.strides, tuple(s // view.itemsize for s in view.strides))
+                self.assertEqual(t.data, view.ctypes.data)
+                print("parsed %s: shape %s strides %s" % (name, t.shape, t.strides))
+
+    def test_dtypes(self):
+        from fajit import dlpack
+        for dt, want in ((np.float32, (2, 32, 1)), (np.int8, (0, 8, 1)), (np.uint16, (1, 16, 1))):
+            self.assertEqual(dlpack.parse(np.zeros((1, 2), dtype=dt)).dtype, want)
+
+    def test_producer_kept_alive_then_released(self):
+        from fajit import dlpack
+        a = np.zeros((4, 4), dtype=np.float16)
+        ref = weakref.ref(a)
+        t = dlpack.parse(a)
+        del a
+        gc.collect()
+        self.assertIsNotNone(ref(), "the producer died while its capsule was in use")
+        del t
+        gc.collect()
+        self.assertIsNone(ref(), "the capsule's deleter was never called")
+
+    def test_cpu_arrays_are_refused(self):
+        from fajit import dlpack
+        a = np.zeros((1, 8, 2, 16), dtype=np.float16)
+        with self.assertRaises(ValueError) as cm:
+            dlpack.attention(a, a, a)
+        self.assertIn("q must be on a CUDA device, got cpu:0", str(cm.exception))
+        print("refused: %s" % cm.exception)
+
+    def test_not_dlpack(self):
+        from fajit import dlpack
+        with self.assertRaises(TypeError) as cm:
+            dlpack.attention([1], [2], [3])
+        self.assertIn("q must support DLPack", str(cm.exception))
+
+
+class DLPackValidateTest(unittest.TestCase):
+    """Validation of CUDA tensors, with a fake producer (no GPU, no launch)."""
+
+    def call(self, q, k, v, **kw):
+        from fajit import dlpack
+        return dlpack.attention(q, k, v, **kw)
+
+    def test_errors(self):
+        q = FakeCudaTensor((2, 16, 4, 64))
+        k = FakeCudaTensor((2, 32, 2, 64))
+        v = FakeCudaTensor((2, 32, 2, 48))
+        out = FakeCudaTensor((2, 16, 4, 48))
+        cases = [
+            (TypeError, "q must be float16 or bfloat16, got float32",
+             lambda: self.call(FakeCudaTensor((2, 16, 4, 64), bits=32, code=2), k, v, out=out)),
+            (ValueError, "k must have 4 dimensions",
+             lambda: self.call(q, FakeCudaTensor((32, 2, 64)), v, out=out)),
+            (ValueError, "v must have a contiguous last dimension",
+             lambda: self.call(q, k, FakeCudaTensor((2, 32, 2, 48), (6144, 192, 96, 2)), out=out)),
+            (ValueError, "all 0 (broadcast)",
+             lambda: self.call(q, FakeCudaTensor((2, 32, 2, 64), (0, 0, 0, 1)), v, out=out)),
+            (ValueError, "shapes do not fit",
+             lambda: self.call(q, k, FakeCudaTensor((2, 31, 2, 48)), out=out)),
+            (ValueError, "nheads of q (4) must be a multiple of nheads of k (3)",
+             lambda: self.call(q, FakeCudaTensor((2, 32, 3, 64)), FakeCudaTensor((2, 32, 3, 48)),
+                               out=out)),
+            (TypeError, "k is bfloat16 but q is float16",
+             lambda: self.call(q, FakeCudaTensor((2, 32, 2, 64), code=4), v, out=out)),
+            (ValueError, "v is on cuda:1 but q is on cuda:0",
+             lambda: self.call(q, k, FakeCudaTensor((2, 32, 2, 48), device_id=1), out=out)),
+            (ValueError, "out must have shape (2, 16, 4, 48), got (2, 16, 4, 64)",
+             lambda: self.call(q, k, v, out=FakeCudaTensor((2, 16, 4, 64)))),
+            (ValueError, "softmax_scale must be a finite nonzero",
+             lambda: self.call(q, k, v, out=out, softmax_scale=float("inf"))),
+        ]
+        for exc, text, call in cases:
+            with self.subTest(expect=text):
+                with self.assertRaises(exc) as cm:
+                    call()
+                self.assertIn(text, str(cm.exception))
+                print("%s: %s" % (exc.__name__, cm.exception))
+
+    def test_stream_is_passed_to_producers(self):
+        q = FakeCudaTensor((1, 4, 1, 8), bits=32)  # refused after parsing, before any launch
+        with self.assertRaises(TypeError):
+            self.call(q, q, q, stream=1234)
+        self.assertEqual(q.streams, [1234, 1234, 1234])
+        with self.assertRaises(TypeError):
+            self.call(q, q, q)
+        self.assertEqual(q.streams[3:], [1, 1, 1])  # None: the legacy default stream
+
+    def test_reaches_the_library(self):
+        # Only where no GPU can be reached: the made-up pointers must never be launched on.
+        loaded = require_library(self)
+        if fajit.info()["device_count"] != 0:
+            self.skipTest("a GPU is here; the fake pointers are checked only without one")
+        q, k = FakeCudaTensor((1, 8, 2, 64)), FakeCudaTensor((1, 8, 2, 64))
+        v, out = FakeCudaTensor((1, 8, 2, 64)), FakeCudaTensor((1, 8, 2, 64))
+        with self.assertRaises(fajit.FajitError) as cm:
+            self.call(q, k, v, out=out, causal=True)
+        self.assertEqual(cm.exception.name, "fajit_attn_fwd")
+        self.assertEqual(cm.exception.code, "FAJIT_ENOGPU")
+        print("through DLPack to %s: %s" % (loaded.path, cm.exception))
+
+
+# ---------------------------------------------------------------- python -m fajit
+
+class MainTest(unittest.TestCase):
+    def run_main(self, *args, env_update=None):
+        env = dict(os.environ)
+        env.update(env_update or {})
+        env["PYTHONPATH"] = PY_DIR + os.pathsep + env.get("PYTHONPATH", "")
+        return subprocess.run([sys.executable, "-m", "fajit"] + list(args), env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    def cli(self):
+        require_library(self)
+        from fajit.__main__ import find_cli
+        try:
+            return find_cli()
+        except _lib.FajitLibraryError as e:
+            missing(self, str(e))
+
+    def test_forwards_and_passes_the_exit_code(self):
+        cli = self.cli()
+        r = self.run_main("--version")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(fajit.version(), r.stdout)
+        r = self.run_main("variant", "ref dqk=100")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("ref dqk=100 dv=100", r.stdout)
+        r = self.run_main("no-such-command")
+        self.assertEqual(r.returncode, 2, r.stderr)  # the CLI's usage error, passed through
+        self.assertIn("no-such-command", r.stderr)
+        print("python -m fajit -> %s: exit codes passed through" % cli)
+
+    def test_missing_cli(self):
+        r = self.run_main("info", env_update={"FAJIT_CLI": "/nonexistent/fajit"})
+        self.assertEqual(r.returncode, 127)
+        self.assertIn("FAJIT_CLI=/nonexistent/fajit", r.stderr)
+
+
+if __name__ == "__main__":
+    if STRICT:
+        print("strict: missing prerequisites fail")
+    unittest.main(verbosity=2)
