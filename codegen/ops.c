@@ -25,9 +25,31 @@ const char *fajit__variant_template_name(const fajit__variant *v)
     return v->op >= 0 && v->op < FAJIT__OP_COUNT ? ops[v->op].template_name : NULL;
 }
 
+
+/* Must match the layout in templates/flash_fwd.cuh (its static_assert against
+ * FAJIT_SMEM_BYTES catches a disagreement at compile time): Q tile, then
+ * `stages` K tiles, then `stages` V tiles, rows of 16-byte chunks, dqk rounded
+ * up to the mma k step of 16, rows of a multiple of 8 chunks kept (swizzled),
+ * others padded to an odd chunk count. */
+static size_t fwd_row_bytes(int dim)
+{
+    size_t chunks = (size_t)dim / 8;
+    return (chunks % 8 == 0 ? chunks : (chunks | 1)) * 16;
+}
+
+static size_t fwd_smem_bytes(const fajit__variant *v)
+{
+    size_t qk = fwd_row_bytes((v->dqk + 15) / 16 * 16), vv = fwd_row_bytes(v->dv);
+    if (v->bm <= 0 || v->bn <= 0 || v->stages <= 0 || v->dqk <= 0 || v->dv <= 0)
+        return 0;
+    return (size_t)v->bm * qk + (size_t)v->stages * (size_t)v->bn * (qk + vv);
+}
+
 size_t fajit__variant_smem_bytes(const fajit__variant *v)
 {
     switch (v->op) {
+    case FAJIT__OP_FWD:
+        return fwd_smem_bytes(v);
     case FAJIT__OP_REF:
     default:
         return 0; /* static shared memory only */

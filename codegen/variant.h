@@ -102,7 +102,9 @@ int fajit__render(const fajit__variant *v, char **src, size_t *len, const char *
 const char *fajit__variant_entry_name(const fajit__variant *v);
 
 /* Dynamic shared memory, in bytes, the op's kernel is launched with for this
- * variant (0 for the reference kernel, whose shared memory is static). */
+ * variant (0 for the reference kernel, whose shared memory is static). The
+ * renderer passes it to the template as FAJIT_SMEM_BYTES, and the template
+ * static_asserts its layout fits. */
 size_t fajit__variant_smem_bytes(const fajit__variant *v);
 
 /* The embedded template an op renders ("reference.cuh"), or NULL. Static. */

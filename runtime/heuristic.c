@@ -21,9 +21,61 @@ static void reference_tiles(fajit__variant *v)
     set_if_unset(&v->stages, 1);
 }
 
+/* Opt-in dynamic shared memory per block of an arch: sm_80/87 163 KB, sm_90
+ * and the datacenter Blackwells 227 KB, the others (sm_86, 89, 120...) 99 KB. */
+static size_t fwd_smem_limit(int arch)
+{
+    switch (arch) {
+    case 80:
+    case 87:
+        return 163 * 1024;
+    case 90:
+    case 100:
+    case 103:
+    case 110:
+        return 227 * 1024;
+    default:
+        return 99 * 1024;
+    }
+}
+
+/* The fast forward (templates/flash_fwd.cuh). A warp owns 16 * (bm / 16 /
+ * warps) query rows; its registers hold that many rows of the output (dv wide)
+ * and of the scores (bn wide). Below a padded head dim of 128 two 16-row tiles
+ * a warp (bm 128, 4 warps) halve the shared-memory traffic per mma; wider
+ * heads take one tile a warp (8 warps) so the accumulators fit in registers
+ * without spills. Two stages overlap the next K/V copy with this tile's math;
+ * when the arch's shared memory is short, fewer stages, then narrower key
+ * tiles, then fewer rows. */
+static void fwd_tiles(fajit__variant *v)
+{
+    int dqk_pad = (v->dqk + 15) / 16 * 16, dmax = dqk_pad > v->dv ? dqk_pad : v->dv;
+    size_t limit = fwd_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
+    fajit__variant t = *v; /* fields the caller set stay as they are */
+
+    set_if_unset(&t.warps, dmax < 128 ? 4 : 8);
+    set_if_unset(&t.bm, 128 > 16 * t.warps ? 128 : 16 * t.warps);
+    set_if_unset(&t.bn, 64);
+    set_if_unset(&t.stages, 2);
+    while (fajit__variant_smem_bytes(&t) > limit) {
+        if (v->stages == FAJIT__UNSET && t.stages > 1)
+            t.stages--;
+        else if (v->bn == FAJIT__UNSET && t.bn > 32)
+            t.bn /= 2;
+        else if (v->bm == FAJIT__UNSET && t.bm > 16 * t.warps)
+            t.bm /= 2;
+        else
+            break; /* the template's static_assert says why */
+    }
+    *v = t;
+}
+
 void fajit__heuristic_tiles(fajit__variant *v)
 {
     switch (v->op) {
+    case FAJIT__OP_FWD:
+        fwd_tiles(v);
+        break;
     case FAJIT__OP_REF:
     case FAJIT__OP_REF_DQ:
     case FAJIT__OP_REF_DKDV:

@@ -27,3 +27,10 @@ fajit_add_test(test_cache_gpu
   SOURCES gpu/test_cache_gpu.c
   LIBS fajit fajit_attn_check CUDA::cudart
   LABELS gpu)
+
+# The fast forward kernel against the fp64 reference (FlashAttention's rule).
+fajit_add_test(test_fwd_gpu
+  SOURCES gpu/test_fwd_gpu.c
+  LIBS fajit fajit_attn_check CUDA::cudart Threads::Threads
+  LABELS gpu)
+include(${CMAKE_CURRENT_LIST_DIR}/fwd.cmake OPTIONAL) # test_fwd_compile (CPU); guarded against a second include

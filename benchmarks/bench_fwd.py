@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""benchmarks/bench_fwd.py - forward attention speed: fajit against PyTorch SDPA.
+
+fajit is called through ctypes on the built libfajit.so (fajit_attn_args is
+mirrored below field by field from include/fajit.h); the peers are
+torch.nn.functional.scaled_dot_product_attention under the FlashAttention-2,
+cuDNN and memory-efficient backends, in the same process. Each is timed with
+triton.testing.do_bench(return_mode="median") (CUDA events if Triton is
+missing). FLOPs as FlashAttention counts them: 4 * b * h * sq * sk * d, halved
+for causal.
+
+Grids: FlashAttention's (hidden 2048, d 64/128/256, seqlen 512..16k,
+batch * seqlen = 16k, causal and not, fp16 and bf16), then odd head dims
+72/80/100/160/200 at seqlen 4k in bf16. Each fajit result is also compared with
+the FlashAttention-2 backend's output (max abs difference, printed).
+
+Usage: python3 benchmarks/bench_fwd.py [--lib build/libfajit.so] [--quick]
+"""
+import argparse
+import ctypes
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:
+    import triton.testing
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, return_mode="median")
+except ImportError:  # pragma: no cover - the GPU host has Triton
+    def bench(fn, reps=50):
+        for _ in range(5):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+
+I64_3 = ctypes.c_int64 * 3
+
+
+class AttnArgs(ctypes.Structure):
+    """struct fajit_attn_args of include/fajit.h, field by field."""
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("o", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+        ("batch", ctypes.c_int64),
+        ("seqlen_q", ctypes.c_int64),
+        ("seqlen_k", ctypes.c_int64),
+        ("nheads_q", ctypes.c_int64),
+        ("nheads_kv", ctypes.c_int64),
+        ("dqk", ctypes.c_int64),
+        ("dv", ctypes.c_int64),
+        ("q_stride", I64_3),
+        ("k_stride", I64_3),
+        ("v_stride", I64_3),
+        ("o_stride", I64_3),
+        ("dtype", ctypes.c_int),
+        ("mask", ctypes.c_int),
+        ("softmax_scale", ctypes.c_float),
+        ("kernel", ctypes.c_int),
+    ]
+
+
+DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+MASK_NONE, MASK_CAUSAL = 0, 1
+
+
+class Fajit:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        self.lib.fajit_create.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        self.lib.fajit_attn_args_init.argtypes = [ctypes.c_void_p]
+        self.lib.fajit_attn_fwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.fajit_attn_variant.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p,
+                                                ctypes.c_size_t]
+        self.lib.fajit_last_error.restype = ctypes.c_char_p
+        self.lib.fajit_strerror.restype = ctypes.c_char_p
+        # The library says how big it thinks the struct is: it must be ours.
+        probe = (ctypes.c_uint8 * 4096)()
+        self.lib.fajit_attn_args_init(probe)
+        size = ctypes.c_uint32.from_buffer(probe).value
+        if size != ctypes.sizeof(AttnArgs):
+            sys.exit(f"fajit_attn_args is {size} bytes in the library, {ctypes.sizeof(AttnArgs)} here: "
+                     "update AttnArgs from include/fajit.h")
+        self.ctx = ctypes.c_void_p()
+        self.check(self.lib.fajit_create(ctypes.byref(self.ctx), None), "fajit_create")
+
+    def check(self, rc, what):
+        if rc < 0:
+            raise RuntimeError(f"{what}: {self.lib.fajit_strerror(rc).decode()}: "
+                               f"{self.lib.fajit_last_error().decode()}")
+        return rc
+
+    def args(self, q, k, v, o, causal):
+        """(b, s, h, d) tensors, any strides with a contiguous last dim."""
+        a = AttnArgs()
+        self.lib.fajit_attn_args_init(ctypes.byref(a))
+        a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr()
+        a.batch, a.seqlen_q, a.nheads_q, a.dqk = q.shape
+        a.seqlen_k, a.nheads_kv, a.dv = k.shape[1], k.shape[2], v.shape[3]
+        for name, t in (("q_stride", q), ("k_stride", k), ("v_stride", v), ("o_stride", o)):
+            getattr(a, name)[:] = t.stride()[:3]
+        a.dtype = DTYPES[q.dtype]
+        a.mask = MASK_CAUSAL if causal else MASK_NONE
+        return a
+
+    def variant(self, a):
+        buf = ctypes.create_string_buffer(512)
+        self.check(self.lib.fajit_attn_variant(self.ctx, ctypes.byref(a), buf, 512), "fajit_attn_variant")
+        return buf.value.decode()
+
+    def runner(self, a):
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        ref = ctypes.byref(a)
+        fwd, ctx = self.lib.fajit_attn_fwd, self.ctx
+
+        def run():
+            rc = fwd(ctx, ref, stream)
+            if rc < 0:
+                self.check(rc, "fajit_attn_fwd")
+        return run
+
+
+def sdpa(backend, q, k, v, causal):
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    return run
+
+
+PEERS = [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+         ("eff", SDPBackend.EFFICIENT_ATTENTION)]
+
+
+def tflops(b, h, sq, sk, d, causal, ms):
+    flops = 4 * b * h * sq * sk * d / (2 if causal else 1)
+    return flops / (ms * 1e-3) / 1e12
+
+
+def one(fj, dtype, b, h, s, d, causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype) for _ in range(3))
+    o = torch.empty_like(q)
+    row = {"dtype": str(dtype).split(".")[-1], "d": d, "b": b, "h": h, "s": s, "causal": causal}
+    if d % 8 == 0:
+        a = fj.args(q, k, v, o, causal)
+        run = fj.runner(a)
+        run()
+        torch.cuda.synchronize()
+        row["variant"] = fj.variant(a)
+        row["fajit"] = tflops(b, h, s, s, d, causal, bench(run))
+    else:
+        row["variant"] = "(d % 8 != 0: reference fallback, not timed)"
+        row["fajit"] = None
+    for name, backend in PEERS:
+        try:
+            fn = sdpa(backend, q, k, v, causal)
+            out = fn()
+            torch.cuda.synchronize()
+            row[name] = tflops(b, h, s, s, d, causal, bench(fn))
+            if name == "fa2" and row["fajit"] is not None:
+                row["maxdiff"] = (out.transpose(1, 2) - o).abs().max().item()
+        except RuntimeError as e:  # backend does not support the shape
+            row[name] = None
+            row.setdefault("notes", []).append(f"{name}: {str(e).splitlines()[0][:60]}")
+    del q, k, v, o
+    return row
+
+
+def fmt(x):
+    return "   -  " if x is None else f"{x:6.1f}"
+
+
+def ratio(a, b):
+    return "   -  " if a is None or b is None else f"{a / b:5.2f}x"
+
+
+def print_row(r):
+    print(f"{r['dtype']:>8} {r['d']:>4} {r['s']:>6} {r['b']:>3} {r['h']:>3} {'yes' if r['causal'] else 'no':>6} "
+          f"{fmt(r['fajit'])} {fmt(r['fa2'])} {fmt(r['cudnn'])} {fmt(r['eff'])}  "
+          f"{ratio(r['fajit'], r['fa2'])} {ratio(r['fajit'], r['cudnn'])} {ratio(r['fajit'], r['eff'])}  "
+          f"{r.get('maxdiff', float('nan')):.1e}  {r['variant'].split(' bm=')[-1] if 'bm=' in r['variant'] else r['variant']}",
+          flush=True)
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lib", default=os.environ.get("FAJIT_LIB", os.path.join(here, "..", "build", "libfajit.so")))
+    ap.add_argument("--quick", action="store_true", help="seqlens 2k and 8k only")
+    args = ap.parse_args()
+    fj = Fajit(args.lib)
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    print("TFLOPs/s (forward, FLOPs 4*b*h*sq*sk*d, halved for causal); ratios fajit / peer; maxdiff vs fa2")
+    print(f"{'dtype':>8} {'d':>4} {'seqlen':>6} {'b':>3} {'h':>3} {'causal':>6} {'fajit':>6} {'fa2':>6} "
+          f"{'cudnn':>6} {'eff':>6}  {'/fa2':>6} {'/cudnn':>6} {'/eff':>6}  maxdiff  tiles")
+    seqlens = [2048, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            for d in (64, 128, 256):
+                for s in seqlens:
+                    print_row(one(fj, dtype, 16384 // s, 2048 // d, s, d, causal))
+    for d in (72, 80, 100, 160, 200):
+        for causal in (False, True):
+            print_row(one(fj, torch.bfloat16, 4, 2048 // d, 4096, d, causal))
+
+
+if __name__ == "__main__":
+    main()

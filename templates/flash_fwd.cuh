@@ -1,0 +1,572 @@
+/*
+ * templates/flash_fwd.cuh - the fast forward attention on tensor cores, in the
+ * FlashAttention-2 manner. Same semantics as reference.cuh (read its header):
+ * (batch, seqlen, nheads, headdim) with any batch/seq/head strides and a
+ * contiguous last dim, GQA/MQA, causal bottom-right and top-left, local windows
+ * (common.cuh visible_keys), fully masked rows -> 0 and LSE -inf, LSE to p.lse
+ * when not NULL, 64-bit offsets.
+ *
+ * How. A block owns FAJIT_BM query rows of one (batch, head); warp w owns 16 *
+ * kMTiles consecutive rows of them, so every softmax reduction stays inside a
+ * quad of lanes and needs no shared memory. Keys are visited in tiles of
+ * FAJIT_BN, only those some row of the block may see (causal and windows skip
+ * whole tiles; the per-element mask is applied only to tiles that straddle a
+ * row's bounds). Per tile:
+ *   S = Q K^T   mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate); Q and K
+ *               fragments by ldmatrix from shared memory (Q kept in registers
+ *               when small enough);
+ *   online softmax in the exp2 domain: x = S * softmax_scale_log2, running max
+ *               m and per-lane partial row sums l, the accumulator rescaled by
+ *               exp2(m_old - m_new);
+ *   O += P V    P converted to fp16/bf16 in registers (the S accumulator layout
+ *               is the A-operand layout), V fragments by ldmatrix.trans.
+ * K and V tiles stream through FAJIT_STAGES shared-memory buffers filled by
+ * cp.async (zero-filled past seqlen_k, so no garbage reaches P V).
+ *
+ * Head dims: dqk and dv multiples of 8 up to 256. The mma k step is 16, so when
+ * dqk % 16 == 8 the Q and K rows in shared memory get one extra 8-column chunk,
+ * zeroed once, that adds nothing to q.k. dv needs no padding (n step is 8).
+ *
+ * Shared memory rows are arrays of 16-byte chunks. A row of a multiple of 8
+ * chunks is XOR-swizzled (chunk ^ (row % 8)); any other row length is padded to
+ * an odd number of chunks. Either way the 8 rows an ldmatrix phase reads, and
+ * the 8 chunks a cp.async phase writes, fall in 8 distinct bank groups.
+ *
+ * Launch (runtime): grid (ceil(seqlen_q / FAJIT_BM), nheads_q, batch),
+ * FAJIT_WARPS * 32 threads, FAJIT_SMEM_BYTES of dynamic shared memory (the
+ * layout below; codegen's fajit__variant_smem_bytes computes the same number).
+ * Needs q, k, v, o 16-byte aligned with strides multiples of 8 elements.
+ */
+#include "common.cuh"
+#include "fwd_params.h"
+
+static_assert(FAJIT_OP == 1, "flash_fwd.cuh is the template of op fwd");
+static_assert(FAJIT_ARCH >= 80, "flash_fwd: needs sm_80 or newer (mma.sync bf16, cp.async)");
+static_assert(FAJIT_DQK >= 8 && FAJIT_DQK <= 256 && FAJIT_DQK % 8 == 0,
+              "flash_fwd: dqk must be a multiple of 8 in 8..256");
+static_assert(FAJIT_DV >= 8 && FAJIT_DV <= 256 && FAJIT_DV % 8 == 0,
+              "flash_fwd: dv must be a multiple of 8 in 8..256");
+static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 16, "flash_fwd: warps must be 1..16");
+static_assert(FAJIT_BM % (16 * FAJIT_WARPS) == 0, "flash_fwd: bm must be a multiple of 16 * warps");
+static_assert(FAJIT_BN >= 16 && FAJIT_BN % 16 == 0, "flash_fwd: bn must be a multiple of 16");
+static_assert(FAJIT_STAGES >= 1 && FAJIT_STAGES <= 3, "flash_fwd: stages must be 1..3");
+static_assert(FAJIT_DROPOUT == 0 && FAJIT_SOFTCAP == 0 && FAJIT_ALIBI == 0,
+              "flash_fwd: dropout, softcap and alibi are not implemented");
+static_assert(FAJIT_VARLEN == 0 && FAJIT_PAGED == 0,
+              "flash_fwd: varlen and paged KV are not implemented");
+
+namespace fajit_fa {
+
+using elem_t = unsigned short; /* raw fp16 / bf16 bits */
+
+constexpr int kThreads = FAJIT_WARPS * 32;
+constexpr int kMTiles = FAJIT_BM / (16 * FAJIT_WARPS); /* 16-row mma tiles per warp */
+constexpr int kWarpRows = 16 * kMTiles;
+constexpr int kDqkPad = (FAJIT_DQK + 15) / 16 * 16; /* mma k steps of 16 */
+constexpr int kChunksQK = kDqkPad / 8;              /* 16-byte chunks of a Q/K smem row */
+constexpr int kLoadChunksQK = FAJIT_DQK / 8;        /* chunks read from memory */
+constexpr int kChunksV = FAJIT_DV / 8;
+constexpr int kNTiles = FAJIT_BN / 8;   /* n tiles of S */
+constexpr int kOTiles = FAJIT_DV / 8;   /* n tiles of O */
+constexpr int kKSteps = kDqkPad / 16;   /* k steps of Q K^T */
+constexpr int kPSteps = FAJIT_BN / 16;  /* k steps of P V */
+
+/* Row length in chunks: swizzled rows keep their length, others go odd. */
+__host__ __device__ constexpr int row_chunks(int chunks) { return chunks % 8 == 0 ? chunks : (chunks | 1); }
+
+constexpr int kQElems = FAJIT_BM * row_chunks(kChunksQK) * 8;
+constexpr int kKElems = FAJIT_BN * row_chunks(kChunksQK) * 8; /* one stage */
+constexpr int kVElems = FAJIT_BN * row_chunks(kChunksV) * 8;  /* one stage */
+constexpr int kSmemBytes = (kQElems + FAJIT_STAGES * (kKElems + kVElems)) * 2;
+static_assert(kSmemBytes <= FAJIT_SMEM_BYTES,
+              "flash_fwd: shared memory layout larger than FAJIT_SMEM_BYTES (codegen disagrees)");
+
+/* Q fragments live in registers when they cost at most 32 of them. */
+constexpr bool kQInRegs = kMTiles * kKSteps * 4 <= 32;
+
+/* Element offset of chunk `chunk` of row `row` in a tile of `Chunks`-chunk rows. */
+template <int Chunks>
+__device__ __forceinline__ int smem_at(int row, int chunk) {
+    if constexpr (Chunks % 8 == 0)
+        return (row * Chunks + (chunk ^ (row & 7))) * 8;
+    else
+        return (row * row_chunks(Chunks) + chunk) * 8;
+}
+
+/*
+ * A lane's ldmatrix addresses in a tile of Chunks-chunk rows. Every fragment
+ * load reads row R + row_lane and chunk C0 + chunk_lane, with R a multiple of
+ * 8 and C0 even, both compile-time; row_lane % 8 is the swizzle's XOR term for
+ * every R. So (C0 + chunk_lane) ^ (row_lane % 8) = 8 (C0 / 8) + ((C0 % 8 +
+ * chunk_lane) ^ (row_lane % 8)): four per-lane offsets plus constants, instead
+ * of one live register per distinct address.
+ */
+template <int Chunks>
+struct LaneAddr {
+    unsigned base;  /* byte address of the lane's row, chunk 0 (padded: chunk_lane) */
+    unsigned sw[4]; /* swizzled: byte offset of chunk (2 r + chunk_lane) ^ (row_lane % 8) */
+
+    __device__ __forceinline__ void init(unsigned tile, int row_lane, int chunk_lane) {
+        if constexpr (Chunks % 8 == 0) {
+            base = tile + row_lane * Chunks * 16;
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                sw[r] = ((2 * r + chunk_lane) ^ (row_lane & 7)) * 16;
+        } else {
+            base = tile + (row_lane * row_chunks(Chunks) + chunk_lane) * 16;
+        }
+    }
+    __device__ __forceinline__ unsigned at(int r0, int c0) const {
+        if constexpr (Chunks % 8 == 0)
+            return base + r0 * Chunks * 16 + (c0 / 8) * 128 + sw[(c0 % 8) / 2];
+        else
+            return base + (r0 * row_chunks(Chunks) + c0) * 16;
+    }
+};
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+/* ---------------------------------------------------------------- PTX */
+
+__device__ __forceinline__ unsigned smem_addr(const void *p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+/* 16 bytes global -> shared, bypassing L1; zero-filled when !valid. */
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, unsigned (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned addr, unsigned &r0, unsigned &r1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr));
+}
+
+/* d += a * b, m16n8k16, row.col, fp32 accumulate. */
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats as one register of two 16-bit values, lo in the low half. */
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* ---------------------------------------------------------------- tiles */
+
+/* The block's view of one (batch, head): base pointers and row strides. */
+struct Heads {
+    const elem_t *q, *k, *v;
+    elem_t *o;
+    long long q_row, k_row, v_row, o_row; /* seq strides */
+};
+
+__device__ __forceinline__ Heads heads_of(const fajit_fwd_params &p, long long b, long long h) {
+    const long long h_kv = h / (p.nheads_q / p.nheads_kv);
+    Heads t;
+    t.q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+    t.k = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + h_kv * p.k_stride[2];
+    t.v = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + h_kv * p.v_stride[2];
+    t.o = static_cast<elem_t *>(p.o) + b * p.o_stride[0] + h * p.o_stride[2];
+    t.q_row = p.q_stride[1];
+    t.k_row = p.k_stride[1];
+    t.v_row = p.v_stride[1];
+    t.o_row = p.o_stride[1];
+    return t;
+}
+
+/* Rows rows x LoadChunks chunks from src (row stride `stride`) into a smem tile
+ * of Chunks-chunk rows; rows at or past `valid` are zero-filled. */
+template <int Rows, int LoadChunks, int Chunks>
+__device__ __forceinline__ void load_tile(unsigned dst, const elem_t *src, long long stride,
+                                          int first, int valid, int tid) {
+    if constexpr (kThreads % LoadChunks == 0) {
+        /* Each thread copies one chunk column, every kRowStep-th row. */
+        constexpr int kRowStep = kThreads / LoadChunks;
+        const int c = tid % LoadChunks, r0 = tid / LoadChunks;
+        const elem_t *g = src + static_cast<long long>(first + r0) * stride + c * 8;
+#pragma unroll
+        for (int r = r0; r < Rows; r += kRowStep) {
+            const bool ok = first + r < valid;
+            cp_async_16(dst + smem_at<Chunks>(r, c) * 2, ok ? g : src, ok);
+            g += kRowStep * stride;
+        }
+    } else {
+#pragma unroll
+        for (int i = tid; i < Rows * LoadChunks; i += kThreads) {
+            const int r = i / LoadChunks, c = i % LoadChunks;
+            const bool ok = first + r < valid;
+            const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + c * 8 : src;
+            cp_async_16(dst + smem_at<Chunks>(r, c) * 2, g, ok);
+        }
+    }
+}
+
+/* The pad chunk of Q/K rows (dqk % 16 == 8) is never loaded: zero it once. */
+template <int Rows>
+__device__ __forceinline__ void zero_pad_chunk(elem_t *tile, int tid) {
+    if constexpr (kChunksQK != kLoadChunksQK) {
+        for (int r = tid; r < Rows; r += kThreads) {
+            unsigned *at = reinterpret_cast<unsigned *>(tile + smem_at<kChunksQK>(r, kChunksQK - 1));
+            at[0] = at[1] = at[2] = at[3] = 0u;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- softmax state */
+
+/* Per thread: for each m tile, rows lane/4 (half 0) and lane/4 + 8 (half 1). */
+struct RowState {
+    float m[kMTiles][2]; /* running max of x = s * scale_log2, -inf before any key */
+    float l[kMTiles][2]; /* this lane's partial sum of exp2(x - m) */
+    int begin[kMTiles][2], end[kMTiles][2]; /* visible keys */
+};
+
+/* Masks tile elements outside each row's visible keys (tiles straddling a bound). */
+__device__ __forceinline__ void mask_tile(float (&x)[kMTiles][kNTiles][4], const RowState &st,
+                                          int n0, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int half = e / 2;
+                const int key = n0 + j * 8 + (lane % 4) * 2 + (e % 2);
+                if (key < st.begin[mt][half] || key >= st.end[mt][half])
+                    x[mt][j][e] = fajit::neg_infinity();
+            }
+}
+
+/* x (scaled scores) -> probabilities in place; rescales the state and acc_o. */
+__device__ __forceinline__ void online_softmax(float (&x)[kMTiles][kNTiles][4], RowState &st,
+                                               float (&acc_o)[kMTiles][kOTiles][4]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float mx = st.m[mt][half];
+#pragma unroll
+            for (int j = 0; j < kNTiles; ++j)
+                mx = fmaxf(mx, fmaxf(x[mt][j][2 * half], x[mt][j][2 * half + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(fajit::kFullWarp, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(fajit::kFullWarp, mx, 2));
+            /* No visible key yet: subtract 0, so exp2(-inf) = 0 everywhere. */
+            const float use = mx == fajit::neg_infinity() ? 0.0f : mx;
+            const float corr = fast_exp2(st.m[mt][half] - use);
+            st.m[mt][half] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+                for (int e = 2 * half; e < 2 * half + 2; ++e) {
+                    x[mt][j][e] = fast_exp2(x[mt][j][e] - use);
+                    sum += x[mt][j][e];
+                }
+            st.l[mt][half] = st.l[mt][half] * corr + sum;
+#pragma unroll
+            for (int j = 0; j < kOTiles; ++j) {
+                acc_o[mt][j][2 * half] *= corr;
+                acc_o[mt][j][2 * half + 1] *= corr;
+            }
+        }
+}
+
+/* ---------------------------------------------------------------- the math */
+
+/* The lanes' fragment addresses: Q (A operand, rows of this warp), K (B
+ * operand of Q K^T, two n tiles per ldmatrix.x4), V (B operand of P V,
+ * transposed, two dv tiles per ldmatrix.x4.trans). Offsets within one stage. */
+struct Frags {
+    LaneAddr<kChunksQK> q, k;
+    LaneAddr<kChunksV> v;
+};
+
+__device__ __forceinline__ void init_frags(Frags &f, unsigned sQ, unsigned sK, unsigned sV,
+                                           int warp_row0, int lane) {
+    f.q.init(sQ, warp_row0 + (lane & 15), lane >> 4);
+    f.k.init(sK, (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+    f.v.init(sV, (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+}
+
+/* acc = Q K^T for the K tile at byte offset k_off from stage 0. */
+__device__ __forceinline__ void qk_tile(float (&acc)[kMTiles][kNTiles][4], const Frags &f,
+                                        const unsigned (&qreg)[kQInRegs ? kMTiles : 1][kQInRegs ? kKSteps : 1][4],
+                                        unsigned k_off) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+            acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+        unsigned a[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+            if constexpr (kQInRegs) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    a[mt][i] = qreg[mt][kk][i];
+            } else {
+                ldmatrix_x4(f.q.at(mt * 16, 2 * kk), a[mt]);
+            }
+        }
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+            unsigned b[4];
+            ldmatrix_x4(f.k.at(np * 16, 2 * kk) + k_off, b);
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                mma(acc[mt][2 * np], a[mt], b[0], b[1]);
+                mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* acc_o += P V for the V tile at byte offset v_off; P is the softmaxed x in
+ * the accumulator layout, which is the A-operand layout once packed. */
+__device__ __forceinline__ void pv_tile(float (&acc_o)[kMTiles][kOTiles][4],
+                                        const float (&x)[kMTiles][kNTiles][4], const Frags &f,
+                                        unsigned v_off) {
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk) {
+        unsigned a[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+            a[mt][0] = pack2(x[mt][2 * kk][0], x[mt][2 * kk][1]);
+            a[mt][1] = pack2(x[mt][2 * kk][2], x[mt][2 * kk][3]);
+            a[mt][2] = pack2(x[mt][2 * kk + 1][0], x[mt][2 * kk + 1][1]);
+            a[mt][3] = pack2(x[mt][2 * kk + 1][2], x[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < kOTiles / 2; ++dp) {
+            unsigned b[4];
+            ldmatrix_x4_trans(f.v.at(kk * 16, 2 * dp) + v_off, b);
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                mma(acc_o[mt][2 * dp], a[mt], b[0], b[1]);
+                mma(acc_o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+            }
+        }
+        if constexpr (kOTiles % 2 == 1) {
+            /* .x2: lanes 0..15 give the addresses, chunk_lane is 0 for them. */
+            unsigned b0, b1;
+            ldmatrix_x2_trans(f.v.at(kk * 16, kOTiles - 1) + v_off, b0, b1);
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+                mma(acc_o[mt][kOTiles - 1], a[mt], b0, b1);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- epilogue */
+
+/* O = acc_o / l and LSE, for this thread's rows below seqlen_q. */
+__device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads &t, long long bh,
+                                          float (&acc_o)[kMTiles][kOTiles][4], const RowState &st,
+                                          int row0, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float l = st.l[mt][half];
+            l += __shfl_xor_sync(fajit::kFullWarp, l, 1);
+            l += __shfl_xor_sync(fajit::kFullWarp, l, 2);
+            const int row = row0 + mt * 16 + half * 8 + lane / 4;
+            if (row >= p.seqlen_q)
+                continue;
+            /* l >= 1 when any key was visible (the max contributes exp2(0)). */
+            const bool any = l > 0.0f;
+            const float inv = any ? 1.0f / l : 0.0f;
+            elem_t *o_row = t.o + static_cast<long long>(row) * t.o_row + (lane % 4) * 2;
+#pragma unroll
+            for (int j = 0; j < kOTiles; ++j)
+                *reinterpret_cast<unsigned *>(o_row + j * 8) =
+                    pack2(acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv);
+            if (p.lse != nullptr && lane % 4 == 0)
+                p.lse[bh * p.seqlen_q + row] =
+                    any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
+        }
+}
+
+/* A block none of whose rows sees a key: O = 0, LSE = -inf. */
+__device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, long long bh, int m0,
+                                   int tid) {
+    for (int i = tid; i < FAJIT_BM * kChunksV; i += kThreads) {
+        const int r = i / kChunksV, c = i % kChunksV;
+        if (m0 + r < p.seqlen_q) {
+            elem_t *at = t.o + static_cast<long long>(m0 + r) * t.o_row + c * 8;
+            asm volatile("st.global.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"l"(at), "r"(0u) : "memory");
+        }
+    }
+    if (p.lse != nullptr)
+        for (int r = tid; r < FAJIT_BM && m0 + r < p.seqlen_q; r += kThreads)
+            p.lse[bh * p.seqlen_q + m0 + r] = fajit::neg_infinity();
+}
+
+} // namespace fajit_fa
+
+extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd(const fajit_fwd_params p) {
+    using namespace fajit_fa;
+    extern __shared__ __attribute__((aligned(128))) elem_t smem[];
+    elem_t *const sQ = smem;
+    elem_t *const sK = smem + kQElems;
+    elem_t *const sV = sK + FAJIT_STAGES * kKElems;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const long long b = blockIdx.z, h = blockIdx.y, bh = b * p.nheads_q + h;
+    const int m0 = blockIdx.x * FAJIT_BM;
+    const Heads t = heads_of(p, b, h);
+
+    /* Keys any row of the block may see: visible ranges only move right. */
+    const int last_row = imin(m0 + FAJIT_BM, p.seqlen_q) - 1;
+    const fajit::KeyRange first = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
+        m0, p.seqlen_q, p.seqlen_k);
+    const fajit::KeyRange last = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
+        last_row, p.seqlen_q, p.seqlen_k);
+    const int kb = static_cast<int>(first.begin > 0 ? first.begin : 0);
+    const int ke = static_cast<int>(last.end < p.seqlen_k ? last.end : p.seqlen_k);
+    if (ke <= kb) {
+        write_masked_block(p, t, bh, m0, tid);
+        return;
+    }
+    const int n_tiles = (ke - kb + FAJIT_BN - 1) / FAJIT_BN;
+    /* Tiles inside [all_begin, all_end) need no per-element mask. */
+    const long long all_begin = last.begin;
+    const long long all_end = first.end < p.seqlen_k ? first.end : p.seqlen_k;
+
+    const int warp_row0 = warp * kWarpRows;
+    RowState st;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = m0 + warp_row0 + mt * 16 + half * 8 + lane / 4;
+            const fajit::KeyRange r = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
+                row, p.seqlen_q, p.seqlen_k);
+            st.begin[mt][half] = static_cast<int>(r.begin < 0 ? 0 : (r.begin > p.seqlen_k ? p.seqlen_k : r.begin));
+            st.end[mt][half] = static_cast<int>(r.end < 0 ? 0 : r.end);
+            st.m[mt][half] = fajit::neg_infinity();
+            st.l[mt][half] = 0.0f;
+        }
+
+    const unsigned aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
+    Frags f;
+    init_frags(f, aQ, aK, aV, warp_row0, lane);
+
+    zero_pad_chunk<FAJIT_BM>(sQ, tid);
+#pragma unroll
+    for (int s = 0; s < FAJIT_STAGES; ++s)
+        zero_pad_chunk<FAJIT_BN>(sK + s * kKElems, tid);
+
+    /* Q and the first STAGES-1 K/V tiles in flight; one commit group per tile. */
+    load_tile<FAJIT_BM, kLoadChunksQK, kChunksQK>(aQ, t.q, t.q_row, m0, p.seqlen_q, tid);
+    auto load_kv = [&](int i) {
+        const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
+        load_tile<FAJIT_BN, kLoadChunksQK, kChunksQK>(aK + s * kKElems * 2, t.k, t.k_row, n0, p.seqlen_k, tid);
+        load_tile<FAJIT_BN, kChunksV, kChunksV>(aV + s * kVElems * 2, t.v, t.v_row, n0, p.seqlen_k, tid);
+    };
+#pragma unroll
+    for (int i = 0; i < FAJIT_STAGES - 1; ++i) {
+        if (i < n_tiles)
+            load_kv(i);
+        cp_async_commit();
+    }
+
+    float acc_o[kMTiles][kOTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int j = 0; j < kOTiles; ++j)
+            acc_o[mt][j][0] = acc_o[mt][j][1] = acc_o[mt][j][2] = acc_o[mt][j][3] = 0.0f;
+    unsigned qreg[kQInRegs ? kMTiles : 1][kQInRegs ? kKSteps : 1][4];
+
+    for (int i = 0; i < n_tiles; ++i) {
+        if constexpr (FAJIT_STAGES == 1) {
+            if (i > 0)
+                __syncthreads(); /* every warp is done with the single buffer */
+            load_kv(i);
+            cp_async_commit();
+            cp_async_wait<0>();
+        } else {
+            cp_async_wait<FAJIT_STAGES - 2>(); /* tile i (and Q) landed, for this thread */
+        }
+        __syncthreads(); /* ... for every thread; and buffer (i-1) % STAGES is free */
+        if constexpr (FAJIT_STAGES > 1) {
+            if (i + FAJIT_STAGES - 1 < n_tiles)
+                load_kv(i + FAJIT_STAGES - 1);
+            cp_async_commit();
+        }
+        if constexpr (kQInRegs) {
+            if (i == 0) {
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                    for (int kk = 0; kk < kKSteps; ++kk)
+                        ldmatrix_x4(f.q.at(mt * 16, 2 * kk), qreg[mt][kk]);
+            }
+        }
+        const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
+        float x[kMTiles][kNTiles][4];
+        qk_tile(x, f, qreg, s * kKElems * 2);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    x[mt][j][e] *= p.softmax_scale_log2;
+        if (n0 < all_begin || n0 + FAJIT_BN > all_end)
+            mask_tile(x, st, n0, lane);
+        online_softmax(x, st, acc_o);
+        pv_tile(acc_o, x, f, s * kVElems * 2);
+    }
+    cp_async_wait<0>(); /* no copy may outlive the block (empty groups only, by now) */
+    write_out(p, t, bh, acc_o, st, m0 + warp_row0, lane);
+}

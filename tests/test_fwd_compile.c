@@ -1,0 +1,283 @@
+/*
+ * tests/test_fwd_compile.c - the fast forward template (flash_fwd.cuh) compiles
+ * with NVRTC for the tiles the runtime heuristic picks, no GPU needed.
+ *
+ * Renders op=fwd variants with fajit__render, tiles from fajit__heuristic_tiles
+ * (the runtime's choice for that arch), and compiles each with NVRTC as the
+ * runtime does (-std=c++17, the variant's arch, no include path) plus
+ * --ptxas-options=-v:
+ *   - sm_90: every head dim 8..256 in steps of 8 (dtype and mask rotating),
+ *     192/128 and 128/64, and every dtype x mask for 64, 72, 128 and 256;
+ *   - sm_80: a subset (2 cores, CI time).
+ * Every compile must succeed with no spills and no template warnings, and the
+ * dynamic shared memory the variant declares (fajit__variant_smem_bytes) must
+ * fit the arch's opt-in limit. Variants the template cannot serve (dropout,
+ * dqk not a multiple of 8) must be refused at compile time with the reason.
+ */
+#include <nvrtc.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "codegen/variant.h"
+#include "fajit.h"
+#include "runtime/error.h"
+#include "runtime/runtime.h"
+
+#define COMPILE_THREADS 2
+
+typedef struct job {
+    fajit__variant v;
+    const char *expect_refusal; /* NULL, or a phrase the compile error must contain */
+    /* results */
+    int ok;
+    char why[512];
+    double ms;
+    int registers, smem, spill_stores, spill_loads, template_warnings;
+    size_t cubin_bytes, dyn_smem;
+} job;
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* ---------------------------------------------------------------- variants */
+
+static size_t smem_limit(int arch) {
+    return arch == 90 ? 227 * 1024 : arch == 80 ? 163 * 1024 : 99 * 1024;
+}
+
+static fajit__variant fwd_variant(int dqk, int dv, int dtype, int mask, int arch) {
+    fajit__variant v;
+    fajit__variant_defaults(&v);
+    v.op = FAJIT__OP_FWD;
+    v.dqk = dqk;
+    v.dv = dv;
+    v.dtype = dtype;
+    v.mask = mask;
+    v.arch = arch;
+    v.arch_suffix = 0;
+    fajit__heuristic_tiles(&v);
+    return v;
+}
+
+static size_t add(job *jobs, size_t n, size_t cap, fajit__variant v) {
+    if (n < cap) {
+        memset(&jobs[n], 0, sizeof jobs[n]);
+        jobs[n].v = v;
+        return n + 1;
+    }
+    return n;
+}
+
+static size_t build_jobs(job *jobs, size_t cap) {
+    static const int full[] = {64, 72, 128, 256};
+    static const int sm80[][2] = {{8, 8}, {72, 72}, {128, 128}, {192, 128}, {256, 256}};
+    size_t n = 0;
+    for (int d = 8; d <= 256; d += 8)
+        n = add(jobs, n, cap, fwd_variant(d, d, (d / 8) % 2, (d / 16) % 3, 90));
+    n = add(jobs, n, cap, fwd_variant(192, 128, 1, 1, 90));
+    n = add(jobs, n, cap, fwd_variant(128, 64, 0, 2, 90));
+    for (size_t i = 0; i < sizeof full / sizeof full[0]; ++i)
+        for (int dtype = 0; dtype < 2; ++dtype)
+            for (int mask = 0; mask < 3; ++mask)
+                if (!(dtype == (full[i] / 8) % 2 && mask == (full[i] / 16) % 3))
+                    n = add(jobs, n, cap, fwd_variant(full[i], full[i], dtype, mask, 90));
+    for (size_t i = 0; i < sizeof sm80 / sizeof sm80[0]; ++i)
+        n = add(jobs, n, cap, fwd_variant(sm80[i][0], sm80[i][1], (int)i % 2, (int)i % 3, 80));
+    n = add(jobs, n, cap, fwd_variant(128, 128, 1, 1, 86));
+    if (n + 2 <= cap) { /* what the template cannot do must not compile */
+        n = add(jobs, n, cap, fwd_variant(64, 64, 0, 0, 90));
+        jobs[n - 1].v.dropout = 1;
+        jobs[n - 1].expect_refusal = "not implemented";
+        n = add(jobs, n, cap, fwd_variant(64, 64, 0, 0, 90));
+        jobs[n - 1].v.dqk = 60;
+        jobs[n - 1].expect_refusal = "multiple of 8";
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------- the compile log */
+
+/* Finds `key` in the ptxas log and reads the number just before it ("48" of
+ * "Used 48 registers"); -1 if absent. */
+static int number_before(const char *log, const char *key) {
+    const char *at = strstr(log, key);
+    if (!at)
+        return -1;
+    const char *p = at;
+    while (p > log && p[-1] == ' ')
+        --p;
+    while (p > log && p[-1] >= '0' && p[-1] <= '9')
+        --p;
+    return p < at ? atoi(p) : -1;
+}
+
+/* Warnings located in a template file (NVRTC names them thanks to #line). */
+static int count_template_warnings(const char *log) {
+    int n = 0;
+    for (const char *p = log; (p = strstr(p, "warning")) != NULL; ++p) {
+        const char *line = p;
+        while (line > log && line[-1] != '\n')
+            --line;
+        if (strstr(line, ".cuh(") && strstr(line, ".cuh(") < p)
+            ++n;
+    }
+    return n;
+}
+
+static void read_resources(job *j, const char *log) {
+    j->registers = number_before(log, "registers");
+    j->smem = number_before(log, "bytes smem");
+    j->spill_stores = number_before(log, "bytes spill stores");
+    j->spill_loads = number_before(log, "bytes spill loads");
+    j->template_warnings = count_template_warnings(log);
+}
+
+/* ---------------------------------------------------------------- one compile */
+
+static char *program_log(nvrtcProgram prog) {
+    size_t n = 0;
+    if (nvrtcGetProgramLogSize(prog, &n) != NVRTC_SUCCESS)
+        return NULL;
+    char *log = malloc(n + 1);
+    if (log && nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS)
+        log[0] = '\0';
+    if (log)
+        log[n] = '\0';
+    return log;
+}
+
+static int compile_rendered(job *j, const char *src, const char *entry) {
+    char arch_opt[64];
+    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=sm_%d", j->v.arch);
+    const char *opts[] = {"-std=c++17", arch_opt, "--ptxas-options=-v"};
+    nvrtcProgram prog;
+    if (nvrtcCreateProgram(&prog, src, "fajit_fwd.cu", 0, NULL, NULL) != NVRTC_SUCCESS) {
+        snprintf(j->why, sizeof j->why, "nvrtcCreateProgram failed");
+        return -1;
+    }
+    const double t0 = now_ms();
+    const nvrtcResult rc = nvrtcCompileProgram(prog, 3, opts);
+    j->ms = now_ms() - t0;
+    char *log = program_log(prog);
+    int result = -1;
+    if (rc != NVRTC_SUCCESS) {
+        const char *err = log ? strstr(log, "error") : NULL;
+        snprintf(j->why, sizeof j->why, "%s: %.400s", nvrtcGetErrorString(rc), err ? err : log ? log : "");
+    } else if (nvrtcGetCUBINSize(prog, &j->cubin_bytes) != NVRTC_SUCCESS || j->cubin_bytes == 0) {
+        snprintf(j->why, sizeof j->why, "no cubin");
+    } else if (strcmp(entry, "fajit_flash_fwd") != 0) {
+        snprintf(j->why, sizeof j->why, "entry name %s, want fajit_flash_fwd", entry);
+    } else {
+        read_resources(j, log ? log : "");
+        result = 0;
+    }
+    free(log);
+    nvrtcDestroyProgram(&prog);
+    return result;
+}
+
+static void run_job(job *j) {
+    char *src = NULL;
+    size_t len = 0;
+    const char *entry = NULL;
+    j->dyn_smem = fajit__variant_smem_bytes(&j->v);
+    if (fajit__render(&j->v, &src, &len, &entry) != 0) {
+        snprintf(j->why, sizeof j->why, "render: %s", fajit__detail());
+        return;
+    }
+    const int compiled = compile_rendered(j, src, entry) == 0;
+    free(src);
+    if (j->expect_refusal) {
+        j->ok = !compiled && strstr(j->why, j->expect_refusal) != NULL;
+        if (compiled)
+            snprintf(j->why, sizeof j->why, "compiled, but the template cannot serve it");
+        return;
+    }
+    if (!compiled)
+        return;
+    if (j->registers <= 0 || j->spill_stores < 0 || j->spill_loads < 0)
+        snprintf(j->why, sizeof j->why, "ptxas report unreadable");
+    else if (j->spill_stores > 0 || j->spill_loads > 0)
+        snprintf(j->why, sizeof j->why, "spills: %d bytes stores, %d bytes loads", j->spill_stores,
+                 j->spill_loads);
+    else if (j->dyn_smem == 0 || j->dyn_smem > smem_limit(j->v.arch))
+        snprintf(j->why, sizeof j->why, "dynamic smem %zu outside 1..%zu", j->dyn_smem, smem_limit(j->v.arch));
+    else if (j->template_warnings > 0)
+        snprintf(j->why, sizeof j->why, "%d warnings in the templates", j->template_warnings);
+    else
+        j->ok = 1;
+}
+
+/* ---------------------------------------------------------------- threads */
+
+typedef struct pool {
+    job *jobs;
+    size_t n, next;
+    pthread_mutex_t lock;
+} pool;
+
+static void *worker(void *arg) {
+    pool *p = arg;
+    for (;;) {
+        pthread_mutex_lock(&p->lock);
+        const size_t i = p->next++;
+        pthread_mutex_unlock(&p->lock);
+        if (i >= p->n)
+            return NULL;
+        run_job(&p->jobs[i]);
+    }
+}
+
+static void print_job(const job *j) {
+    char text[FAJIT__VARIANT_TEXT_MAX];
+    if (fajit__variant_format(&j->v, text, sizeof text) < 0)
+        snprintf(text, sizeof text, "(unformattable variant)");
+    if (j->expect_refusal)
+        printf("%s refused as it must: %s\n  (%.160s)\n", j->ok ? "ok  " : "FAIL", text, j->why);
+    else if (j->ok)
+        printf("ok   %7.1f ms  regs %3d  dyn smem %6zu  spill %d+%d  cubin %6zu  %s\n", j->ms,
+               j->registers, j->dyn_smem, j->spill_stores, j->spill_loads, j->cubin_bytes, text);
+    else
+        printf("FAIL %s\n  %s\n", text, j->why);
+}
+
+int main(void) {
+    /* Where a CUDA driver is installed, NVRTC keeps ptxas output in the
+     * driver's compute cache (~/.nv/ComputeCache) across processes; a variant
+     * served from it compiles without a ptxas report, so its resources could
+     * not be checked. Compile for real. */
+    setenv("CUDA_CACHE_DISABLE", "1", 1);
+    int major = 0, minor = 0;
+    nvrtcVersion(&major, &minor);
+    printf("NVRTC %d.%d, %d threads\n", major, minor, COMPILE_THREADS);
+
+    static job jobs[128];
+    pool p = {.jobs = jobs, .n = build_jobs(jobs, sizeof jobs / sizeof jobs[0]), .next = 0};
+    pthread_mutex_init(&p.lock, NULL);
+    const double t0 = now_ms();
+    pthread_t threads[COMPILE_THREADS];
+    for (int t = 0; t < COMPILE_THREADS; ++t)
+        pthread_create(&threads[t], NULL, worker, &p);
+    for (int t = 0; t < COMPILE_THREADS; ++t)
+        pthread_join(threads[t], NULL);
+    const double wall = now_ms() - t0;
+    pthread_mutex_destroy(&p.lock);
+
+    size_t failures = 0, spilling = 0;
+    double total_ms = 0.0;
+    for (size_t i = 0; i < p.n; ++i) {
+        print_job(&jobs[i]);
+        failures += !jobs[i].ok;
+        spilling += jobs[i].ok && (jobs[i].spill_stores > 0 || jobs[i].spill_loads > 0);
+        total_ms += jobs[i].ms;
+    }
+    printf("%zu variants, %zu failed, %zu with spills; compile %.0f ms in all (%.0f ms mean), wall %.0f ms\n",
+           p.n, failures, spilling, total_ms, total_ms / (double)p.n, wall);
+    return failures ? 1 : 0;
+}
