@@ -254,6 +254,23 @@ static unsigned file_mode_of(const fajit__store_options *o)
     return o->shared ? 0660 : o->private_files ? 0600 : 0644;
 }
 
+/* Shared mode means group members write too, whatever the umask of the
+ * process that happened to create the files: widen what we own to the
+ * shared modes. */
+static void apply_shared_modes(const char *dir)
+{
+    static const char *const files[] = {"data.mdb", "lock.mdb", "compile.lock"};
+    char path[PATH_MAX];
+    struct stat st;
+    if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid())
+        chmod(dir, 0770);
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        if (lstat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid())
+            chmod(path, 0660);
+    }
+}
+
 /* ---------------------------------------------------------------- fork safety */
 
 /* Holding the registry lock across fork keeps the child's copy consistent. */
@@ -486,6 +503,8 @@ static int attach_env(fajit__store *s, const char *canon)
         rc = 0; /* read-only and no cache there: every get misses */
     if (rc == 0)
         atomic_store(&s->env, e);
+    if (rc == 0 && s->opt.shared && s->mode == FAJIT_CACHE_READWRITE)
+        apply_shared_modes(canon);
     return rc;
 }
 
@@ -1315,6 +1334,9 @@ int fajit__store_lock_key(fajit__store *s, const uint8_t key[16], fajit__keylock
     if (fd < 0)
         return fajit__fail(FAJIT_EIO, "cache %s: cannot open %s: %s", s->dir, path,
                            strerror(errno));
+    struct stat st;
+    if (s->opt.shared && fstat(fd, &st) == 0 && st.st_uid == geteuid())
+        fchmod(fd, 0660); /* past the umask, as apply_shared_modes */
     struct flock fl;
     memset(&fl, 0, sizeof fl);
     fl.l_type = F_WRLCK;

@@ -109,7 +109,7 @@ static inline fajit_ctx *open_ctx(const char *dir, int mode, log_capture *lc)
         o.log_user = lc;
     }
     if (fajit_create(&ctx, &o) != 0)
-        printf("     fajit_create(%s): %s\n", dir, fajit_last_error());
+        printf("     fajit_create(%s): %s\n", dir ? dir : "default", fajit_last_error());
     return ctx;
 }
 
