@@ -339,6 +339,17 @@ class _Loaded:
                 fn.restype, fn.argtypes = res, args
         self.version = lib.fajit_version().decode()
         self._check_struct_sizes()
+        # Defaults as the init functions write them, copied per call (cheaper
+        # than calling init through ctypes on every attention call).
+        self._templates = {}
+
+    def new_args(self, cls, init_name):
+        """A fresh struct holding what init_name writes (struct_size included)."""
+        raw = self._templates.get(cls)
+        if raw is None:
+            raw = bytes(init_struct(self, cls, init_name))
+            self._templates[cls] = raw
+        return cls.from_buffer_copy(raw)
 
     def _check_struct_sizes(self):
         checks = [(Options, "fajit_options_init"), (AttnArgs, "fajit_attn_args_init")]

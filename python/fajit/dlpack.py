@@ -227,7 +227,7 @@ def _torch_out(q, dv, handle):
 
 
 def _fill_args(loaded, q, k, v, o, causal, softmax_scale):
-    a = _lib.init_struct(loaded, _lib.AttnArgs, "fajit_attn_args_init")
+    a = loaded.new_args(_lib.AttnArgs, "fajit_attn_args_init")
     a.q, a.k, a.v, a.o = q.data, k.data, v.data, o.data
     a.batch, a.seqlen_q, a.nheads_q, a.dqk = q.shape
     a.seqlen_k, a.nheads_kv, a.dv = k.shape[1], k.shape[2], v.shape[3]

@@ -176,7 +176,7 @@ def _forward(q, k, v, out, lse, scale, mask):
         if lse is not None:
             lse.fill_(-math.inf)
         return
-    a = _lib.init_struct(loaded, _lib.AttnArgs, "fajit_attn_args_init")
+    a = loaded.new_args(_lib.AttnArgs, "fajit_attn_args_init")
     a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     a.lse = lse.data_ptr() if lse is not None else None
     a.batch, a.seqlen_q, a.seqlen_k = b, sq, k.shape[1]
@@ -202,7 +202,7 @@ def _backward(dout, q, k, v, out, lse, dq, dk, dv, scale, mask, deterministic):
         for t in (dq, dk, dv):
             t.zero_()
         return
-    a = _lib.init_struct(loaded, _lib.AttnBwdArgs, "fajit_attn_bwd_args_init")
+    a = loaded.new_args(_lib.AttnBwdArgs, "fajit_attn_bwd_args_init")
     a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     a.grad_out, a.lse = dout.data_ptr(), lse.data_ptr()
     a.grad_q, a.grad_k, a.grad_v = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
