@@ -13,7 +13,7 @@ fajit._lib). Errors of the library raise FajitError with its message.
 from ._lib import (
     FajitError,
     FajitLibraryError,
-    compile,
+    compile_variant,
     has_backward,
     info,
     library_path,
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FajitError",
     "FajitLibraryError",
-    "compile",
+    "compile_variant",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -465,7 +465,7 @@ def variant_complete(spec, device=-1):
     return buf.value.decode()
 
 
-def compile(spec, device=-1):  # noqa: A001 - mirrors fajit_compile
+def compile_variant(spec, device=-1):
     """Makes sure a variant is compiled and cached (no GPU needed); returns a dict."""
     loaded = load()
     res = CompileResult()

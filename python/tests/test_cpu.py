@@ -264,6 +264,17 @@ class ErrorTest(unittest.TestCase):
         self.assertEqual((e2.status, e2.name, e2.detail, str(e2)),
                          (e.status, e.name, e.detail, str(e)))
 
+    def test_compile_variant(self):
+        require_library(self)
+        first = fajit.compile_variant("ref dqk=40 dtype=bf16")
+        self.assertGreater(first["cubin_bytes"], 0)
+        self.assertEqual(len(first["key"]), 32)
+        again = fajit.compile_variant("ref dqk=40 dtype=bf16")
+        self.assertEqual(again["key"], first["key"])
+        if fajit.info()["cache_mode"] == 0:  # read-write: the second is a hit
+            self.assertTrue(again["cached"])
+        print("compiled: %s" % first)
+
     def test_info(self):
         require_library(self)
         d = fajit.info()
