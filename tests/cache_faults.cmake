@@ -9,7 +9,8 @@ set(FAJIT_FAULT_TESTS
   test_cache_readers
   test_cache_fork
   test_cache_trust
-  test_cache_key)
+  test_cache_key
+  test_cache_lru)
 
 foreach(t ${FAJIT_FAULT_TESTS})
   fajit_add_test(${t} SOURCES ${t}.c LIBS fajit_static ${LMDB_LIBRARY} ${XXHASH_LIBRARY}
