@@ -34,3 +34,9 @@ fajit_add_test(test_fwd_gpu
   LIBS fajit fajit_attn_check CUDA::cudart Threads::Threads
   LABELS gpu)
 include(${CMAKE_CURRENT_LIST_DIR}/fwd.cmake OPTIONAL) # test_fwd_compile (CPU); guarded against a second include
+
+# The reference backward against an fp64 CPU backward (tests/gpu/bwd_check.c).
+fajit_add_test(test_bwd_gpu
+  SOURCES gpu/test_bwd_gpu.c gpu/bwd_check.c
+  LIBS fajit fajit_attn_check CUDA::cudart
+  LABELS gpu)
