@@ -51,6 +51,8 @@ size_t fajit__variant_smem_bytes(const fajit__variant *v)
     case FAJIT__OP_FWD:
         return fwd_smem_bytes(v);
     case FAJIT__OP_REF:
+    case FAJIT__OP_REF_DQ:
+    case FAJIT__OP_REF_DKDV:
     default:
         return 0; /* static shared memory only */
     }
