@@ -11,6 +11,8 @@
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
+#include "cache/hooks.h"
+#include "cache/sha256.h"
 #include "runtime/error.h"
 
 enum {
@@ -105,7 +107,7 @@ int fajit__entry_encode(const fajit__entry_meta *meta, const uint8_t *full_key,
         return fajit__fail(FAJIT_EINVAL, "cache entry: cubin of %zu bytes is too large",
                            cubin_len);
     size_t len = HEADER_LEN + full_key_len + cubin_len;
-    uint8_t *buf = malloc(len);
+    uint8_t *buf = fajit__malloc(len);
     if (!buf)
         return fajit__fail(FAJIT_ENOMEM, "cache entry: cannot allocate %zu bytes", len);
     write_header(buf, meta, (uint32_t)full_key_len, cubin_len);
@@ -167,4 +169,129 @@ int fajit__entry_decode(const uint8_t *buf, size_t len, fajit__entry_view *view,
         view->cubin = buf + HEADER_LEN + view->full_key_len;
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------- bundles */
+
+enum { BUNDLE_HEAD = 24, BUNDLE_RECORD = 56, BUNDLE_DIGEST = 32 };
+
+int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *const *entries,
+                        const size_t *lens, uint8_t **out, size_t *out_len, uint8_t digest[32])
+{
+    size_t head = BUNDLE_HEAD + n * BUNDLE_RECORD + BUNDLE_DIGEST, total = head;
+    if (n > UINT32_MAX || n > (SIZE_MAX - BUNDLE_HEAD - BUNDLE_DIGEST) / BUNDLE_RECORD)
+        return fajit__fail(FAJIT_EINVAL, "bundle: %zu entries are too many", n);
+    for (size_t i = 0; i < n; i++) {
+        if (lens[i] > SIZE_MAX - total)
+            return fajit__fail(FAJIT_EINVAL, "bundle: entries too large");
+        total += lens[i];
+    }
+    uint8_t *buf = fajit__malloc(total);
+    if (!buf)
+        return fajit__fail(FAJIT_ENOMEM, "bundle: cannot allocate %zu bytes", total);
+    memcpy(buf, FAJIT__BUNDLE_MAGIC, 8);
+    put_u32(buf + 8, FAJIT__BUNDLE_VERSION);
+    put_u32(buf + 12, (uint32_t)n);
+    put_u64(buf + 16, total - head);
+    uint8_t *rec = buf + BUNDLE_HEAD, *at = buf + head;
+    for (size_t i = 0; i < n; i++, rec += BUNDLE_RECORD) {
+        memcpy(rec, keys[i], 16);
+        put_u64(rec + 16, lens[i]);
+        fajit__sha256_of(entries[i], lens[i], rec + 24);
+        if (lens[i])
+            memcpy(at, entries[i], lens[i]);
+        at += lens[i];
+    }
+    fajit__sha256_of(buf, head - BUNDLE_DIGEST, buf + head - BUNDLE_DIGEST);
+    memcpy(digest, buf + head - BUNDLE_DIGEST, 32);
+    *out = buf;
+    *out_len = total;
+    return 0;
+}
+
+/* Header and manifest digest; NULL if fine, else why. */
+static const char *check_bundle_head(const uint8_t *buf, size_t len, size_t *count,
+                                     size_t *head)
+{
+    uint8_t sum[32];
+    if (len < BUNDLE_HEAD + BUNDLE_DIGEST)
+        return "shorter than a bundle header";
+    if (memcmp(buf, FAJIT__BUNDLE_MAGIC, 8) != 0)
+        return "bad magic (not a fajit bundle)";
+    if (get_u32(buf + 8) != FAJIT__BUNDLE_VERSION)
+        return "unknown bundle version";
+    *count = get_u32(buf + 12);
+    if (*count > (len - BUNDLE_HEAD - BUNDLE_DIGEST) / BUNDLE_RECORD)
+        return "manifest runs past the end of the bundle";
+    *head = BUNDLE_HEAD + *count * BUNDLE_RECORD + BUNDLE_DIGEST;
+    if (get_u64(buf + 16) != len - *head)
+        return "entry bytes do not match the bundle's length";
+    fajit__sha256_of(buf, *head - BUNDLE_DIGEST, sum);
+    if (memcmp(sum, buf + *head - BUNDLE_DIGEST, 32) != 0)
+        return "manifest SHA-256 mismatch";
+    return NULL;
+}
+
+/* One manifest record against its bytes; NULL if fine, else why. */
+static const char *check_bundle_entry(const uint8_t *rec, const uint8_t *entry, size_t len)
+{
+    uint8_t sum[32];
+    fajit__entry_view view;
+    const char *why = NULL;
+    XXH128_canonical_t c;
+    fajit__sha256_of(entry, len, sum);
+    if (memcmp(sum, rec + 24, 32) != 0)
+        return "entry SHA-256 mismatch";
+    if (fajit__entry_decode(entry, len, &view, &why) != 0)
+        return why;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(view.full_key, view.full_key_len));
+    if (memcmp(c.digest, rec, 16) != 0)
+        return "entry listed under a key that is not its digest";
+    return NULL;
+}
+
+int fajit__bundle_parse(const uint8_t *buf, size_t len, fajit__bundle_view *view,
+                        const char **why, size_t *bad_index)
+{
+    size_t count = 0, head = 0, at;
+    const char *bad = buf ? check_bundle_head(buf, len, &count, &head) : "no bundle bytes";
+    size_t index = SIZE_MAX;
+    at = head;
+    for (size_t i = 0; !bad && i < count; i++) {
+        const uint8_t *rec = buf + BUNDLE_HEAD + i * BUNDLE_RECORD;
+        uint64_t n = get_u64(rec + 16);
+        if (n > len - at)
+            bad = "entry runs past the end of the bundle";
+        else
+            bad = check_bundle_entry(rec, buf + at, (size_t)n);
+        if (bad)
+            index = i;
+        at += bad ? 0 : (size_t)n;
+    }
+    if (!bad && at != len)
+        bad = "entry lengths do not add up to the bundle's length";
+    if (why)
+        *why = bad;
+    if (bad_index)
+        *bad_index = index;
+    if (bad)
+        return FAJIT_ECORRUPT;
+    if (view) {
+        view->count = count;
+        view->manifest = buf + BUNDLE_HEAD;
+        view->entries = buf + head;
+        memcpy(view->digest, buf + head - BUNDLE_DIGEST, 32);
+    }
+    return 0;
+}
+
+void fajit__bundle_item(const fajit__bundle_view *b, size_t i, const uint8_t **key,
+                        const uint8_t **entry, size_t *len)
+{
+    const uint8_t *at = b->entries;
+    for (size_t j = 0; j < i; j++)
+        at += get_u64(b->manifest + j * BUNDLE_RECORD + 16);
+    *key = b->manifest + i * BUNDLE_RECORD;
+    *entry = at;
+    *len = (size_t)get_u64(b->manifest + i * BUNDLE_RECORD + 16);
 }

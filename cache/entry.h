@@ -44,4 +44,35 @@ int fajit__entry_encode(const fajit__entry_meta *meta, const uint8_t *full_key,
 int fajit__entry_decode(const uint8_t *buf, size_t len, fajit__entry_view *view,
                         const char **why);
 
+/* ---------------------------------------------------------------- bundles */
+
+/* A bundle (`fajit export`): header, manifest of (key, length, SHA-256) per
+ * entry, the manifest's SHA-256, then the entries. Grammar in FORMAT.md. */
+#define FAJIT__BUNDLE_MAGIC "FAJITBN\x01"
+#define FAJIT__BUNDLE_VERSION 1u
+
+typedef struct fajit__bundle_view {
+    size_t count;
+    const uint8_t *manifest; /* count records of 56 bytes */
+    const uint8_t *entries;  /* the entries, in manifest order */
+    uint8_t digest[32];      /* SHA-256 of header and manifest */
+} fajit__bundle_view;
+
+/* Builds a bundle of n entries (each a valid entry under its key) into a
+ * malloc'd buffer; digest receives the manifest's SHA-256. */
+int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *const *entries,
+                        const size_t *lens, uint8_t **out, size_t *out_len, uint8_t digest[32]);
+
+/* Verifies a whole bundle: layout, manifest digest, every entry's SHA-256,
+ * every entry's format (fajit__entry_decode) and that each key is the
+ * XXH3-128 of the entry's full key. 0, or FAJIT_ECORRUPT with *why (static
+ * text; may be NULL) and *bad_index (may be NULL; SIZE_MAX if not about one
+ * entry). Never reads past len; records nothing with fajit__fail. */
+int fajit__bundle_parse(const uint8_t *buf, size_t len, fajit__bundle_view *view,
+                        const char **why, size_t *bad_index);
+
+/* Entry i of a parsed bundle. */
+void fajit__bundle_item(const fajit__bundle_view *b, size_t i, const uint8_t **key,
+                        const uint8_t **entry, size_t *len);
+
 #endif

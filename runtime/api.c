@@ -2,13 +2,17 @@
  * runtime/api.c - the public functions on variants, manifests and the cache,
  * on top of codegen/ and cache/. No GPU is needed by any of them.
  */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include <nvrtc.h>
 
+#include "cache/hooks.h"
 #include "runtime/runtime.h"
 
 static void to_hex(const uint8_t *bytes, size_t n, char *out)
@@ -404,4 +408,226 @@ int fajit_get_info(fajit_ctx *ctx, fajit_info *out)
     gpu_info(ctx, out);
     fajit__clear_error(); /* the GPU probe's failures are reported in the struct */
     return 0;
+}
+
+/* ---------------------------------------------------------------- export, import */
+
+/* Valid entries copied out of the store, for a bundle. */
+struct export_state {
+    const fajit_ctx *ctx;
+    uint8_t (*keys)[16];
+    uint8_t **entries;
+    size_t *lens, n, cap;
+    uint64_t skipped;
+    int status;
+};
+
+static int export_grow(struct export_state *st)
+{
+    size_t cap = st->cap ? st->cap * 2 : 64;
+    void *k = realloc(st->keys, cap * sizeof *st->keys);
+    if (k)
+        st->keys = k;
+    void *e = realloc(st->entries, cap * sizeof *st->entries);
+    if (e)
+        st->entries = e;
+    void *l = realloc(st->lens, cap * sizeof *st->lens);
+    if (l)
+        st->lens = l;
+    if (!k || !e || !l)
+        return fajit__fail(FAJIT_ENOMEM, "export: list of %zu entries", cap);
+    st->cap = cap;
+    return 0;
+}
+
+static int export_one(void *user, const uint8_t key[16], const uint8_t *bytes, size_t len)
+{
+    struct export_state *st = user;
+    fajit_entry_info e;
+    describe_entry(st->ctx, key, bytes, len, &e);
+    if (!e.valid) {
+        st->skipped++;
+        return 0;
+    }
+    if (st->n == st->cap && (st->status = export_grow(st)) != 0)
+        return 1;
+    uint8_t *copy = fajit__malloc(len ? len : 1);
+    if (!copy) {
+        st->status = fajit__fail(FAJIT_ENOMEM, "export: entry of %zu bytes", len);
+        return 1;
+    }
+    memcpy(copy, bytes, len);
+    memcpy(st->keys[st->n], key, 16);
+    st->entries[st->n] = copy;
+    st->lens[st->n++] = len;
+    return 0;
+}
+
+/* Writes buf to path through a temporary file and a rename, so a reader
+ * never sees half a bundle. */
+static int write_file_atomically(const char *path, const uint8_t *buf, size_t len)
+{
+    char tmp[4200];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
+        return fajit__fail(FAJIT_EINVAL, "export: path too long: %s", path);
+    FILE *f = fopen(tmp, "wbx");
+    if (!f)
+        return fajit__fail(FAJIT_EIO, "export: cannot create %s: %s", tmp, strerror(errno));
+    int ok = fwrite(buf, 1, len, f) == len;
+    ok &= fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok &= fclose(f) == 0;
+    if (!ok || rename(tmp, path) != 0) {
+        int err = errno;
+        unlink(tmp);
+        return fajit__fail(FAJIT_EIO, "export: writing %s: %s", path, strerror(err));
+    }
+    return 0;
+}
+
+static void fill_bundle_result(fajit_bundle_result *res, uint64_t n, uint64_t bytes,
+                               uint64_t skipped, const uint8_t digest[32])
+{
+    if (!res)
+        return;
+    memset(res, 0, sizeof *res);
+    res->struct_size = sizeof *res;
+    res->entries = n;
+    res->bytes = bytes;
+    res->skipped = skipped;
+    to_hex(digest, 32, res->sha256);
+}
+
+int fajit_cache_export(fajit_ctx *ctx, const char *path, fajit_bundle_result *res)
+{
+    struct export_state st;
+    uint8_t *bundle = NULL, digest[32];
+    size_t len = 0;
+    int rc = 0;
+    fajit__clear_error();
+    if (!ctx || !path)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "path" : "ctx");
+    memset(&st, 0, sizeof st);
+    st.ctx = ctx;
+    if (ctx->store)
+        rc = fajit__store_iterate(ctx->store, export_one, &st);
+    if (rc == 0)
+        rc = st.status;
+    if (rc == 0)
+        rc = fajit__bundle_build(st.n, (const uint8_t(*)[16])st.keys,
+                                 (const uint8_t *const *)st.entries, st.lens, &bundle, &len,
+                                 digest);
+    if (rc == 0)
+        rc = write_file_atomically(path, bundle, len);
+    if (rc == 0)
+        fill_bundle_result(res, st.n, len, st.skipped, digest);
+    for (size_t i = 0; i < st.n; i++)
+        free(st.entries[i]);
+    free(st.keys);
+    free(st.entries);
+    free(st.lens);
+    free(bundle);
+    return rc;
+}
+
+static int read_whole_file(const char *path, uint8_t **out, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    struct stat st;
+    if (!f)
+        return fajit__fail(FAJIT_EIO, "import: %s: %s", path, strerror(errno));
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fclose(f);
+        return fajit__fail(FAJIT_EIO, "import: %s: not a regular file", path);
+    }
+    size_t n = (size_t)st.st_size;
+    uint8_t *buf = fajit__malloc(n ? n : 1);
+    if (!buf) {
+        fclose(f);
+        return fajit__fail(FAJIT_ENOMEM, "import: %s: %zu bytes", path, n);
+    }
+    size_t got = fread(buf, 1, n, f);
+    fclose(f);
+    if (got != n) {
+        free(buf);
+        return fajit__fail(FAJIT_EIO, "import: %s: short read", path);
+    }
+    *out = buf;
+    *len = n;
+    return 0;
+}
+
+/* Entries of a verified bundle that the store lacks, merged in one write. */
+static int merge_bundle(fajit_ctx *ctx, const fajit__bundle_view *b, uint64_t *merged,
+                        uint64_t *bytes, uint64_t *skipped)
+{
+    size_t n = b->count ? b->count : 1, k = 0;
+    const uint8_t **entries = fajit__malloc(n * sizeof *entries);
+    size_t *lens = fajit__malloc(n * sizeof *lens);
+    uint8_t(*keybuf)[16] = fajit__malloc(n * 16);
+    int rc = entries && lens && keybuf ? 0 : fajit__fail(FAJIT_ENOMEM, "import: %zu entries", n);
+    for (size_t i = 0; rc == 0 && i < b->count; i++) {
+        const uint8_t *key, *entry, *have = NULL;
+        size_t len, have_len = 0;
+        fajit__entry_view view;
+        fajit__bundle_item(b, i, &key, &entry, &len);
+        fajit__entry_decode(entry, len, &view, NULL);
+        if (fajit__store_get(ctx->store, key, view.full_key, view.full_key_len, (uint8_t **)&have,
+                             &have_len) == 0 && have_len == len && memcmp(have, entry, len) == 0) {
+            ++*skipped;
+        } else {
+            memcpy(keybuf[k], key, 16);
+            entries[k] = entry;
+            lens[k++] = len;
+            *bytes += len;
+        }
+        free((void *)have);
+    }
+    fajit__clear_error(); /* the misses above are expected */
+    if (rc == 0)
+        rc = fajit__store_put_many(ctx->store, k, (const uint8_t(*)[16])keybuf, entries, lens);
+    if (rc == 0)
+        *merged = k;
+    free(keybuf);
+    free(entries);
+    free(lens);
+    return rc;
+}
+
+int fajit_cache_import(fajit_ctx *ctx, const char *path, const char *expect_sha256,
+                       fajit_bundle_result *res)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0, bad_index = SIZE_MAX;
+    fajit__bundle_view b;
+    const char *why = NULL;
+    char hex[65];
+    uint64_t merged = 0, bytes = 0, skipped = 0;
+    int rc;
+    fajit__clear_error();
+    if (!ctx || !path)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "path" : "ctx");
+    if (!ctx->store || ctx->cache_mode != FAJIT_CACHE_READWRITE)
+        return fajit__fail(FAJIT_EREADONLY, "import: cache %s is not open read-write",
+                           ctx->cache_dir);
+    if ((rc = read_whole_file(path, &buf, &len)) != 0)
+        return rc;
+    if (fajit__bundle_parse(buf, len, &b, &why, &bad_index) != 0) {
+        rc = bad_index == SIZE_MAX
+                 ? fajit__fail(FAJIT_ECORRUPT, "import: %s: %s; nothing imported", path, why)
+                 : fajit__fail(FAJIT_ECORRUPT, "import: %s: entry %zu: %s; nothing imported",
+                               path, bad_index, why);
+        goto free_buf;
+    }
+    to_hex(b.digest, 32, hex);
+    if (expect_sha256 && strcasecmp(expect_sha256, hex) != 0) {
+        rc = fajit__fail(FAJIT_ECORRUPT, "import: %s: manifest SHA-256 is %s, expected %s; "
+                         "nothing imported", path, hex, expect_sha256);
+        goto free_buf;
+    }
+    rc = merge_bundle(ctx, &b, &merged, &bytes, &skipped);
+    if (rc == 0)
+        fill_bundle_result(res, merged, bytes, skipped, b.digest);
+free_buf:
+    free(buf);
+    return rc;
 }

@@ -19,3 +19,10 @@ foreach(t ${FAJIT_FAULT_TESTS})
   target_include_directories(${t} SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS}) # runtime/runtime.h
   set_tests_properties(${t} PROPERTIES TIMEOUT 120)
 endforeach()
+
+# Export and import, also through the CLI.
+fajit_add_test(test_cache_bundle SOURCES test_cache_bundle.c
+               LIBS fajit_static ${LMDB_LIBRARY} ${XXHASH_LIBRARY} Threads::Threads
+               LABELS "cache;faults")
+target_compile_definitions(test_cache_bundle PRIVATE FAJIT_TOOL="$<TARGET_FILE:fajit_tool>")
+add_dependencies(test_cache_bundle fajit_tool)

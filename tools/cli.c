@@ -383,6 +383,53 @@ static int cmd_rm(const fajit__cli_global *g, fajit_ctx *ctx, const cli_args *a)
     return FAJIT_EXIT_OK;
 }
 
+static void print_bundle(const char *what, const char *path, const fajit_bundle_result *r,
+                         int json)
+{
+    if (json) {
+        printf("{\"%s\":", what);
+        fajit__cli_json_string(stdout, path);
+        printf(",\"entries\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"skipped\":%" PRIu64
+               ",\"sha256\":\"%s\"}\n", r->entries, r->bytes, r->skipped, r->sha256);
+        return;
+    }
+    printf("%s %s: %" PRIu64 " entries, %" PRIu64 " bytes, %" PRIu64 " %s\n", what, path,
+           r->entries, r->bytes, r->skipped,
+           !strcmp(what, "exported") ? "invalid left out" : "already present");
+    printf("manifest sha256: %s\n", r->sha256);
+}
+
+static int cmd_export(const fajit__cli_global *g, fajit_ctx *ctx, const cli_args *a)
+{
+    fajit_bundle_result r;
+    int rc = fajit_cache_export(ctx, a->pos, &r);
+    if (rc != FAJIT_OK)
+        return fajit__cli_report(g, "export", rc);
+    print_bundle("exported", a->pos, &r, !!(a->flags & ARG_JSON));
+    return FAJIT_EXIT_OK;
+}
+
+static int cmd_import(const fajit__cli_global *g, fajit_ctx *ctx, const cli_args *a)
+{
+    fajit_bundle_result r;
+    char path[MAX_ARG_TEXT];
+    const char *expect = NULL;
+    snprintf(path, sizeof path, "%s", a->pos);
+    if (a->npos == 2) { /* FILE SHA256: the digest is the last word */
+        char *sp = strrchr(path, ' ');
+        *sp = '\0';
+        expect = sp + 1;
+        if (strlen(expect) != 64 || strspn(expect, "0123456789abcdefABCDEF") != 64)
+            return fajit__cli_usage_error(g, "import: '%s' is not a SHA-256 (64 hex digits)",
+                                          expect);
+    }
+    int rc = fajit_cache_import(ctx, path, expect, &r);
+    if (rc != FAJIT_OK)
+        return fajit__cli_report(g, "import", rc);
+    print_bundle("imported", path, &r, !!(a->flags & ARG_JSON));
+    return FAJIT_EXIT_OK;
+}
+
 static void print_info_json(const fajit_info *in)
 {
     printf("{\"version\":\"%s\",\"nvrtc\":\"%d.%d\",\"driver_version\":%d,\"device_count\":%d,",
@@ -475,6 +522,16 @@ static const cli_cmd commands[] = {
      "Checks header, lengths, checksum and key digest of every entry and lists the\n"
      "bad ones. Exit 1 if bad entries were found and not removed.\n"},
     {"rm", cmd_rm, ARG_ALL, 0, -1, "rm KEY|--all", "remove one entry, or all", NULL},
+    {"export", cmd_export, ARG_JSON, 1, 1, "export FILE [--json]",
+     "write every valid entry to a bundle file",
+     "The bundle holds a manifest of every entry's key, length and SHA-256, and the\n"
+     "SHA-256 of that manifest, which is printed: give it to import on the other side\n"
+     "to tie the bundle to this export. FILE is replaced atomically.\n"},
+    {"import", cmd_import, ARG_JSON, 1, 2, "import FILE [SHA256] [--json]",
+     "verify a bundle whole, then merge it into the cache",
+     "Every entry's SHA-256, format and key are checked before anything is written;\n"
+     "any fault rejects the whole bundle (exit 1). With SHA256, the manifest's digest\n"
+     "must also equal it. Needs --cache-mode rw.\n"},
     {"info", cmd_info, ARG_JSON, 0, 0, "info [--json]",
      "versions, driver and GPUs, cache path and mode, build identity",
      "Works without a GPU: it then says why none is usable.\n"},
