@@ -145,8 +145,9 @@ def sdpa(backend, q, k, v, causal):
     return run
 
 
-PEERS = [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-         ("eff", SDPBackend.EFFICIENT_ATTENTION)]
+ALL_PEERS = [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+             ("eff", SDPBackend.EFFICIENT_ATTENTION)]
+PEERS = list(ALL_PEERS)
 
 
 def tflops(b, h, sq, sk, d, causal, ms):
@@ -193,6 +194,8 @@ def ratio(a, b):
 
 
 def print_row(r):
+    for name, _ in ALL_PEERS:
+        r.setdefault(name, None)
     print(f"{r['dtype']:>8} {r['d']:>4} {r['s']:>6} {r['b']:>3} {r['h']:>3} {'yes' if r['causal'] else 'no':>6} "
           f"{fmt(r['fajit'])} {fmt(r['fa2'])} {fmt(r['cudnn'])} {fmt(r['eff'])}  "
           f"{ratio(r['fajit'], r['fa2'])} {ratio(r['fajit'], r['cudnn'])} {ratio(r['fajit'], r['eff'])}  "
@@ -205,6 +208,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lib", default=os.environ.get("FAJIT_LIB", os.path.join(here, "..", "build", "libfajit.so")))
     ap.add_argument("--quick", action="store_true", help="seqlens 2k and 8k only")
+    ap.add_argument("--dims", default="64,128,256", help="head dims of FlashAttention's grid")
+    ap.add_argument("--seqlens", default=None, help="comma list, overrides --quick")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--causal", default="0,1", help="0, 1 or 0,1")
+    ap.add_argument("--peers", default="fa2,cudnn,eff", help="subset of fa2,cudnn,eff (others print -)")
+    ap.add_argument("--no-odd", action="store_true", help="skip the odd head dims at 4k")
     args = ap.parse_args()
     fj = Fajit(args.lib)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
@@ -212,12 +221,17 @@ def main():
     print(f"{'dtype':>8} {'d':>4} {'seqlen':>6} {'b':>3} {'h':>3} {'causal':>6} {'fajit':>6} {'fa2':>6} "
           f"{'cudnn':>6} {'eff':>6}  {'/fa2':>6} {'/cudnn':>6} {'/eff':>6}  maxdiff  tiles")
     seqlens = [2048, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
-    for dtype in (torch.float16, torch.bfloat16):
-        for causal in (False, True):
-            for d in (64, 128, 256):
+    if args.seqlens:
+        seqlens = [int(x) for x in args.seqlens.split(",")]
+    wanted = set(args.peers.split(","))
+    PEERS[:] = [p for p in PEERS if p[0] in wanted]
+    dtypes = [{"fp16": torch.float16, "bf16": torch.bfloat16}[x] for x in args.dtypes.split(",")]
+    for dtype in dtypes:
+        for causal in (c == "1" for c in args.causal.split(",")):
+            for d in (int(x) for x in args.dims.split(",")):
                 for s in seqlens:
                     print_row(one(fj, dtype, 16384 // s, 2048 // d, s, d, causal))
-    for d in (72, 80, 100, 160, 200):
+    for d in () if args.no_odd else (72, 80, 100, 160, 200):
         for causal in (False, True):
             print_row(one(fj, torch.bfloat16, 4, 2048 // d, 4096, d, causal))
 

@@ -55,7 +55,9 @@ static void fwd_tiles(fajit__variant *v)
 
     set_if_unset(&t.warps, dmax < 128 ? 4 : 8);
     set_if_unset(&t.bm, 128 > 16 * t.warps ? 128 : 16 * t.warps);
-    set_if_unset(&t.bn, 64);
+    /* Measured on H100 (fp16, 2k-8k): d128 gains 10-15% from bn 128 (the
+     * softmax and barrier cost per key halves); d64 and d256 lose with it. */
+    set_if_unset(&t.bn, dmax == 128 ? 128 : 64);
     set_if_unset(&t.stages, 2);
     while (fajit__variant_smem_bytes(&t) > limit) {
         if (v->stages == FAJIT__UNSET && t.stages > 1)

@@ -461,7 +461,11 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const long long b = blockIdx.z, h = blockIdx.y, bh = b * p.nheads_q + h;
-    const int m0 = blockIdx.x * FAJIT_BM;
+    /* Causal and windowed blocks further down see more keys: start those
+     * first (blocks are scheduled roughly in x order), so the short ones fill
+     * the tail of the grid instead of the long ones. */
+    const int m_block = FAJIT_MASK != fajit::kMaskNone ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int m0 = m_block * FAJIT_BM;
     const Heads t = heads_of(p, b, h);
 
     /* Keys any row of the block may see: visible ranges only move right. */
