@@ -10,7 +10,8 @@ set(FAJIT_FAULT_TESTS
   test_cache_fork
   test_cache_trust
   test_cache_key
-  test_cache_lru)
+  test_cache_lru
+  test_cache_faults)
 
 foreach(t ${FAJIT_FAULT_TESTS})
   fajit_add_test(${t} SOURCES ${t}.c LIBS fajit_static ${LMDB_LIBRARY} ${XXHASH_LIBRARY}
