@@ -66,7 +66,8 @@ else
     record ctest "$detail"
     # This area's tests: CTest's verdict and the test's own last line (-V
     # prefixes each output line with the test's number).
-    for name in test_ref_compile test_ref_gpu test_cache_gpu; do
+    for name in test_ref_compile test_ref_gpu test_cache_gpu test_fwd_compile test_fwd_gpu \
+                test_bwd_compile test_bwd_gpu test_python; do
         line=$(grep -E -m1 "Test +#[0-9]+: $name " "$out/ctest.log")
         num=$(sed -E 's/.*Test +#([0-9]+):.*/\1/' <<<"$line")
         verdict=$(sed -E 's/.* \.+ *//; s/ +/ /g' <<<"$line")
@@ -77,12 +78,22 @@ else
     # ---------------------------------------------------------------- sanitizers
     export FAJIT_CACHE_DIR="$build/test-cache/sanitizer"
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    # One log per tool: each program's run appends to it.
     for tool in memcheck racecheck synccheck initcheck; do
-        step "$tool" "sanitizer-$tool.log" "$sanitizer" --tool "$tool" --error-exitcode 99 \
-            "$build/tests/test_ref_gpu" --quick
-        record "sanitizer $tool" "$(grab "sanitizer-$tool.log" 'ERROR SUMMARY|RACECHECK SUMMARY|^SKIP' | cut -c1-70)"
+        for prog in test_ref_gpu test_fwd_gpu test_bwd_gpu; do
+            [ -x "$build/tests/$prog" ] || continue
+            step "$tool $prog" "sanitizer-$tool-$prog.log" "$sanitizer" --tool "$tool" \
+                --error-exitcode 99 "$build/tests/$prog" --quick
+            record "$tool $prog" "$(grab "sanitizer-$tool-$prog.log" 'ERROR SUMMARY|RACECHECK SUMMARY|^SKIP' | cut -c1-70)"
+            cat "$out/sanitizer-$tool-$prog.log" >>"$out/sanitizer-$tool.log"
+            rm -f "$out/sanitizer-$tool-$prog.log"
+        done
     done
     unset FAJIT_CACHE_DIR
+
+    # ---------------------------------------------------------------- python
+    step python python.log env FAJIT_LIBRARY="$build/libfajit.so" python3 -m pytest -q -rs "$root/python/tests"
+    record python "$(tail -1 "$out/python.log" | cut -c1-90)"
 
     # ---------------------------------------------------------------- benchmarks
     step bench_compile bench_compile.log "$build/benchmarks/bench_compile"
