@@ -27,3 +27,17 @@ fajit_add_test(test_cache_bundle SOURCES test_cache_bundle.c
                LABELS "cache;faults")
 target_compile_definitions(test_cache_bundle PRIVATE FAJIT_TOOL="$<TARGET_FILE:fajit_tool>")
 add_dependencies(test_cache_bundle fajit_tool)
+
+# Fuzz targets (tests/fuzz), built here as plain drivers that replay the
+# committed corpus; tests/fuzz/run.sh builds them with libFuzzer and the
+# sanitizers and fuzzes.
+foreach(f variant manifest entry)
+  add_executable(fuzz_${f}_replay fuzz/fuzz_${f}.c fuzz/replay.c ${FAJIT_CODEGEN_OBJS}
+                 $<TARGET_OBJECTS:fajit_cache>)
+  target_include_directories(fuzz_${f}_replay PRIVATE ${FAJIT_TEST_INCLUDES} ${CMAKE_CURRENT_SOURCE_DIR}/fuzz)
+  target_compile_options(fuzz_${f}_replay PRIVATE ${FAJIT_WARNINGS})
+  target_link_libraries(fuzz_${f}_replay PRIVATE ${LMDB_LIBRARY} ${XXHASH_LIBRARY} Threads::Threads)
+  add_test(NAME fuzz_${f}_replay
+           COMMAND fuzz_${f}_replay ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus/${f})
+  set_tests_properties(fuzz_${f}_replay PROPERTIES LABELS "cache;faults;fuzz")
+endforeach()
