@@ -13,9 +13,9 @@ target_include_directories(test_ref_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE
 set_property(TEST test_ref_compile APPEND PROPERTY ENVIRONMENT "CUDA_CACHE_DISABLE=1")
 
 # Host-side problems and the fp64 reference, shared by the GPU tests.
-add_library(fajit_attn_check STATIC gpu/attn_check.c)
+add_library(fajit_attn_check STATIC gpu/attn_check.c gpu/precompile.c)
 target_compile_options(fajit_attn_check PRIVATE ${FAJIT_WARNINGS})
-target_link_libraries(fajit_attn_check PUBLIC m)
+target_link_libraries(fajit_attn_check PUBLIC m fajit Threads::Threads)
 target_include_directories(fajit_attn_check PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/gpu)
 
 fajit_add_test(test_ref_gpu

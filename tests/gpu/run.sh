@@ -59,7 +59,7 @@ if [ "$last_rc" -ne 0 ]; then
 else
     # ---------------------------------------------------------------- tests
     # -V: the GPU tests' per-case lines go into the log even when they pass.
-    step ctest ctest.log ctest --test-dir "$build" --output-on-failure -V --output-junit "$out/ctest.xml"
+    step ctest ctest.log ctest --test-dir "$build" --output-on-failure -V -j 8 --output-junit "$out/ctest.xml"
     detail=$(grab ctest.log 'tests passed')
     skipped=$(grep -cE '\*\*\*Skipped|Not Run' "$out/ctest.log")
     [ "$skipped" -eq 0 ] || detail="$detail; $skipped skipped (a GPU test skipped on the GPU machine?)"
@@ -82,6 +82,8 @@ else
     for tool in memcheck racecheck synccheck initcheck; do
         for prog in test_ref_gpu test_fwd_gpu test_bwd_gpu; do
             [ -x "$build/tests/$prog" ] || continue
+            # The fast kernel's and the backward's runs: memcheck and racecheck.
+            [ "$prog" = test_ref_gpu ] || [ "$tool" = memcheck ] || [ "$tool" = racecheck ] || continue
             step "$tool $prog" "sanitizer-$tool-$prog.log" "$sanitizer" --tool "$tool" \
                 --error-exitcode 99 "$build/tests/$prog" --quick
             record "$tool $prog" "$(grab "sanitizer-$tool-$prog.log" 'ERROR SUMMARY|RACECHECK SUMMARY|^SKIP' | cut -c1-70)"
@@ -102,6 +104,10 @@ else
     step bench_dispatch bench_dispatch.log "$build/benchmarks/bench_dispatch"
     record bench_dispatch "$(grab bench_dispatch.log '^fajit_attn_fwd' | tr -s ' ')"
     rows+=("  bare launch| | |$(grab bench_dispatch.log '^cuLaunchKernel' | tr -s ' ')")
+    if [ -z "${FAJIT_SKIP_BENCH_FWD:-}" ]; then
+        step bench_fwd bench_fwd.log python3 "$root/benchmarks/bench_fwd.py" --lib "$build/libfajit.so"
+        record bench_fwd "table in bench_fwd.log"
+    fi
 fi
 
 # ---------------------------------------------------------------- summary

@@ -36,6 +36,7 @@
 
 #include "attn_check.h"
 #include "fajit.h"
+#include "precompile.h"
 
 typedef struct fcase {
     int dqk, dv, dtype, mask;
@@ -466,6 +467,30 @@ static size_t build_grid(fcase *cs, size_t cap, int quick) {
 
 /* ---------------------------------------------------------------- main */
 
+/* Every case's variant, compiled up front on all cores (shapes alone decide
+ * the variant; the grid's strides are all multiples of 8 elements). */
+static size_t precompile_grid(fajit_ctx *ctx, const fcase *cs, size_t n) {
+    char (*text)[320] = calloc(n ? n : 1, sizeof *text);
+    const char **specs = calloc(n ? n : 1, sizeof *specs);
+    size_t failed = 0;
+    for (size_t i = 0; i < n; ++i) {
+        fajit_attn_args a;
+        fajit_attn_args_init(&a);
+        a.batch = cs[i].batch, a.seqlen_q = cs[i].sq, a.seqlen_k = cs[i].sk;
+        a.nheads_q = cs[i].hq, a.nheads_kv = cs[i].hkv, a.dqk = cs[i].dqk, a.dv = cs[i].dv;
+        a.dtype = cs[i].dtype, a.mask = cs[i].mask;
+        if (fajit_attn_variant(ctx, &a, text[i], sizeof text[i]) < 0) {
+            printf("FAIL variant of case %zu: %s\n", i, fajit_last_error());
+            failed++;
+        }
+        specs[i] = text[i];
+    }
+    failed += precompile_variants(ctx, specs, n, (int)sysconf(_SC_NPROCESSORS_ONLN));
+    free(specs);
+    free(text);
+    return failed;
+}
+
 static int require_gpu(void) {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
@@ -497,7 +522,7 @@ int main(int argc, char **argv) {
     }
     static fcase cases[1024];
     const size_t n = build_grid(cases, 1024, quick);
-    size_t failures = 0;
+    size_t failures = precompile_grid(ctx, cases, n);
     double worst = 0.0;
     for (size_t i = 0; i < n; ++i)
         failures += (size_t)run_case(ctx, &cases[i], 0x9e3779b97f4a7c15ull ^ (i * 0x1000193u + 1), &worst);
