@@ -178,6 +178,36 @@ typedef struct fajit_attn_args {
     int mask;            /* enum fajit_mask */
     float softmax_scale; /* 0: 1/sqrt(dqk) */
     int kernel;          /* enum fajit_kernel_choice */
+
+    /* ---- Since 0.2. Callers built against 0.1 pass a shorter struct_size and
+     * get the defaults fajit_attn_args_init sets here. */
+
+    /* Sliding window (FlashAttention 2.3): query i sees key j only when
+     * i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right
+     * (the top-left diagonal i under FAJIT_MASK_CAUSAL_TL). -1: unbounded on that
+     * side (the default). Compiled into the kernel: each distinct window is a
+     * variant. */
+    int window_left, window_right;
+    /* Softcap (FlashAttention 2.6): scores s become softcap * tanh(s / softcap),
+     * after the softmax scale. 0: off (the default). */
+    float softcap;
+    /* ALiBi: score(i, j) += -slope * |i + seqlen_k - seqlen_q - j|. NULL: off.
+     * fp32 device pointer, nheads_q slopes, or batch * nheads_q with
+     * alibi_batch_stride = nheads_q (0: the same slopes for every batch). */
+    const float *alibi_slopes;
+    int64_t alibi_batch_stride;
+    /* Dropout on the attention probabilities, kept values scaled by 1/(1-p).
+     * The mask is a pure function of (dropout_seed, dropout_offset, batch, head,
+     * row, column) through Philox-4x32-10 (formula in templates/common.cuh), so
+     * a backward with the same seed and offset regenerates it. 0: off. */
+    float dropout_p;
+    uint64_t dropout_seed, dropout_offset;
+    /* Varlen: with cu_seqlens_q/k (int32 device arrays of batch + 1 prefix
+     * sums) q, k, v and o are packed (total, nheads, dim): sequence b is rows
+     * cu_seqlens[b] .. cu_seqlens[b+1]-1, batch strides are ignored, seqlen_q/k
+     * are the max lengths (max_seqlen_q/k of flash_attn_varlen_func), and LSE is
+     * (nheads_q, total_q). Both NULL: dense. */
+    const int32_t *cu_seqlens_q, *cu_seqlens_k;
 } fajit_attn_args;
 
 FAJIT_API void fajit_attn_args_init(fajit_attn_args *args);

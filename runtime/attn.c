@@ -23,6 +23,8 @@ void fajit_attn_args_init(fajit_attn_args *a)
     a->dtype = FAJIT_DTYPE_FP16;
     a->mask = FAJIT_MASK_NONE;
     a->kernel = FAJIT_KERNEL_AUTO;
+    a->window_left = -1;
+    a->window_right = -1;
 }
 
 /* A caller built against an older header passes a shorter struct: the fields
@@ -41,6 +43,19 @@ static int copy_args(const fajit_attn_args *in, fajit_attn_args *a)
     memcpy(a, in, in->struct_size);
     a->struct_size = sizeof *a;
     return 0;
+}
+
+/* The 0.2 fields are in the header before the kernels implement them: until
+ * they do, a non-default value is refused rather than silently ignored. */
+static int check_features(const fajit_attn_args *a)
+{
+    const char *name = a->window_left != -1 || a->window_right != -1 ? "window_left/right"
+                       : a->softcap != 0.0f                          ? "softcap"
+                       : a->alibi_slopes                             ? "alibi_slopes"
+                       : a->dropout_p != 0.0f                        ? "dropout_p"
+                       : a->cu_seqlens_q || a->cu_seqlens_k          ? "cu_seqlens_q/k"
+                                                                     : NULL;
+    return name ? fajit__fail(FAJIT_EUNSUPPORTED, "%s: not implemented in this build", name) : 0;
 }
 
 static int check_shapes(const fajit_attn_args *a)
@@ -197,7 +212,8 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
 
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
-    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_pointers(&a)) ||
+    if ((rc = copy_args(args, &a)) || (rc = check_features(&a)) || (rc = check_shapes(&a)) ||
+        (rc = check_pointers(&a)) ||
         (rc = fill_params(&a, &p)))
         return rc;
     if (a.batch == 0 || a.seqlen_q == 0)
@@ -226,7 +242,8 @@ int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, s
 
     if (!ctx || !buf)
         return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "buf" : "ctx");
-    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = fill_params(&a, &p)))
+    if ((rc = copy_args(args, &a)) || (rc = check_features(&a)) || (rc = check_shapes(&a)) ||
+        (rc = fill_params(&a, &p)))
         return rc;
     derive_variant(&a, choose_op(ctx, &a, &p), fajit__default_arch(ctx), &v);
     rc = fajit__variant_check(&v);
