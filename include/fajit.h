@@ -179,8 +179,9 @@ typedef struct fajit_attn_args {
     float softmax_scale; /* 0: 1/sqrt(dqk) */
     int kernel;          /* enum fajit_kernel_choice */
 
-    /* ---- Since 0.2. Callers built against 0.1 pass a shorter struct_size and
-     * get the defaults fajit_attn_args_init sets here. */
+    /* ---- Appended fields. A caller built against a header without them
+     * passes a shorter struct_size and gets the defaults fajit_attn_args_init
+     * sets here. */
 
     /* Sliding window (FlashAttention 2.3): query i sees key j only when
      * i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right

@@ -45,7 +45,7 @@ static int copy_args(const fajit_attn_args *in, fajit_attn_args *a)
     return 0;
 }
 
-/* The 0.2 fields are in the header before the kernels implement them: until
+/* The appended fields are in the header before the kernels implement them: until
  * they do, a non-default value is refused rather than silently ignored. */
 static int check_features(const fajit_attn_args *a)
 {

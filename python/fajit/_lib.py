@@ -139,7 +139,7 @@ class AttnArgs(ctypes.Structure):
         ("mask", ctypes.c_int),
         ("softmax_scale", ctypes.c_float),
         ("kernel", ctypes.c_int),
-        # since 0.2
+        # appended fields (window, softcap, ALiBi, dropout, varlen)
         ("window_left", ctypes.c_int),
         ("window_right", ctypes.c_int),
         ("softcap", ctypes.c_float),
