@@ -13,3 +13,13 @@ target_compile_options(bench_dispatch PRIVATE ${FAJIT_WARNINGS})
 target_include_directories(bench_dispatch PRIVATE ${CMAKE_SOURCE_DIR})
 target_link_libraries(bench_dispatch PRIVATE fajit CUDA::cuda_driver ${CUDA_nvrtc_LIBRARY} m)
 target_include_directories(bench_dispatch SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+
+# fajit's own warm-call cost, against a stub driver that does nothing (no GPU).
+add_library(fajit_stub_cuda SHARED stub_driver/stub_cuda.c)
+set_target_properties(fajit_stub_cuda PROPERTIES OUTPUT_NAME cuda SUFFIX .so.1 PREFIX lib
+                      LIBRARY_OUTPUT_DIRECTORY ${CMAKE_CURRENT_BINARY_DIR}/stub_driver
+                      C_VISIBILITY_PRESET default)
+add_executable(bench_overhead bench_overhead.c)
+target_compile_options(bench_overhead PRIVATE ${FAJIT_WARNINGS})
+target_link_libraries(bench_overhead PRIVATE fajit)
+add_dependencies(bench_overhead fajit_stub_cuda)
