@@ -190,6 +190,14 @@ static void test_variants(void)
                   FAJIT_EPARSE &&
               strstr(fajit_last_error(), "line 2") && strstr(fajit_last_error(), "bogus"),
           "a bad manifest line is refused, naming line and field");
+    static const char *const archs[] = {"sm_80", "sm_86", "sm_89", "sm_90"};
+    for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++) {
+        char spec[64], what[96];
+        fajit_compile_result r;
+        snprintf(spec, sizeof spec, "ref dqk=64 dtype=bf16 arch=%s", archs[i]);
+        snprintf(what, sizeof what, "the reference compiles for %s", archs[i]);
+        check(fajit_compile(ctx, spec, &r) == 0 && r.cubin_bytes > 0, what);
+    }
     check(fajit_variant_source(ctx, "ref dqk=72", &src, &len) == 0 && len == strlen(src) &&
               strstr(src, "fajit_ref_fwd") && !strstr(src, "#include \""),
           "the source is complete (no includes left) and names the kernel");
