@@ -34,8 +34,12 @@ static int worker(fajit_ctx *inherited, const char *dir, int i)
     if (!compiled(own, worker_specs[i], 1) || !compiled(own, B, 1))
         return 2;
     pid_t pid = fork();
-    if (pid == 0)
-        _exit(compiled(inherited, worker_specs[i], 1) && compiled(own, A, 1) ? 0 : 3);
+    if (pid == 0) {
+        int ok = compiled(inherited, worker_specs[i], 1) && compiled(own, A, 1);
+        fajit_destroy(own); /* both inherited: destroying them must leave the parents' alone */
+        fajit_destroy(inherited);
+        _exit(ok ? 0 : 3);
+    }
     int status;
     waitpid(pid, &status, 0);
     fajit_destroy(own);

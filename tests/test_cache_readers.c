@@ -157,6 +157,7 @@ static int cleared_by_new_process(const char *dir)
         fajit_compile_result r;
         int ok = ctx && fajit_compile(ctx, SPEC, &r) == 0 && r.cached;
         dprintf(fds[1], "%d", ok ? cleared_slots : -1);
+        fajit_destroy(ctx);
         _exit(0);
     }
     close(fds[1]);
