@@ -123,6 +123,102 @@ __device__ __forceinline__ KeyRange visible_keys(long long row, long long seqlen
     return r;
 }
 
+/* ---------------------------------------------------------------- dropout RNG */
+
+/*
+ * Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+ * SC 2011), written from the published algorithm: 10 rounds over a 128-bit
+ * counter c0..c3 with a 64-bit key k0, k1; each round
+ *     (hi0, lo0) = 0xD2511F53 * c0,  (hi1, lo1) = 0xCD9E8D57 * c2   (32x32 -> 64)
+ *     c = {hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0}
+ * and the key is bumped by the Weyl constants (0x9E3779B9, 0xBB67AE85) between
+ * rounds. tests/gpu/philox.h is the host copy; tests/test_philox.c checks it
+ * against Random123's known answers.
+ */
+struct Philox4 {
+    unsigned x, y, z, w;
+};
+
+__device__ __forceinline__ Philox4 philox4x32_10(Philox4 c, unsigned k0, unsigned k1) {
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const unsigned hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+        const unsigned hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+        c = Philox4{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
+    }
+    return c;
+}
+
+/*
+ * The dropout stream. Element (b, h, i, j) -- batch b, query head h, query row
+ * i, key column j; under varlen b is the sequence and i, j the row and column
+ * WITHIN it -- takes word (j & 3) of
+ *
+ *     philox4x32_10(counter, key)
+ *     key     = {lo32(seed), hi32(seed)}
+ *     counter = {j >> 2, i, lo32(T), hi32(T)},
+ *               T = offset + ((b * nheads_q + h) << 32)   (mod 2^64)
+ *
+ * so one Philox call gives four consecutive keys 4m..4m+3 of a row. Distinct
+ * (b, h, i, j >> 2) never share a counter within a call, and two calls with the
+ * same seed whose offsets differ by 1 .. 2^32 - 1 draw disjoint counters.
+ *
+ * Keep decision: keep = (word >= threshold), threshold = the u32 nearest to
+ * p * 2^32 (round half to even; p < 1 keeps it below 2^32), so a key is kept
+ * with probability 1 - threshold / 2^32 ~ 1 - p; kept probabilities are
+ * multiplied by dropout_scale = 1 / (1 - p), dropped ones become 0.
+ */
+__device__ __forceinline__ unsigned dropout_threshold(float p) {
+    return __float2uint_rn(p * 4294967296.0f); /* exact scaling, then round */
+}
+
+/* Philox words for keys 4 * (j >> 2) .. + 3 of row i of (b, h). */
+__device__ __forceinline__ Philox4 dropout_words(unsigned long long seed,
+                                                 unsigned long long offset, long long b,
+                                                 long long h, long long nheads_q, long long i,
+                                                 long long j) {
+    const unsigned long long t =
+        offset + (static_cast<unsigned long long>(b * nheads_q + h) << 32);
+    const Philox4 c{static_cast<unsigned>(static_cast<unsigned long long>(j) >> 2),
+                    static_cast<unsigned>(i), static_cast<unsigned>(t),
+                    static_cast<unsigned>(t >> 32)};
+    return philox4x32_10(c, static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32));
+}
+
+/* Word (j & 3) of a dropout_words result. */
+__device__ __forceinline__ unsigned dropout_word(const Philox4 &r, long long j) {
+    const int k = static_cast<int>(j & 3);
+    return k == 0 ? r.x : k == 1 ? r.y : k == 2 ? r.z : r.w;
+}
+
+/* Whether element (b, h, i, j) is kept (see the formula above). */
+__device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long offset,
+                                             unsigned threshold, long long b, long long h,
+                                             long long nheads_q, long long i, long long j) {
+    return dropout_word(dropout_words(seed, offset, b, h, nheads_q, i, j), j) >= threshold;
+}
+
+/* ---------------------------------------------------------------- score modifiers */
+
+/* Softcap (FlashAttention 2.6): an already scaled score s becomes cap * tanh(s / cap). */
+__device__ __forceinline__ float softcap_score(float s, float cap) {
+    return cap * tanhf(s / cap);
+}
+
+/* ALiBi bias of (row i, key j): -slope * |i + seqlen_k - seqlen_q - j|, the same
+ * for every mask (where a causal mask lets j be seen it equals FlashAttention's
+ * causal form slope * (j - i - seqlen_k + seqlen_q)). */
+__device__ __forceinline__ float alibi_bias(float slope, long long i, long long j,
+                                            long long seqlen_q, long long seqlen_k) {
+    long long d = i + seqlen_k - seqlen_q - j;
+    d = d < 0 ? -d : d;
+    return -slope * static_cast<float>(d);
+}
+
 } // namespace fajit
 
 #endif
