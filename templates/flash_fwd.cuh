@@ -50,10 +50,8 @@ static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 16, "flash_fwd: warps must be 1
 static_assert(FAJIT_BM % (16 * FAJIT_WARPS) == 0, "flash_fwd: bm must be a multiple of 16 * warps");
 static_assert(FAJIT_BN >= 16 && FAJIT_BN % 16 == 0, "flash_fwd: bn must be a multiple of 16");
 static_assert(FAJIT_STAGES >= 1 && FAJIT_STAGES <= 3, "flash_fwd: stages must be 1..3");
-static_assert(FAJIT_DROPOUT == 0 && FAJIT_SOFTCAP == 0 && FAJIT_ALIBI == 0,
-              "flash_fwd: dropout, softcap and alibi are not implemented");
-static_assert(FAJIT_VARLEN == 0 && FAJIT_PAGED == 0,
-              "flash_fwd: varlen and paged KV are not implemented");
+static_assert(FAJIT_DROPOUT == 0, "flash_fwd: dropout is not implemented");
+static_assert(FAJIT_PAGED == 0, "flash_fwd: paged KV is not implemented");
 
 namespace fajit_fa {
 
@@ -206,13 +204,64 @@ struct Heads {
     long long q_row, k_row, v_row, o_row; /* seq strides */
 };
 
-__device__ __forceinline__ Heads heads_of(const fajit_fwd_params &p, long long b, long long h) {
+/* The block's sequence: its lengths and, under varlen, where its rows start in
+ * the packed tensors (dense: batch b of every tensor). */
+struct Seq {
+    int sq, sk;                 /* query and key rows of this sequence */
+    long long q_start, k_start; /* varlen: first packed row of the sequence */
+};
+
+__device__ __forceinline__ Seq seq_of(const fajit_fwd_params &p, long long b, long long h) {
+    Seq s;
+    if constexpr (FAJIT_VARLEN) {
+        s.q_start = p.cu_seqlens_q[b];
+        s.k_start = p.cu_seqlens_k[b];
+        s.sq = static_cast<int>(p.cu_seqlens_q[b + 1] - s.q_start);
+        s.sk = static_cast<int>(p.cu_seqlens_k[b + 1] - s.k_start);
+    } else {
+        s.q_start = s.k_start = 0;
+        s.sq = p.seqlen_q;
+        s.sk = p.seqlen_k;
+    }
+    return s;
+}
+
+/* The sequence's lengths: read from p where dense, so the plain kernel reads
+ * its constant bank as before (a copy in a register changes its code). */
+__device__ __forceinline__ int seq_q(const fajit_fwd_params &p, const Seq &s) {
+    return FAJIT_VARLEN ? s.sq : p.seqlen_q;
+}
+__device__ __forceinline__ int seq_k(const fajit_fwd_params &p, const Seq &s) {
+    return FAJIT_VARLEN ? s.sk : p.seqlen_k;
+}
+
+/* Index in p.lse of row 0 of (sequence b, head h): LSE is (batch, nheads_q,
+ * seqlen_q), or (nheads_q, total_q) under varlen (fajit.h). Computed where it
+ * is needed, so no register holds it through the main loop. */
+__device__ __forceinline__ long long lse_row0(const fajit_fwd_params &p, const Seq &seq, long long bh,
+                                              long long h) {
+    if constexpr (FAJIT_VARLEN)
+        return h * static_cast<long long>(p.cu_seqlens_q[p.batch]) + seq.q_start;
+    else
+        return bh * p.seqlen_q;
+}
+
+__device__ __forceinline__ Heads heads_of(const fajit_fwd_params &p, const Seq &seq, long long b,
+                                          long long h) {
     const long long h_kv = h / (p.nheads_q / p.nheads_kv);
+    /* Varlen tensors are packed (total, nheads, dim): batch strides unused. */
     Heads t;
-    t.q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-    t.k = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + h_kv * p.k_stride[2];
-    t.v = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + h_kv * p.v_stride[2];
-    t.o = static_cast<elem_t *>(p.o) + b * p.o_stride[0] + h * p.o_stride[2];
+    if constexpr (FAJIT_VARLEN) {
+        t.q = static_cast<const elem_t *>(p.q) + seq.q_start * p.q_stride[1] + h * p.q_stride[2];
+        t.k = static_cast<const elem_t *>(p.k) + seq.k_start * p.k_stride[1] + h_kv * p.k_stride[2];
+        t.v = static_cast<const elem_t *>(p.v) + seq.k_start * p.v_stride[1] + h_kv * p.v_stride[2];
+        t.o = static_cast<elem_t *>(p.o) + seq.q_start * p.o_stride[1] + h * p.o_stride[2];
+    } else {
+        t.q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+        t.k = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + h_kv * p.k_stride[2];
+        t.v = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + h_kv * p.v_stride[2];
+        t.o = static_cast<elem_t *>(p.o) + b * p.o_stride[0] + h * p.o_stride[2];
+    }
     t.q_row = p.q_stride[1];
     t.k_row = p.k_stride[1];
     t.v_row = p.v_stride[1];
@@ -266,6 +315,70 @@ struct RowState {
     float l[kMTiles][2]; /* this lane's partial sum of exp2(x - m) */
     int begin[kMTiles][2], end[kMTiles][2]; /* visible keys */
 };
+
+/* ---------------------------------------------------------------- scores */
+
+__device__ __forceinline__ float fast_rcp(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* tanh(x) = 1 - 2 / (e^2x + 1): two MUFU ops, absolute error ~1e-6 over the
+ * whole range (+-1 exactly at the ends: e^2x flushes to 0 or overflows to inf,
+ * whose reciprocal is 0), unlike tanh.approx's ~5e-4, which softcap would
+ * multiply by the cap. */
+__device__ __forceinline__ float tanh_exp2(float x) {
+    const float e = fast_exp2(x * 2.8853900817779268f); /* 2 log2(e) */
+    return fmaf(-2.0f, fast_rcp(e + 1.0f), 1.0f);
+}
+
+/* What turns q.k into x, the score in the log2 domain, for this block. */
+struct ScoreMods {
+    float scale; /* softcap: softmax_scale / softcap; else softmax_scale * log2(e) */
+    float cap;   /* softcap: softcap * log2(e) */
+    float slope; /* ALiBi: the (batch, head)'s slope * log2(e) */
+    int alibi_row; /* ALiBi: this lane's first row + seqlen_k - seqlen_q, minus its first column offset */
+};
+
+__device__ __forceinline__ ScoreMods score_mods(const fajit_fwd_params &p, const Seq &seq, long long b,
+                                                long long h, int lane_row0, int lane) {
+    ScoreMods m;
+    m.scale = FAJIT_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale_log2;
+    m.cap = FAJIT_SOFTCAP ? p.softcap * 1.4426950408889634f : 0.0f;
+    m.slope = 0.0f;
+    m.alibi_row = 0;
+    if constexpr (FAJIT_ALIBI) {
+        m.slope = p.alibi_slopes[b * p.alibi_batch_stride + h] * 1.4426950408889634f;
+        m.alibi_row = lane_row0 + seq_k(p, seq) - seq_q(p, seq) - (lane % 4) * 2;
+    }
+    return m;
+}
+
+/* x = q.k scaled (capped, biased) into the log2 domain, in place, for the key
+ * tile starting at n0: softcap (2.6) caps the scaled score, ALiBi biases the
+ * result by -slope * |row + sk - sq - key| (common.cuh, FlashAttention's order). */
+__device__ __forceinline__ void scale_scores(float (&x)[kMTiles][kNTiles][4], const ScoreMods &m,
+                                             int n0) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float v = x[mt][j][e];
+                if constexpr (FAJIT_SOFTCAP)
+                    v = tanh_exp2(v * m.scale) * m.cap;
+                else
+                    v *= m.scale;
+                if constexpr (FAJIT_ALIBI) {
+                    int d = m.alibi_row - n0 + (mt * 16 + (e / 2) * 8) - (j * 8 + e % 2);
+                    d = d < 0 ? -d : d;
+                    v = fmaf(-m.slope, static_cast<float>(d), v);
+                }
+                x[mt][j][e] = v;
+            }
+}
 
 /* Masks tile elements outside each row's visible keys (tiles straddling a bound). */
 __device__ __forceinline__ void mask_tile(float (&x)[kMTiles][kNTiles][4], const RowState &st,
@@ -408,7 +521,8 @@ __device__ __forceinline__ void pv_tile(float (&acc_o)[kMTiles][kOTiles][4],
 /* ---------------------------------------------------------------- epilogue */
 
 /* O = acc_o / l and LSE, for this thread's rows below seqlen_q. */
-__device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads &t, long long bh,
+__device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads &t, const Seq &seq,
+                                          long long bh, long long h,
                                           float (&acc_o)[kMTiles][kOTiles][4], const RowState &st,
                                           int row0, int lane) {
 #pragma unroll
@@ -419,35 +533,38 @@ __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads
             l += __shfl_xor_sync(fajit::kFullWarp, l, 1);
             l += __shfl_xor_sync(fajit::kFullWarp, l, 2);
             const int row = row0 + mt * 16 + half * 8 + lane / 4;
-            if (row >= p.seqlen_q)
+            if (row >= seq_q(p, seq))
                 continue;
             /* l >= 1 when any key was visible (the max contributes exp2(0)). */
             const bool any = l > 0.0f;
-            const float inv = any ? 1.0f / l : 0.0f;
+            /* Dropout: P V summed kept probabilities only; scale them here. */
+            float inv = any ? 1.0f / l : 0.0f;
+            if constexpr (FAJIT_DROPOUT)
+                inv *= p.dropout_scale;
             elem_t *o_row = t.o + static_cast<long long>(row) * t.o_row + (lane % 4) * 2;
 #pragma unroll
             for (int j = 0; j < kOTiles; ++j)
                 *reinterpret_cast<unsigned *>(o_row + j * 8) =
                     pack2(acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv);
             if (p.lse != nullptr && lane % 4 == 0)
-                p.lse[bh * p.seqlen_q + row] =
+                p.lse[lse_row0(p, seq, bh, h) + row] =
                     any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
         }
 }
 
 /* A block none of whose rows sees a key: O = 0, LSE = -inf. */
-__device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, long long bh, int m0,
-                                   int tid) {
+__device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, const Seq &seq,
+                                   long long bh, long long h, int m0, int tid) {
     for (int i = tid; i < FAJIT_BM * kChunksV; i += kThreads) {
         const int r = i / kChunksV, c = i % kChunksV;
-        if (m0 + r < p.seqlen_q) {
+        if (m0 + r < seq_q(p, seq)) {
             elem_t *at = t.o + static_cast<long long>(m0 + r) * t.o_row + c * 8;
             asm volatile("st.global.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"l"(at), "r"(0u) : "memory");
         }
     }
     if (p.lse != nullptr)
-        for (int r = tid; r < FAJIT_BM && m0 + r < p.seqlen_q; r += kThreads)
-            p.lse[bh * p.seqlen_q + m0 + r] = fajit::neg_infinity();
+        for (int r = tid; r < FAJIT_BM && m0 + r < seq_q(p, seq); r += kThreads)
+            p.lse[lse_row0(p, seq, bh, h) + m0 + r] = fajit::neg_infinity();
 }
 
 } // namespace fajit_fa
@@ -466,24 +583,30 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
      * the tail of the grid instead of the long ones. */
     const int m_block = FAJIT_MASK != fajit::kMaskNone ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int m0 = m_block * FAJIT_BM;
-    const Heads t = heads_of(p, b, h);
+    const Seq seq = seq_of(p, b, h);
+    if constexpr (FAJIT_VARLEN) {
+        /* The grid covers the longest sequence; shorter ones leave blocks idle. */
+        if (m0 >= seq_q(p, seq))
+            return;
+    }
+    const Heads t = heads_of(p, seq, b, h);
 
     /* Keys any row of the block may see: visible ranges only move right. */
-    const int last_row = imin(m0 + FAJIT_BM, p.seqlen_q) - 1;
+    const int last_row = imin(m0 + FAJIT_BM, seq_q(p, seq)) - 1;
     const fajit::KeyRange first = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-        m0, p.seqlen_q, p.seqlen_k);
+        m0, seq_q(p, seq), seq_k(p, seq));
     const fajit::KeyRange last = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-        last_row, p.seqlen_q, p.seqlen_k);
+        last_row, seq_q(p, seq), seq_k(p, seq));
     const int kb = static_cast<int>(first.begin > 0 ? first.begin : 0);
-    const int ke = static_cast<int>(last.end < p.seqlen_k ? last.end : p.seqlen_k);
+    const int ke = static_cast<int>(last.end < seq_k(p, seq) ? last.end : seq_k(p, seq));
     if (ke <= kb) {
-        write_masked_block(p, t, bh, m0, tid);
+        write_masked_block(p, t, seq, bh, h, m0, tid);
         return;
     }
     const int n_tiles = (ke - kb + FAJIT_BN - 1) / FAJIT_BN;
     /* Tiles inside [all_begin, all_end) need no per-element mask. */
     const long long all_begin = last.begin;
-    const long long all_end = first.end < p.seqlen_k ? first.end : p.seqlen_k;
+    const long long all_end = first.end < seq_k(p, seq) ? first.end : seq_k(p, seq);
 
     const int warp_row0 = warp * kWarpRows;
     RowState st;
@@ -493,8 +616,8 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
         for (int half = 0; half < 2; ++half) {
             const int row = m0 + warp_row0 + mt * 16 + half * 8 + lane / 4;
             const fajit::KeyRange r = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-                row, p.seqlen_q, p.seqlen_k);
-            st.begin[mt][half] = static_cast<int>(r.begin < 0 ? 0 : (r.begin > p.seqlen_k ? p.seqlen_k : r.begin));
+                row, seq_q(p, seq), seq_k(p, seq));
+            st.begin[mt][half] = static_cast<int>(r.begin < 0 ? 0 : (r.begin > seq_k(p, seq) ? seq_k(p, seq) : r.begin));
             st.end[mt][half] = static_cast<int>(r.end < 0 ? 0 : r.end);
             st.m[mt][half] = fajit::neg_infinity();
             st.l[mt][half] = 0.0f;
@@ -510,11 +633,11 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
         zero_pad_chunk<FAJIT_BN>(sK + s * kKElems, tid);
 
     /* Q and the first STAGES-1 K/V tiles in flight; one commit group per tile. */
-    load_tile<FAJIT_BM, kLoadChunksQK, kChunksQK>(aQ, t.q, t.q_row, m0, p.seqlen_q, tid);
+    load_tile<FAJIT_BM, kLoadChunksQK, kChunksQK>(aQ, t.q, t.q_row, m0, seq_q(p, seq), tid);
     auto load_kv = [&](int i) {
         const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
-        load_tile<FAJIT_BN, kLoadChunksQK, kChunksQK>(aK + s * kKElems * 2, t.k, t.k_row, n0, p.seqlen_k, tid);
-        load_tile<FAJIT_BN, kChunksV, kChunksV>(aV + s * kVElems * 2, t.v, t.v_row, n0, p.seqlen_k, tid);
+        load_tile<FAJIT_BN, kLoadChunksQK, kChunksQK>(aK + s * kKElems * 2, t.k, t.k_row, n0, seq_k(p, seq), tid);
+        load_tile<FAJIT_BN, kChunksV, kChunksV>(aV + s * kVElems * 2, t.v, t.v_row, n0, seq_k(p, seq), tid);
     };
 #pragma unroll
     for (int i = 0; i < FAJIT_STAGES - 1; ++i) {
@@ -530,6 +653,7 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
         for (int j = 0; j < kOTiles; ++j)
             acc_o[mt][j][0] = acc_o[mt][j][1] = acc_o[mt][j][2] = acc_o[mt][j][3] = 0.0f;
     unsigned qreg[kQInRegs ? kMTiles : 1][kQInRegs ? kKSteps : 1][4];
+    const ScoreMods mods = score_mods(p, seq, b, h, m0 + warp_row0 + lane / 4, lane);
 
     for (int i = 0; i < n_tiles; ++i) {
         if constexpr (FAJIT_STAGES == 1) {
@@ -559,18 +683,12 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
         const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
         float x[kMTiles][kNTiles][4];
         qk_tile(x, f, qreg, s * kKElems * 2);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    x[mt][j][e] *= p.softmax_scale_log2;
+        scale_scores(x, mods, n0);
         if (n0 < all_begin || n0 + FAJIT_BN > all_end)
             mask_tile(x, st, n0, lane);
         online_softmax(x, st, acc_o);
         pv_tile(acc_o, x, f, s * kVElems * 2);
     }
     cp_async_wait<0>(); /* no copy may outlive the block (empty groups only, by now) */
-    write_out(p, t, bh, acc_o, st, m0 + warp_row0, lane);
+    write_out(p, t, seq, bh, h, acc_o, st, m0 + warp_row0, lane);
 }

@@ -8,7 +8,9 @@
  * --ptxas-options=-v:
  *   - sm_90: every head dim 8..256 in steps of 8 (dtype and mask rotating),
  *     192/128 and 128/64, and every dtype x mask for 64, 72, 128 and 256;
- *   - sm_80: a subset (2 cores, CI time).
+ *   - sm_80: a subset (2 cores, CI time);
+ *   - features (softcap, ALiBi, varlen, and all of them with a window) on
+ *     head dims 64, 72, 96, 128, 192/128, 256, sm_80 and sm_90.
  * Every compile must succeed with no spills and no template warnings, and the
  * dynamic shared memory the variant declares (fajit__variant_smem_bytes) must
  * fit the arch's opt-in limit. Variants the template cannot serve (dropout,
@@ -65,6 +67,27 @@ static fajit__variant fwd_variant(int dqk, int dv, int dtype, int mask, int arch
     return v;
 }
 
+/* Features: bits of FEAT_* set the variant's fields of the same name. */
+enum { FEAT_SOFTCAP = 1, FEAT_ALIBI = 2, FEAT_VARLEN = 4, FEAT_DROPOUT = 8 };
+
+static fajit__variant feature_variant(int dqk, int dv, int dtype, int mask, int arch, int feats) {
+    fajit__variant v;
+    fajit__variant_defaults(&v);
+    v.op = FAJIT__OP_FWD;
+    v.dqk = dqk;
+    v.dv = dv;
+    v.dtype = dtype;
+    v.mask = mask;
+    v.arch = arch;
+    v.arch_suffix = 0;
+    v.softcap = (feats & FEAT_SOFTCAP) != 0;
+    v.alibi = (feats & FEAT_ALIBI) != 0;
+    v.varlen = (feats & FEAT_VARLEN) != 0;
+    v.dropout = (feats & FEAT_DROPOUT) != 0;
+    fajit__heuristic_tiles(&v); /* after the features: they may change the tiles */
+    return v;
+}
+
 static size_t add(job *jobs, size_t n, size_t cap, fajit__variant v) {
     if (n < cap) {
         memset(&jobs[n], 0, sizeof jobs[n]);
@@ -90,6 +113,21 @@ static size_t build_jobs(job *jobs, size_t cap) {
     for (size_t i = 0; i < sizeof sm80 / sizeof sm80[0]; ++i)
         n = add(jobs, n, cap, fwd_variant(sm80[i][0], sm80[i][1], (int)i % 2, (int)i % 3, 80));
     n = add(jobs, n, cap, fwd_variant(128, 128, 1, 1, 86));
+    /* Every feature alone and all together, over head dims that stress the
+     * registers (64, 128 and 256 sit near the 255 limit) and both archs. */
+    static const int feat_dims[][2] = {{64, 64}, {72, 72}, {128, 128}, {192, 128}, {256, 256}};
+    static const int feat_sets[] = {FEAT_SOFTCAP, FEAT_ALIBI, FEAT_VARLEN,
+                                    FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN};
+    for (size_t i = 0; i < sizeof feat_dims / sizeof feat_dims[0]; ++i)
+        for (size_t f = 0; f < sizeof feat_sets / sizeof feat_sets[0]; ++f)
+            n = add(jobs, n, cap, feature_variant(feat_dims[i][0], feat_dims[i][1], (int)(i + f) % 2,
+                                                  (int)(i + f) % 3, f % 2 ? 80 : 90, feat_sets[f]));
+    n = add(jobs, n, cap, feature_variant(96, 96, 1, 1, 90, FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN));
+    if (n < cap) { /* a window on top of every feature */
+        n = add(jobs, n, cap, feature_variant(64, 64, 0, 0, 80, FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN));
+        jobs[n - 1].v.window_left = 100;
+        jobs[n - 1].v.window_right = 7;
+    }
     if (n + 2 <= cap) { /* what the template cannot do must not compile */
         n = add(jobs, n, cap, fwd_variant(64, 64, 0, 0, 90));
         jobs[n - 1].v.dropout = 1;
