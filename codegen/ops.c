@@ -57,3 +57,11 @@ size_t fajit__variant_smem_bytes(const fajit__variant *v)
         return 0; /* static shared memory only */
     }
 }
+
+/* What templates/flash_fwd.cuh implements: every mask and window; not yet
+ * dropout, softcap, ALiBi, varlen or paged KV (the reference covers those).
+ * Edit together with the template's static_asserts. */
+int fajit__fast_fwd_supports(const fajit__variant *v)
+{
+    return !v->dropout && !v->softcap && !v->alibi && !v->varlen && !v->paged;
+}

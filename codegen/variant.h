@@ -107,6 +107,12 @@ const char *fajit__variant_entry_name(const fajit__variant *v);
  * static_asserts its layout fits. */
 size_t fajit__variant_smem_bytes(const fajit__variant *v);
 
+/* 1 if the fast forward (op fwd, templates/flash_fwd.cuh) implements the
+ * variant's features (dropout, softcap, ALiBi, varlen, paged), else 0; the
+ * runtime falls back to the reference for the others. Head dims, alignment
+ * and tiles are judged elsewhere. */
+int fajit__fast_fwd_supports(const fajit__variant *v);
+
 /* The embedded template an op renders ("reference.cuh"), or NULL. Static. */
 const char *fajit__variant_template_name(const fajit__variant *v);
 

@@ -45,19 +45,6 @@ static int copy_args(const fajit_attn_args *in, fajit_attn_args *a)
     return 0;
 }
 
-/* The appended fields are in the header before the kernels implement them: until
- * they do, a non-default value is refused rather than silently ignored. */
-static int check_features(const fajit_attn_args *a)
-{
-    const char *name = a->window_left != -1 || a->window_right != -1 ? "window_left/right"
-                       : a->softcap != 0.0f                          ? "softcap"
-                       : a->alibi_slopes                             ? "alibi_slopes"
-                       : a->dropout_p != 0.0f                        ? "dropout_p"
-                       : a->cu_seqlens_q || a->cu_seqlens_k          ? "cu_seqlens_q/k"
-                                                                     : NULL;
-    return name ? fajit__fail(FAJIT_EUNSUPPORTED, "%s: not implemented in this build", name) : 0;
-}
-
 static int check_shapes(const fajit_attn_args *a)
 {
     int rc;
@@ -90,6 +77,42 @@ static int check_pointers(const fajit_attn_args *a)
     return 0;
 }
 
+/* The appended fields (window, softcap, ALiBi, dropout, varlen), after
+ * check_shapes (their bounds depend on the shapes). */
+static int check_features(const fajit_attn_args *a)
+{
+    int64_t span;
+    int rc;
+    if ((rc = fajit__check_range("window_left", a->window_left, -1, INT32_MAX)) ||
+        (rc = fajit__check_range("window_right", a->window_right, -1, INT32_MAX)))
+        return rc;
+    if (!isfinite(a->softcap) || a->softcap < 0.0f)
+        return fajit__fail(FAJIT_EINVAL, "softcap=%g: must be finite and >= 0 (0: off)",
+                           (double)a->softcap);
+    if (!(a->dropout_p >= 0.0f && a->dropout_p < 1.0f)) /* NaN fails too */
+        return fajit__fail(FAJIT_EINVAL, "dropout_p=%g: must be in [0, 1)", (double)a->dropout_p);
+    if ((rc = fajit__check_pointer("alibi_slopes", a->alibi_slopes, 4, 0)))
+        return rc;
+    if (a->alibi_batch_stride != 0 &&
+        (a->alibi_batch_stride < a->nheads_q ||
+         (a->batch > 0 && __builtin_mul_overflow(a->batch - 1, a->alibi_batch_stride, &span))))
+        return fajit__fail(FAJIT_EINVAL,
+                           "alibi_batch_stride=%lld: must be 0 (slopes shared by every batch) "
+                           "or >= nheads_q=%lld, and (batch - 1) * stride must fit int64",
+                           (long long)a->alibi_batch_stride, (long long)a->nheads_q);
+    if (!a->cu_seqlens_q != !a->cu_seqlens_k)
+        return fajit__fail(FAJIT_EINVAL, "cu_seqlens_%s: NULL while cu_seqlens_%s is set: varlen "
+                           "needs both (or neither)", a->cu_seqlens_q ? "k" : "q",
+                           a->cu_seqlens_q ? "q" : "k");
+    if ((rc = fajit__check_pointer("cu_seqlens_q", a->cu_seqlens_q, 4, 0)) ||
+        (rc = fajit__check_pointer("cu_seqlens_k", a->cu_seqlens_k, 4, 0)))
+        return rc;
+    if (a->cu_seqlens_q && a->batch < 1)
+        return fajit__fail(FAJIT_EINVAL, "batch=%lld: varlen (cu_seqlens_q/k set) needs batch >= 1",
+                           (long long)a->batch);
+    return 0;
+}
+
 static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
 {
     int64_t span;
@@ -100,6 +123,8 @@ static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
         (rc = fajit__resolve_strides("v", a->v_stride, a->seqlen_k, a->nheads_kv, a->dv, p->v_stride)) ||
         (rc = fajit__resolve_strides("o", a->o_stride, a->seqlen_q, a->nheads_q, a->dv, p->o_stride)))
         return rc;
+    if (a->cu_seqlens_q) /* packed: sequence b starts at row cu_seqlens[b] */
+        p->q_stride[0] = p->k_stride[0] = p->v_stride[0] = p->o_stride[0] = 0;
     if (a->batch > 0 && (__builtin_mul_overflow(a->batch - 1, p->q_stride[0], &span) ||
                          __builtin_mul_overflow(a->batch - 1, p->k_stride[0], &span) ||
                          __builtin_mul_overflow(a->batch - 1, p->v_stride[0], &span) ||
@@ -118,6 +143,15 @@ static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
     p->nheads_kv = (int)a->nheads_kv;
     p->softmax_scale = a->softmax_scale != 0.0f ? a->softmax_scale : 1.0f / sqrtf((float)a->dqk);
     p->softmax_scale_log2 = p->softmax_scale * 1.4426950408889634f;
+    p->softcap = a->softcap;
+    p->dropout_p = a->dropout_p;
+    p->dropout_scale = 1.0f / (1.0f - a->dropout_p);
+    p->dropout_seed = a->dropout_seed;
+    p->dropout_offset = a->dropout_offset;
+    p->alibi_slopes = a->alibi_slopes;
+    p->alibi_batch_stride = a->alibi_slopes ? a->alibi_batch_stride : 0;
+    p->cu_seqlens_q = a->cu_seqlens_q;
+    p->cu_seqlens_k = a->cu_seqlens_k;
     return 0;
 }
 
@@ -148,12 +182,52 @@ static int fast_fwd_built(void)
     return 0;
 }
 
+/* A window that reaches past every row's keys on one side bounds nothing:
+ * -1 instead, so equivalent calls share a variant. The diagonal of row i is i
+ * (top-left) or i + seqlen_k - seqlen_q; under varlen the lengths are maxima,
+ * which bound every sequence's diagonal the same way. Under a causal mask a
+ * right window >= 0 is implied by the mask; a right window of 0 with no mask is
+ * the causal mask itself. */
+static void normalize_window(const fajit_attn_args *a, fajit__variant *v)
+{
+    int64_t max_diag = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_q - 1 : a->seqlen_k - 1;
+    int64_t right_enough = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_k - 1 : a->seqlen_q - 1;
+    if (v->window_left >= max_diag)
+        v->window_left = -1;
+    if (v->mask != FAJIT_MASK_NONE || v->window_right >= right_enough)
+        v->window_right = -1;
+    else if (v->window_right == 0) {
+        v->mask = FAJIT_MASK_CAUSAL;
+        v->window_right = -1;
+    }
+}
+
+/* Everything of the variant the arguments decide, except op, tiles and arch. */
+static void derive_features(const fajit_attn_args *a, fajit__variant *v)
+{
+    fajit__variant_defaults(v);
+    v->dqk = (int)a->dqk;
+    v->dv = (int)a->dv;
+    v->dtype = a->dtype;
+    v->mask = a->mask;
+    v->window_left = a->window_left;
+    v->window_right = a->window_right;
+    normalize_window(a, v);
+    v->softcap = a->softcap != 0.0f;
+    v->alibi = a->alibi_slopes != NULL;
+    v->dropout = a->dropout_p > 0.0f;
+    v->varlen = a->cu_seqlens_q != NULL;
+}
+
 /* The kernel for validated arguments: the fast forward where it applies, else
  * the reference, which covers everything (said once per process at INFO). */
-static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct fajit_fwd_params *p)
+static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct fajit_fwd_params *p,
+                     const fajit__variant *features)
 {
     static atomic_int fallback_logged;
     const char *why = fast_fwd_refusal(a, p);
+    if (!why && !fajit__fast_fwd_supports(features))
+        why = "the fast forward lacks a feature asked for (dropout, softcap, ALiBi or varlen)";
     if (!why && fast_fwd_built())
         return FAJIT__OP_FWD;
     if (a->kernel != FAJIT_KERNEL_REFERENCE && atomic_exchange(&fallback_logged, 1) == 0)
@@ -164,14 +238,11 @@ static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct faji
 }
 
 /* The variant for validated arguments on a device of the given arch. */
-static void derive_variant(const fajit_attn_args *a, int op, int arch, fajit__variant *v)
+static void derive_variant(fajit_ctx *ctx, const fajit_attn_args *a,
+                           const struct fajit_fwd_params *p, int arch, fajit__variant *v)
 {
-    fajit__variant_defaults(v);
-    v->op = op;
-    v->dqk = (int)a->dqk;
-    v->dv = (int)a->dv;
-    v->dtype = a->dtype;
-    v->mask = a->mask;
+    derive_features(a, v);
+    v->op = choose_op(ctx, a, p, v);
     v->arch = arch;
     v->arch_suffix = 0;
     fajit__heuristic_tiles(v);
@@ -212,9 +283,8 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
 
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
-    if ((rc = copy_args(args, &a)) || (rc = check_features(&a)) || (rc = check_shapes(&a)) ||
-        (rc = check_pointers(&a)) ||
-        (rc = fill_params(&a, &p)))
+    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
+        (rc = check_pointers(&a)) || (rc = fill_params(&a, &p)))
         return rc;
     if (a.batch == 0 || a.seqlen_q == 0)
         return 0; /* nothing to compute */
@@ -223,7 +293,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     cu_id = fajit__context_id(drv, cu);
     rc = fajit__context_arch(ctx, drv, cu_id, &arch);
     if (rc == 0) {
-        derive_variant(&a, choose_op(ctx, &a, &p), arch, &v); /* checked on a table miss */
+        derive_variant(ctx, &a, &p, arch, &v); /* checked on a table miss */
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
     }
     if (rc == 0)
@@ -242,10 +312,10 @@ int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, s
 
     if (!ctx || !buf)
         return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "buf" : "ctx");
-    if ((rc = copy_args(args, &a)) || (rc = check_features(&a)) || (rc = check_shapes(&a)) ||
+    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
         (rc = fill_params(&a, &p)))
         return rc;
-    derive_variant(&a, choose_op(ctx, &a, &p), fajit__default_arch(ctx), &v);
+    derive_variant(ctx, &a, &p, fajit__default_arch(ctx), &v);
     rc = fajit__variant_check(&v);
     return rc != 0 ? rc : fajit__variant_format(&v, buf, cap);
 }

@@ -4,7 +4,9 @@
  * What it computes, for every batch b, query head h and query row i:
  *
  *   s_j   = softmax_scale * (q[b,i,h,:] . k[b,j,hk,:])        for visible keys j
- *   o     = sum_j exp(s_j - m) v[b,j,hk,:] / l,   m = max_j s_j,  l = sum_j exp(s_j - m)
+ *   s_j   = softcap * tanh(s_j / softcap)                    (FAJIT_SOFTCAP)
+ *   s_j  += -slope[b,h] * |i + seqlen_k - seqlen_q - j|      (FAJIT_ALIBI)
+ *   o     = sum_j d_j exp(s_j - m) v[b,j,hk,:] / l,   m = max_j s_j,  l = sum_j exp(s_j - m)
  *   lse   = m + log(l)                                       (natural log)
  *
  * with hk = h / (nheads_q / nheads_kv) (GQA/MQA), following FlashAttention 2.x:
@@ -14,6 +16,18 @@
  * bottom-right or top-left, local window). A row with no visible key (fully
  * masked, or seqlen_k == 0) gets output 0 and LSE -inf. LSE is written to
  * lse[(b * nheads_q + h) * seqlen_q + i] when p.lse is not NULL.
+ *
+ * d_j is 1 without dropout; with FAJIT_DROPOUT it is dropout_scale when
+ * fajit::dropout_keep() keeps (b, h, i, j), else 0 (the Philox formula is in
+ * common.cuh). l and the LSE are those of the undropped softmax, as in
+ * FlashAttention. slope[b,h] = alibi_slopes[b * alibi_batch_stride + h].
+ *
+ * Varlen (FAJIT_VARLEN): sequence b is packed rows cu_seqlens_q[b] ..
+ * cu_seqlens_q[b+1]-1 of q and o and cu_seqlens_k[b] .. of k and v (batch
+ * strides unused); i, j, seqlen_q and seqlen_k above are that sequence's, and
+ * the grid's p.seqlen_q is the longest sequence (rows past a sequence's end do
+ * nothing). LSE is (nheads_q, total_q), total_q = cu_seqlens_q[batch]: row i
+ * of sequence b at lse[h * total_q + cu_seqlens_q[b] + i].
  *
  * How: one warp per query row. The row's q (as fp32) sits in shared memory; the
  * keys are visited in steps of FAJIT_BN, one key per lane at a time, with the
@@ -38,10 +52,7 @@ static_assert(FAJIT_DV >= 1 && FAJIT_DV <= 512, "reference: dv must be 1..512");
 static_assert(FAJIT_BM >= 1, "reference: bm must be >= 1");
 static_assert(FAJIT_BN >= 32 && FAJIT_BN % 32 == 0, "reference: bn must be a multiple of 32");
 static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 32, "reference: warps must be 1..32");
-static_assert(FAJIT_DROPOUT == 0 && FAJIT_SOFTCAP == 0 && FAJIT_ALIBI == 0,
-              "reference: dropout, softcap and alibi are not implemented");
-static_assert(FAJIT_VARLEN == 0 && FAJIT_PAGED == 0,
-              "reference: varlen and paged KV are not implemented");
+static_assert(FAJIT_PAGED == 0, "reference: paged KV is not implemented");
 
 namespace fajit_ref {
 
@@ -63,23 +74,66 @@ __device__ __forceinline__ float dot_q_k(const float *q_shared, const elem_t *k_
     return acc;
 }
 
+/* Where one (batch, head)'s sequence lies: dense, or a varlen sequence. */
+struct Seq {
+    long long q_start, k_start; /* first packed row (varlen), else 0 */
+    long long seqlen_q, seqlen_k;
+    long long lse_base; /* LSE index of row 0 */
+};
+
+__device__ __forceinline__ Seq sequence_of(const fajit_fwd_params &p, long long b, long long h) {
+    Seq s;
+    if constexpr (FAJIT_VARLEN) {
+        s.q_start = p.cu_seqlens_q[b];
+        s.k_start = p.cu_seqlens_k[b];
+        s.seqlen_q = p.cu_seqlens_q[b + 1] - s.q_start;
+        s.seqlen_k = p.cu_seqlens_k[b + 1] - s.k_start;
+        s.lse_base = h * static_cast<long long>(p.cu_seqlens_q[p.batch]) + s.q_start;
+    } else {
+        s.q_start = s.k_start = 0;
+        s.seqlen_q = p.seqlen_q;
+        s.seqlen_k = p.seqlen_k;
+        s.lse_base = (b * p.nheads_q + h) * p.seqlen_q;
+    }
+    return s;
+}
+
+/* The score of one visible key: scaled, softcapped, ALiBi-biased. */
+__device__ __forceinline__ float score_of(const fajit_fwd_params &p, float dot, float slope,
+                                          long long row, long long key, const Seq &s) {
+    float score = p.softmax_scale * dot;
+    if constexpr (FAJIT_SOFTCAP)
+        score = fajit::softcap_score(score, p.softcap);
+    if constexpr (FAJIT_ALIBI)
+        score += fajit::alibi_bias(slope, row, key, s.seqlen_q, s.seqlen_k);
+    return score;
+}
+
 /* Attention for one query row, computed by the whole warp. */
 __device__ void attend_row(const fajit_fwd_params &p, long long b, long long h, long long row,
-                           float *q_shared, float *probs_shared, int lane) {
+                           const Seq &s, float *q_shared, float *probs_shared, int lane) {
     const long long h_kv = h / (p.nheads_q / p.nheads_kv);
     const elem_t *q_row = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] +
-                          row * p.q_stride[1] + h * p.q_stride[2];
-    const elem_t *k_head = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + h_kv * p.k_stride[2];
-    const elem_t *v_head = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + h_kv * p.v_stride[2];
-    elem_t *o_row = static_cast<elem_t *>(p.o) + b * p.o_stride[0] + row * p.o_stride[1] +
-                    h * p.o_stride[2];
+                          (s.q_start + row) * p.q_stride[1] + h * p.q_stride[2];
+    const elem_t *k_head = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] +
+                           s.k_start * p.k_stride[1] + h_kv * p.k_stride[2];
+    const elem_t *v_head = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] +
+                           s.k_start * p.v_stride[1] + h_kv * p.v_stride[2];
+    elem_t *o_row = static_cast<elem_t *>(p.o) + b * p.o_stride[0] +
+                    (s.q_start + row) * p.o_stride[1] + h * p.o_stride[2];
+    float slope = 0.0f;
+    if constexpr (FAJIT_ALIBI)
+        slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
+    unsigned drop_threshold = 0;
+    if constexpr (FAJIT_DROPOUT)
+        drop_threshold = fajit::dropout_threshold(p.dropout_p);
 
     for (int d = lane; d < FAJIT_DQK; d += kWarpSize)
         q_shared[d] = fajit::load_as_float<FAJIT_DTYPE>(q_row + d);
     __syncwarp();
 
     const fajit::KeyRange keys = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-        row, p.seqlen_q, p.seqlen_k);
+        row, s.seqlen_q, s.seqlen_k);
     float row_max = fajit::neg_infinity(); /* m: max score so far */
     float row_sum = 0.0f;                  /* l: sum of exp(score - m) so far */
     float out[kColsPerLane];
@@ -96,7 +150,8 @@ __device__ void attend_row(const fajit_fwd_params &p, long long b, long long h, 
             const long long key = start + t * kWarpSize + lane;
             score[t] = fajit::neg_infinity();
             if (key < keys.end)
-                score[t] = p.softmax_scale * dot_q_k(q_shared, k_head + key * p.k_stride[1]);
+                score[t] = score_of(p, dot_q_k(q_shared, k_head + key * p.k_stride[1]), slope,
+                                    row, key, s);
             step_max = fmaxf(step_max, score[t]);
         }
         /* The step's first key is visible, so new_max is finite (for finite
@@ -108,7 +163,13 @@ __device__ void attend_row(const fajit_fwd_params &p, long long b, long long h, 
         for (int t = 0; t < kKeysPerLane; ++t) {
             const long long key = start + t * kWarpSize + lane;
             const float prob = key < keys.end ? expf(score[t] - new_max) : 0.0f;
-            probs_shared[t * kWarpSize + lane] = prob;
+            float weight = prob; /* what multiplies v: the dropped-out probability */
+            if constexpr (FAJIT_DROPOUT)
+                weight = fajit::dropout_keep(p.dropout_seed, p.dropout_offset, drop_threshold, b, h,
+                                             p.nheads_q, row, key)
+                             ? prob * p.dropout_scale
+                             : 0.0f;
+            probs_shared[t * kWarpSize + lane] = weight;
             step_sum += prob;
         }
         row_sum = row_sum * rescale + fajit::warp_sum(step_sum);
@@ -141,10 +202,8 @@ __device__ void attend_row(const fajit_fwd_params &p, long long b, long long h, 
         if (d < FAJIT_DV)
             fajit::store_from_float<FAJIT_DTYPE>(o_row + d, any_visible ? out[c] / row_sum : 0.0f);
     }
-    if (p.lse != nullptr && lane == 0) {
-        const long long at = (b * p.nheads_q + h) * p.seqlen_q + row;
-        p.lse[at] = any_visible ? row_max + logf(row_sum) : fajit::neg_infinity();
-    }
+    if (p.lse != nullptr && lane == 0)
+        p.lse[s.lse_base + row] = any_visible ? row_max + logf(row_sum) : fajit::neg_infinity();
     __syncwarp(); /* q_shared read by all lanes before the next row overwrites it */
 }
 
@@ -157,10 +216,11 @@ extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32) fajit_ref_fwd(con
     const int lane = threadIdx.x % fajit::kWarpSize;
     const long long b = blockIdx.z;
     const long long h = blockIdx.y;
+    const fajit_ref::Seq s = fajit_ref::sequence_of(p, b, h);
     for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
         const long long row = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
-        if (row >= p.seqlen_q)
+        if (row >= s.seqlen_q || row >= p.seqlen_q)
             break;
-        fajit_ref::attend_row(p, b, h, row, q_rows[warp], probs[warp], lane);
+        fajit_ref::attend_row(p, b, h, row, s, q_rows[warp], probs[warp], lane);
     }
 }

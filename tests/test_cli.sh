@@ -131,24 +131,24 @@ has "3 compiled, 0 already cached, 0 failed" "$OUT"
 [ "$(grep -c '^compiled  .* ms  ref ' "$ERR")" -eq 3 ] || fail "expected 3 'compiled' lines on stderr"
 ok "prebuild compiles 3 variants, one plain line each"
 
-# A variant that fails to compile: the reference kernel refuses dropout with a
-# static_assert (if a later reference implements dropout, pick another failing
+# A variant that fails to compile: the reference kernel refuses paged KV with a
+# static_assert (if a later reference implements paged KV, pick another failing
 # variant here). The others still compile; exit 1 names it with the NVRTC log.
 cat >"$WORK/failing.manifest" <<'EOF'
 ref dqk=64 dtype=fp16 arch=sm_90
-ref dqk=64 dtype=fp16 dropout=1 arch=sm_90
+ref dqk=64 dtype=fp16 paged=1 arch=sm_90
 EOF
 run 1 "$FAJIT" prebuild "$WORK/failing.manifest"
 has "0 compiled, 1 already cached, 1 failed" "$OUT"
-has "^FAILED  *ref dqk=64 .*dropout=1" "$ERR"
-has "^fajit: FAILED ref dqk=64 .*dropout=1 .*: kernel compilation failed: " "$ERR"
+has "^FAILED  *ref dqk=64 .*paged=1" "$ERR"
+has "^fajit: FAILED ref dqk=64 .*paged=1 .*: kernel compilation failed: " "$ERR"
 has "error" "$ERR"
 run 1 "$PREBUILD" --json "$WORK/failing.manifest"
 json
 python3 -c '
 import json,sys; d=json.load(open(sys.argv[1]))
 assert d["failed"]==1 and d["cached"]==1 and len(d["failures"])==1, d
-f=d["failures"][0]; assert "dropout=1" in f["variant"] and "error" in f["error"], f' "$OUT" ||
+f=d["failures"][0]; assert "paged=1" in f["variant"] and "error" in f["error"], f' "$OUT" ||
     fail "JSON summary of a failed prebuild"
 ok "a failing variant: exit 1, named with its compile log (text and JSON)"
 

@@ -12,7 +12,7 @@
  * Every compile must succeed, yield a cubin, keep static shared memory within
  * 48 KB, and warn about nothing in the templates. Spills are printed, not
  * required to be 0. A variant asking for a feature the reference lacks
- * (dropout) must be refused at compile time, not compiled into a wrong kernel.
+ * (paged KV) must be refused at compile time, not compiled into a wrong kernel.
  */
 #include <nvrtc.h>
 #include <pthread.h>
@@ -88,9 +88,9 @@ static size_t build_jobs(job *jobs, size_t cap) {
                 if (n < cap)
                     jobs[n++].v = ref_variant(dims[0], dims[1], dtype, mask, (mask + dtype) % 2, 80);
             }
-    if (n < cap) { /* the reference has no dropout: it must refuse, not ignore it */
+    if (n < cap) { /* the reference has no paged KV: it must refuse, not ignore it */
         jobs[n].v = ref_variant(64, 64, 0, 0, 0, 90);
-        jobs[n].v.dropout = 1;
+        jobs[n].v.paged = 1;
         jobs[n++].expect_refusal = 1;
     }
     return n;
@@ -191,7 +191,7 @@ static void run_job(job *j) {
     if (j->expect_refusal) {
         j->ok = !compiled && strstr(j->why, "not implemented") != NULL;
         if (compiled)
-            snprintf(j->why, sizeof j->why, "compiled, but the reference has no dropout");
+            snprintf(j->why, sizeof j->why, "compiled, but the reference has no paged KV");
         return;
     }
     if (!compiled)
