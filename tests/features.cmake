@@ -18,3 +18,11 @@ target_include_directories(test_ref_features_compile SYSTEM PRIVATE ${CUDAToolki
 set_property(TEST test_ref_features_compile APPEND PROPERTY ENVIRONMENT "CUDA_CACHE_DISABLE=1")
 
 fajit_add_test(test_features_api SOURCES test_features_api.c LIBS fajit LABELS features)
+
+# The features against an fp64 CPU reference, reference and AUTO kernels.
+if(TARGET fajit_attn_check)
+  fajit_add_test(test_features_gpu
+    SOURCES gpu/test_features_gpu.c
+    LIBS fajit fajit_attn_check CUDA::cudart m
+    LABELS gpu features)
+endif()
