@@ -58,10 +58,10 @@ size_t fajit__variant_smem_bytes(const fajit__variant *v)
     }
 }
 
-/* What templates/flash_fwd.cuh implements: every mask and window; not yet
- * dropout, softcap, ALiBi, varlen or paged KV (the reference covers those).
+/* What templates/flash_fwd.cuh implements: every mask and window, softcap,
+ * ALiBi, varlen and dropout; not yet paged KV (the reference covers it).
  * Edit together with the template's static_asserts. */
 int fajit__fast_fwd_supports(const fajit__variant *v)
 {
-    return !v->dropout && !v->softcap && !v->alibi && !v->varlen && !v->paged;
+    return !v->paged;
 }

@@ -54,7 +54,14 @@ static void fwd_tiles(fajit__variant *v)
     fajit__variant t = *v; /* fields the caller set stay as they are */
 
     set_if_unset(&t.warps, dmax < 128 ? 4 : 8);
+    if (v->dropout && dmax < 128) /* see the dropout note below */
+        set_if_unset(&t.bm, 16 * t.warps);
     set_if_unset(&t.bm, 128 > 16 * t.warps ? 128 : 16 * t.warps);
+    /* Dropout's Philox state needs registers the score and output tiles
+     * otherwise take: one 16-row tile a warp below 128, 64-key tiles at 128,
+     * keep those variants free of spills (sm_80/90). */
+    if (v->dropout)
+        set_if_unset(&t.bn, 64);
     /* Measured on H100 (fp16, 2k-8k): d128 gains 10-15% from bn 128 (the
      * softmax and barrier cost per key halves); d64 and d256 lose with it. */
     set_if_unset(&t.bn, dmax == 128 ? 128 : 64);

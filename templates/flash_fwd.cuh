@@ -50,7 +50,6 @@ static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 16, "flash_fwd: warps must be 1
 static_assert(FAJIT_BM % (16 * FAJIT_WARPS) == 0, "flash_fwd: bm must be a multiple of 16 * warps");
 static_assert(FAJIT_BN >= 16 && FAJIT_BN % 16 == 0, "flash_fwd: bn must be a multiple of 16");
 static_assert(FAJIT_STAGES >= 1 && FAJIT_STAGES <= 3, "flash_fwd: stages must be 1..3");
-static_assert(FAJIT_DROPOUT == 0, "flash_fwd: dropout is not implemented");
 static_assert(FAJIT_PAGED == 0, "flash_fwd: paged KV is not implemented");
 
 namespace fajit_fa {
@@ -430,6 +429,35 @@ __device__ __forceinline__ void online_softmax(float (&x)[kMTiles][kNTiles][4], 
         }
 }
 
+/* ---------------------------------------------------------------- dropout */
+
+/* Zeroes the probabilities of dropped elements (P V then sums the kept ones;
+ * write_out scales by dropout_scale). Element (b, h, row, key) uses word
+ * key & 3 of the Philox call for (row, key >> 2) (common.cuh's formula). The
+ * key tiles start at a multiple of 8 under dropout (see kb in the kernel), so
+ * a lane's two keys of an 8-key group, 2 (lane % 4) and +1, are words
+ * 2 (lane & 1) and +1 of one call. row0 is the lane's first row. */
+__device__ __forceinline__ void dropout_tile(float (&x)[kMTiles][kNTiles][4], const fajit_fwd_params &p,
+                                             long long b, long long h, unsigned threshold, int row0,
+                                             int n0, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int j = 0; j < kNTiles; ++j) {
+                const int row = row0 + mt * 16 + half * 8;
+                const int key = n0 + j * 8 + (lane % 4) * 2;
+                const fajit::Philox4 r = fajit::dropout_words(p.dropout_seed, p.dropout_offset, b, h,
+                                                              p.nheads_q, row, key);
+                const unsigned w0 = lane & 1 ? r.z : r.x, w1 = lane & 1 ? r.w : r.y;
+                if (w0 < threshold)
+                    x[mt][j][2 * half] = 0.0f;
+                if (w1 < threshold)
+                    x[mt][j][2 * half + 1] = 0.0f;
+            }
+}
+
 /* ---------------------------------------------------------------- the math */
 
 /* The lanes' fragment addresses: Q (A operand, rows of this warp), K (B
@@ -597,7 +625,9 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
         m0, seq_q(p, seq), seq_k(p, seq));
     const fajit::KeyRange last = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
         last_row, seq_q(p, seq), seq_k(p, seq));
-    const int kb = static_cast<int>(first.begin > 0 ? first.begin : 0);
+    int kb = static_cast<int>(first.begin > 0 ? first.begin : 0);
+    if constexpr (FAJIT_DROPOUT)
+        kb &= ~7; /* dropout_tile's word choice; the keys before begin are masked */
     const int ke = static_cast<int>(last.end < seq_k(p, seq) ? last.end : seq_k(p, seq));
     if (ke <= kb) {
         write_masked_block(p, t, seq, bh, h, m0, tid);
@@ -654,6 +684,7 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
             acc_o[mt][j][0] = acc_o[mt][j][1] = acc_o[mt][j][2] = acc_o[mt][j][3] = 0.0f;
     unsigned qreg[kQInRegs ? kMTiles : 1][kQInRegs ? kKSteps : 1][4];
     const ScoreMods mods = score_mods(p, seq, b, h, m0 + warp_row0 + lane / 4, lane);
+    const unsigned threshold = FAJIT_DROPOUT ? fajit::dropout_threshold(p.dropout_p) : 0u;
 
     for (int i = 0; i < n_tiles; ++i) {
         if constexpr (FAJIT_STAGES == 1) {
@@ -687,6 +718,8 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
         if (n0 < all_begin || n0 + FAJIT_BN > all_end)
             mask_tile(x, st, n0, lane);
         online_softmax(x, st, acc_o);
+        if constexpr (FAJIT_DROPOUT)
+            dropout_tile(x, p, b, h, threshold, m0 + warp_row0 + lane / 4, n0, lane);
         pv_tile(acc_o, x, f, s * kVElems * 2);
     }
     cp_async_wait<0>(); /* no copy may outlive the block (empty groups only, by now) */

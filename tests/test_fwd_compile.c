@@ -9,11 +9,11 @@
  *   - sm_90: every head dim 8..256 in steps of 8 (dtype and mask rotating),
  *     192/128 and 128/64, and every dtype x mask for 64, 72, 128 and 256;
  *   - sm_80: a subset (2 cores, CI time);
- *   - features (softcap, ALiBi, varlen, and all of them with a window) on
+ *   - features (softcap, ALiBi, varlen, dropout, and all of them, also with a window) on
  *     head dims 64, 72, 96, 128, 192/128, 256, sm_80 and sm_90.
  * Every compile must succeed with no spills and no template warnings, and the
  * dynamic shared memory the variant declares (fajit__variant_smem_bytes) must
- * fit the arch's opt-in limit. Variants the template cannot serve (dropout,
+ * fit the arch's opt-in limit. Variants the template cannot serve (paged KV,
  * dqk not a multiple of 8) must be refused at compile time with the reason.
  */
 #include <nvrtc.h>
@@ -116,21 +116,25 @@ static size_t build_jobs(job *jobs, size_t cap) {
     /* Every feature alone and all together, over head dims that stress the
      * registers (64, 128 and 256 sit near the 255 limit) and both archs. */
     static const int feat_dims[][2] = {{64, 64}, {72, 72}, {128, 128}, {192, 128}, {256, 256}};
-    static const int feat_sets[] = {FEAT_SOFTCAP, FEAT_ALIBI, FEAT_VARLEN,
-                                    FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN};
-    for (size_t i = 0; i < sizeof feat_dims / sizeof feat_dims[0]; ++i)
-        for (size_t f = 0; f < sizeof feat_sets / sizeof feat_sets[0]; ++f)
-            n = add(jobs, n, cap, feature_variant(feat_dims[i][0], feat_dims[i][1], (int)(i + f) % 2,
-                                                  (int)(i + f) % 3, f % 2 ? 80 : 90, feat_sets[f]));
-    n = add(jobs, n, cap, feature_variant(96, 96, 1, 1, 90, FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN));
+    static const int feat_sets[] = {FEAT_SOFTCAP, FEAT_ALIBI, FEAT_VARLEN, FEAT_DROPOUT,
+                                    FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN | FEAT_DROPOUT};
+    enum { NDIMS = sizeof feat_dims / sizeof feat_dims[0], NSETS = sizeof feat_sets / sizeof feat_sets[0] };
+    for (size_t i = 0; i < NDIMS; ++i)
+        for (size_t f = 0; f < NSETS; ++f)
+            if (f == NSETS - 1 || (i + f) % 2 == 0) /* CI time: all together everywhere, alone on some */
+                n = add(jobs, n, cap, feature_variant(feat_dims[i][0], feat_dims[i][1], (int)(i + f) % 2,
+                                                      (int)(i + f) % 3, (i + f) % 4 < 2 ? 80 : 90, feat_sets[f]));
+    n = add(jobs, n, cap, feature_variant(96, 96, 1, 1, 90, FEAT_DROPOUT));
+    n = add(jobs, n, cap, feature_variant(72, 72, 0, 1, 80, FEAT_DROPOUT));
     if (n < cap) { /* a window on top of every feature */
-        n = add(jobs, n, cap, feature_variant(64, 64, 0, 0, 80, FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN));
+        n = add(jobs, n, cap,
+                feature_variant(64, 64, 0, 0, 80, FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN | FEAT_DROPOUT));
         jobs[n - 1].v.window_left = 100;
         jobs[n - 1].v.window_right = 7;
     }
     if (n + 2 <= cap) { /* what the template cannot do must not compile */
         n = add(jobs, n, cap, fwd_variant(64, 64, 0, 0, 90));
-        jobs[n - 1].v.dropout = 1;
+        jobs[n - 1].v.paged = 1;
         jobs[n - 1].expect_refusal = "not implemented";
         n = add(jobs, n, cap, fwd_variant(64, 64, 0, 0, 90));
         jobs[n - 1].v.dqk = 60;
