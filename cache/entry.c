@@ -175,12 +175,56 @@ int fajit__entry_decode(const uint8_t *buf, size_t len, fajit__entry_view *view,
 
 enum { BUNDLE_HEAD = 24, BUNDLE_RECORD = 56, BUNDLE_DIGEST = 32 };
 
-int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *const *entries,
-                        const size_t *lens, uint8_t **out, size_t *out_len, uint8_t digest[32])
+enum { BUNDLE_HEAD_V2 = 32, TUNING_REC_HEAD = 4 };
+
+/* Bytes of the tuning section; SIZE_MAX if a record does not fit its u16s. */
+static size_t tuning_section_len(size_t nt, const size_t *klens, const size_t *vlens)
 {
-    size_t head = BUNDLE_HEAD + n * BUNDLE_RECORD + BUNDLE_DIGEST, total = head;
-    if (n > UINT32_MAX || n > (SIZE_MAX - BUNDLE_HEAD - BUNDLE_DIGEST) / BUNDLE_RECORD)
+    size_t total = 0;
+    for (size_t i = 0; i < nt; i++) {
+        if (klens[i] == 0 || klens[i] > UINT16_MAX || vlens[i] > UINT16_MAX)
+            return SIZE_MAX;
+        total += TUNING_REC_HEAD + klens[i] + vlens[i];
+        if (total > UINT32_MAX)
+            return SIZE_MAX;
+    }
+    return total;
+}
+
+static void put_u16(uint8_t *p, size_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static uint8_t *write_tuning_section(uint8_t *at, size_t nt, const uint8_t *const *tkeys,
+                                     const size_t *klens, const uint8_t *const *tvalues,
+                                     const size_t *vlens)
+{
+    for (size_t i = 0; i < nt; i++) {
+        put_u16(at, klens[i]);
+        put_u16(at + 2, vlens[i]);
+        memcpy(at + TUNING_REC_HEAD, tkeys[i], klens[i]);
+        if (vlens[i])
+            memcpy(at + TUNING_REC_HEAD + klens[i], tvalues[i], vlens[i]);
+        at += TUNING_REC_HEAD + klens[i] + vlens[i];
+    }
+    return at;
+}
+
+int fajit__bundle_build_tuning(size_t n, const uint8_t (*keys)[16], const uint8_t *const *entries,
+                               const size_t *lens, size_t nt, const uint8_t *const *tkeys,
+                               const size_t *tkey_lens, const uint8_t *const *tvalues,
+                               const size_t *tvalue_lens, uint8_t **out, size_t *out_len,
+                               uint8_t digest[32])
+{
+    size_t tbytes = nt ? tuning_section_len(nt, tkey_lens, tvalue_lens) : 0;
+    size_t head_len = nt ? BUNDLE_HEAD_V2 : BUNDLE_HEAD;
+    if (tbytes == SIZE_MAX || nt > UINT32_MAX)
+        return fajit__fail(FAJIT_EINVAL, "bundle: a tuning record is too large");
+    if (n > UINT32_MAX || n > (SIZE_MAX - head_len - BUNDLE_DIGEST - tbytes) / BUNDLE_RECORD)
         return fajit__fail(FAJIT_EINVAL, "bundle: %zu entries are too many", n);
+    size_t head = head_len + n * BUNDLE_RECORD + tbytes + BUNDLE_DIGEST, total = head;
     for (size_t i = 0; i < n; i++) {
         if (lens[i] > SIZE_MAX - total)
             return fajit__fail(FAJIT_EINVAL, "bundle: entries too large");
@@ -190,10 +234,14 @@ int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *cons
     if (!buf)
         return fajit__fail(FAJIT_ENOMEM, "bundle: cannot allocate %zu bytes", total);
     memcpy(buf, FAJIT__BUNDLE_MAGIC, 8);
-    put_u32(buf + 8, FAJIT__BUNDLE_VERSION);
+    put_u32(buf + 8, nt ? FAJIT__BUNDLE_VERSION_TUNING : FAJIT__BUNDLE_VERSION);
     put_u32(buf + 12, (uint32_t)n);
     put_u64(buf + 16, total - head);
-    uint8_t *rec = buf + BUNDLE_HEAD, *at = buf + head;
+    if (nt) {
+        put_u32(buf + 24, (uint32_t)nt);
+        put_u32(buf + 28, (uint32_t)tbytes);
+    }
+    uint8_t *rec = buf + head_len, *at = buf + head;
     for (size_t i = 0; i < n; i++, rec += BUNDLE_RECORD) {
         memcpy(rec, keys[i], 16);
         put_u64(rec + 16, lens[i]);
@@ -202,6 +250,7 @@ int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *cons
             memcpy(at, entries[i], lens[i]);
         at += lens[i];
     }
+    write_tuning_section(rec, nt, tkeys, tkey_lens, tvalues, tvalue_lens);
     fajit__sha256_of(buf, head - BUNDLE_DIGEST, buf + head - BUNDLE_DIGEST);
     memcpy(digest, buf + head - BUNDLE_DIGEST, 32);
     *out = buf;
@@ -209,27 +258,61 @@ int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *cons
     return 0;
 }
 
-/* Header and manifest digest; NULL if fine, else why. */
+int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *const *entries,
+                        const size_t *lens, uint8_t **out, size_t *out_len, uint8_t digest[32])
+{
+    return fajit__bundle_build_tuning(n, keys, entries, lens, 0, NULL, NULL, NULL, NULL, out,
+                                      out_len, digest);
+}
+
+/* The records of a tuning section fill exactly tbytes; NULL if so, else why. */
+static const char *check_tuning_section(const uint8_t *at, size_t nt, size_t tbytes)
+{
+    size_t used = 0;
+    for (size_t i = 0; i < nt; i++) {
+        if (tbytes - used < TUNING_REC_HEAD)
+            return "tuning record runs past its section";
+        size_t kl = (size_t)at[used] | (size_t)at[used + 1] << 8;
+        size_t vl = (size_t)at[used + 2] | (size_t)at[used + 3] << 8;
+        used += TUNING_REC_HEAD;
+        if (kl == 0 || kl > tbytes - used || vl > tbytes - used - kl)
+            return "tuning record runs past its section";
+        used += kl + vl;
+    }
+    return used == tbytes ? NULL : "tuning records do not fill their section";
+}
+
+/* Header and manifest digest; NULL if fine, else why. *mlen is the header's
+ * length (where the manifest starts), *nt and *tbytes the tuning section's. */
 static const char *check_bundle_head(const uint8_t *buf, size_t len, size_t *count,
-                                     size_t *head)
+                                     size_t *head, size_t *mlen, size_t *nt, size_t *tbytes)
 {
     uint8_t sum[32];
+    uint32_t version;
     if (len < BUNDLE_HEAD + BUNDLE_DIGEST)
         return "shorter than a bundle header";
     if (memcmp(buf, FAJIT__BUNDLE_MAGIC, 8) != 0)
         return "bad magic (not a fajit bundle)";
-    if (get_u32(buf + 8) != FAJIT__BUNDLE_VERSION)
+    version = get_u32(buf + 8);
+    if (version != FAJIT__BUNDLE_VERSION && version != FAJIT__BUNDLE_VERSION_TUNING)
         return "unknown bundle version";
+    *mlen = version == FAJIT__BUNDLE_VERSION ? BUNDLE_HEAD : BUNDLE_HEAD_V2;
+    if (len < *mlen + BUNDLE_DIGEST)
+        return "shorter than a bundle header";
+    *nt = version == FAJIT__BUNDLE_VERSION ? 0 : get_u32(buf + 24);
+    *tbytes = version == FAJIT__BUNDLE_VERSION ? 0 : get_u32(buf + 28);
+    if (*tbytes > len - *mlen - BUNDLE_DIGEST)
+        return "tuning records run past the end of the bundle";
     *count = get_u32(buf + 12);
-    if (*count > (len - BUNDLE_HEAD - BUNDLE_DIGEST) / BUNDLE_RECORD)
+    if (*count > (len - *mlen - BUNDLE_DIGEST - *tbytes) / BUNDLE_RECORD)
         return "manifest runs past the end of the bundle";
-    *head = BUNDLE_HEAD + *count * BUNDLE_RECORD + BUNDLE_DIGEST;
+    *head = *mlen + *count * BUNDLE_RECORD + *tbytes + BUNDLE_DIGEST;
     if (get_u64(buf + 16) != len - *head)
         return "entry bytes do not match the bundle's length";
     fajit__sha256_of(buf, *head - BUNDLE_DIGEST, sum);
     if (memcmp(sum, buf + *head - BUNDLE_DIGEST, 32) != 0)
         return "manifest SHA-256 mismatch";
-    return NULL;
+    return check_tuning_section(buf + *head - BUNDLE_DIGEST - *tbytes, *nt, *tbytes);
 }
 
 /* One manifest record against its bytes; NULL if fine, else why. */
@@ -253,12 +336,13 @@ static const char *check_bundle_entry(const uint8_t *rec, const uint8_t *entry, 
 int fajit__bundle_parse(const uint8_t *buf, size_t len, fajit__bundle_view *view,
                         const char **why, size_t *bad_index)
 {
-    size_t count = 0, head = 0, at;
-    const char *bad = buf ? check_bundle_head(buf, len, &count, &head) : "no bundle bytes";
+    size_t count = 0, head = 0, at, mlen = BUNDLE_HEAD, nt = 0, tbytes = 0;
+    const char *bad =
+        buf ? check_bundle_head(buf, len, &count, &head, &mlen, &nt, &tbytes) : "no bundle bytes";
     size_t index = SIZE_MAX;
     at = head;
     for (size_t i = 0; !bad && i < count; i++) {
-        const uint8_t *rec = buf + BUNDLE_HEAD + i * BUNDLE_RECORD;
+        const uint8_t *rec = buf + mlen + i * BUNDLE_RECORD;
         uint64_t n = get_u64(rec + 16);
         if (n > len - at)
             bad = "entry runs past the end of the bundle";
@@ -278,9 +362,11 @@ int fajit__bundle_parse(const uint8_t *buf, size_t len, fajit__bundle_view *view
         return FAJIT_ECORRUPT;
     if (view) {
         view->count = count;
-        view->manifest = buf + BUNDLE_HEAD;
+        view->manifest = buf + mlen;
         view->entries = buf + head;
         memcpy(view->digest, buf + head - BUNDLE_DIGEST, 32);
+        view->tuning_count = nt;
+        view->tuning = buf + head - BUNDLE_DIGEST - tbytes;
     }
     return 0;
 }
@@ -294,4 +380,21 @@ void fajit__bundle_item(const fajit__bundle_view *b, size_t i, const uint8_t **k
     *key = b->manifest + i * BUNDLE_RECORD;
     *entry = at;
     *len = (size_t)get_u64(b->manifest + i * BUNDLE_RECORD + 16);
+}
+
+void fajit__bundle_tuning_item(const fajit__bundle_view *b, size_t i, const uint8_t **key,
+                               size_t *key_len, const uint8_t **value, size_t *value_len)
+{
+    const uint8_t *at = b->tuning;
+    for (size_t j = 0;; j++) {
+        size_t kl = (size_t)at[0] | (size_t)at[1] << 8, vl = (size_t)at[2] | (size_t)at[3] << 8;
+        if (j == i) {
+            *key = at + TUNING_REC_HEAD;
+            *key_len = kl;
+            *value = at + TUNING_REC_HEAD + kl;
+            *value_len = vl;
+            return;
+        }
+        at += TUNING_REC_HEAD + kl + vl;
+    }
 }

@@ -50,18 +50,31 @@ int fajit__entry_decode(const uint8_t *buf, size_t len, fajit__entry_view *view,
  * entry, the manifest's SHA-256, then the entries. Grammar in FORMAT.md. */
 #define FAJIT__BUNDLE_MAGIC "FAJITBN\x01"
 #define FAJIT__BUNDLE_VERSION 1u
+/* Version 2 adds tuning records (FORMAT.md); written only when there are
+ * some, so a bundle without them stays readable by version-1 readers. */
+#define FAJIT__BUNDLE_VERSION_TUNING 2u
 
 typedef struct fajit__bundle_view {
     size_t count;
     const uint8_t *manifest; /* count records of 56 bytes */
     const uint8_t *entries;  /* the entries, in manifest order */
     uint8_t digest[32];      /* SHA-256 of header and manifest */
+    size_t tuning_count;     /* version 2: tuning records, covered by digest */
+    const uint8_t *tuning;   /* their bytes: (u16 key_len, u16 value_len, key, value)... */
 } fajit__bundle_view;
 
 /* Builds a bundle of n entries (each a valid entry under its key) into a
  * malloc'd buffer; digest receives the manifest's SHA-256. */
 int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *const *entries,
                         const size_t *lens, uint8_t **out, size_t *out_len, uint8_t digest[32]);
+
+/* fajit__bundle_build plus nt tuning records (opaque keys and values; the
+ * store checks them on import). nt 0 writes version 1, else version 2. */
+int fajit__bundle_build_tuning(size_t n, const uint8_t (*keys)[16], const uint8_t *const *entries,
+                               const size_t *lens, size_t nt, const uint8_t *const *tkeys,
+                               const size_t *tkey_lens, const uint8_t *const *tvalues,
+                               const size_t *tvalue_lens, uint8_t **out, size_t *out_len,
+                               uint8_t digest[32]);
 
 /* Verifies a whole bundle: layout, manifest digest, every entry's SHA-256,
  * every entry's format (fajit__entry_decode) and that each key is the
@@ -70,6 +83,10 @@ int fajit__bundle_build(size_t n, const uint8_t (*keys)[16], const uint8_t *cons
  * entry). Never reads past len; records nothing with fajit__fail. */
 int fajit__bundle_parse(const uint8_t *buf, size_t len, fajit__bundle_view *view,
                         const char **why, size_t *bad_index);
+
+/* Tuning record i of a parsed bundle (i < view->tuning_count). */
+void fajit__bundle_tuning_item(const fajit__bundle_view *b, size_t i, const uint8_t **key,
+                               size_t *key_len, const uint8_t **value, size_t *value_len);
 
 /* Entry i of a parsed bundle. */
 void fajit__bundle_item(const fajit__bundle_view *b, size_t i, const uint8_t **key,

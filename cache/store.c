@@ -30,6 +30,7 @@
 #include <sys/statfs.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "cache/hooks.h"
 
@@ -53,6 +54,8 @@ typedef struct shared_env {
     pid_t pid;   /* the process that opened env; any other must not touch it */
     MDB_env *env;
     MDB_dbi entries, meta;
+    MDB_dbi tuning;  /* tuning records (cache/FORMAT.md) */
+    int has_tuning;  /* 0: a read-only open of a cache that has no tuning database yet */
     int readonly; /* opened MDB_RDONLY (possibly MDB_NOLOCK too) */
     int refs;
     uint64_t map_bytes; /* as asked at open, to reopen after fork */
@@ -289,7 +292,7 @@ static int try_env_open(const char *path, unsigned flags, uint64_t map_bytes, un
     int rc = mdb_env_create(&env);
     if (rc)
         return rc;
-    rc = mdb_env_set_maxdbs(env, 2);
+    rc = mdb_env_set_maxdbs(env, 3); /* entries, meta, tuning */
     if (!rc && map_bytes)
         rc = mdb_env_set_mapsize(env, (size_t)map_bytes);
     if (!rc)
@@ -340,6 +343,12 @@ static int open_dbis(shared_env *e)
     rc = mdb_dbi_open(txn, "entries", create, &e->entries);
     if (!rc)
         rc = mdb_dbi_open(txn, "meta", create, &e->meta);
+    if (!rc) { /* caches written before tuning existed lack it: fine when read-only */
+        int trc = mdb_dbi_open(txn, "tuning", create, &e->tuning);
+        e->has_tuning = trc == 0;
+        if (trc && !(trc == MDB_NOTFOUND && e->readonly))
+            rc = trc;
+    }
     if (rc) {
         mdb_txn_abort(txn);
         if (rc == MDB_NOTFOUND && e->readonly)
@@ -773,7 +782,8 @@ static void drop_touches(fajit__store *s, size_t n)
 {
     pthread_mutex_lock(&s->touch_lock);
     touch_set *t = &s->touched;
-    memmove(t->pending, t->pending + n, (t->npending - n) * sizeof *t->pending);
+    if (t->npending > n) /* pending may be NULL when nothing was touched */
+        memmove(t->pending, t->pending + n, (t->npending - n) * sizeof *t->pending);
     t->npending -= n;
     pthread_mutex_unlock(&s->touch_lock);
 }
@@ -1371,4 +1381,294 @@ void fajit__store_unlock_key(fajit__store *s, fajit__keylock *lk)
     close(lk->fd);
     lk->fd = -1;
     lk->offset = -1;
+}
+
+/* ---------------------------------------------------------------- tuning records */
+
+#define TUNING_VALUE_VERSION 1u
+
+static uint32_t le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void put_le32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* XXH3-64 of the key and the value's first 24 bytes: a value moved under
+ * another key fails as surely as a flipped bit. */
+static uint64_t tuning_checksum(const uint8_t *key, size_t key_len, const uint8_t *value)
+{
+    uint8_t buf[FAJIT__TUNING_KEY_MAX + 24];
+    if (key_len > FAJIT__TUNING_KEY_MAX)
+        key_len = FAJIT__TUNING_KEY_MAX; /* callers refuse longer keys first */
+    memcpy(buf, key, key_len);
+    memcpy(buf + key_len, value, 24);
+    return XXH3_64bits(buf, key_len + 24);
+}
+
+void fajit__tuning_value_encode(const uint8_t *key, size_t key_len, const fajit__tuning_value *v,
+                                uint8_t out[FAJIT__TUNING_VALUE_LEN])
+{
+    put_le32(out, TUNING_VALUE_VERSION);
+    put_le32(out + 4, v->samples);
+    put_le64(out + 8, v->median_ns);
+    put_le64(out + 16, v->timestamp_ns);
+    put_le64(out + 24, tuning_checksum(key, key_len, out));
+}
+
+int fajit__tuning_value_decode(const uint8_t *key, size_t key_len, const uint8_t *buf, size_t len,
+                               fajit__tuning_value *out, const char **why)
+{
+    const char *bad = NULL;
+    if (!key || key_len == 0 || key_len > FAJIT__TUNING_KEY_MAX)
+        bad = "tuning key length out of range";
+    else if (!buf || len != FAJIT__TUNING_VALUE_LEN)
+        bad = "tuning value is not 32 bytes";
+    else if (le32(buf) != TUNING_VALUE_VERSION)
+        bad = "unknown tuning value version";
+    else if (le64(buf + 24) != tuning_checksum(key, key_len, buf))
+        bad = "tuning value checksum mismatch";
+    if (why)
+        *why = bad;
+    if (bad)
+        return FAJIT_ECORRUPT;
+    if (out) {
+        out->samples = le32(buf + 4);
+        out->median_ns = le64(buf + 8);
+        out->timestamp_ns = le64(buf + 16);
+    }
+    return 0;
+}
+
+static int check_tuning_key(const char *fn, const uint8_t *key, size_t key_len)
+{
+    if (!key || key_len == 0 || key_len > FAJIT__TUNING_KEY_MAX)
+        return fajit__fail(FAJIT_EINVAL, "%s: tuning key of %zu bytes (must be 1..%d)", fn,
+                           key_len, FAJIT__TUNING_KEY_MAX);
+    return 0;
+}
+
+typedef struct tuning_put_arg {
+    size_t n;
+    const uint8_t *const *keys;
+    const size_t *key_lens;
+    const uint8_t *const *values; /* encoded, FAJIT__TUNING_VALUE_LEN each */
+} tuning_put_arg;
+
+static int tuning_put_op(shared_env *e, MDB_txn *txn, void *arg)
+{
+    const tuning_put_arg *p = arg;
+    if (fajit__test_hooks.put_errno)
+        return fajit__test_hooks.put_errno;
+    for (size_t i = 0; i < p->n; i++) {
+        MDB_val k = {p->key_lens[i], (void *)p->keys[i]};
+        MDB_val v = {FAJIT__TUNING_VALUE_LEN, (void *)p->values[i]};
+        int rc = mdb_put(txn, e->tuning, &k, &v, 0);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int fajit__store_tuning_put_many(fajit__store *s, size_t n, const uint8_t *const *keys,
+                                 const size_t *key_lens, const uint8_t *const *values)
+{
+    if (!s || (n && (!keys || !key_lens || !values)))
+        return fajit__fail(FAJIT_EINVAL, "fajit__store_tuning_put_many: NULL argument");
+    for (size_t i = 0; i < n; i++) {
+        const char *why = NULL;
+        int rc = check_tuning_key("fajit__store_tuning_put_many", keys[i], key_lens[i]);
+        if (rc)
+            return rc;
+        if (fajit__tuning_value_decode(keys[i], key_lens[i], values[i], FAJIT__TUNING_VALUE_LEN,
+                                       NULL, &why) != 0)
+            return fajit__fail(FAJIT_EINVAL, "tuning record %zu: %s", i, why);
+    }
+    if (n == 0)
+        return 0;
+    shared_env *e;
+    int rc = writable_env(s, "store tuning records", &e);
+    if (rc)
+        return rc;
+    if (!e->has_tuning)
+        return fajit__fail(FAJIT_ECACHE, "cache %s: no tuning database", s->dir);
+    tuning_put_arg p = {n, keys, key_lens, values};
+    return run_write(s, e, tuning_put_op, &p, "storing tuning records");
+}
+
+int fajit__store_tuning_put(fajit__store *s, const uint8_t *key, size_t key_len,
+                            const fajit__tuning_value *v)
+{
+    uint8_t value[FAJIT__TUNING_VALUE_LEN];
+    const uint8_t *values[1] = {value};
+    if (!s || !v)
+        return fajit__fail(FAJIT_EINVAL, "fajit__store_tuning_put: NULL argument");
+    int rc = check_tuning_key("fajit__store_tuning_put", key, key_len);
+    if (rc)
+        return rc;
+    fajit__tuning_value_encode(key, key_len, v, value);
+    return fajit__store_tuning_put_many(s, 1, &key, &key_len, values);
+}
+
+/* The environment to read tuning records from; *e NULL: there are none. */
+static int tuning_env(fajit__store *s, shared_env **e)
+{
+    int rc = store_env(s, e);
+    if (rc == 0 && *e && !(*e)->has_tuning)
+        *e = NULL;
+    return rc;
+}
+
+int fajit__store_tuning_get(fajit__store *s, const uint8_t *key, size_t key_len,
+                            fajit__tuning_value *out)
+{
+    if (!s || !out)
+        return fajit__fail(FAJIT_EINVAL, "fajit__store_tuning_get: NULL argument");
+    int rc = check_tuning_key("fajit__store_tuning_get", key, key_len);
+    shared_env *e = NULL;
+    if (rc || (rc = tuning_env(s, &e)) != 0)
+        return rc;
+    if (!e)
+        return fajit__fail(FAJIT_ENOTFOUND, "cache %s: no tuning records", s->dir);
+    MDB_txn *txn;
+    MDB_val k = {key_len, (void *)key}, v;
+    if ((rc = txn_begin(e, 0, &txn)) != 0)
+        return rc;
+    rc = mdb_get(txn, e->tuning, &k, &v);
+    if (rc == 0 && fajit__tuning_value_decode(key, key_len, v.mv_data, v.mv_size, out, NULL) != 0)
+        rc = MDB_NOTFOUND; /* a bad record is no record; the next put replaces it */
+    txn_abort(e, txn, 0);
+    if (rc == MDB_NOTFOUND)
+        return fajit__fail(FAJIT_ENOTFOUND, "cache %s: no tuning record for that key", s->dir);
+    return rc ? fail_mdb(s->dir, "mdb_get (tuning)", rc) : 0;
+}
+
+typedef struct tuning_copy {
+    uint8_t *bytes; /* key then value, per record */
+    size_t len, cap, n;
+} tuning_copy;
+
+static int tuning_copy_add(tuning_copy *c, const MDB_val *k, const MDB_val *v)
+{
+    size_t need = 16 + k->mv_size + v->mv_size;
+    if (c->len + need > c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 4096;
+        while (cap < c->len + need)
+            cap *= 2;
+        uint8_t *grown = realloc(c->bytes, cap);
+        if (!grown)
+            return ENOMEM;
+        c->bytes = grown;
+        c->cap = cap;
+    }
+    put_le64(c->bytes + c->len, k->mv_size);
+    put_le64(c->bytes + c->len + 8, v->mv_size);
+    memcpy(c->bytes + c->len + 16, k->mv_data, k->mv_size);
+    memcpy(c->bytes + c->len + 16 + k->mv_size, v->mv_data, v->mv_size);
+    c->len += need;
+    c->n++;
+    return 0;
+}
+
+/* Copies every record whose key starts with prefix, in one read transaction. */
+static int tuning_collect(fajit__store *s, shared_env *e, const uint8_t *prefix,
+                          size_t prefix_len, tuning_copy *c)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k = {prefix_len, (void *)prefix}, v;
+    int rc = txn_begin(e, 0, &txn);
+    if (rc)
+        return rc;
+    if ((rc = mdb_cursor_open(txn, e->tuning, &cur)) != 0) {
+        txn_abort(e, txn, 0);
+        return fail_mdb(s->dir, "mdb_cursor_open (tuning)", rc);
+    }
+    for (rc = mdb_cursor_get(cur, &k, &v, prefix_len ? MDB_SET_RANGE : MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (k.mv_size < prefix_len || (prefix_len && memcmp(k.mv_data, prefix, prefix_len) != 0))
+            break; /* keys are sorted: past the prefix, nothing more matches */
+        if ((rc = tuning_copy_add(c, &k, &v)) != 0)
+            break;
+    }
+    mdb_cursor_close(cur);
+    txn_abort(e, txn, 0);
+    if (rc == ENOMEM)
+        return fajit__fail(FAJIT_ENOMEM, "cache %s: copying tuning records", s->dir);
+    return rc == 0 || rc == MDB_NOTFOUND ? 0 : fail_mdb(s->dir, "mdb_cursor_get (tuning)", rc);
+}
+
+int fajit__store_tuning_iterate(fajit__store *s, const uint8_t *prefix, size_t prefix_len,
+                                fajit__tuning_iter_cb cb, void *user)
+{
+    if (!s || !cb || (!prefix && prefix_len))
+        return fajit__fail(FAJIT_EINVAL, "fajit__store_tuning_iterate: NULL argument");
+    shared_env *e = NULL;
+    tuning_copy c = {NULL, 0, 0, 0};
+    int rc = tuning_env(s, &e);
+    if (rc || !e)
+        return rc;
+    rc = tuning_collect(s, e, prefix, prefix_len, &c);
+    for (size_t at = 0, i = 0; rc == 0 && i < c.n; i++) {
+        size_t kl = (size_t)le64(c.bytes + at), vl = (size_t)le64(c.bytes + at + 8);
+        const uint8_t *k = c.bytes + at + 16;
+        if (cb(user, k, kl, k + kl, vl))
+            break;
+        at += 16 + kl + vl;
+    }
+    free(c.bytes);
+    return rc;
+}
+
+typedef struct tuning_del_arg {
+    const uint8_t *prefix;
+    size_t prefix_len;
+    uint64_t removed;
+} tuning_del_arg;
+
+static int tuning_del_op(shared_env *e, MDB_txn *txn, void *arg)
+{
+    tuning_del_arg *d = arg;
+    MDB_cursor *cur;
+    MDB_val k = {d->prefix_len, (void *)d->prefix}, v;
+    int rc = mdb_cursor_open(txn, e->tuning, &cur);
+    if (rc)
+        return rc;
+    d->removed = 0;
+    rc = mdb_cursor_get(cur, &k, &v, d->prefix_len ? MDB_SET_RANGE : MDB_FIRST);
+    while (rc == 0) {
+        if (k.mv_size < d->prefix_len ||
+            (d->prefix_len && memcmp(k.mv_data, d->prefix, d->prefix_len) != 0))
+            break;
+        if ((rc = mdb_cursor_del(cur, 0)) != 0)
+            break;
+        d->removed++;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT); /* LMDB: the one after the deleted */
+    }
+    mdb_cursor_close(cur);
+    return rc == MDB_NOTFOUND || rc == 0 ? 0 : rc;
+}
+
+int fajit__store_tuning_del(fajit__store *s, const uint8_t *prefix, size_t prefix_len,
+                            uint64_t *removed)
+{
+    if (!s || (!prefix && prefix_len))
+        return fajit__fail(FAJIT_EINVAL, "fajit__store_tuning_del: NULL argument");
+    if (removed)
+        *removed = 0;
+    shared_env *e;
+    int rc = writable_env(s, "delete tuning records", &e);
+    if (rc)
+        return rc;
+    if (!e->has_tuning)
+        return 0;
+    tuning_del_arg d = {prefix, prefix_len, 0};
+    rc = run_write(s, e, tuning_del_op, &d, "deleting tuning records");
+    if (rc == 0 && removed)
+        *removed = d.removed;
+    return rc;
 }

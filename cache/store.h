@@ -108,4 +108,60 @@ int fajit__store_put_many(fajit__store *s, size_t n, const uint8_t (*keys)[16],
 const char *fajit__store_dir(const fajit__store *s);
 int fajit__store_mode(const fajit__store *s);
 
+/* ---------------------------------------------------------------- tuning records
+ *
+ * A third named database, "tuning": one record per (GPU, build, variant
+ * without tiles, sequence-length bucket, candidate tiles), layout in
+ * cache/FORMAT.md. Keys are opaque bytes to the store (the runtime builds
+ * them, runtime/tune.c); values are FAJIT__TUNING_VALUE_LEN bytes carrying
+ * a checksum over key and value, so a damaged or moved record reads as
+ * absent. Keys that share a prefix are adjacent (LMDB sorts keys bytewise),
+ * which is how every candidate of one problem is found. A read-only store
+ * on a cache written before tuning existed has no records. */
+#define FAJIT__TUNING_KEY_MAX 480 /* LMDB's default key limit is 511 */
+#define FAJIT__TUNING_VALUE_LEN 32
+
+typedef struct fajit__tuning_value {
+    uint64_t median_ns;    /* median of the timed runs */
+    uint64_t timestamp_ns; /* CLOCK_REALTIME when measured */
+    uint32_t samples;      /* timed runs behind the median */
+} fajit__tuning_value;
+
+/* The 32 stored bytes for v under key (checksum included). */
+void fajit__tuning_value_encode(const uint8_t *key, size_t key_len, const fajit__tuning_value *v,
+                                uint8_t out[FAJIT__TUNING_VALUE_LEN]);
+
+/* Checks length, version and checksum against key; 0 and *out (may be NULL),
+ * or FAJIT_ECORRUPT with *why (static text; why may be NULL). Records
+ * nothing with fajit__fail. */
+int fajit__tuning_value_decode(const uint8_t *key, size_t key_len, const uint8_t *buf, size_t len,
+                               fajit__tuning_value *out, const char **why);
+
+/* Stores (replaces) one record. FAJIT_EREADONLY in read-only mode. */
+int fajit__store_tuning_put(fajit__store *s, const uint8_t *key, size_t key_len,
+                            const fajit__tuning_value *v);
+
+/* Stores n encoded records in one write transaction (all or none); each value
+ * must decode under its key (else FAJIT_EINVAL, nothing written). */
+int fajit__store_tuning_put_many(fajit__store *s, size_t n, const uint8_t *const *keys,
+                                 const size_t *key_lens, const uint8_t *const *values);
+
+/* One record: 0, or FAJIT_ENOTFOUND (absent or failing its checksum). */
+int fajit__store_tuning_get(fajit__store *s, const uint8_t *key, size_t key_len,
+                            fajit__tuning_value *out);
+
+/* Every record whose key starts with prefix (prefix_len 0: all), in key
+ * order, with its raw value (decode it; valid during the call only). The
+ * records are copied out first, so cb runs with no transaction open; cb
+ * returns nonzero to stop. */
+typedef int (*fajit__tuning_iter_cb)(void *user, const uint8_t *key, size_t key_len,
+                                     const uint8_t *value, size_t value_len);
+int fajit__store_tuning_iterate(fajit__store *s, const uint8_t *prefix, size_t prefix_len,
+                                fajit__tuning_iter_cb cb, void *user);
+
+/* Deletes every record whose key starts with prefix (prefix_len 0: all);
+ * *removed (may be NULL) says how many. */
+int fajit__store_tuning_del(fajit__store *s, const uint8_t *prefix, size_t prefix_len,
+                            uint64_t *removed);
+
 #endif

@@ -399,6 +399,109 @@ FAJIT_API int fajit_cache_export(fajit_ctx *ctx, const char *path, fajit_bundle_
 FAJIT_API int fajit_cache_import(fajit_ctx *ctx, const char *path, const char *expect_sha256,
                                  fajit_bundle_result *res);
 
+/* ---------------------------------------------------------------- autotuning */
+
+/*
+ * Tuning measures the fast forward's tile candidates (block M, block N,
+ * warps, stages) on this GPU and keeps every measurement in the cache, in its
+ * own table keyed by the GPU (name, arch, SM count, driver version), the
+ * library build, the variant without its tiles and a sequence-length bucket
+ * (seqlen_k in (2^(b-1), 2^b]). Calls whose key has records run the
+ * candidate with the lowest median time; others keep the heuristic. See
+ * docs/tuning.md.
+ */
+
+/* What a progress callback reports (fajit_tune_event.kind). */
+enum fajit_tune_event_kind {
+    FAJIT_TUNE_PRUNED = 0,   /* a candidate was dropped before timing (why says why) */
+    FAJIT_TUNE_COMPILED = 1, /* a candidate compiled (or was in the cache) and is kept */
+    FAJIT_TUNE_REJECTED = 2, /* a candidate's output disagreed with the heuristic's */
+    FAJIT_TUNE_TIMED = 3,    /* a candidate was timed on a problem */
+    FAJIT_TUNE_WINNER = 4    /* the best candidate of a problem */
+};
+
+typedef struct fajit_tune_event {
+    int kind;             /* enum fajit_tune_event_kind */
+    size_t done, total;   /* progress of the current phase (compiling, or timing) */
+    const char *problem;  /* the problem line (shape words included), "" in the compile phase */
+    const char *variant;  /* the candidate's canonical text */
+    const char *why;      /* PRUNED / REJECTED: the reason; else "" */
+    double median_us;     /* TIMED / WINNER: the candidate's median time */
+    double heuristic_us;  /* TIMED / WINNER: the heuristic config's median time */
+} fajit_tune_event;
+
+/* Called under a lock (never concurrently), from fajit_tune's caller or, in
+ * the compile phase, from its compile threads; the strings are valid during
+ * the call only. It must not call back into fajit. */
+typedef void (*fajit_tune_progress_fn)(void *user, const fajit_tune_event *ev);
+
+typedef struct fajit_tune_options {
+    uint32_t struct_size;  /* set by fajit_tune_options_init */
+    /* Problems, one a line, '#' comments: a spec of op fwd (variant fields,
+     * no tiles, no arch) plus shape words, e.g.
+     *   fwd dqk=128 dtype=fp16 mask=causal batch=4 seqlen_q=4096 seqlen_k=4096 nheads_q=16 nheads_kv=16
+     * Shape words: batch (default 1), seqlen (both lengths) or seqlen_q and
+     * seqlen_k, nheads (both) or nheads_q and nheads_kv. NULL: FlashAttention's
+     * benchmark grid (hidden 2048, head dims 64/128/256, seqlen 512..16384 with
+     * batch * seqlen = 16384, causal and not, fp16 and bf16). */
+    const char *problems;
+    int threads;           /* compile threads; 0: the online cores */
+    int warmup;            /* launches before timing a candidate (init: 3) */
+    int repeat;            /* timed launches whose median is kept (init: 10) */
+    fajit_tune_progress_fn progress; /* NULL: none */
+    void *progress_user;
+} fajit_tune_options;
+
+typedef struct fajit_tune_result {
+    uint32_t struct_size;
+    uint64_t problems;    /* problems parsed */
+    uint64_t candidates;  /* distinct candidate variants enumerated */
+    uint64_t pruned;      /* dropped before timing: illegal, shared memory, registers, spills,
+                             compile errors */
+    uint64_t compiled;    /* candidates kept after compiling (NVRTC or the cache) */
+    uint64_t rejected;    /* dropped by the correctness check on the GPU */
+    uint64_t timed;       /* (problem, candidate) timings recorded */
+    uint64_t improved;    /* problems whose winner beats the heuristic config */
+    double compile_s, timing_s;
+} fajit_tune_result;
+
+FAJIT_API void fajit_tune_options_init(fajit_tune_options *opt);
+
+/* Enumerates the candidates of every problem, prunes them statically and by
+ * their ptxas report, compiles the survivors on opt->threads threads (which
+ * fills the kernel cache), then on the GPU checks each candidate's output
+ * against the heuristic config's on the problem's first occurrence and times
+ * each with CUDA events (median of opt->repeat after opt->warmup, on rotating
+ * input buffers), storing one record per (problem key, candidate). Needs a
+ * read-write cache (FAJIT_EREADONLY otherwise). With no GPU the compile phase
+ * still runs, then FAJIT_ENOGPU is returned with *res filled. opt NULL: the
+ * defaults; res may be NULL. */
+FAJIT_API int fajit_tune(fajit_ctx *ctx, const fajit_tune_options *opt, fajit_tune_result *res);
+
+typedef struct fajit_tuning_record {
+    char gpu_name[96];
+    char gpu_arch[16];    /* "sm_90" */
+    int sm_count;
+    int driver_version;   /* cuDriverGetVersion */
+    int current_build;    /* 1: recorded by this build (used); 0: another build's */
+    char variant[320];    /* canonical text of the candidate, tiles included */
+    int seqlen_bucket;    /* for seqlen_k in (2^(b-1), 2^b] */
+    int bm, bn, warps, stages;
+    double median_us;
+    uint32_t samples;
+    uint64_t timestamp_ns; /* when it was measured, ns since the epoch */
+    int best;             /* 1: the lowest median of its (GPU, build, variant, bucket) */
+} fajit_tuning_record;
+
+typedef int (*fajit_tuning_fn)(void *user, const fajit_tuning_record *r);
+
+/* Calls fn for every valid tuning record, grouped by (GPU, build, variant,
+ * bucket); fn returns nonzero to stop. */
+FAJIT_API int fajit_tuning_list(fajit_ctx *ctx, fajit_tuning_fn fn, void *user);
+
+/* Removes every tuning record (read-write cache). */
+FAJIT_API int fajit_tuning_clear(fajit_ctx *ctx);
+
 #ifdef __cplusplus
 }
 #endif

@@ -14,6 +14,7 @@
 
 #include "cache/hooks.h"
 #include "runtime/runtime.h"
+#include "runtime/tune.h"
 
 static void to_hex(const uint8_t *bytes, size_t n, char *out)
 {
@@ -500,6 +501,7 @@ static void fill_bundle_result(fajit_bundle_result *res, uint64_t n, uint64_t by
 int fajit_cache_export(fajit_ctx *ctx, const char *path, fajit_bundle_result *res)
 {
     struct export_state st;
+    fajit__tuning_set tuning = {0};
     uint8_t *bundle = NULL, digest[32];
     size_t len = 0;
     int rc = 0;
@@ -513,9 +515,14 @@ int fajit_cache_export(fajit_ctx *ctx, const char *path, fajit_bundle_result *re
     if (rc == 0)
         rc = st.status;
     if (rc == 0)
-        rc = fajit__bundle_build(st.n, (const uint8_t(*)[16])st.keys,
-                                 (const uint8_t *const *)st.entries, st.lens, &bundle, &len,
-                                 digest);
+        rc = fajit__tuning_collect(ctx, &tuning);
+    if (rc == 0)
+        rc = fajit__bundle_build_tuning(st.n, (const uint8_t(*)[16])st.keys,
+                                        (const uint8_t *const *)st.entries, st.lens, tuning.n,
+                                        (const uint8_t *const *)tuning.keys, tuning.key_lens,
+                                        (const uint8_t *const *)tuning.values,
+                                        tuning.value_lens, &bundle, &len, digest);
+    fajit__tuning_set_free(&tuning);
     if (rc == 0)
         rc = write_file_atomically(path, bundle, len);
     if (rc == 0)
@@ -601,7 +608,7 @@ int fajit_cache_import(fajit_ctx *ctx, const char *path, const char *expect_sha2
     fajit__bundle_view b;
     const char *why = NULL;
     char hex[65];
-    uint64_t merged = 0, bytes = 0, skipped = 0;
+    uint64_t merged = 0, bytes = 0, skipped = 0, tuning = 0;
     int rc;
     fajit__clear_error();
     if (!ctx || !path)
@@ -618,6 +625,11 @@ int fajit_cache_import(fajit_ctx *ctx, const char *path, const char *expect_sha2
                                path, bad_index, why);
         goto free_buf;
     }
+    if (fajit__tuning_bundle_check(&b, &why, &bad_index) != 0) {
+        rc = fajit__fail(FAJIT_ECORRUPT, "import: %s: tuning record %zu: %s; nothing imported",
+                         path, bad_index, why);
+        goto free_buf;
+    }
     to_hex(b.digest, 32, hex);
     if (expect_sha256 && strcasecmp(expect_sha256, hex) != 0) {
         rc = fajit__fail(FAJIT_ECORRUPT, "import: %s: manifest SHA-256 is %s, expected %s; "
@@ -625,6 +637,8 @@ int fajit_cache_import(fajit_ctx *ctx, const char *path, const char *expect_sha2
         goto free_buf;
     }
     rc = merge_bundle(ctx, &b, &merged, &bytes, &skipped);
+    if (rc == 0) /* after the entries: a record never names a kernel the cache lacks */
+        rc = fajit__tuning_bundle_merge(ctx, &b, &tuning);
     if (rc == 0)
         fill_bundle_result(res, merged, bytes, skipped, b.digest);
 free_buf:

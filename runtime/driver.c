@@ -52,7 +52,36 @@ static const struct {
     SYM(getErrorName, "cuGetErrorName"),
     SYM(getErrorString, "cuGetErrorString"),
 };
+
+/* All or nothing: see has_timing in driver.h. */
+static const struct {
+    const char *name;
+    size_t offset;
+} timing[] = {
+    SYM(memAlloc, "cuMemAlloc_v2"),
+    SYM(memFree, "cuMemFree_v2"),
+    SYM(memcpyHtoD, "cuMemcpyHtoD_v2"),
+    SYM(memcpyDtoH, "cuMemcpyDtoH_v2"),
+    SYM(memGetInfo, "cuMemGetInfo_v2"),
+    SYM(streamCreate, "cuStreamCreate"),
+    SYM(streamDestroy, "cuStreamDestroy_v2"),
+    SYM(streamSynchronize, "cuStreamSynchronize"),
+    SYM(eventCreate, "cuEventCreate"),
+    SYM(eventDestroy, "cuEventDestroy_v2"),
+    SYM(eventRecord, "cuEventRecord"),
+    SYM(eventSynchronize, "cuEventSynchronize"),
+    SYM(eventElapsedTime, "cuEventElapsedTime"),
+};
 #undef SYM
+
+static void load_timing_symbols(void *lib)
+{
+    drv.has_timing = 1;
+    for (size_t i = 0; i < sizeof timing / sizeof timing[0]; i++)
+        if (load_symbol(lib, timing[i].name, (char *)&drv + timing[i].offset,
+                        sizeof drv.init) != 0)
+            drv.has_timing = 0;
+}
 
 static int load_symbols(void *lib)
 {
@@ -68,6 +97,7 @@ static int load_symbols(void *lib)
      * reused by a new one, so the address alone is not a safe cache key). */
     if (load_symbol(lib, "cuCtxGetId", &drv.ctxGetId, sizeof drv.ctxGetId) != 0)
         drv.ctxGetId = NULL;
+    load_timing_symbols(lib);
     return 0;
 }
 

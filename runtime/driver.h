@@ -30,6 +30,24 @@ typedef struct fajit__driver {
                              unsigned, unsigned, CUstream, void **, void **);
     CUresult (*getErrorName)(CUresult, const char **);
     CUresult (*getErrorString)(CUresult, const char **);
+    /* Memory, streams and events, for timing (runtime/tune.c). In every driver
+     * since CUDA 4, but loaded as a group apart: has_timing is 1 only if all
+     * of them are there, so a minimal driver (a test stub) still serves
+     * launches. */
+    int has_timing;
+    CUresult (*memAlloc)(CUdeviceptr *, size_t);
+    CUresult (*memFree)(CUdeviceptr);
+    CUresult (*memcpyHtoD)(CUdeviceptr, const void *, size_t);
+    CUresult (*memcpyDtoH)(void *, CUdeviceptr, size_t);
+    CUresult (*memGetInfo)(size_t *, size_t *);
+    CUresult (*streamCreate)(CUstream *, unsigned int);
+    CUresult (*streamDestroy)(CUstream);
+    CUresult (*streamSynchronize)(CUstream);
+    CUresult (*eventCreate)(CUevent *, unsigned int);
+    CUresult (*eventDestroy)(CUevent);
+    CUresult (*eventRecord)(CUevent, CUstream);
+    CUresult (*eventSynchronize)(CUevent);
+    CUresult (*eventElapsedTime)(float *, CUevent, CUevent);
 } fajit__driver;
 
 /* The driver table, loaded and cuInit'ed once per process. FAJIT_ENOGPU with a

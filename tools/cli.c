@@ -130,7 +130,8 @@ static int looks_like_key(const char *s)
 enum {
     ARG_JSON = 1u << 0,
     ARG_ALL = 1u << 1,
-    ARG_FIX = 1u << 2
+    ARG_FIX = 1u << 2,
+    ARG_TUNING = 1u << 3
 };
 
 #define MAX_ARG_TEXT 4096
@@ -213,9 +214,57 @@ static int ls_row(void *user, const fajit_entry_info *e)
     return 0;
 }
 
+static int tuning_row(void *user, const fajit_tuning_record *r)
+{
+    ls_state *st = user;
+    if (!st->all && !r->current_build) {
+        st->hidden++;
+        return 0;
+    }
+    if (st->json) {
+        fputs(st->shown ? ",\n{\"gpu\":" : "\n{\"gpu\":", stdout);
+        fajit__cli_json_string(stdout, r->gpu_name);
+        printf(",\"arch\":\"%s\",\"sm_count\":%d,\"driver_version\":%d,\"variant\":",
+               r->gpu_arch, r->sm_count, r->driver_version);
+        fajit__cli_json_string(stdout, r->variant);
+        printf(",\"seqlen_bucket\":%d,\"bm\":%d,\"bn\":%d,\"warps\":%d,\"stages\":%d,"
+               "\"median_us\":", r->seqlen_bucket, r->bm, r->bn, r->warps, r->stages);
+        fajit__cli_json_number(stdout, r->median_us);
+        printf(",\"samples\":%u,\"best\":%s,\"current_build\":%s}", r->samples,
+               r->best ? "true" : "false", r->current_build ? "true" : "false");
+    } else {
+        printf("%-24.24s %-6s %4d  %-8lld %3d/%-3d/%d/%d %10.2f %s %s%s\n", r->gpu_name,
+               r->gpu_arch, r->sm_count, 1LL << r->seqlen_bucket, r->bm, r->bn, r->warps,
+               r->stages, r->median_us, r->best ? "*" : " ", r->variant,
+               r->current_build ? "" : "  [other build]");
+    }
+    st->shown++;
+    return 0;
+}
+
+static int cmd_ls_tuning(const fajit__cli_global *g, fajit_ctx *ctx, ls_state *st)
+{
+    if (st->json)
+        fputc('[', stdout);
+    else
+        printf("%-24s %-6s %4s  %-8s %-13s %10s %s %s\n", "GPU", "ARCH", "SMS", "SEQ<=",
+               "BM/BN/W/S", "MEDIAN_US", "B", "VARIANT");
+    int rc = fajit_tuning_list(ctx, tuning_row, st);
+    if (st->json)
+        fputs(st->shown ? "\n]\n" : "]\n", stdout);
+    if (rc != FAJIT_OK)
+        return fajit__cli_report(g, "ls --tuning", rc);
+    if (st->hidden)
+        fprintf(stderr, "%s: %" PRIu64 " tuning records of other builds not shown (ls --tuning "
+                "--all shows them)\n", g->prog, st->hidden);
+    return FAJIT_EXIT_OK;
+}
+
 static int cmd_ls(const fajit__cli_global *g, fajit_ctx *ctx, const cli_args *a)
 {
     ls_state st = {.json = !!(a->flags & ARG_JSON), .all = !!(a->flags & ARG_ALL)};
+    if (a->flags & ARG_TUNING)
+        return cmd_ls_tuning(g, ctx, &st);
     if (st.json)
         fputc('[', stdout);
     else
@@ -503,11 +552,18 @@ static int cmd_variant(const fajit__cli_global *g, fajit_ctx *ctx, const cli_arg
 static const cli_cmd commands[] = {
     {"prebuild", NULL, 0, 0, 1, "prebuild [MANIFEST|-] [-j N] [--dry-run] [--json]",
      "compile a manifest's variants into the cache", NULL},
-    {"ls", cmd_ls, ARG_JSON | ARG_ALL, 0, 0, "ls [--all] [--json]", "list cache entries",
+    {"tune", NULL, 0, 0, 1, "tune [MANIFEST|-] [-j N] [--json]",
+     "time tile candidates on this GPU and keep the best", NULL},
+    {"ls", cmd_ls, ARG_JSON | ARG_ALL | ARG_TUNING, 0, 0, "ls [--all] [--tuning] [--json]",
+     "list cache entries (or tuning records)",
      "Columns: key (first 12 hex digits), arch, cubin size in bytes, registers per\n"
      "thread, shared memory bytes, spill bytes, compile time in ms, variant text.\n"
      "Only entries this build can reach are listed; --all adds other builds' entries\n"
-     "(marked [other build]) and undecodable ones (marked [bad: ...]).\n"},
+     "(marked [other build]) and undecodable ones (marked [bad: ...]).\n"
+     "With --tuning: the tuning records, one per (GPU, variant, seqlen bucket,\n"
+     "candidate): GPU, arch, SM count, the bucket's largest seqlen_k, tiles\n"
+     "bm/bn/warps/stages, median time in microseconds, '*' on the best of its\n"
+     "group (the one calls use), and the candidate's variant text.\n"},
     {"show", cmd_show, ARG_JSON, 1, -1, "show KEY [--json]", "print every field of one entry",
      NULL},
     {"source", cmd_source, 0, 1, -1, "source KEY|SPEC",
@@ -567,7 +623,8 @@ void fajit__cli_common_help(FILE *f)
           "SPEC is canonical variant text with fields left out, e.g. 'ref dqk=72 dtype=bf16'.\n"
           "\n"
           "Exit codes: 0 success; 1 the operation failed; 2 usage error (bad option,\n"
-          "spec or manifest line; ambiguous key prefix); 3 no entry matches the key.\n",
+          "spec or manifest line; ambiguous key prefix); 3 no entry matches the key;\n"
+          "4 (tune) no GPU to time on: candidates were compiled and cached only.\n",
           f);
 }
 
@@ -587,6 +644,8 @@ static void print_command_help(const fajit__cli_global *g, const cli_cmd *c, FIL
 {
     if (strcmp(c->name, "prebuild") == 0) {
         fajit__cli_prebuild_help(g, f);
+    } else if (strcmp(c->name, "tune") == 0) {
+        fajit__cli_tune_help(g, f);
     } else {
         fprintf(f, "usage: %s %s\n\n%s.\n", g->prog, c->usage, c->summary);
         if (c->details)
@@ -692,7 +751,7 @@ static int parse_command_args(const fajit__cli_global *g, const cli_cmd *c, int 
                               cli_args *a)
 {
     static const struct { const char *name; unsigned flag; } flags[] = {
-        {"--json", ARG_JSON}, {"--all", ARG_ALL}, {"--fix", ARG_FIX}};
+        {"--json", ARG_JSON}, {"--all", ARG_ALL}, {"--fix", ARG_FIX}, {"--tuning", ARG_TUNING}};
     int only_positional = 0;
     memset(a, 0, sizeof *a);
     for (int i = 1; i < argc; i++) {
@@ -733,6 +792,8 @@ static int run_command(const fajit__cli_global *g, const cli_cmd *c, int argc, c
     cli_args a;
     if (strcmp(c->name, "prebuild") == 0)
         return fajit__cli_prebuild(g, argc, argv);
+    if (strcmp(c->name, "tune") == 0)
+        return fajit__cli_tune(g, argc, argv);
     int rc = parse_command_args(g, c, argc, argv, &a);
     if (rc >= 0)
         return rc;

@@ -19,7 +19,8 @@ enum fajit_cli_exit {
     FAJIT_EXIT_FAILED = 1,   /* the operation failed (a variant did not compile,
                                 verify found bad entries without --fix...) */
     FAJIT_EXIT_USAGE = 2,    /* bad command line, spec or manifest */
-    FAJIT_EXIT_NOTFOUND = 3  /* no cache entry matches the key */
+    FAJIT_EXIT_NOTFOUND = 3, /* no cache entry matches the key */
+    FAJIT_EXIT_NOGPU = 4     /* tune: no GPU to time on (the compile phase ran) */
 };
 
 /* `fajit [GLOBAL OPTIONS] COMMAND [ARGS]`. Returns the process exit code. */
@@ -63,6 +64,10 @@ void fajit__cli_json_number(FILE *f, double x);
 
 /* The prebuild subcommand; argv[0] is "prebuild". Returns the exit code. */
 int fajit__cli_prebuild(const fajit__cli_global *g, int argc, char **argv);
+
+/* The tune subcommand (tools/prebuild.c); argv[0] is "tune". */
+int fajit__cli_tune(const fajit__cli_global *g, int argc, char **argv);
+void fajit__cli_tune_help(const fajit__cli_global *g, FILE *f);
 
 /* Global options, key and spec syntax, exit codes: the tail of every --help. */
 void fajit__cli_common_help(FILE *f);

@@ -22,6 +22,8 @@ typedef struct pb_options {
     const char *manifest; /* path, "-" for stdin, NULL for the embedded default */
     int jobs;             /* 0: the online cores */
     int dry_run, json;
+    int from_tuning;      /* the tuning records' winners instead of a manifest */
+    int warmup, repeat;   /* tune only; -1: the library's defaults */
 } pb_options;
 
 /* ---------------------------------------------------------------- the variant list */
@@ -102,6 +104,14 @@ static void list_free(pb_list *l)
 static int collect_variant(void *user, const char *variant)
 {
     return list_add(user, variant) == 0 ? 0 : FAJIT_ENOMEM;
+}
+
+/* The variant calls use for each tuned problem of this build. */
+static int collect_winner(void *user, const fajit_tuning_record *r)
+{
+    if (!r->best || !r->current_build)
+        return 0;
+    return list_add(user, r->variant) == 0 ? 0 : FAJIT_ENOMEM;
 }
 
 /* ---------------------------------------------------------------- reading the manifest */
@@ -336,7 +346,8 @@ static void print_failures(const fajit__cli_global *g, const pb_run *r)
 void fajit__cli_prebuild_help(const fajit__cli_global *g, FILE *f)
 {
     const char *sub = strcmp(g->prog, "fajit") == 0 ? " prebuild" : "";
-    fprintf(f, "usage: %s%s [MANIFEST|-] [-j N] [--dry-run] [--json]\n\n", g->prog, sub);
+    fprintf(f, "usage: %s%s [MANIFEST|-|--from-tuning] [-j N] [--dry-run] [--json]\n\n", g->prog,
+            sub);
     fputs("Compiles every variant of a manifest that the cache lacks, so that later\n"
           "runs (or a fleet that ships the cache directory) never compile.\n"
           "\n"
@@ -345,6 +356,8 @@ void fajit__cli_prebuild_help(const fajit__cli_global *g, FILE *f)
           "                 stdin; none: the default manifest built into the tool\n"
           "                 (installed as share/fajit/default.manifest)\n"
           "  -j, --jobs N   compile on N threads (default: the online cores)\n"
+          "  --from-tuning  the winners of the cache's tuning records (fajit tune) instead\n"
+          "                 of a manifest\n"
           "  --dry-run      list the expanded variants and compile nothing\n"
           "  --json         print the summary (or, with --dry-run, the list) as JSON\n"
           "\n"
@@ -387,6 +400,8 @@ static int parse_prebuild_args(const fajit__cli_global *g, int argc, char **argv
             return FAJIT_EXIT_OK;
         } else if (!strcmp(w, "--dry-run")) {
             o->dry_run = 1;
+        } else if (!strcmp(w, "--from-tuning")) {
+            o->from_tuning = 1;
         } else if (!strcmp(w, "--json")) {
             o->json = 1;
         } else if (!strcmp(w, "-j") || !strcmp(w, "--jobs")) {
@@ -401,6 +416,8 @@ static int parse_prebuild_args(const fajit__cli_global *g, int argc, char **argv
             return fajit__cli_usage_error(g, "prebuild: unknown option '%s'", w);
         }
     }
+    if (o->from_tuning && o->manifest)
+        return fajit__cli_usage_error(g, "prebuild: give a MANIFEST or --from-tuning, not both");
     return -1;
 }
 
@@ -489,16 +506,18 @@ int fajit__cli_prebuild(const fajit__cli_global *g, int argc, char **argv)
     int rc = parse_prebuild_args(g, argc, argv, &o);
     if (rc >= 0)
         return rc;
-    char *manifest = load_manifest(g, o.manifest);
+    char *manifest = o.from_tuning ? strdup("") : load_manifest(g, o.manifest);
     if (!manifest)
         return FAJIT_EXIT_USAGE;
     fajit_ctx *ctx = fajit__cli_open(g, &rc);
     if (!ctx)
         goto free_manifest;
     memset(&list, 0, sizeof list);
-    int st = fajit_manifest_expand(ctx, manifest, collect_variant, &list);
+    int st = o.from_tuning ? fajit_tuning_list(ctx, collect_winner, &list)
+                           : fajit_manifest_expand(ctx, manifest, collect_variant, &list);
     if (st != FAJIT_OK) {
-        rc = fajit__cli_report(g, o.manifest ? o.manifest : "default manifest", st);
+        rc = fajit__cli_report(g, o.from_tuning ? "tuning records"
+                                  : o.manifest ? o.manifest : "default manifest", st);
         goto free_list;
     }
     if (o.dry_run) {
@@ -512,6 +531,187 @@ free_list:
     fajit_destroy(ctx);
 free_manifest:
     free(manifest);
+    if (fflush(stdout) != 0 && rc == FAJIT_EXIT_OK)
+        rc = FAJIT_EXIT_FAILED;
+    return rc;
+}
+
+/* ---------------------------------------------------------------- fajit tune */
+
+void fajit__cli_tune_help(const fajit__cli_global *g, FILE *f)
+{
+    fprintf(f, "usage: %s tune [MANIFEST|-] [-j N] [--warmup N] [--repeat N] [--json]\n\n",
+            g->prog);
+    fputs("Times the fast forward's tile candidates (bm, bn, warps, stages) on this GPU\n"
+          "for each problem and keeps every timing in the cache; later calls of the same\n"
+          "variant and sequence-length bucket use the fastest. Candidates are pruned by\n"
+          "the template's rules, shared memory and the ptxas report, compiled on N\n"
+          "threads (into the kernel cache), checked against the heuristic config's\n"
+          "output, then timed with CUDA events.\n"
+          "\n"
+          "  MANIFEST       problems, one a line: a fwd spec plus shape words, e.g.\n"
+          "                   fwd dqk=128 dtype=fp16 mask=causal batch=4 seqlen=4096 nheads=16\n"
+          "                 (seqlen_q/seqlen_k, nheads_q/nheads_kv separately; batch\n"
+          "                 defaults to 1); '-' reads stdin; none: FlashAttention's\n"
+          "                 benchmark grid (d 64/128/256, seqlen 512..16k, fp16/bf16)\n"
+          "  -j, --jobs N   compile on N threads (default: the online cores)\n"
+          "  --warmup N     launches before timing a candidate (default 3)\n"
+          "  --repeat N     timed launches, the median is kept (default 10)\n"
+          "  --json         winners as a JSON array on stdout\n"
+          "\n"
+          "Progress goes to stderr, one line per event; winners to stdout. Exit 4 when\n"
+          "there is no GPU: candidates were pruned and compiled (the cache is warm) but\n"
+          "nothing was timed.\n",
+          f);
+}
+
+static int parse_count_arg(const fajit__cli_global *g, const char *name, const char *s, int lo,
+                           int hi, int *out)
+{
+    char *end;
+    errno = 0;
+    long n = strtol(s, &end, 10);
+    if (errno || end == s || *end || n < lo || n > hi)
+        return fajit__cli_usage_error(g, "tune: %s %s: must be a number %d..%d", name, s, lo, hi);
+    *out = (int)n;
+    return -1;
+}
+
+/* Returns -1 to go on, else an exit code. */
+static int parse_tune_args(const fajit__cli_global *g, int argc, char **argv, pb_options *o)
+{
+    int rc;
+    memset(o, 0, sizeof *o);
+    o->warmup = o->repeat = -1;
+    for (int i = 1; i < argc; i++) {
+        const char *w = argv[i];
+        if (w[0] != '-' || w[1] == '\0') {
+            if (o->manifest)
+                return fajit__cli_usage_error(g, "tune: give at most one MANIFEST");
+            o->manifest = w;
+        } else if (!strcmp(w, "-h") || !strcmp(w, "--help")) {
+            fajit__cli_tune_help(g, stdout);
+            fputc('\n', stdout);
+            fajit__cli_common_help(stdout);
+            return FAJIT_EXIT_OK;
+        } else if (!strcmp(w, "--json")) {
+            o->json = 1;
+        } else if (i + 1 < argc && (!strcmp(w, "-j") || !strcmp(w, "--jobs"))) {
+            if ((rc = parse_count_arg(g, w, argv[++i], 1, MAX_JOBS, &o->jobs)) >= 0)
+                return rc;
+        } else if (i + 1 < argc && !strcmp(w, "--warmup")) {
+            if ((rc = parse_count_arg(g, w, argv[++i], 0, 1000, &o->warmup)) >= 0)
+                return rc;
+        } else if (i + 1 < argc && !strcmp(w, "--repeat")) {
+            if ((rc = parse_count_arg(g, w, argv[++i], 1, 1000, &o->repeat)) >= 0)
+                return rc;
+        } else {
+            return fajit__cli_usage_error(g, "tune: unknown option or missing value '%s'", w);
+        }
+    }
+    return -1;
+}
+
+typedef struct tune_cli {
+    int json;
+    size_t winners;
+} tune_cli;
+
+static void print_winner(tune_cli *t, const fajit_tune_event *ev)
+{
+    double gain = ev->median_us > 0 ? ev->heuristic_us / ev->median_us - 1.0 : 0;
+    if (t->json) {
+        fputs(t->winners ? ",\n{\"problem\":" : "\n{\"problem\":", stdout);
+        fajit__cli_json_string(stdout, ev->problem);
+        fputs(",\"variant\":", stdout);
+        fajit__cli_json_string(stdout, ev->variant);
+        fputs(",\"median_us\":", stdout);
+        fajit__cli_json_number(stdout, ev->median_us);
+        fputs(",\"heuristic_us\":", stdout);
+        fajit__cli_json_number(stdout, ev->heuristic_us);
+        fputc('}', stdout);
+    } else {
+        printf("%s\n  -> %s\n     %.2f us (heuristic %.2f us, %+.1f%%)\n", ev->problem,
+               ev->variant, ev->median_us, ev->heuristic_us, 100.0 * gain);
+    }
+    fflush(stdout);
+    t->winners++;
+}
+
+static void tune_progress(void *user, const fajit_tune_event *ev)
+{
+    switch (ev->kind) {
+    case FAJIT_TUNE_PRUNED:
+        fprintf(stderr, "[%zu/%zu] pruned    %s: %s\n", ev->done, ev->total, ev->variant,
+                ev->why);
+        break;
+    case FAJIT_TUNE_COMPILED:
+        fprintf(stderr, "[%zu/%zu] compiled  %s\n", ev->done, ev->total, ev->variant);
+        break;
+    case FAJIT_TUNE_REJECTED:
+        fprintf(stderr, "rejected  %s: %s\n", ev->variant, ev->why);
+        break;
+    case FAJIT_TUNE_TIMED:
+        fprintf(stderr, "timed     %9.2f us  %s\n", ev->median_us, ev->variant);
+        break;
+    case FAJIT_TUNE_WINNER:
+        fprintf(stderr, "[%zu/%zu] problem done: %s\n", ev->done, ev->total, ev->problem);
+        print_winner(user, ev);
+        break;
+    default:
+        break;
+    }
+}
+
+static int run_tune(const fajit__cli_global *g, fajit_ctx *ctx, const pb_options *o,
+                    const char *problems)
+{
+    fajit_tune_options opt;
+    fajit_tune_result res;
+    tune_cli t = {o->json, 0};
+    fajit_tune_options_init(&opt);
+    opt.problems = problems;
+    opt.threads = o->jobs;
+    if (o->warmup >= 0)
+        opt.warmup = o->warmup;
+    if (o->repeat >= 0)
+        opt.repeat = o->repeat;
+    opt.progress = tune_progress;
+    opt.progress_user = &t;
+    memset(&res, 0, sizeof res);
+    res.struct_size = sizeof res;
+    if (o->json)
+        fputc('[', stdout);
+    int st = fajit_tune(ctx, &opt, &res);
+    if (o->json)
+        fputs(t.winners ? "\n]\n" : "]\n", stdout);
+    if (res.problems)
+        fprintf(stderr, "tune: %" PRIu64 " problems, %" PRIu64 " candidates, %" PRIu64 " pruned, %"
+            PRIu64 " compiled in %.1f s, %" PRIu64 " rejected, %" PRIu64 " timed in %.1f s, %"
+            PRIu64 " improved on the heuristic\n", res.problems, res.candidates, res.pruned,
+            res.compiled, res.compile_s, res.rejected, res.timed, res.timing_s, res.improved);
+    if (st == FAJIT_ENOGPU) {
+        fajit__cli_report(g, "tune", st);
+        return FAJIT_EXIT_NOGPU;
+    }
+    return st == FAJIT_OK ? FAJIT_EXIT_OK : fajit__cli_report(g, "tune", st);
+}
+
+int fajit__cli_tune(const fajit__cli_global *g, int argc, char **argv)
+{
+    pb_options o;
+    int rc = parse_tune_args(g, argc, argv, &o);
+    if (rc >= 0)
+        return rc;
+    char *problems = o.manifest ? load_manifest(g, o.manifest) : NULL;
+    if (o.manifest && !problems)
+        return FAJIT_EXIT_USAGE;
+    fajit_ctx *ctx = fajit__cli_open(g, &rc);
+    if (ctx) {
+        rc = run_tune(g, ctx, &o, problems);
+        fajit_destroy(ctx);
+    }
+    free(problems);
     if (fflush(stdout) != 0 && rc == FAJIT_EXIT_OK)
         rc = FAJIT_EXIT_FAILED;
     return rc;

@@ -1,0 +1,109 @@
+/*
+ * runtime/tune.h - autotuning of the fast forward's tiles (runtime/tune.c):
+ * tuning record keys, the candidates and their pruning, the problem
+ * manifest, the lookup the launch path uses, and the bundle hooks.
+ * Record layout: cache/FORMAT.md; overview: docs/tuning.md.
+ */
+#ifndef FAJIT_RUNTIME_TUNE_H
+#define FAJIT_RUNTIME_TUNE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "runtime/runtime.h"
+
+/* What tuning results are tied to: a record measured on another card, arch,
+ * SM count or driver is never used. */
+typedef struct fajit__gpu_identity {
+    char name[96];      /* cuDeviceGetName, NUL-padded */
+    int arch;           /* compute capability major * 10 + minor */
+    int sm_count;
+    int driver_version; /* cuDriverGetVersion */
+} fajit__gpu_identity;
+
+/* The identity of a device, learnt once per device per process. */
+int fajit__gpu_identity_get(const fajit__driver *drv, CUdevice dev, fajit__gpu_identity *out);
+
+/* ceil(log2(seqlen_k)) clamped to 6..20: bucket b holds seqlen_k in
+ * (2^(b-1), 2^b]; everything up to 64 is bucket 6, above 2^19 bucket 20. */
+int fajit__seqlen_bucket(int64_t seqlen_k);
+
+/* A record key (with_tiles 1) or the prefix every candidate of one problem
+ * shares (with_tiles 0: GPU, build, variant without tiles, bucket). Returns
+ * the length, or the length needed when cap is too small (buf may be NULL). */
+size_t fajit__tuning_key(const fajit__gpu_identity *gpu, const uint8_t build_id[16],
+                         const fajit__variant *v, int bucket, int with_tiles, uint8_t *buf,
+                         size_t cap);
+
+/* Inverse of fajit__tuning_key (with tiles): 0, or FAJIT_ECORRUPT with a
+ * detail. *v is the full candidate variant. */
+int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity *gpu,
+                             uint8_t build_id[16], fajit__variant *v, int *bucket);
+
+/* The tuned tiles for v (op fwd; its tile fields are ignored) on gpu in
+ * seqlen_bucket: *out = v with the tiles of the record with the lowest
+ * median. FAJIT_ENOTFOUND (no detail recorded: this is the common case) when
+ * nothing was tuned for that key, the op is not fwd or the cache is off.
+ * The answer, found or not, is remembered per (cache directory, key) for the
+ * process, so after the first call for a key the store is not read again. */
+int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucket,
+                       const fajit__gpu_identity *gpu, fajit__variant *out);
+
+/* Forgets the remembered answers (tuning just stored new records). */
+void fajit__tuned_forget(void);
+
+/* The candidates tuning tries for v (op fwd): bm {64, 128} x bn {32, 64,
+ * 128} x warps {4, 8} x stages {1, 2, 3}, minus those the static rules
+ * refuse (fajit__tune_static_refusal). Writes up to cap of them to out (may
+ * be NULL) and returns how many there are. */
+size_t fajit__tune_candidates(const fajit__variant *v, fajit__variant *out, size_t cap);
+
+/* Why a full fwd variant is not worth compiling, into buf (NUL-terminated);
+ * NULL if it is. Mirrors the rules of templates/flash_fwd.cuh (head dims,
+ * bm a multiple of 16 * warps, bn of 16, stages 1..3), the arch's opt-in
+ * shared memory, and an upper bound on the accumulator registers. */
+const char *fajit__tune_static_refusal(const fajit__variant *v, char *buf, size_t cap);
+
+/* Why a compiled candidate is refused by its ptxas report (spills, or
+ * registers x threads past the 64K-register file); NULL if kept. */
+const char *fajit__tune_compiled_refusal(const fajit__variant *v, const fajit__entry_meta *m,
+                                         char *buf, size_t cap);
+
+/* ---------------------------------------------------------------- problems */
+
+#define FAJIT__TUNE_LINE_MAX 512
+
+typedef struct fajit__tune_problem {
+    fajit__variant v; /* op fwd, tiles and arch FAJIT__UNSET */
+    int64_t batch, seqlen_q, seqlen_k, nheads_q, nheads_kv;
+    int line;
+    char text[FAJIT__TUNE_LINE_MAX]; /* the line, words separated by single spaces */
+} fajit__tune_problem;
+
+/* Parses a problem manifest (syntax in fajit.h, fajit_tune_options), or the
+ * benchmark grid for text NULL. *out is malloc'd. FAJIT_EPARSE with
+ * "line N: word 'w': why" on a bad line. */
+int fajit__tune_parse_problems(const char *text, fajit__tune_problem **out, size_t *n);
+
+/* ---------------------------------------------------------------- bundles (runtime/api.c) */
+
+/* The store's valid tuning records, copied out for a bundle. */
+typedef struct fajit__tuning_set {
+    size_t n, cap;
+    uint8_t **keys;
+    size_t *key_lens;
+    uint8_t **values;
+    size_t *value_lens;
+} fajit__tuning_set;
+
+int fajit__tuning_collect(fajit_ctx *ctx, fajit__tuning_set *set);
+void fajit__tuning_set_free(fajit__tuning_set *set);
+
+/* Every tuning record of a parsed bundle decodes under its key: 0, or
+ * FAJIT_ECORRUPT with *why and *bad_index. Nothing recorded with fajit__fail. */
+int fajit__tuning_bundle_check(const fajit__bundle_view *b, const char **why, size_t *bad_index);
+
+/* Merges a checked bundle's tuning records in one write; *merged counts them. */
+int fajit__tuning_bundle_merge(fajit_ctx *ctx, const fajit__bundle_view *b, uint64_t *merged);
+
+#endif

@@ -1,0 +1,398 @@
+/*
+ * tests/test_tune.c - the autotuning infrastructure without a GPU: tuning
+ * records in the store (round trip, key independence, checksum), the
+ * best-of lookup and its memo, candidate enumeration and pruning (a few
+ * survivors compiled for sm_90 with no spills), the problem manifest parser,
+ * export/import carrying records, and `fajit tune` / `fajit ls --tuning`.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "runtime/tune.h"
+
+static int failures;
+
+#define CHECK(cond, ...)                                                                        \
+    do {                                                                                        \
+        int ok_ = !!(cond);                                                                     \
+        printf("%s: ", ok_ ? "ok  " : "FAIL");                                                  \
+        printf(__VA_ARGS__);                                                                    \
+        printf("\n");                                                                           \
+        if (!ok_) {                                                                             \
+            printf("      (%s) detail: %s\n", #cond, fajit_last_error());                       \
+            failures++;                                                                         \
+        }                                                                                       \
+    } while (0)
+
+static const char *cache_dir(const char *leaf, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%s/test-cache/test_tune/%s", FAJIT_BINARY_DIR, leaf);
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", buf);
+    if (system(cmd) != 0)
+        printf("warning: %s failed\n", cmd);
+    return buf;
+}
+
+static fajit_ctx *open_ctx(const char *dir)
+{
+    fajit_options o;
+    fajit_ctx *ctx = NULL;
+    fajit_options_init(&o);
+    o.cache_dir = dir;
+    o.cache_mode = FAJIT_CACHE_READWRITE;
+    if (fajit_create(&ctx, &o) != 0) {
+        printf("FAIL: fajit_create(%s): %s\n", dir, fajit_last_error());
+        exit(1);
+    }
+    return ctx;
+}
+
+static fajit__gpu_identity gpu_a(void)
+{
+    fajit__gpu_identity g;
+    memset(&g, 0, sizeof g);
+    snprintf(g.name, sizeof g.name, "NVIDIA H100 80GB HBM3");
+    g.arch = 90;
+    g.sm_count = 132;
+    g.driver_version = 12040;
+    return g;
+}
+
+static fajit__variant fwd_variant(int d, int bm, int bn, int warps, int stages)
+{
+    fajit__variant v;
+    fajit__variant_defaults(&v);
+    v.op = FAJIT__OP_FWD;
+    v.dqk = v.dv = d;
+    v.bm = bm;
+    v.bn = bn;
+    v.warps = warps;
+    v.stages = stages;
+    v.arch = 90;
+    v.arch_suffix = 0;
+    return v;
+}
+
+static int put_record(fajit_ctx *ctx, const fajit__gpu_identity *g, const uint8_t build[16],
+                      const fajit__variant *v, int bucket, uint64_t ns)
+{
+    uint8_t key[FAJIT__TUNING_KEY_MAX];
+    size_t n = fajit__tuning_key(g, build, v, bucket, 1, key, sizeof key);
+    fajit__tuning_value tv = {ns, 1700000000000000000ull, 10};
+    return fajit__store_tuning_put(ctx->store, key, n, &tv);
+}
+
+static int count_cb(void *user, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    (void)k, (void)kl, (void)v, (void)vl;
+    ++*(int *)user;
+    return 0;
+}
+
+static void test_records(void)
+{
+    char dir[1024];
+    fajit_ctx *ctx = open_ctx(cache_dir("records", dir, sizeof dir));
+    fajit__gpu_identity g = gpu_a(), g2 = gpu_a();
+    uint8_t key[FAJIT__TUNING_KEY_MAX], other_build[16];
+    fajit__variant v = fwd_variant(128, 128, 64, 8, 2), back;
+    fajit__tuning_value tv = {123456, 42, 10}, got;
+    size_t n = fajit__tuning_key(&g, ctx->build_id, &v, 12, 1, key, sizeof key);
+    CHECK(n <= FAJIT__TUNING_KEY_MAX, "record key is %zu bytes (limit %d)", n,
+          FAJIT__TUNING_KEY_MAX);
+    CHECK(fajit__store_tuning_put(ctx->store, key, n, &tv) == 0, "put a record");
+    CHECK(fajit__store_tuning_get(ctx->store, key, n, &got) == 0 && got.median_ns == 123456 &&
+              got.timestamp_ns == 42 && got.samples == 10,
+          "get returns what was put");
+    fajit__gpu_identity dg;
+    uint8_t db[16];
+    int bucket = 0;
+    CHECK(fajit__tuning_key_decode(key, n, &dg, db, &back, &bucket) == 0 &&
+              memcmp(&back, &v, sizeof v) == 0 && bucket == 12 && dg.sm_count == 132 &&
+              strcmp(dg.name, g.name) == 0 && memcmp(db, ctx->build_id, 16) == 0,
+          "key decodes to GPU, build, variant with tiles and bucket");
+
+    /* Independence: another GPU, bucket, build or candidate is another record. */
+    g2.sm_count = 114;
+    memcpy(other_build, ctx->build_id, 16);
+    other_build[0] ^= 1;
+    fajit__variant v2 = fwd_variant(128, 64, 64, 4, 2);
+    CHECK(put_record(ctx, &g2, ctx->build_id, &v, 12, 1) == 0 &&
+              put_record(ctx, &g, ctx->build_id, &v, 13, 2) == 0 &&
+              put_record(ctx, &g, other_build, &v, 12, 3) == 0 &&
+              put_record(ctx, &g, ctx->build_id, &v2, 12, 4) == 0,
+          "records for another GPU, bucket, build and candidate");
+    CHECK(fajit__store_tuning_get(ctx->store, key, n, &got) == 0 && got.median_ns == 123456,
+          "the first record is untouched by the others");
+    int all = 0, group = 0;
+    uint8_t prefix[FAJIT__TUNING_KEY_MAX];
+    size_t pn = fajit__tuning_key(&g, ctx->build_id, &v, 12, 0, prefix, sizeof prefix);
+    fajit__store_tuning_iterate(ctx->store, NULL, 0, count_cb, &all);
+    fajit__store_tuning_iterate(ctx->store, prefix, pn, count_cb, &group);
+    CHECK(all == 5 && group == 2, "iterate: 5 records in all, 2 under one problem's prefix "
+          "(got %d, %d)", all, group);
+
+    /* A value under the wrong key fails its checksum. */
+    uint8_t enc[FAJIT__TUNING_VALUE_LEN];
+    fajit__tuning_value_encode(key, n, &tv, enc);
+    key[n - 1] ^= 1;
+    CHECK(fajit__tuning_value_decode(key, n, enc, sizeof enc, NULL, NULL) == FAJIT_ECORRUPT,
+          "a value moved to another key is refused");
+    key[n - 1] ^= 1;
+    enc[9] ^= 4;
+    CHECK(fajit__tuning_value_decode(key, n, enc, sizeof enc, NULL, NULL) == FAJIT_ECORRUPT,
+          "a flipped bit is refused");
+
+    /* Best of: the lowest median wins; the memo answers after the first lookup. */
+    fajit__variant asked = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET,
+                                       FAJIT__UNSET), out;
+    fajit__tuned_forget();
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, &g, &out) == 0 && out.bm == 64 && out.warps == 4,
+          "tuned tiles: the candidate with the lowest median (bm=%d warps=%d)", out.bm, out.warps);
+    CHECK(fajit__tuned_tiles(ctx, &asked, 14, &g, &out) == FAJIT_ENOTFOUND,
+          "tuned tiles: nothing for an untuned bucket");
+    CHECK(put_record(ctx, &g, ctx->build_id, &v, 12, 0) == 0 &&
+              fajit__tuned_tiles(ctx, &asked, 12, &g, &out) == 0 && out.bm == 64,
+          "the memo answers without reading the store again");
+    fajit__tuned_forget();
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, &g, &out) == 0 && out.bm == 128,
+          "after forgetting, the new best is found");
+
+    uint64_t removed = 0;
+    CHECK(fajit__store_tuning_del(ctx->store, prefix, pn, &removed) == 0 && removed == 2,
+          "delete by prefix removes that problem's records (%llu)", (unsigned long long)removed);
+    fajit_destroy(ctx);
+}
+
+static void test_candidates(void)
+{
+    fajit__variant base = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET,
+                                      FAJIT__UNSET), c[64];
+    char why[200];
+    size_t n = fajit__tune_candidates(&base, c, 64);
+    int legal = n > 0;
+    for (size_t i = 0; i < n; i++)
+        legal &= c[i].bm % (16 * c[i].warps) == 0 && c[i].bn % 16 == 0 &&
+                 fajit__variant_smem_bytes(&c[i]) <= 227 * 1024 &&
+                 fajit__variant_check(&c[i]) == 0;
+    CHECK(legal, "d128 sm_90: %zu candidates, all legal by the template's rules", n);
+    fajit__variant bad = fwd_variant(128, 64, 64, 8, 2);
+    CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) != NULL && strstr(why, "16 * warps"),
+          "bm 64 with 8 warps is refused: %s", why);
+    bad = fwd_variant(256, 128, 128, 8, 3);
+    bad.arch = 86;
+    CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) != NULL && strstr(why, "shared"),
+          "d256 bn128 3 stages on sm_86 is refused: %s", why);
+    fajit__variant b86 = base;
+    b86.arch = 86;
+    CHECK(fajit__tune_candidates(&b86, NULL, 0) < n, "sm_86's smaller shared memory prunes more");
+    fajit__entry_meta m;
+    memset(&m, 0, sizeof m);
+    m.registers = 255;
+    fajit__variant w8 = fwd_variant(128, 128, 64, 8, 2);
+    CHECK(fajit__tune_compiled_refusal(&w8, &m, why, sizeof why) == NULL,
+          "255 registers x 256 threads fit the register file");
+    m.spill_bytes = 8;
+    CHECK(fajit__tune_compiled_refusal(&w8, &m, why, sizeof why) != NULL,
+          "a spilling candidate is refused: %s", why);
+
+    /* A few survivors compiled: no spills, registers within the file. The
+     * extremes of each head dim (largest accumulators and shared memory). */
+    int dims[] = {64, 128, 256};
+    for (int d = 0; d < 3; d++) {
+        fajit__variant b = fwd_variant(dims[d], FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET,
+                                       FAJIT__UNSET), s[64];
+        size_t k = fajit__tune_candidates(&b, s, 64), pick = 0;
+        for (size_t i = 1; i < k; i++) /* the most accumulator registers */
+            if (s[i].bm / s[i].warps * (s[i].dv + s[i].bn) >
+                s[pick].bm / s[pick].warps * (s[pick].dv + s[pick].bn))
+                pick = i;
+        fajit__compiled cc;
+        int rc = fajit__compile_variant(&s[pick], &cc);
+        CHECK(rc == 0 && cc.meta.spill_bytes == 0 &&
+                  fajit__tune_compiled_refusal(&s[pick], &cc.meta, why, sizeof why) == NULL,
+              "d%d: heaviest survivor bm=%d bn=%d warps=%d stages=%d compiles, %u registers, "
+              "%u spill bytes", dims[d], s[pick].bm, s[pick].bn, s[pick].warps, s[pick].stages,
+              rc == 0 ? cc.meta.registers : 0, rc == 0 ? cc.meta.spill_bytes : 0);
+        if (rc == 0)
+            fajit__compiled_free(&cc);
+    }
+}
+
+static void expect_parse_error(const char *text, const char *word)
+{
+    fajit__tune_problem *p = NULL;
+    size_t n = 0;
+    int rc = fajit__tune_parse_problems(text, &p, &n);
+    CHECK(rc == FAJIT_EPARSE && strstr(fajit_last_error(), word),
+          "'%s' is refused naming '%s': %s", text, word, fajit_last_error());
+    free(p);
+}
+
+static void test_parser(void)
+{
+    fajit__tune_problem *p = NULL;
+    size_t n = 0;
+    int rc = fajit__tune_parse_problems(
+        "# comment\n\nfwd dqk=128 dtype=bf16 mask=causal batch=4 seqlen_q=4096 seqlen_k=2048 "
+        "nheads_q=16 nheads_kv=4  # trailing\nfwd dqk=64 seqlen=512 nheads=8\n",
+        &p, &n);
+    CHECK(rc == 0 && n == 2 && p[0].batch == 4 && p[0].seqlen_q == 4096 &&
+              p[0].seqlen_k == 2048 && p[0].nheads_q == 16 && p[0].nheads_kv == 4 &&
+              p[0].v.dqk == 128 && p[0].v.dtype == FAJIT_DTYPE_BF16 &&
+              p[0].v.mask == FAJIT_MASK_CAUSAL && p[0].v.bm == FAJIT__UNSET && p[0].line == 3,
+          "a problem line with shapes parses");
+    CHECK(rc == 0 && n == 2 && p[1].batch == 1 && p[1].seqlen_q == 512 && p[1].seqlen_k == 512 &&
+              p[1].nheads_kv == 8 && p[1].line == 4,
+          "seqlen and nheads set both; batch defaults to 1");
+    free(p);
+    rc = fajit__tune_parse_problems(NULL, &p, &n);
+    CHECK(rc == 0 && n == 72 && p[0].batch * p[0].seqlen_q == 16384 &&
+              p[0].nheads_q * p[0].v.dqk == 2048,
+          "the default grid: %zu problems, batch * seqlen 16384, hidden 2048", n);
+    free(p);
+    expect_parse_error("fwd dqk=64 seqlen=x nheads=1", "seqlen=x");
+    expect_parse_error("fwd dqk=64 bm=64 seqlen=8 nheads=1", "bm=64");
+    expect_parse_error("fwd dqk=64 bogus=3 seqlen=8 nheads=1", "bogus");
+    expect_parse_error("ref dqk=64 seqlen=8 nheads=1", "ref");
+    expect_parse_error("fwd dqk=64 nheads=1", "seqlen");
+    expect_parse_error("fwd dqk=64 seqlen=8 nheads_q=6 nheads_kv=4", "nheads_kv=4");
+    expect_parse_error("fwd dqk=64 seqlen=8 seqlen=9 nheads=2", "seqlen=9");
+    expect_parse_error("fwd dqk=300 seqlen=8 nheads=2", "dqk=300");
+    expect_parse_error("fwd dqk=64 seqlen=8\nfwd dqk=64 bogus=3 seqlen=8 nheads=1", "line 1: no nheads");
+    expect_parse_error("# nothing\n", "empty");
+}
+
+typedef struct seen {
+    int n, best, current;
+    char variant[320];
+} seen;
+
+static int seen_cb(void *user, const fajit_tuning_record *r)
+{
+    seen *s = user;
+    s->n++;
+    s->best += r->best;
+    s->current += r->current_build;
+    if (r->best)
+        snprintf(s->variant, sizeof s->variant, "%s", r->variant);
+    return 0;
+}
+
+static void test_bundle(void)
+{
+    char d1[1024], d2[1024], path[1200];
+    fajit_ctx *a = open_ctx(cache_dir("export", d1, sizeof d1));
+    fajit__gpu_identity g = gpu_a();
+    fajit__variant v1 = fwd_variant(64, 128, 64, 4, 2), v2 = fwd_variant(64, 64, 64, 4, 2);
+    put_record(a, &g, a->build_id, &v1, 10, 500);
+    put_record(a, &g, a->build_id, &v2, 10, 400);
+    seen s = {0};
+    CHECK(fajit_tuning_list(a, seen_cb, &s) == 0 && s.n == 2 && s.best == 1 && s.current == 2 &&
+              strstr(s.variant, "bm=64"),
+          "list: 2 records, the faster marked best");
+    snprintf(path, sizeof path, "%s/bundle.fjb", d1);
+    fajit_bundle_result r;
+    CHECK(fajit_cache_export(a, path, &r) == 0, "export with tuning records");
+    fajit_ctx *b = open_ctx(cache_dir("import", d2, sizeof d2));
+    CHECK(fajit_cache_import(b, path, r.sha256, &r) == 0, "import it");
+    seen t = {0};
+    CHECK(fajit_tuning_list(b, seen_cb, &t) == 0 && t.n == 2 && t.best == 1 &&
+              strcmp(t.variant, s.variant) == 0,
+          "the imported cache has both records and the same best");
+    /* A flipped byte in the bundle's tuning section is caught whole. */
+    FILE *f = fopen(path, "r+b");
+    if (f) {
+        fseek(f, 32 + 40, SEEK_SET); /* inside the first tuning record (no entries) */
+        int c = fgetc(f);
+        fseek(f, 32 + 40, SEEK_SET);
+        fputc(c ^ 0x20, f);
+        fclose(f);
+    }
+    CHECK(fajit_cache_import(b, path, NULL, NULL) == FAJIT_ECORRUPT,
+          "a damaged tuning record rejects the bundle: %s", fajit_last_error());
+    fajit_destroy(a);
+    fajit_destroy(b);
+
+    /* A cache without tuning records still exports version 1. */
+    fajit_ctx *c = open_ctx(cache_dir("plain", d1, sizeof d1));
+    snprintf(path, sizeof path, "%s/plain.fjb", d1);
+    CHECK(fajit_cache_export(c, path, NULL) == 0, "export without records");
+    unsigned char head[12] = {0};
+    f = fopen(path, "rb");
+    size_t got = f ? fread(head, 1, sizeof head, f) : 0;
+    if (f)
+        fclose(f);
+    CHECK(got == 12 && head[8] == 1, "written as bundle version 1, readable by older readers");
+    fajit_destroy(c);
+}
+
+static int run(const char *cmd)
+{
+    int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_cli(void)
+{
+    char dir[1024], cmd[4096];
+    const char *tool = FAJIT_BINARY_DIR "/fajit";
+    fajit_ctx *ctx = open_ctx(cache_dir("cli", dir, sizeof dir));
+    fajit__gpu_identity g = gpu_a();
+    fajit__variant v1 = fwd_variant(64, 128, 64, 4, 2), v2 = fwd_variant(64, 64, 32, 4, 1);
+    put_record(ctx, &g, ctx->build_id, &v1, 11, 250000);
+    put_record(ctx, &g, ctx->build_id, &v2, 11, 150000);
+    fajit_info info;
+    memset(&info, 0, sizeof info);
+    info.struct_size = sizeof info;
+    fajit_get_info(ctx, &info);
+    fajit_destroy(ctx);
+
+    snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls --tuning > '%s/ls.txt'", tool, dir, dir);
+    int rc = run(cmd);
+    snprintf(cmd, sizeof cmd, "grep -q 'NVIDIA H100 80GB HBM3.*sm_90.*132.*2048.*64/32 */4/1.*"
+             "150.00 \\*' '%s/ls.txt' && grep -c 'fwd dqk=64' '%s/ls.txt' | grep -qx 2", dir, dir);
+    CHECK(rc == 0 && run(cmd) == 0, "ls --tuning lists both records, the faster marked *");
+    snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls --tuning --json | grep -c "
+             "'\"best\":true' | grep -qx 1", tool, dir);
+    CHECK(run(cmd) == 0, "ls --tuning --json marks one best");
+    snprintf(cmd, sizeof cmd, "%s/fajit-prebuild --cache-dir '%s' --from-tuning --dry-run | "
+             "grep -x '%s' >/dev/null", FAJIT_BINARY_DIR, dir,
+             "fwd dqk=64 dv=64 dtype=fp16 mask=none window=-1,-1 dropout=0 softcap=0 alibi=0 "
+             "varlen=0 paged=0 bm=64 bn=32 warps=4 stages=1 arch=sm_90");
+    CHECK(run(cmd) == 0, "fajit-prebuild --from-tuning lists the winner");
+
+    snprintf(cmd, sizeof cmd, "echo 'fwd dqk=64 bm=64 seqlen=8 nheads=1' | %s --cache-dir '%s' "
+             "tune - 2>'%s/err.txt'", tool, dir, dir);
+    rc = run(cmd);
+    snprintf(cmd, sizeof cmd, "grep -q \"word 'bm=64'\" '%s/err.txt'", dir);
+    CHECK(rc == 2 && run(cmd) == 0, "tune: a bad problem line exits 2 naming the word");
+    if (info.device_count > 0) {
+        printf("skip: a GPU is present, so the no-GPU exit of tune is not checked here\n");
+        return;
+    }
+    snprintf(cmd, sizeof cmd, "echo 'fwd dqk=64 seqlen=256 nheads=2' | %s --cache-dir '%s' "
+             "tune -j 2 - 2>'%s/tune.txt'", tool, dir, dir);
+    rc = run(cmd);
+    snprintf(cmd, sizeof cmd, "grep -q 'compiled  fwd dqk=64' '%s/tune.txt' && grep -q 'no GPU "
+             "to time on' '%s/tune.txt'", dir, dir);
+    CHECK(rc == 4 && run(cmd) == 0, "tune without a GPU compiles the candidates, then exits 4");
+    snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls | grep -c 'fwd dqk=64' | "
+             "awk '$1 >= 10 {ok=1} END {exit !ok}'", tool, dir);
+    CHECK(run(cmd) == 0, "the compiled candidates are in the kernel cache");
+}
+
+int main(void)
+{
+    test_records();
+    test_parser();
+    test_candidates();
+    test_bundle();
+    test_cli();
+    printf("%s\n", failures ? "FAILED" : "all passed");
+    return failures ? 1 : 0;
+}
