@@ -46,70 +46,29 @@ except ImportError:  # pragma: no cover - the GPU host has Triton
         return sorted(times)[len(times) // 2]
 
 
-I64_3 = ctypes.c_int64 * 3
-
-
-class AttnArgs(ctypes.Structure):
-    """struct fajit_attn_args of include/fajit.h, field by field."""
-    _fields_ = [
-        ("struct_size", ctypes.c_uint32),
-        ("q", ctypes.c_void_p),
-        ("k", ctypes.c_void_p),
-        ("v", ctypes.c_void_p),
-        ("o", ctypes.c_void_p),
-        ("lse", ctypes.c_void_p),
-        ("batch", ctypes.c_int64),
-        ("seqlen_q", ctypes.c_int64),
-        ("seqlen_k", ctypes.c_int64),
-        ("nheads_q", ctypes.c_int64),
-        ("nheads_kv", ctypes.c_int64),
-        ("dqk", ctypes.c_int64),
-        ("dv", ctypes.c_int64),
-        ("q_stride", I64_3),
-        ("k_stride", I64_3),
-        ("v_stride", I64_3),
-        ("o_stride", I64_3),
-        ("dtype", ctypes.c_int),
-        ("mask", ctypes.c_int),
-        ("softmax_scale", ctypes.c_float),
-        ("kernel", ctypes.c_int),
-    ]
-
-
 DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 MASK_NONE, MASK_CAUSAL = 0, 1
 
 
 class Fajit:
+    """The library through the fajit package's own binding (python/fajit), so
+    the struct mirrors live in one place and are checked against the library."""
+
     def __init__(self, path):
-        self.lib = ctypes.CDLL(path)
-        self.lib.fajit_create.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-        self.lib.fajit_attn_args_init.argtypes = [ctypes.c_void_p]
-        self.lib.fajit_attn_fwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        self.lib.fajit_attn_variant.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p,
-                                                ctypes.c_size_t]
-        self.lib.fajit_last_error.restype = ctypes.c_char_p
-        self.lib.fajit_strerror.restype = ctypes.c_char_p
-        # The library says how big it thinks the struct is: it must be ours.
-        probe = (ctypes.c_uint8 * 4096)()
-        self.lib.fajit_attn_args_init(probe)
-        size = ctypes.c_uint32.from_buffer(probe).value
-        if size != ctypes.sizeof(AttnArgs):
-            sys.exit(f"fajit_attn_args is {size} bytes in the library, {ctypes.sizeof(AttnArgs)} here: "
-                     "update AttnArgs from include/fajit.h")
-        self.ctx = ctypes.c_void_p()
-        self.check(self.lib.fajit_create(ctypes.byref(self.ctx), None), "fajit_create")
+        os.environ["FAJIT_LIBRARY"] = os.path.abspath(path)
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+        from fajit import _lib
+        self._lib = _lib
+        self.loaded = _lib.load()
+        self.lib = self.loaded.lib
+        self.ctx = ctypes.c_void_p(_lib.context(torch.cuda.current_device()))
 
     def check(self, rc, what):
-        if rc < 0:
-            raise RuntimeError(f"{what}: {self.lib.fajit_strerror(rc).decode()}: "
-                               f"{self.lib.fajit_last_error().decode()}")
-        return rc
+        return self._lib.check(rc, what)
 
     def args(self, q, k, v, o, causal):
         """(b, s, h, d) tensors, any strides with a contiguous last dim."""
-        a = AttnArgs()
-        self.lib.fajit_attn_args_init(ctypes.byref(a))
+        a = self.loaded.new_args(self._lib.AttnArgs, "fajit_attn_args_init")
         a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr()
         a.batch, a.seqlen_q, a.nheads_q, a.dqk = q.shape
         a.seqlen_k, a.nheads_kv, a.dv = k.shape[1], k.shape[2], v.shape[3]
