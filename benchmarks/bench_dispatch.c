@@ -190,23 +190,37 @@ typedef struct timing {
     double median, p10, p90;
 } timing;
 
-/* Per-call host time of `launch`, from BATCHES batches of CALLS_PER_BATCH. */
-static int time_calls(bench_ctx *b, int use_fajit, timing *t) {
-    double per_call[BATCHES];
-    for (int i = 0; i < BATCHES; ++i) {
-        int bad = 0;
-        const double t0 = now_us();
-        for (int c = 0; c < CALLS_PER_BATCH; ++c)
-            bad |= use_fajit ? fajit_attn_fwd(b->fj, &b->args, NULL) != FAJIT_OK
-                             : launch_bare(b) != CUDA_SUCCESS;
-        per_call[i] = (now_us() - t0) / CALLS_PER_BATCH;
-        if (bad || cu_failed(cuCtxSynchronize(), "batch"))
-            return 1;
-    }
+/* Median and spread of a sorted array of per-call times. */
+static void summarize(double *per_call, timing *t) {
     qsort(per_call, BATCHES, sizeof per_call[0], cmp_double);
     t->median = (per_call[BATCHES / 2 - 1] + per_call[BATCHES / 2]) / 2;
     t->p10 = per_call[BATCHES / 10];
     t->p90 = per_call[BATCHES * 9 / 10];
+}
+
+/* Host time of one batch of CALLS_PER_BATCH calls, per call; -1 on error. */
+static double time_batch(bench_ctx *b, int use_fajit) {
+    int bad = 0;
+    const double t0 = now_us();
+    for (int c = 0; c < CALLS_PER_BATCH; ++c)
+        bad |= use_fajit ? fajit_attn_fwd(b->fj, &b->args, NULL) != FAJIT_OK
+                         : launch_bare(b) != CUDA_SUCCESS;
+    const double per_call = (now_us() - t0) / CALLS_PER_BATCH;
+    return bad || cu_failed(cuCtxSynchronize(), "batch") ? -1 : per_call;
+}
+
+/* fajit and bare batches alternate, so drift of a shared host (clocks, other
+ * tenants) hits both alike. */
+static int time_calls(bench_ctx *b, timing *tf, timing *tb) {
+    double fajit[BATCHES], bare[BATCHES];
+    for (int i = 0; i < BATCHES; ++i) {
+        fajit[i] = time_batch(b, 1);
+        bare[i] = time_batch(b, 0);
+        if (fajit[i] < 0 || bare[i] < 0)
+            return 1;
+    }
+    summarize(fajit, tf);
+    summarize(bare, tb);
     return 0;
 }
 
@@ -251,10 +265,10 @@ int main(void) {
         cu_failed(launch_bare(&b), "cuLaunchKernel"))
         return 1;
     const int same = outputs_match(&b);
-    if (time_calls(&b, 1, &tf) || time_calls(&b, 0, &tb))
+    if (time_calls(&b, &tf, &tb))
         return 1;
 
-    printf("host time per call, %d calls in batches of %d (b=1 h=1 sq=sk=1 d=%d fp16)\n",
+    printf("host time per call, %d calls each in alternating batches of %d (b=1 h=1 sq=sk=1 d=%d fp16)\n",
            BATCHES * CALLS_PER_BATCH, CALLS_PER_BATCH, DIM);
     printf("%-36s %10s %10s %10s\n", "", "median us", "p10 us", "p90 us");
     printf("%-36s %10.3f %10.3f %10.3f\n", "fajit_attn_fwd (warm in-process hit)", tf.median, tf.p10, tf.p90);
