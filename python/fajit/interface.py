@@ -9,14 +9,34 @@ Work is queued on PyTorch's current stream of the tensors' device.
 What libfajit does beyond flash_attn: any head dim its kernels cover (1..512,
 not only multiples of 8 up to 256), and a v head dim different from q/k's.
 
-What libfajit's C API does not have yet raises NotImplementedError naming the
-feature, never a silently different result: dropout_p > 0, window_size other
-than (-1, -1) (or a window covering everything), softcap, alibi_slopes, and the
-varlen functions. The backward needs a library with fajit_attn_bwd.
+Features (libfajit's forward): window_size (sliding window, FlashAttention
+2.3 semantics: negative or >= seqlen_k sides are unbounded, causal is a right
+window of 0 and composes with a left one), softcap (scores become softcap *
+tanh(scores / softcap)), alibi_slopes (fp32 on q's device, (nheads,) or
+(batch, nheads); bias -slope * |i + seqlen_k - seqlen_q - j|), dropout_p, and
+the varlen functions (cu_seqlens int32 CUDA tensors of batch + 1 entries;
+LSE (nheads, total_q)).
+
+Dropout seeds: each call with dropout_p > 0 draws a 63-bit seed from
+``fajit.interface.dropout_generator`` (a CPU torch.Generator) or, when that is
+None (the default), from torch's default CPU generator, so torch.manual_seed
+makes runs repeatable; the Philox offset is 0, so the seed alone decides the
+mask. flash_attn draws from the CUDA generator instead, so the masks differ
+from flash_attn's (they are not meant to match). Under CUDA graph capture the
+seed drawn at capture is replayed. With return_attn_probs the third value
+(flash_attn's S_dmask, a testing aid) is always None.
+
+The backward (through fajit_attn_bwd) covers the causal mask, GQA/MQA and any
+head dim, not yet the features above: a call that uses one of them while
+autograd would record it (grad enabled and an input requiring grad) raises
+NotImplementedError("fajit backward: <feature> not supported yet") at once,
+before computing anything; under torch.no_grad() or on inputs without grad
+the forward runs. block_table (paged KV) raises NotImplementedError.
 """
 
 import ctypes
 import math
+import operator
 
 from . import _lib
 
@@ -88,40 +108,131 @@ def _check_shapes(q, k, v, kname="k", vname="v"):
                          % (hq, kname, hkv))
 
 
-def _mask_for(causal, window_size, seqlen_k):
-    """The fajit mask for flash_attn's (causal, window_size); window not implemented."""
+def _mask_window(causal, window_size, seqlen_k):
+    """(mask, window_left, window_right) for flash_attn's (causal, window_size).
+
+    As flash_attn: a negative side, or one reaching past every key (>= seqlen_k),
+    bounds nothing (-1); causal is a right window of 0; a right window of 0 with
+    no left one is the causal mask itself. The causal mask and a left window
+    compose (libfajit's FAJIT_MASK_CAUSAL with window_left)."""
     try:
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
-        raise TypeError("window_size must be a pair (left, right), got %r" % (window_size,)) from None
-    # flash_attn treats a side reaching past every key as no limit, and causal
-    # as a right window of 0; (-1, 0) without causal is the causal mask itself.
+        raise TypeError("window_size must be a pair (left, right), got %r"
+                        % (window_size,)) from None
     left = -1 if left < 0 or left >= seqlen_k else left
     right = -1 if right < 0 or right >= seqlen_k else right
-    if causal and right != 0 and right != -1:
+    if causal:
         right = 0
-    if causal or (left, right) == (-1, 0):
-        if left != -1:
-            raise NotImplementedError("fajit: window_size=%r (sliding-window attention) is not "
-                                      "in libfajit's C API yet" % (tuple(window_size),))
-        return _lib.MASK_CAUSAL
-    if (left, right) != (-1, -1):
-        raise NotImplementedError("fajit: window_size=%r (sliding-window attention) is not in "
-                                  "libfajit's C API yet" % (tuple(window_size),))
-    return _lib.MASK_NONE
+    if right == 0:
+        return _lib.MASK_CAUSAL, left, -1
+    return _lib.MASK_NONE, left, right
 
 
-def _check_features(dropout_p, softcap, alibi_slopes):
-    if not 0.0 <= float(dropout_p) < 1.0:
+# Dropout seeds: each call with dropout_p > 0 draws a fresh 63-bit seed from
+# this torch.Generator (a CPU one), or from torch's default CPU generator when
+# it is None (so torch.manual_seed makes runs repeatable); the Philox offset is
+# 0, so the seed alone decides the mask. Tests set it to replay a mask.
+dropout_generator = None
+
+
+def _dropout_seed():
+    torch = _torch
+    return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=dropout_generator).item())
+
+
+class _Features:
+    """What a call asks beyond the mask: libfajit's appended fields (forward only)."""
+
+    def __init__(self):
+        self.window_left = self.window_right = -1
+        self.window_size = (-1, -1)
+        self.softcap = 0.0
+        self.alibi = None
+        self.alibi_batch_stride = 0
+        self.dropout_p = 0.0
+        self.varlen = False
+
+    def names(self):
+        """The features the backward cannot take yet, for its error."""
+        names = []
+        if (self.window_left, self.window_right) != (-1, -1):
+            names.append("sliding window (window_size=%r)" % (tuple(self.window_size),))
+        if self.softcap != 0.0:
+            names.append("softcap")
+        if self.alibi is not None:
+            names.append("ALiBi (alibi_slopes)")
+        if self.dropout_p > 0.0:
+            names.append("dropout (dropout_p > 0)")
+        if self.varlen:
+            names.append("varlen (cu_seqlens)")
+        return names
+
+    def fill(self, a):
+        """Writes the fields into a fajit_attn_args (drawing the dropout seed)."""
+        a.window_left, a.window_right = self.window_left, self.window_right
+        a.softcap = self.softcap
+        if self.alibi is not None:
+            a.alibi_slopes = self.alibi.data_ptr()
+            a.alibi_batch_stride = self.alibi_batch_stride
+        if self.dropout_p > 0.0:
+            a.dropout_p = self.dropout_p
+            a.dropout_seed, a.dropout_offset = _dropout_seed(), 0
+
+
+def _alibi(slopes, batch, nheads, device):
+    """(slopes as libfajit reads them, batch stride): fp32, (nheads,) or (batch, nheads)."""
+    torch = _torch
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError("alibi_slopes must be a torch.Tensor, got %s" % type(slopes).__name__)
+    if slopes.dtype != torch.float32:
+        raise TypeError("alibi_slopes must be torch.float32, got %s" % (slopes.dtype,))
+    shape = tuple(slopes.shape)
+    if shape not in ((nheads,), (batch, nheads)):
+        raise ValueError("alibi_slopes must have shape (nheads,) = (%d,) or (batch, nheads) = "
+                         "(%d, %d), got %s" % (nheads, batch, nheads, shape))
+    if slopes.device != device:
+        raise ValueError("alibi_slopes is on %s but q is on %s: they must be on one device"
+                         % (slopes.device, device))
+    if slopes.dim() == 2 and batch == 1:
+        slopes = slopes[0]  # one row: its batch stride is never used
+    if slopes.dim() == 1:
+        if nheads > 1 and slopes.stride(0) != 1:
+            slopes = slopes.contiguous()
+        return slopes, 0
+    # libfajit takes a batch stride of 0 (shared) or >= nheads, heads contiguous.
+    if (nheads > 1 and slopes.stride(1) != 1) or 0 < slopes.stride(0) < nheads:
+        slopes = slopes.contiguous()
+    return slopes, slopes.stride(0)
+
+
+def _features(dropout_p, softcap, alibi_slopes, causal, window_size, batch, nheads, seqlen_k,
+              device):
+    """(mask, _Features) for a call, every argument checked."""
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
         raise ValueError("dropout_p must be in [0, 1), got %r" % (dropout_p,))
-    if dropout_p > 0.0:
-        raise NotImplementedError("fajit: dropout (dropout_p=%r) is not in libfajit's C API yet; "
-                                  "use dropout_p=0.0" % (dropout_p,))
-    if softcap != 0.0:
-        raise NotImplementedError("fajit: softcap=%r (logit soft-capping) is not in libfajit's "
-                                  "C API yet" % (softcap,))
+    cap = float(softcap)
+    if not (math.isfinite(cap) and cap >= 0.0):
+        raise ValueError("softcap must be a finite number >= 0 (0: off), got %r" % (softcap,))
+    mask, left, right = _mask_window(causal, window_size, seqlen_k)
+    f = _Features()
+    f.window_left, f.window_right, f.window_size = left, right, window_size
+    f.softcap, f.dropout_p = cap, p
     if alibi_slopes is not None:
-        raise NotImplementedError("fajit: alibi_slopes (ALiBi) is not in libfajit's C API yet")
+        f.alibi, f.alibi_batch_stride = _alibi(alibi_slopes, batch, nheads, device)
+    return mask, f
+
+
+def _refuse_backward(feat, *tensors):
+    """Whether autograd records the call; raises if it would need an unsupported backward."""
+    is_grad = _is_grad(*tensors)
+    names = feat.names() if is_grad else ()
+    if names:
+        raise NotImplementedError(
+            "fajit backward: %s not supported yet (the forward is: call it under "
+            "torch.no_grad() or on tensors that do not require grad)" % ", ".join(names))
+    return is_grad
 
 
 def _scale(softmax_scale, dqk):
@@ -165,7 +276,7 @@ def _stream(device):
 
 # ---------------------------------------------------------------- the C calls
 
-def _forward(q, k, v, out, lse, scale, mask):
+def _forward(q, k, v, out, lse, scale, mask, feat):
     """Queues fajit_attn_fwd writing out (and lse, which may be None)."""
     loaded = _lib.load()
     b, sq, hq, dqk = q.shape
@@ -184,9 +295,14 @@ def _forward(q, k, v, out, lse, scale, mask):
     a.q_stride, a.k_stride, a.v_stride = _strides(q), _strides(k), _strides(v)
     a.o_stride = _strides(out)
     a.dtype, a.mask, a.softmax_scale = _dtype_code(q), mask, scale
-    with _torch.cuda.device(q.device):
-        ctx = _lib.context(q.device.index)
-        rc = loaded.lib.fajit_attn_fwd(ctx, ctypes.byref(a), _stream(q.device))
+    feat.fill(a)
+    _launch_forward(loaded, a, q.device)
+
+
+def _launch_forward(loaded, a, device):
+    with _torch.cuda.device(device):
+        ctx = _lib.context(device.index)
+        rc = loaded.lib.fajit_attn_fwd(ctx, ctypes.byref(a), _stream(device))
     _lib.check(rc, "fajit_attn_fwd")
 
 
@@ -232,12 +348,12 @@ def _empty(shape, dtype, device):
     return t
 
 
-def _run_forward(q, k, v, scale, mask, need_lse):
+def _run_forward(q, k, v, scale, mask, feat, need_lse):
     torch = _torch
     b, sq, hq, _ = q.shape
     out = _empty((b, sq, hq, v.shape[3]), q.dtype, q.device)
     lse = _empty((b, hq, sq), torch.float32, q.device) if need_lse else None
-    _forward(q, k, v, out, lse, scale, mask)
+    _forward(q, k, v, out, lse, scale, mask, feat)
     return out, lse
 
 
@@ -262,8 +378,8 @@ def _make_functions():
 
     class AttnFunc(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, scale, mask, deterministic, need_lse, is_grad):
-            out, lse = _run_forward(q, k, v, scale, mask, need_lse or is_grad)
+        def forward(ctx, q, k, v, scale, mask, feat, deterministic, need_lse, is_grad):
+            out, lse = _run_forward(q, k, v, scale, mask, feat, need_lse or is_grad)
             if is_grad:
                 save(ctx, (q, k, v, out), lse, scale, mask, deterministic)
             return finish(ctx, out, lse)
@@ -274,13 +390,13 @@ def _make_functions():
             dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
             _backward(_prepare(dout), q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.mask,
                       ctx.deterministic)
-            return dq, dk, dv, None, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None, None
 
     class QKVPackedFunc(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, qkv, scale, mask, deterministic, need_lse, is_grad):
+        def forward(ctx, qkv, scale, mask, feat, deterministic, need_lse, is_grad):
             q, k, v = qkv.unbind(2)
-            out, lse = _run_forward(q, k, v, scale, mask, need_lse or is_grad)
+            out, lse = _run_forward(q, k, v, scale, mask, feat, need_lse or is_grad)
             if is_grad:
                 save(ctx, (qkv, out), lse, scale, mask, deterministic)
             return finish(ctx, out, lse)
@@ -293,13 +409,13 @@ def _make_functions():
             dq, dk, dv = dqkv.unbind(2)
             _backward(_prepare(dout), q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.mask,
                       ctx.deterministic)
-            return dqkv, None, None, None, None, None
+            return dqkv, None, None, None, None, None, None
 
     class KVPackedFunc(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, kv, scale, mask, deterministic, need_lse, is_grad):
+        def forward(ctx, q, kv, scale, mask, feat, deterministic, need_lse, is_grad):
             k, v = kv.unbind(2)
-            out, lse = _run_forward(q, k, v, scale, mask, need_lse or is_grad)
+            out, lse = _run_forward(q, k, v, scale, mask, feat, need_lse or is_grad)
             if is_grad:
                 save(ctx, (q, kv, out), lse, scale, mask, deterministic)
             return finish(ctx, out, lse)
@@ -313,7 +429,7 @@ def _make_functions():
             dk, dv = dkv.unbind(2)
             _backward(_prepare(dout), q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.mask,
                       ctx.deterministic)
-            return dq, dkv, None, None, None, None, None
+            return dq, dkv, None, None, None, None, None, None
 
     return AttnFunc, QKVPackedFunc, KVPackedFunc
 
@@ -333,7 +449,8 @@ def _is_grad(*tensors):
 
 
 def _result(out, lse, return_attn_probs):
-    # flash_attn returns S_dmask only with dropout; without it, None.
+    # flash_attn returns S_dmask (the dropout pattern, a testing aid) only with
+    # dropout; libfajit does not write it, so it is always None here.
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -346,20 +463,23 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
 
     As flash_attn.flash_attn_func: nheads a multiple of nheads_k (GQA/MQA),
     causal aligned to the bottom-right corner, softmax_scale default
-    1/sqrt(d). Returns out (batch, seqlen_q, nheads, dv), or with
-    return_attn_probs (out, softmax_lse (batch, nheads, seqlen_q) fp32, None)."""
-    _check_features(dropout_p, softcap, alibi_slopes)
+    1/sqrt(d), window_size, softcap, alibi_slopes ((nheads,) or (batch,
+    nheads) fp32) and dropout_p. Returns out (batch, seqlen_q, nheads, dv), or
+    with return_attn_probs (out, softmax_lse (batch, nheads, seqlen_q) fp32,
+    None)."""
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
     _check_same(("q", "k", "v"), (q, k, v))
     _check_shapes(q, k, v)
-    mask = _mask_for(causal, window_size, k.shape[1])
+    mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size, q.shape[0],
+                           q.shape[2], k.shape[1], q.device)
     scale = _scale(softmax_scale, q.shape[-1])
+    is_grad = _refuse_backward(feat, q, k, v)
     _check_cuda("q", q)
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
-    out, lse = _fn(0).apply(q, k, v, scale, mask, bool(deterministic), bool(return_attn_probs),
-                            _is_grad(q, k, v))
+    out, lse = _fn(0).apply(q, k, v, scale, mask, feat, bool(deterministic),
+                            bool(return_attn_probs), is_grad)
     return _result(out, lse, return_attn_probs)
 
 
@@ -368,17 +488,18 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               deterministic=False, return_attn_probs=False):
     """flash_attn_func on qkv (batch, seqlen, 3, nheads, d), without copying q, k, v
     apart; the gradient is one (batch, seqlen, 3, nheads, d) tensor."""
-    _check_features(dropout_p, softcap, alibi_slopes)
     _check_tensor("qkv", qkv, 5)
     if qkv.shape[2] != 3:
         raise ValueError("qkv must have shape (batch, seqlen, 3, nheads, headdim), got %s"
                          % (tuple(qkv.shape),))
-    mask = _mask_for(causal, window_size, qkv.shape[1])
+    mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size, qkv.shape[0],
+                           qkv.shape[3], qkv.shape[1], qkv.device)
     scale = _scale(softmax_scale, qkv.shape[-1])
+    is_grad = _refuse_backward(feat, qkv)
     _check_cuda("qkv", qkv)
     qkv = _prepare_packed(qkv)
-    out, lse = _fn(1).apply(qkv, scale, mask, bool(deterministic), bool(return_attn_probs),
-                            _is_grad(qkv))
+    out, lse = _fn(1).apply(qkv, scale, mask, feat, bool(deterministic), bool(return_attn_probs),
+                            is_grad)
     return _result(out, lse, return_attn_probs)
 
 
@@ -386,7 +507,6 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False):
     """flash_attn_func on q and kv (batch, seqlen_k, 2, nheads_k, d)."""
-    _check_features(dropout_p, softcap, alibi_slopes)
     _check_tensor("q", q, 4)
     _check_tensor("kv", kv, 5)
     _check_same(("q", "kv"), (q, kv))
@@ -394,27 +514,128 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
         raise ValueError("kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got %s"
                          % (tuple(kv.shape),))
     _check_shapes(q, kv[:, :, 0], kv[:, :, 1], "kv", "kv")
-    mask = _mask_for(causal, window_size, kv.shape[1])
+    mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size, q.shape[0],
+                           q.shape[2], kv.shape[1], q.device)
     scale = _scale(softmax_scale, q.shape[-1])
+    is_grad = _refuse_backward(feat, q, kv)
     _check_cuda("q", q)
     kv = _prepare_packed(kv)
     q = _prepare(q)
-    out, lse = _fn(2).apply(q, kv, scale, mask, bool(deterministic), bool(return_attn_probs),
-                            _is_grad(q, kv))
+    out, lse = _fn(2).apply(q, kv, scale, mask, feat, bool(deterministic),
+                            bool(return_attn_probs), is_grad)
     return _result(out, lse, return_attn_probs)
 
 
-def _varlen_not_yet(name):
-    raise NotImplementedError("fajit: %s (variable-length batches, cu_seqlens) is not in "
-                              "libfajit's C API yet" % name)
+# ---------------------------------------------------------------- varlen
+
+def _check_varlen_shapes(q, k, v, kname="k", vname="v"):
+    tq, hq, dqk = q.shape
+    tk, hkv, dk = k.shape
+    if tuple(v.shape[:2]) != (tk, hkv):
+        raise ValueError("%s has shape %s but %s has %s: total_k and nheads must match"
+                         % (vname, tuple(v.shape), kname, tuple(k.shape)))
+    if dk != dqk:
+        raise ValueError("q has head dim %d but %s has %d: they must match" % (dqk, kname, dk))
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError("nheads of q (%d) must be a multiple of nheads of %s (%d) (GQA/MQA)"
+                         % (hq, kname, hkv))
+
+
+def _check_cu_seqlens(name, cu, device):
+    torch = _torch
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(cu).__name__))
+    if cu.dtype != torch.int32:
+        raise TypeError("%s must be torch.int32, got %s" % (name, cu.dtype))
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError("%s must have shape (batch + 1,), got %s" % (name, tuple(cu.shape)))
+    if cu.device != device:
+        raise ValueError("%s is on %s but q is on %s: they must be on one device"
+                         % (name, cu.device, device))
+
+
+def _max_seqlen(name, value):
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError("%s must be an int, got %s" % (name, type(value).__name__)) from None
+    if n < 0:
+        raise ValueError("%s must be >= 0, got %d" % (name, n))
+    return n
+
+
+def _prepare_varlen(t):
+    """A packed (total, nheads, dim) view libfajit reads as written: last dim
+    contiguous, and not a broadcast whose {0, 0, 0} strides mean "contiguous"."""
+    if t.stride(-1) != 1 or (t.stride(0), t.stride(1)) == (0, 0):
+        return t.contiguous()
+    return t
+
+
+def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, mask, feat, need_lse):
+    """out (total_q, nheads_q, dv) and, with need_lse, LSE (nheads_q, total_q)."""
+    torch = _torch
+    total_q, hq, dqk = q.shape
+    batch = cu_q.shape[0] - 1
+    out = _empty((total_q, hq, v.shape[2]), q.dtype, q.device)
+    lse = _empty((hq, total_q), torch.float32, q.device) if need_lse else None
+    if batch == 0 or total_q * hq == 0 or max_q == 0 or max_k == 0 or k.shape[0] == 0:
+        out.zero_()  # no row sees a key (or there is no row)
+        if lse is not None:
+            lse.fill_(-math.inf)
+        return out, lse
+    loaded = _lib.load()
+    a = loaded.new_args(_lib.AttnArgs, "fajit_attn_args_init")
+    a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    a.lse = lse.data_ptr() if lse is not None else None
+    a.batch, a.seqlen_q, a.seqlen_k = batch, max_q, max_k
+    a.nheads_q, a.nheads_kv, a.dqk, a.dv = hq, k.shape[1], dqk, v.shape[2]
+    # Batch strides are ignored under varlen; seq and head strides are real
+    # (never both 0, see _prepare_varlen), so the triple never reads "contiguous".
+    a.q_stride, a.k_stride = (0,) + q.stride()[:2], (0,) + k.stride()[:2]
+    a.v_stride, a.o_stride = (0,) + v.stride()[:2], (0,) + out.stride()[:2]
+    a.dtype, a.mask, a.softmax_scale = _dtype_code(q), mask, scale
+    a.cu_seqlens_q, a.cu_seqlens_k = cu_q.data_ptr(), cu_k.data_ptr()
+    feat.fill(a)
+    _launch_forward(loaded, a, q.device)
+    return out, lse
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
+            softcap, alibi_slopes, return_attn_probs, grad_tensors, cuda_name):
+    """The varlen functions' common path; q, k, v are (total, nheads, dim) views."""
+    _check_cu_seqlens("cu_seqlens_q", cu_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_k, q.device)
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError("cu_seqlens_q has %d entries but cu_seqlens_k has %d: both are batch + 1"
+                         % (cu_q.shape[0], cu_k.shape[0]))
+    max_q = _max_seqlen("max_seqlen_q", max_q)
+    max_k = _max_seqlen("max_seqlen_k", max_k)
+    mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size,
+                           cu_q.shape[0] - 1, q.shape[1], max_k, q.device)
+    feat.varlen = True
+    scale = _scale(softmax_scale, q.shape[-1])
+    _refuse_backward(feat, *grad_tensors)
+    _check_cuda(cuda_name, grad_tensors[0])
+    q, k, v = _prepare_varlen(q), _prepare_varlen(k), _prepare_varlen(v)
+    out, lse = _varlen_forward(q, k, v, cu_q.contiguous(), cu_k.contiguous(), max_q, max_k,
+                               scale, mask, feat, bool(return_attn_probs))
+    return _result(out, lse, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      softmax_scale=None, causal=False, window_size=(-1, -1),
                                      softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
-    """flash_attn's varlen qkvpacked function; not implemented yet (raises)."""
-    _varlen_not_yet("flash_attn_varlen_qkvpacked_func")
+    """flash_attn_varlen_func on qkv (total, 3, nheads, d) with one cu_seqlens."""
+    _check_tensor("qkv", qkv, 4)
+    if qkv.shape[1] != 3:
+        raise ValueError("qkv must have shape (total, 3, nheads, headdim), got %s"
+                         % (tuple(qkv.shape),))
+    q, k, v = qkv.unbind(1)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                   (qkv,), "qkv")
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -422,13 +643,42 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False,
                                     return_attn_probs=False):
-    """flash_attn's varlen kvpacked function; not implemented yet (raises)."""
-    _varlen_not_yet("flash_attn_varlen_kvpacked_func")
+    """flash_attn_varlen_func on q (total_q, nheads, d) and kv (total_k, 2, nheads_k, d)."""
+    _check_tensor("q", q, 3)
+    _check_tensor("kv", kv, 4)
+    _check_same(("q", "kv"), (q, kv))
+    if kv.shape[1] != 2:
+        raise ValueError("kv must have shape (total_k, 2, nheads_k, headdim), got %s"
+                         % (tuple(kv.shape),))
+    k, v = kv.unbind(1)
+    _check_varlen_shapes(q, k, v, "kv", "kv")
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                   (q, kv), "q")
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False,
                            window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
-    """flash_attn's varlen function; not implemented yet (raises)."""
-    _varlen_not_yet("flash_attn_varlen_func")
+    """Attention over packed variable-length sequences, as flash_attn.flash_attn_varlen_func.
+
+    q (total_q, nheads, d), k (total_k, nheads_k, d), v (total_k, nheads_k, dv);
+    sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 of q (likewise k
+    and v with cu_seqlens_k), both int32 CUDA tensors of batch + 1 prefix sums;
+    max_seqlen_q/k at least every sequence's length (not checked: that would
+    read the GPU). Returns out (total_q, nheads, dv), or with return_attn_probs
+    (out, softmax_lse (nheads, total_q) fp32, None). Rows past
+    cu_seqlens_q[batch] are left unwritten. Forward only for now: block_table
+    (paged KV) is not supported."""
+    if block_table is not None:
+        raise NotImplementedError("fajit: block_table (paged KV cache) is not in libfajit's "
+                                  "C API yet")
+    _check_tensor("q", q, 3)
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3)
+    _check_same(("q", "k", "v"), (q, k, v))
+    _check_varlen_shapes(q, k, v)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                   (q, k, v), "q")

@@ -315,16 +315,23 @@ class ArgumentTest(unittest.TestCase):
              lambda: fajit.flash_attn_func(q, k, v, softmax_scale=0.0)),
             (ValueError, "dropout_p must be in [0, 1)",
              lambda: fajit.flash_attn_func(q, k, v, dropout_p=1.5)),
-            (NotImplementedError, "dropout",
-             lambda: fajit.flash_attn_func(q, k, v, dropout_p=0.1)),
-            (NotImplementedError, "sliding-window",
-             lambda: fajit.flash_attn_func(q, k, v, window_size=(4, 4))),
-            (NotImplementedError, "sliding-window",
-             lambda: fajit.flash_attn_func(q, k, v, causal=True, window_size=(4, -1))),
-            (NotImplementedError, "softcap",
-             lambda: fajit.flash_attn_func(q, k, v, softcap=30.0)),
-            (NotImplementedError, "alibi_slopes",
-             lambda: fajit.flash_attn_func(q, k, v, alibi_slopes=torch.ones(4))),
+            (ValueError, "softcap must be a finite number >= 0 (0: off), got -1.0",
+             lambda: fajit.flash_attn_func(q, k, v, softcap=-1.0)),
+            (ValueError, "softcap must be a finite number >= 0",
+             lambda: fajit.flash_attn_func(q, k, v, softcap=float("inf"))),
+            (TypeError, "alibi_slopes must be a torch.Tensor, got list",
+             lambda: fajit.flash_attn_func(q, k, v, alibi_slopes=[1.0] * 4)),
+            (TypeError, "alibi_slopes must be torch.float32, got torch.float16",
+             lambda: fajit.flash_attn_func(q, k, v, alibi_slopes=torch.ones(4).half())),
+            (ValueError, "alibi_slopes must have shape (nheads,) = (4,) or (batch, nheads) = "
+             "(2, 4), got (2,)",
+             lambda: fajit.flash_attn_func(q, k, v, alibi_slopes=torch.ones(2))),
+            (ValueError, "got (3, 4)",
+             lambda: fajit.flash_attn_func(q, k, v, alibi_slopes=torch.ones(3, 4))),
+            (ValueError, "alibi_slopes must have shape (nheads,) = (4,) or (batch, nheads) = "
+             "(2, 4), got (2, 3)",
+             lambda: fajit.flash_attn_qkvpacked_func(self.t(2, 16, 3, 4, 64),
+                                                     alibi_slopes=torch.ones(2, 3))),
             (TypeError, "window_size must be a pair",
              lambda: fajit.flash_attn_func(q, k, v, window_size=3)),
             (ValueError, "qkv must have shape (batch, seqlen, 3, nheads, headdim)",
@@ -335,12 +342,6 @@ class ArgumentTest(unittest.TestCase):
              lambda: fajit.flash_attn_kvpacked_func(q, self.t(2, 16, 3, 2, 64))),
             (ValueError, "nheads of q (4) must be a multiple of nheads of kv (3)",
              lambda: fajit.flash_attn_kvpacked_func(q, self.t(2, 16, 2, 3, 64))),
-            (NotImplementedError, "flash_attn_varlen_func",
-             lambda: fajit.flash_attn_varlen_func(q[0], k[0], v[0], None, None, 16, 16)),
-            (NotImplementedError, "flash_attn_varlen_qkvpacked_func",
-             lambda: fajit.flash_attn_varlen_qkvpacked_func(None, None, 16)),
-            (NotImplementedError, "flash_attn_varlen_kvpacked_func",
-             lambda: fajit.flash_attn_varlen_kvpacked_func(q[0], None, None, None, 16, 16)),
         ]
         for exc, text, call in cases:
             with self.subTest(expect=text):
@@ -349,13 +350,219 @@ class ArgumentTest(unittest.TestCase):
                 self.assertIn(text, str(cm.exception))
                 print("%s: %s" % (exc.__name__, cm.exception))
 
-    def test_windows_that_are_no_window(self):
+    def test_features_are_accepted(self):
+        # Valid feature arguments get through every check to the CUDA one.
+        q, k, v = self.t(2, 16, 4, 64), self.t(2, 16, 2, 64), self.t(2, 16, 2, 64)
+        calls = {
+            "dropout": lambda: fajit.flash_attn_func(q, k, v, dropout_p=0.1),
+            "window": lambda: fajit.flash_attn_func(q, k, v, window_size=(4, 4)),
+            "causal window": lambda: fajit.flash_attn_func(q, k, v, causal=True,
+                                                           window_size=(4, -1)),
+            "softcap": lambda: fajit.flash_attn_func(q, k, v, softcap=30.0),
+            "alibi (nheads,)": lambda: fajit.flash_attn_func(q, k, v, alibi_slopes=torch.ones(4)),
+            "alibi (batch, nheads)": lambda: fajit.flash_attn_func(
+                q, k, v, alibi_slopes=torch.ones(2, 4)),
+            "kvpacked all": lambda: fajit.flash_attn_kvpacked_func(
+                q, self.t(2, 16, 2, 2, 64), dropout_p=0.2, window_size=(3, 0), softcap=5.0,
+                alibi_slopes=torch.ones(4)),
+            "with grad, no_grad": lambda: self.no_grad(
+                lambda: fajit.flash_attn_func(q.clone().requires_grad_(), k, v, softcap=5.0)),
+            "with grad, causal only": lambda: fajit.flash_attn_func(
+                q.clone().requires_grad_(), k, v, window_size=(-1, 0)),
+        }
+        for name, call in calls.items():
+            with self.subTest(call=name):
+                with self.assertRaises(ValueError) as cm:
+                    call()
+                self.assertIn("must be on a CUDA device, got cpu", str(cm.exception))
+                print("%s: accepted, then %s" % (name, cm.exception))
+
+    def no_grad(self, call):
+        with torch.no_grad():
+            return call()
+
+    def test_backward_with_features_refused(self):
+        q, k, v = self.t(2, 16, 4, 64), self.t(2, 16, 2, 64), self.t(2, 16, 2, 64)
+        qg = q.clone().requires_grad_()
+        cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+        cases = [
+            ("sliding window (window_size=(4, 4))",
+             lambda: fajit.flash_attn_func(qg, k, v, window_size=(4, 4))),
+            ("sliding window", lambda: fajit.flash_attn_func(qg, k, v, causal=True,
+                                                             window_size=(4, -1))),
+            ("softcap", lambda: fajit.flash_attn_func(qg, k, v, softcap=30.0)),
+            ("ALiBi (alibi_slopes)",
+             lambda: fajit.flash_attn_func(q, k.clone().requires_grad_(), v,
+                                           alibi_slopes=torch.ones(4))),
+            ("dropout (dropout_p > 0)",
+             lambda: fajit.flash_attn_qkvpacked_func(self.t(2, 16, 3, 4, 64).requires_grad_(),
+                                                     dropout_p=0.1)),
+            ("softcap, dropout", lambda: fajit.flash_attn_kvpacked_func(
+                qg, self.t(2, 16, 2, 2, 64), softcap=3.0, dropout_p=0.5)),
+            ("varlen (cu_seqlens)",
+             lambda: fajit.flash_attn_varlen_func(qg[0], k[0], v[0], cu, cu, 11, 11)),
+            ("varlen (cu_seqlens)",
+             lambda: fajit.flash_attn_varlen_qkvpacked_func(
+                 self.t(16, 3, 4, 64).requires_grad_(), cu, 11)),
+            ("varlen (cu_seqlens)",
+             lambda: fajit.flash_attn_varlen_kvpacked_func(
+                 q[0], self.t(16, 2, 2, 64).requires_grad_(), cu, cu, 11, 11)),
+        ]
+        for text, call in cases:
+            with self.subTest(expect=text):
+                with self.assertRaises(NotImplementedError) as cm:
+                    call()
+                self.assertIn("fajit backward: " + text, str(cm.exception))
+                self.assertIn("not supported yet", str(cm.exception))
+                print("NotImplementedError: %s" % cm.exception)
+
+    def test_varlen_errors(self):
+        q, k, v = self.t(16, 4, 64), self.t(20, 2, 64), self.t(20, 2, 32)
+        cu_q = torch.tensor([0, 5, 16], dtype=torch.int32)
+        cu_k = torch.tensor([0, 12, 20], dtype=torch.int32)
+        f = fajit.flash_attn_varlen_func
+        cases = [
+            (ValueError, "q must have 3 dimensions",
+             lambda: f(q[None], k, v, cu_q, cu_k, 11, 12)),
+            (ValueError, "v has shape (19, 2, 32) but k has (20, 2, 64): total_k and nheads",
+             lambda: f(q, k, v[:19], cu_q, cu_k, 11, 12)),
+            (ValueError, "q has head dim 64 but k has 32",
+             lambda: f(q, v, v, cu_q, cu_k, 11, 12)),
+            (ValueError, "nheads of q (4) must be a multiple of nheads of k (3)",
+             lambda: f(q, self.t(20, 3, 64), self.t(20, 3, 64), cu_q, cu_k, 11, 12)),
+            (TypeError, "cu_seqlens_q must be a torch.Tensor, got list",
+             lambda: f(q, k, v, [0, 5, 16], cu_k, 11, 12)),
+            (TypeError, "cu_seqlens_k must be torch.int32, got torch.int64",
+             lambda: f(q, k, v, cu_q, cu_k.long(), 11, 12)),
+            (ValueError, "cu_seqlens_q must have shape (batch + 1,), got (1, 3)",
+             lambda: f(q, k, v, cu_q[None], cu_k, 11, 12)),
+            (ValueError, "cu_seqlens_q must have shape (batch + 1,), got (0,)",
+             lambda: f(q, k, v, cu_q[:0], cu_k, 11, 12)),
+            (ValueError, "cu_seqlens_q has 3 entries but cu_seqlens_k has 2",
+             lambda: f(q, k, v, cu_q, cu_k[:2], 11, 12)),
+            (TypeError, "max_seqlen_q must be an int, got float",
+             lambda: f(q, k, v, cu_q, cu_k, 11.0, 12)),
+            (ValueError, "max_seqlen_k must be >= 0, got -1",
+             lambda: f(q, k, v, cu_q, cu_k, 11, -1)),
+            (ValueError, "alibi_slopes must have shape (nheads,) = (4,) or (batch, nheads) = "
+             "(2, 4), got (3, 4)",
+             lambda: f(q, k, v, cu_q, cu_k, 11, 12, alibi_slopes=torch.ones(3, 4))),
+            (ValueError, "dropout_p must be in [0, 1)",
+             lambda: f(q, k, v, cu_q, cu_k, 11, 12, dropout_p=1.0)),
+            (NotImplementedError, "block_table (paged KV cache)",
+             lambda: f(q, k, v, cu_q, cu_k, 11, 12, block_table=cu_q)),
+            (ValueError, "q must be on a CUDA device, got cpu",
+             lambda: f(q, k, v, cu_q, cu_k, 11, 12, causal=True, window_size=(3, 3),
+                       softcap=2.0, alibi_slopes=torch.ones(2, 4), dropout_p=0.1)),
+            (ValueError, "qkv must have shape (total, 3, nheads, headdim), got (16, 2, 4, 64)",
+             lambda: fajit.flash_attn_varlen_qkvpacked_func(self.t(16, 2, 4, 64), cu_q, 11)),
+            (ValueError, "qkv must be on a CUDA device, got cpu",
+             lambda: fajit.flash_attn_varlen_qkvpacked_func(self.t(16, 3, 4, 64), cu_q, 11)),
+            (ValueError, "kv must have shape (total_k, 2, nheads_k, headdim), got (20, 3, 2, 64)",
+             lambda: fajit.flash_attn_varlen_kvpacked_func(q, self.t(20, 3, 2, 64), cu_q, cu_k,
+                                                           11, 12)),
+            (ValueError, "q must be on a CUDA device, got cpu",
+             lambda: fajit.flash_attn_varlen_kvpacked_func(q, self.t(20, 2, 2, 64), cu_q, cu_k,
+                                                           11, 12)),
+        ]
+        for exc, text, call in cases:
+            with self.subTest(expect=text):
+                with self.assertRaises(exc) as cm:
+                    call()
+                self.assertIn(text, str(cm.exception))
+                print("%s: %s" % (exc.__name__, cm.exception))
+
+    def test_alibi_strides(self):
         from fajit import interface
-        self.assertEqual(interface._mask_for(False, (-1, -1), 16), _lib.MASK_NONE)
-        self.assertEqual(interface._mask_for(False, (16, 99), 16), _lib.MASK_NONE)
-        self.assertEqual(interface._mask_for(False, (-1, 0), 16), _lib.MASK_CAUSAL)
-        self.assertEqual(interface._mask_for(True, (-1, -1), 16), _lib.MASK_CAUSAL)
-        self.assertEqual(interface._mask_for(True, (100, 5), 16), _lib.MASK_CAUSAL)
+        cpu = torch.device("cpu")
+        base = torch.rand(2, 4)
+        cases = [
+            ("(nheads,)", base[0], 1, 0),
+            ("(nheads,) strided", torch.rand(8)[::2], 1, 0),  # stride 2: copied
+            ("(batch, nheads)", base, 2, 4),
+            ("expanded", base[0].expand(2, 4), 2, 0),  # one row for every batch
+            ("transposed", base.t().contiguous().t(), 2, 4),  # heads not contiguous: copied
+            ("batch 1", base[:1], 1, 0),
+        ]
+        for name, slopes, ndim, stride in cases:
+            with self.subTest(case=name):
+                batch = 1 if name == "batch 1" else 2
+                got, bstride = interface._alibi(slopes, batch, 4, cpu)
+                self.assertEqual(bstride, stride)
+                self.assertEqual(got.dim(), ndim if name != "batch 1" else 1)
+                self.assertEqual(got.stride(-1), 1)
+                self.assertTrue(torch.equal(got.expand(batch, 4), slopes.expand(batch, 4)))
+                print("alibi %s: batch stride %d" % (name, bstride))
+
+    def test_dropout_seeds(self):
+        from fajit import interface
+        interface._import_torch()
+        try:
+            interface.dropout_generator = torch.Generator().manual_seed(3)
+            a, b = interface._dropout_seed(), interface._dropout_seed()
+            interface.dropout_generator = torch.Generator().manual_seed(3)
+            self.assertEqual(interface._dropout_seed(), a)
+            self.assertNotEqual(a, b)
+            self.assertTrue(0 <= a < 2 ** 63 and 0 <= b < 2 ** 63)
+        finally:
+            interface.dropout_generator = None
+        torch.manual_seed(11)
+        a = interface._dropout_seed()
+        torch.manual_seed(11)
+        self.assertEqual(interface._dropout_seed(), a)
+
+
+class FeatureMappingTest(unittest.TestCase):
+    """flash_attn's window_size and the feature fields, as the C struct gets them
+    (no torch, no library needed)."""
+
+    def test_window_mapping(self):
+        from fajit import interface
+        N, C = _lib.MASK_NONE, _lib.MASK_CAUSAL
+        cases = [  # (causal, window_size, seqlen_k) -> (mask, window_left, window_right)
+            ((False, (-1, -1), 16), (N, -1, -1)),
+            ((False, (16, 99), 16), (N, -1, -1)),  # sides past every key bound nothing
+            ((False, (-1, 0), 16), (C, -1, -1)),  # (-1, 0) is the causal mask
+            ((True, (-1, -1), 16), (C, -1, -1)),
+            ((True, (100, 5), 16), (C, -1, -1)),
+            ((True, (4, -1), 16), (C, 4, -1)),  # causal composes with a left window
+            ((True, (4, 7), 16), (C, 4, -1)),  # causal is a right window of 0
+            ((False, (4, 0), 16), (C, 4, -1)),
+            ((False, (4, 3), 16), (N, 4, 3)),
+            ((False, (-5, 3), 16), (N, -1, 3)),  # any negative side is unbounded
+            ((False, (0, 0), 16), (C, 0, -1)),  # the diagonal only
+            ((False, (15, 15), 16), (N, 15, 15)),
+        ]
+        for args, want in cases:
+            with self.subTest(args=args):
+                self.assertEqual(interface._mask_window(*args), want)
+        with self.assertRaises(TypeError) as cm:
+            interface._mask_window(False, (1, 2, 3), 16)
+        self.assertIn("window_size must be a pair", str(cm.exception))
+        print("window mapping: %d cases" % len(cases))
+
+    def test_fill(self):
+        from fajit import interface
+
+        class Slopes:  # stands for a CUDA tensor: only data_ptr is read
+            def data_ptr(self):
+                return 0x1000
+
+        f = interface._Features()
+        self.assertEqual(f.names(), [])
+        a = _lib.AttnArgs()
+        a.window_left = a.window_right = -1
+        f.fill(a)
+        self.assertEqual((a.window_left, a.window_right, a.softcap, a.alibi_slopes,
+                          a.alibi_batch_stride, a.dropout_p), (-1, -1, 0.0, None, 0, 0.0))
+        f.window_left, f.window_right, f.window_size = 8, 0, (8, 0)
+        f.softcap, f.alibi, f.alibi_batch_stride = 30.0, Slopes(), 4
+        f.fill(a)
+        self.assertEqual((a.window_left, a.window_right, a.softcap, a.alibi_slopes,
+                          a.alibi_batch_stride), (8, 0, 30.0, 0x1000, 4))
+        f.varlen = True
+        self.assertEqual(f.names(), ["sliding window (window_size=(8, 0))", "softcap",
+                                     "ALiBi (alibi_slopes)", "varlen (cu_seqlens)"])
 
 
 # ---------------------------------------------------------------- DLPack

@@ -3,8 +3,9 @@
 FlashAttention's rule: the reference is computed in fp32 from the same inputs;
 fajit's max error against it must be at most twice the max error of the same
 math attention computed in the input dtype, plus a small absolute slack.
-Outputs, LSE and (when the library has a working backward) gradients; every
-output buffer is NaN-poisoned before the launch.
+Outputs, LSE and (when the library has a working backward) gradients; the
+forward features (window, softcap, ALiBi, dropout, varlen) against the same
+math with them; every output buffer is NaN-poisoned before the launch.
 
 Skips cleanly without torch, CUDA or the library. Runs under pytest or unittest:
     FAJIT_LIBRARY=build/libfajit.so python3 -m pytest -q python/tests
@@ -29,14 +30,44 @@ SHAPES = ((2, 128, 128, 4, 4), (1, 113, 203, 4, 2), (2, 256, 97, 6, 1), (1, 1, 1
 SLACK = 1e-3
 
 
-def attention_ref(q, k, v, causal, scale, upcast):
+def visible(sq, sk, causal, window, device):
+    """(sq, sk) bool: query i sees key j (flash_attn: bottom-right diagonal
+    i + sk - sq, window (left, right) around it, -1 unbounded, causal = right 0)."""
+    left, right = window
+    if causal:
+        right = 0
+    i = torch.arange(sq, device=device).view(sq, 1)
+    j = torch.arange(sk, device=device).view(1, sk)
+    diag = i + (sk - sq)
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= diag - left
+    if right >= 0:
+        vis &= j <= diag + right
+    return vis
+
+
+def alibi_bias(slopes, b, hq, sq, sk, device):
+    """fajit.h's ALiBi bias, (b, hq, sq, sk) fp32: -slope * |i + sk - sq - j|."""
+    i = torch.arange(sq, device=device).view(sq, 1)
+    j = torch.arange(sk, device=device).view(1, sk)
+    dist = (i + (sk - sq) - j).abs().float()
+    return -slopes.float().expand(b, hq).reshape(b, hq, 1, 1) * dist
+
+
+def attention_ref(q, k, v, causal, scale, upcast, window=(-1, -1), softcap=0.0, alibi=None,
+                  keep=None, dropout_p=0.0):
     """Math attention with flash_attn's semantics; fp32 when upcast, else in the input dtype.
 
-    Returns (out, lse); fully masked rows give 0 and -inf, with clean (zero,
-    not NaN) gradients through them."""
+    softcap: scores -> softcap * tanh(scores / softcap) after the scale; alibi:
+    slopes (hq,) or (b, hq) fp32, bias added after the softcap (in fp32, as
+    flash_attn's test, so the input-dtype run keeps fp32 scores from there); keep: a
+    (b, hq, sq, sk) bool dropout pattern, kept probabilities scaled by
+    1 / (1 - dropout_p), LSE undropped. Returns (out, lse); fully masked rows
+    give 0 and -inf, with clean (zero, not NaN) gradients through them."""
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    hq, hkv = q.shape[2], k.shape[2]
+    b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
     k = k.repeat_interleave(hq // hkv, dim=2)
     v = v.repeat_interleave(hq // hkv, dim=2)
     if upcast:
@@ -44,17 +75,19 @@ def attention_ref(q, k, v, causal, scale, upcast):
     else:  # as flash_attn's test: scale q first, in the input dtype
         scores = torch.einsum("bqhd,bkhd->bhqk", q * scale, k)
     sq, sk = q.shape[1], k.shape[1]
-    empty = torch.zeros(sq, 1, dtype=torch.bool, device=q.device)
-    if causal:  # bottom-right aligned: row i sees keys j <= i + sk - sq
-        i = torch.arange(sq, device=q.device).view(sq, 1)
-        j = torch.arange(sk, device=q.device).view(1, sk)
-        masked = j > i + (sk - sq)
-        empty = masked.all(dim=-1, keepdim=True)
-        # Rows with no key keep finite scores (zeroed below), so no NaN anywhere.
-        scores = scores.masked_fill(masked & ~empty, float("-inf"))
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi is not None:  # as flash_attn's test: the fp32 bias promotes the scores
+        scores = scores + alibi_bias(alibi, b, hq, sq, sk, q.device)
+    masked = ~visible(sq, sk, causal, window, q.device)
+    empty = masked.all(dim=-1, keepdim=True)
+    # Rows with no key keep finite scores (zeroed below), so no NaN anywhere.
+    scores = scores.masked_fill(masked & ~empty, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
     p = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    if keep is not None:
+        p = p.masked_fill(~keep, 0.0) * (1.0 / (1.0 - dropout_p))
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
     return out, lse
 
 
@@ -277,6 +310,314 @@ class GpuTest(unittest.TestCase):
                            text=True, timeout=300)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("ok (1, 64, 2, 100)", r.stdout)
+
+    # ------------------------------------------------------------ features (forward only)
+
+    def compare(self, what, out, lse, q, k, v, scale, causal, **ref):
+        """out (and lse, if not None) against the fp32 reference, by FlashAttention's rule."""
+        ref_out, ref_lse = attention_ref(q, k, v, causal, scale, True, **ref)
+        pt_out, _ = attention_ref(q, k, v, causal, scale, False, **ref)
+        self.assertEqual(out.shape, ref_out.shape, what)
+        err, pt = self.check_close(what, out, ref_out, pt_out)
+        if lse is not None:
+            self.check_lse(lse, ref_lse)
+        print("%s: err %.2e (pt %.2e)" % (what, err, pt))
+
+    def test_window(self):
+        windows = ((16, 16), (32, 0), (0, 20), (-1, 8), (50, -1), (7, 3))
+        for shape in ((1, 113, 203, 4, 2), (2, 128, 128, 4, 4), (2, 256, 97, 6, 1)):
+            b, sq, sk, hq, hkv = shape
+            for window in windows:
+                for causal in (False, True):
+                    dtype = "float16" if causal else "bfloat16"
+                    with self.subTest(shape=shape, window=window, causal=causal):
+                        q = rand(b, sq, hq, 64, dtype=dtype)
+                        k, v = (rand(b, sk, hkv, 64, dtype=dtype) for _ in range(2))
+                        out, lse, _ = fajit.flash_attn_func(q, k, v, causal=causal,
+                                                            window_size=window,
+                                                            return_attn_probs=True)
+                        self.compare("window %s causal=%d %s %s" % (window, causal, shape, dtype),
+                                     out, lse, q, k, v, 0.125, causal, window=window)
+
+    def test_softcap(self):
+        for d in (64, 128, 72):
+            for causal in (False, True):
+                for cap in (5.0, 30.0):
+                    with self.subTest(d=d, causal=causal, softcap=cap):
+                        q = rand(1, 113, 4, d, dtype="float16") * 4  # scores reach the cap
+                        k, v = (rand(1, 203, 2, d, dtype="float16") for _ in range(2))
+                        out, lse, _ = fajit.flash_attn_func(q, k, v, causal=causal, softcap=cap,
+                                                            return_attn_probs=True)
+                        self.compare("softcap %g d=%d causal=%d" % (cap, d, causal), out, lse,
+                                     q, k, v, d ** -0.5, causal, softcap=cap)
+
+    def test_alibi(self):
+        b, sq, sk, hq, hkv = 2, 97, 150, 6, 2
+        per_head = torch.rand(hq, device="cuda") * 0.5 + 0.05
+        per_batch = torch.rand(b, hq, device="cuda") * 0.5 + 0.05
+        slopes_cases = (("(nheads,)", per_head), ("(batch, nheads)", per_batch),
+                        ("(batch, nheads) expanded", per_head.expand(b, hq)),
+                        ("(batch, nheads) transposed", per_batch.t().contiguous().t()))
+        for name, slopes in slopes_cases:
+            for causal in (False, True):
+                for d in (64, 100):
+                    with self.subTest(slopes=name, causal=causal, d=d):
+                        q = rand(b, sq, hq, d, dtype="bfloat16")
+                        k, v = (rand(b, sk, hkv, d, dtype="bfloat16") for _ in range(2))
+                        out, lse, _ = fajit.flash_attn_func(q, k, v, causal=causal,
+                                                            alibi_slopes=slopes,
+                                                            return_attn_probs=True)
+                        self.compare("alibi %s causal=%d d=%d" % (name, causal, d), out, lse,
+                                     q, k, v, d ** -0.5, causal, alibi=slopes)
+
+    def test_features_together_and_packed(self):
+        b, s, h = 2, 130, 4
+        slopes = torch.rand(b, h, device="cuda") * 0.3 + 0.05
+        feats = dict(window=(40, 20), softcap=15.0, alibi=slopes)
+        call = dict(window_size=(40, 20), softcap=15.0, alibi_slopes=slopes,
+                    return_attn_probs=True)
+        for d in (64, 100):
+            for causal in (False, True):
+                with self.subTest(fn="flash_attn_func", d=d, causal=causal):
+                    q, k, v = (rand(b, s, h, d, dtype="float16") * 2 for _ in range(3))
+                    out, lse, _ = fajit.flash_attn_func(q, k, v, causal=causal, **call)
+                    self.compare("all features d=%d causal=%d" % (d, causal), out, lse, q, k, v,
+                                 d ** -0.5, causal, **feats)
+                with self.subTest(fn="qkvpacked", d=d, causal=causal):
+                    qkv = rand(b, s, 3, h, d, dtype="bfloat16")
+                    out, lse, _ = fajit.flash_attn_qkvpacked_func(qkv, causal=causal, **call)
+                    q, k, v = qkv.unbind(2)
+                    self.compare("qkvpacked features d=%d causal=%d" % (d, causal), out, lse,
+                                 q, k, v, d ** -0.5, causal, **feats)
+                with self.subTest(fn="kvpacked", d=d, causal=causal):
+                    q = rand(b, 90, h, d, dtype="float16")
+                    kv = rand(b, s, 2, 2, d, dtype="float16")
+                    out, lse, _ = fajit.flash_attn_kvpacked_func(q, kv, causal=causal, **call)
+                    k, v = kv.unbind(2)
+                    self.compare("kvpacked features d=%d causal=%d" % (d, causal), out, lse,
+                                 q, k, v, d ** -0.5, causal, **feats)
+
+    def test_features_refuse_autograd(self):
+        q = rand(1, 64, 2, 64, dtype="float16", requires_grad=True)
+        k, v = (rand(1, 64, 2, 64, dtype="float16") for _ in range(2))
+        with self.assertRaises(NotImplementedError) as cm:
+            fajit.flash_attn_func(q, k, v, window_size=(8, 8))
+        self.assertIn("fajit backward: sliding window", str(cm.exception))
+        with torch.no_grad():
+            out = fajit.flash_attn_func(q, k, v, window_size=(8, 8))
+        self.assertFalse(out.requires_grad)
+        out = fajit.flash_attn_func(q.detach(), k, v, softcap=10.0)
+        self.assertFalse(torch.isnan(out).any().item())
+
+    # ------------------------------------------------------------ dropout
+
+    def with_seed(self, seed, call):
+        """call() with dropout seeds drawn from a generator seeded with seed."""
+        from fajit import interface
+        interface.dropout_generator = torch.Generator().manual_seed(seed)
+        try:
+            return call()
+        finally:
+            interface.dropout_generator = None
+
+    def dropout_pattern(self, seed, p, b, sq, sk, hq, hkv):
+        """The (b, hq, sq, sk) keep pattern of a call with these shapes and seed.
+
+        Read out of the output: q = 0 makes every probability 1 / sk, and v[j]
+        = e_j (one-hot over dv = sk) puts key j's dropped-or-scaled probability
+        in output column j. The pattern depends on (seed, offset, batch, head,
+        row, key) only, not on the data or head dims."""
+        q = torch.zeros(b, sq, hq, 64, device="cuda", dtype=torch.float16)
+        k = rand(b, sk, hkv, 64, dtype="float16")
+        v = torch.eye(sk, device="cuda", dtype=torch.float16).view(1, sk, 1, sk)
+        v = v.expand(b, sk, hkv, sk).contiguous()
+        out = self.with_seed(seed, lambda: fajit.flash_attn_func(q, k, v, dropout_p=p))
+        out = out.float().permute(0, 2, 1, 3)  # (b, hq, sq, sk)
+        keep = out > 0
+        self.assertTrue(torch.equal(out == 0, ~keep), "negative output in the pattern run")
+        kept_value = 1.0 / ((1.0 - p) * sk)
+        err = (out[keep] - kept_value).abs().max().item() if keep.any() else 0.0
+        self.assertLessEqual(err, 1e-2 * kept_value, "kept probabilities are not "
+                             "1 / ((1 - p) sk) = %g: max error %g" % (kept_value, err))
+        frac = keep.float().mean().item()
+        self.assertLess(abs(frac - (1.0 - p)), 0.02, "kept fraction %.4f for p=%g" % (frac, p))
+        return keep, frac
+
+    def test_dropout_against_its_pattern(self):
+        p, seed = 0.17, 1234
+        for shape in ((2, 128, 96, 4, 2), (1, 75, 96, 2, 2)):
+            b, sq, sk, hq, hkv = shape
+            keep, frac = self.dropout_pattern(seed, p, *shape)
+            print("dropout p=%g %s: kept %.4f" % (p, shape, frac))
+            for causal in (False, True):
+                for dtype in DTYPES:
+                    with self.subTest(shape=shape, causal=causal, dtype=dtype):
+                        q = rand(b, sq, hq, 64, dtype=dtype)
+                        k, v = (rand(b, sk, hkv, 64, dtype=dtype) for _ in range(2))
+                        out, lse, s_dmask = self.with_seed(
+                            seed, lambda: fajit.flash_attn_func(q, k, v, dropout_p=p,
+                                                                causal=causal,
+                                                                return_attn_probs=True))
+                        self.assertIsNone(s_dmask)
+                        self.compare("dropout %s causal=%d %s" % (shape, causal, dtype), out,
+                                     lse, q, k, v, 0.125, causal, keep=keep, dropout_p=p)
+
+    def test_dropout_seeds(self):
+        q, k, v = (rand(2, 100, 4, 64, dtype="bfloat16") for _ in range(3))
+        plain = fajit.flash_attn_func(q, k, v, causal=True)
+        self.assertTrue(torch.equal(fajit.flash_attn_func(q, k, v, dropout_p=0.0, causal=True),
+                                    plain), "dropout_p=0.0 differs from no dropout")
+        one = self.with_seed(5, lambda: fajit.flash_attn_func(q, k, v, dropout_p=0.3))
+        again = self.with_seed(5, lambda: fajit.flash_attn_func(q, k, v, dropout_p=0.3))
+        self.assertTrue(torch.equal(one, again), "the same seed gave different outputs")
+        other = self.with_seed(6, lambda: fajit.flash_attn_func(q, k, v, dropout_p=0.3))
+        self.assertFalse(torch.equal(one, other), "different seeds gave the same output")
+        # The default: torch's CPU generator, so torch.manual_seed replays.
+        torch.manual_seed(77)
+        a = fajit.flash_attn_func(q, k, v, dropout_p=0.3)
+        b = fajit.flash_attn_func(q, k, v, dropout_p=0.3)
+        torch.manual_seed(77)
+        a2 = fajit.flash_attn_func(q, k, v, dropout_p=0.3)
+        self.assertTrue(torch.equal(a, a2), "torch.manual_seed does not replay dropout")
+        self.assertFalse(torch.equal(a, b), "successive calls drew the same dropout pattern")
+        for t in (one, other, a, b):
+            self.assertTrue(torch.isfinite(t).all().item())
+            self.assertEqual(tuple(t.shape), (2, 100, 4, 64))
+        # Packed and varlen take it too (shape and finiteness only here).
+        qkv = rand(2, 100, 3, 4, 64, dtype="float16")
+        out = fajit.flash_attn_qkvpacked_func(qkv, dropout_p=0.2)
+        self.assertTrue(torch.isfinite(out).all().item())
+        cu = torch.tensor([0, 37, 100], device="cuda", dtype=torch.int32)
+        out = self.with_seed(9, lambda: fajit.flash_attn_varlen_qkvpacked_func(
+            qkv[0], cu, 63, dropout_p=0.2))
+        again = self.with_seed(9, lambda: fajit.flash_attn_varlen_qkvpacked_func(
+            qkv[0], cu, 63, dropout_p=0.2))
+        self.assertEqual(tuple(out.shape), (100, 4, 64))
+        self.assertTrue(torch.isfinite(out).all().item())
+        self.assertTrue(torch.equal(out, again))
+
+    # ------------------------------------------------------------ varlen
+
+    LENS_Q = (0, 1, 17, 113, 64, 3)
+    LENS_K = (5, 0, 1, 150, 64, 200)
+
+    def varlen_ref(self, q, k, v, lens_q, lens_k, causal, scale, upcast, alibi=None, keep=None,
+                   **ref):
+        """Each sequence run densely through attention_ref: (out, lse (hq, total_q)).
+
+        keep: a dense (batch, hq, max_q, max_k) dropout pattern; sequence b
+        takes keep[b, :, :len_q, :len_k] (varlen's stream uses the row and
+        column within the sequence)."""
+        outs, lses = [], []
+        cq = ck = 0
+        for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+            qs = q[cq:cq + lq].unsqueeze(0)
+            ks, vs = k[ck:ck + lk].unsqueeze(0), v[ck:ck + lk].unsqueeze(0)
+            slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
+            if lk == 0:  # no key: output 0, LSE -inf
+                o = torch.zeros(1, lq, q.shape[1], v.shape[2], device=q.device,
+                                dtype=torch.float32 if upcast else q.dtype)
+                l_ = torch.full((1, q.shape[1], lq), float("-inf"), device=q.device)
+            else:
+                kb = None if keep is None else keep[b:b + 1, :, :lq, :lk]
+                o, l_ = attention_ref(qs, ks, vs, causal, scale, upcast, alibi=slopes, keep=kb,
+                                      **ref)
+            outs.append(o[0])
+            lses.append(l_[0])
+            cq, ck = cq + lq, ck + lk
+        return torch.cat(outs, 0), torch.cat(lses, 1)
+
+    def check_varlen(self, what, out, lse, q, k, v, lens_q, lens_k, causal, scale, **ref):
+        ref_out, ref_lse = self.varlen_ref(q, k, v, lens_q, lens_k, causal, scale, True, **ref)
+        pt_out, _ = self.varlen_ref(q, k, v, lens_q, lens_k, causal, scale, False, **ref)
+        self.assertEqual(out.shape, ref_out.shape, what)
+        self.assertEqual(tuple(lse.shape), (q.shape[1], q.shape[0]), what)
+        err, pt = self.check_close(what, out, ref_out, pt_out)
+        self.check_lse(lse, ref_lse)
+        print("%s: err %.2e (pt %.2e)" % (what, err, pt))
+
+    @staticmethod
+    def cu(lens):
+        c = [0]
+        for n in lens:
+            c.append(c[-1] + n)
+        return torch.tensor(c, device="cuda", dtype=torch.int32)
+
+    def test_varlen(self):
+        lq, lk = self.LENS_Q, self.LENS_K
+        cu_q, cu_k = self.cu(lq), self.cu(lk)
+        hq, hkv = 6, 2
+        slopes = torch.rand(len(lq), hq, device="cuda") * 0.3 + 0.05
+        cases = (("plain", {}, {}),
+                 ("window+softcap+alibi",
+                  dict(window_size=(30, 10), softcap=20.0, alibi_slopes=slopes),
+                  dict(window=(30, 10), softcap=20.0, alibi=slopes)))
+        for d, dtype in ((64, "float16"), (59, "bfloat16"), (128, "bfloat16")):
+            for causal in (False, True):
+                for name, call, ref in cases:
+                    with self.subTest(d=d, dtype=dtype, causal=causal, case=name):
+                        q = rand(sum(lq), hq, d, dtype=dtype)
+                        k, v = (rand(sum(lk), hkv, d, dtype=dtype) for _ in range(2))
+                        out, lse, _ = fajit.flash_attn_varlen_func(
+                            q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal,
+                            return_attn_probs=True, **call)
+                        self.check_varlen("varlen %s d=%d %s causal=%d" % (name, d, dtype, causal),
+                                          out, lse, q, k, v, lq, lk, causal, d ** -0.5, **ref)
+
+    def test_varlen_dropout_against_its_pattern(self):
+        lq, lk = self.LENS_Q, self.LENS_K
+        hq, hkv, p, seed = 4, 2, 0.17, 4321
+        # The dense pattern of batch len(lq), (max_q, max_k): varlen's sequence b
+        # draws the same (b, h, i, j) elements.
+        keep, _ = self.dropout_pattern(seed, p, len(lq), max(lq), max(lk), hq, hkv)
+        for causal in (False, True):
+            with self.subTest(causal=causal):
+                q = rand(sum(lq), hq, 64, dtype="float16")
+                k, v = (rand(sum(lk), hkv, 64, dtype="float16") for _ in range(2))
+                out, lse, _ = self.with_seed(seed, lambda: fajit.flash_attn_varlen_func(
+                    q, k, v, self.cu(lq), self.cu(lk), max(lq), max(lk), dropout_p=p,
+                    causal=causal, return_attn_probs=True))
+                self.check_varlen("varlen dropout causal=%d" % causal, out, lse, q, k, v, lq, lk,
+                                  causal, 0.125, keep=keep, dropout_p=p)
+
+    def test_varlen_packed(self):
+        lens = (3, 0, 77, 128, 1)
+        cu = self.cu(lens)
+        for causal in (False, True):
+            with self.subTest(fn="varlen_qkvpacked", causal=causal):
+                qkv = rand(sum(lens), 3, 4, 64, dtype="float16")
+                out, lse, _ = fajit.flash_attn_varlen_qkvpacked_func(
+                    qkv, cu, max(lens), causal=causal, return_attn_probs=True)
+                q, k, v = qkv.unbind(1)
+                self.check_varlen("varlen qkvpacked causal=%d" % causal, out, lse, q, k, v,
+                                  lens, lens, causal, 0.125)
+            with self.subTest(fn="varlen_kvpacked", causal=causal):
+                lq, lk = self.LENS_Q, self.LENS_K
+                q = rand(sum(lq), 4, 64, dtype="bfloat16")
+                kv = rand(sum(lk), 2, 2, 64, dtype="bfloat16")
+                out, lse, _ = fajit.flash_attn_varlen_kvpacked_func(
+                    q, kv, self.cu(lq), self.cu(lk), max(lq), max(lk), causal=causal,
+                    return_attn_probs=True)
+                k, v = kv.unbind(1)
+                self.check_varlen("varlen kvpacked causal=%d" % causal, out, lse, q, k, v,
+                                  lq, lk, causal, 0.125)
+
+    def test_varlen_strided_and_defaults(self):
+        # q, k, v as head-major views (seq stride != nheads * d), and no LSE asked.
+        lens = (40, 9, 70)
+        cu = self.cu(lens)
+        q = rand(4, sum(lens), 64, dtype="float16").transpose(0, 1)
+        k = rand(2, sum(lens), 64, dtype="float16").transpose(0, 1)
+        v = rand(2, sum(lens), 64, dtype="float16").transpose(0, 1)
+        out = fajit.flash_attn_varlen_func(q, k, v, cu, cu, 70, 70, causal=True)
+        self.assertIsInstance(out, torch.Tensor)
+        ref, _ = self.varlen_ref(q, k, v, lens, lens, True, 0.125, True)
+        pt, _ = self.varlen_ref(q, k, v, lens, lens, True, 0.125, False)
+        self.check_close("varlen strided", out, ref, pt)
+        qg = q.detach().requires_grad_(True)
+        with self.assertRaises(NotImplementedError) as cm:
+            fajit.flash_attn_varlen_func(qg, k, v, cu, cu, 70, 70)
+        self.assertIn("fajit backward: varlen", str(cm.exception))
 
     # ------------------------------------------------------------ DLPack
 
