@@ -13,31 +13,130 @@ int fajit__check_range(const char *name, int64_t v, int64_t lo, int64_t hi)
     return 0;
 }
 
-/* All zero means contiguous; otherwise each must be >= 0, and the offsets
- * within one batch must not overflow int64 (the batch offset is the caller's
- * to check, since it needs the batch count). */
-int fajit__resolve_strides(const char *name, const int64_t in[3], int64_t seqlen, int64_t heads,
-                           int64_t dim, int64_t out[3])
+/* Every tensor is fp16 or bf16. */
+#define ELEM_BYTES 2
+
+/* All zero: contiguous (seqlen, heads, dim). */
+static int contiguous_strides(const fajit__tensor *t, int64_t out[3])
 {
-    if (in[0] == 0 && in[1] == 0 && in[2] == 0) {
-        out[2] = dim;
-        out[1] = heads * dim;
-        out[0] = seqlen * heads * dim;
-        return 0;
+    int64_t row, batch;
+    if (__builtin_mul_overflow(t->heads, t->dim, &row) ||
+        __builtin_mul_overflow(t->seqlen, row, &batch))
+        return fajit__fail(FAJIT_EINVAL, "%s: %s=%lld x %s=%lld x %s=%lld elements overflow int64",
+                           t->name, t->seqlen_name, (long long)t->seqlen, t->heads_name,
+                           (long long)t->heads, t->dim_name, (long long)t->dim);
+    out[0] = batch;
+    out[1] = row;
+    out[2] = t->dim;
+    return 0;
+}
+
+static int overflow_fail(const fajit__tensor *t, const int64_t st[3], int i, int given)
+{
+    const char *extent_name[3] = {"batch", t->seqlen_name, t->heads_name};
+    const int64_t extent[3] = {t->batch, t->seqlen, t->heads};
+    if (!given)
+        return fajit__fail(FAJIT_EINVAL,
+                           "%s: batch=%lld x %s=%lld x %s=%lld x %s=%lld elements: its byte "
+                           "offsets overflow int64",
+                           t->name, (long long)t->batch, t->seqlen_name, (long long)t->seqlen,
+                           t->heads_name, (long long)t->heads, t->dim_name, (long long)t->dim);
+    return fajit__fail(FAJIT_EINVAL,
+                       "%s_stride[%d]=%lld: with %s=%lld the byte offsets of %s overflow int64",
+                       t->name, i, (long long)st[i], extent_name[i], (long long)extent[i],
+                       t->name);
+}
+
+/* One past the largest byte offset must fit int64 (the kernels index with
+ * it), and the tensor must not run past the end of the address space: such
+ * strides would read or write out of bounds whatever the allocation. */
+static int check_span(const fajit__tensor *t, const int64_t st[3], int given)
+{
+    const int64_t extent[3] = {t->batch, t->seqlen, t->heads};
+    int64_t end = t->dim, span;
+    for (int i = 2; i >= 0; i--)
+        if (__builtin_mul_overflow(extent[i] - 1, st[i], &span) ||
+            __builtin_add_overflow(end, span, &end) || end > INT64_MAX / ELEM_BYTES)
+            return overflow_fail(t, st, i, given);
+    if ((uintptr_t)t->ptr > UINTPTR_MAX - (uint64_t)end * ELEM_BYTES)
+        return fajit__fail(FAJIT_EINVAL, "%s=%p: its %lld bytes run past the end of the address space",
+                           t->name, t->ptr, (long long)end * ELEM_BYTES);
+    return 0;
+}
+
+/* Distinct elements of an output need distinct addresses, or threads race on
+ * them. The usual sufficient rule: the dims of extent > 1 sorted by stride,
+ * each stride at least the previous dim's stride times its extent, starting
+ * from the contiguous last dim (stride 1, extent dim). */
+static int check_no_overlap(const fajit__tensor *t, const int64_t st[3])
+{
+    static const char *const what[3] = {"batches", "rows", "heads"};
+    const char *extent_name[3] = {"batch", t->seqlen_name, t->heads_name};
+    const int64_t extent[3] = {t->batch, t->seqlen, t->heads};
+    int order[3], n = 0;
+    int64_t need = t->dim;
+
+    for (int i = 2; i >= 0; i--) /* innermost first, so ties keep the layout's order */
+        if (extent[i] > 1)
+            order[n++] = i;
+    for (int k = 1; k < n; k++) /* insertion sort by stride, stable */
+        for (int j = k; j > 0 && st[order[j]] < st[order[j - 1]]; j--) {
+            int swap = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = swap;
+        }
+    for (int k = 0; k < n; k++) {
+        const int i = order[k];
+        if (st[i] < need) {
+            if (k == 0)
+                return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: %s of %s overlap (need >= %s=%lld)",
+                                   t->name, i, (long long)st[i], what[i], t->name, t->dim_name,
+                                   (long long)t->dim);
+            const int p = order[k - 1];
+            return fajit__fail(FAJIT_EINVAL,
+                               "%s_stride[%d]=%lld: %s of %s overlap (need >= %s=%lld x "
+                               "%s_stride[%d]=%lld)",
+                               t->name, i, (long long)st[i], what[i], t->name, extent_name[p],
+                               (long long)extent[p], t->name, p, (long long)st[p]);
+        }
+        if (__builtin_mul_overflow(st[i], extent[i], &need))
+            need = INT64_MAX;
     }
-    int64_t extent[3] = {0, seqlen, heads}, last = dim;
-    for (int i = 0; i < 3; i++) {
-        int64_t span;
+    return 0;
+}
+
+int fajit__tensor_strides(const fajit__tensor *t, int64_t out[3])
+{
+    const int64_t *in = t->stride;
+    const int given = in[0] != 0 || in[1] != 0 || in[2] != 0;
+    int rc;
+    if (!given && (rc = contiguous_strides(t, out)) != 0)
+        return rc;
+    for (int i = 0; given && i < 3; i++) {
         if (in[i] < 0)
-            return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: must be >= 0", name, i,
+            return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: must be >= 0", t->name, i,
                                (long long)in[i]);
         out[i] = in[i];
-        if (i > 0 && extent[i] > 0 &&
-            (__builtin_mul_overflow(extent[i] - 1, in[i], &span) ||
-             __builtin_add_overflow(last, span, &last)))
-            return fajit__fail(FAJIT_EINVAL, "%s_stride[%d]=%lld: offsets overflow int64", name,
-                               i, (long long)in[i]);
     }
+    if (t->batch == 0 || t->seqlen == 0)
+        return 0; /* no elements: nothing is addressed */
+    if ((rc = check_span(t, out, given)) != 0)
+        return rc;
+    return given && t->written ? check_no_overlap(t, out) : 0;
+}
+
+int fajit__check_lse(const float *lse, int64_t batch, int64_t heads, int64_t seqlen)
+{
+    int64_t n;
+    if (__builtin_mul_overflow(batch, heads, &n) || __builtin_mul_overflow(n, seqlen, &n) ||
+        n > INT64_MAX / (int64_t)sizeof *lse)
+        return fajit__fail(FAJIT_EINVAL,
+                           "lse: batch=%lld x nheads_q=%lld x seqlen_q=%lld floats: its byte "
+                           "offsets overflow int64",
+                           (long long)batch, (long long)heads, (long long)seqlen);
+    if ((uintptr_t)lse > UINTPTR_MAX - (uint64_t)n * sizeof *lse)
+        return fajit__fail(FAJIT_EINVAL, "lse=%p: its %lld bytes run past the end of the address space",
+                           (const void *)lse, (long long)(n * (int64_t)sizeof *lse));
     return 0;
 }
 

@@ -113,24 +113,35 @@ static int check_features(const fajit_attn_args *a)
     return 0;
 }
 
-static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
+/* Under varlen the batch strides are ignored (sequence b starts at row
+ * cu_seqlens[b]), so a tensor's extent is one sequence of the max length. */
+static int fill_strides(const fajit_attn_args *a, struct fajit_fwd_params *p)
 {
-    int64_t span;
+    const int64_t b = a->cu_seqlens_q ? 1 : a->batch, sq = a->seqlen_q, sk = a->seqlen_k;
+    const fajit__tensor t[4] = {
+        {"q", a->q, a->q_stride, b, sq, a->nheads_q, a->dqk, "seqlen_q", "nheads_q", "dqk", 0},
+        {"k", a->k, a->k_stride, b, sk, a->nheads_kv, a->dqk, "seqlen_k", "nheads_kv", "dqk", 0},
+        {"v", a->v, a->v_stride, b, sk, a->nheads_kv, a->dv, "seqlen_k", "nheads_kv", "dv", 0},
+        {"o", a->o, a->o_stride, b, sq, a->nheads_q, a->dv, "seqlen_q", "nheads_q", "dv", 1},
+    };
+    int64_t *out[4] = {p->q_stride, p->k_stride, p->v_stride, p->o_stride};
     int rc;
-    memset(p, 0, sizeof *p);
-    if ((rc = fajit__resolve_strides("q", a->q_stride, a->seqlen_q, a->nheads_q, a->dqk, p->q_stride)) ||
-        (rc = fajit__resolve_strides("k", a->k_stride, a->seqlen_k, a->nheads_kv, a->dqk, p->k_stride)) ||
-        (rc = fajit__resolve_strides("v", a->v_stride, a->seqlen_k, a->nheads_kv, a->dv, p->v_stride)) ||
-        (rc = fajit__resolve_strides("o", a->o_stride, a->seqlen_q, a->nheads_q, a->dv, p->o_stride)))
+    for (int i = 0; i < 4; i++)
+        if ((rc = fajit__tensor_strides(&t[i], out[i])) != 0)
+            return rc;
+    if (a->lse && (rc = fajit__check_lse(a->lse, a->batch, a->nheads_q, a->seqlen_q)) != 0)
         return rc;
     if (a->cu_seqlens_q) /* packed: sequence b starts at row cu_seqlens[b] */
         p->q_stride[0] = p->k_stride[0] = p->v_stride[0] = p->o_stride[0] = 0;
-    if (a->batch > 0 && (__builtin_mul_overflow(a->batch - 1, p->q_stride[0], &span) ||
-                         __builtin_mul_overflow(a->batch - 1, p->k_stride[0], &span) ||
-                         __builtin_mul_overflow(a->batch - 1, p->v_stride[0], &span) ||
-                         __builtin_mul_overflow(a->batch - 1, p->o_stride[0], &span)))
-        return fajit__fail(FAJIT_EINVAL, "batch=%lld: batch strides overflow int64",
-                           (long long)a->batch);
+    return 0;
+}
+
+static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
+{
+    int rc;
+    memset(p, 0, sizeof *p);
+    if ((rc = fill_strides(a, p)) != 0)
+        return rc;
     p->q = a->q;
     p->k = a->k;
     p->v = a->v;

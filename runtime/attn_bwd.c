@@ -87,36 +87,28 @@ static int check_pointers(const fajit_attn_bwd_args *a)
     return 0;
 }
 
-/* Resolves one tensor's strides and checks that its last batch's offset fits
- * int64 too. */
-static int tensor_strides(const char *name, const int64_t in[3], int64_t batch, int64_t seqlen,
-                          int64_t heads, int64_t dim, int64_t out[3])
-{
-    int64_t span;
-    int rc = fajit__resolve_strides(name, in, seqlen, heads, dim, out);
-    if (rc != 0)
-        return rc;
-    if (batch > 0 && __builtin_mul_overflow(batch - 1, out[0], &span))
-        return fajit__fail(FAJIT_EINVAL, "%s_stride[0]=%lld: batch=%lld offsets overflow int64",
-                           name, (long long)out[0], (long long)batch);
-    return 0;
-}
-
 static int fill_strides(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p)
 {
     const int64_t b = a->batch, sq = a->seqlen_q, sk = a->seqlen_k, hq = a->nheads_q,
                   hkv = a->nheads_kv, dqk = a->dqk, dv = a->dv;
+    const fajit__tensor t[8] = {
+        {"q", a->q, a->q_stride, b, sq, hq, dqk, "seqlen_q", "nheads_q", "dqk", 0},
+        {"k", a->k, a->k_stride, b, sk, hkv, dqk, "seqlen_k", "nheads_kv", "dqk", 0},
+        {"v", a->v, a->v_stride, b, sk, hkv, dv, "seqlen_k", "nheads_kv", "dv", 0},
+        {"o", a->o, a->o_stride, b, sq, hq, dv, "seqlen_q", "nheads_q", "dv", 0},
+        {"grad_out", a->grad_out, a->grad_out_stride, b, sq, hq, dv, "seqlen_q", "nheads_q", "dv", 0},
+        {"grad_q", a->grad_q, a->grad_q_stride, b, sq, hq, dqk, "seqlen_q", "nheads_q", "dqk", 1},
+        {"grad_k", a->grad_k, a->grad_k_stride, b, sk, hkv, dqk, "seqlen_k", "nheads_kv", "dqk", 1},
+        {"grad_v", a->grad_v, a->grad_v_stride, b, sk, hkv, dv, "seqlen_k", "nheads_kv", "dv", 1},
+    };
+    int64_t *out[8] = {p->q_stride,        p->k_stride,       p->v_stride,
+                       p->o_stride,        p->grad_out_stride, p->grad_q_stride,
+                       p->grad_k_stride,   p->grad_v_stride};
     int rc;
-    if ((rc = tensor_strides("q", a->q_stride, b, sq, hq, dqk, p->q_stride)) ||
-        (rc = tensor_strides("k", a->k_stride, b, sk, hkv, dqk, p->k_stride)) ||
-        (rc = tensor_strides("v", a->v_stride, b, sk, hkv, dv, p->v_stride)) ||
-        (rc = tensor_strides("o", a->o_stride, b, sq, hq, dv, p->o_stride)) ||
-        (rc = tensor_strides("grad_out", a->grad_out_stride, b, sq, hq, dv, p->grad_out_stride)) ||
-        (rc = tensor_strides("grad_q", a->grad_q_stride, b, sq, hq, dqk, p->grad_q_stride)) ||
-        (rc = tensor_strides("grad_k", a->grad_k_stride, b, sk, hkv, dqk, p->grad_k_stride)) ||
-        (rc = tensor_strides("grad_v", a->grad_v_stride, b, sk, hkv, dv, p->grad_v_stride)))
-        return rc;
-    return 0;
+    for (int i = 0; i < 8; i++)
+        if ((rc = fajit__tensor_strides(&t[i], out[i])) != 0)
+            return rc;
+    return fajit__check_lse(a->lse, b, hq, sq);
 }
 
 static int fill_params(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p)

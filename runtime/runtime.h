@@ -124,11 +124,27 @@ int fajit__enter_cuda(fajit_ctx *ctx, const fajit__driver *drv, CUcontext *cu, i
 /* FAJIT_EINVAL "name=v: must be in lo..hi" unless lo <= v <= hi. */
 int fajit__check_range(const char *name, int64_t v, int64_t lo, int64_t hi);
 
-/* A tensor's {batch, seq, head} strides in elements: in[] all zero means
- * contiguous (seqlen, heads, dim); otherwise each must be >= 0 and the offsets
- * within one batch must fit int64. The error names "<name>_stride[i]". */
-int fajit__resolve_strides(const char *name, const int64_t in[3], int64_t seqlen, int64_t heads,
-                           int64_t dim, int64_t out[3]);
+/* One (batch, seqlen, heads, dim) fp16/bf16 tensor of a launch, as its
+ * checks see it. The names are the arguments' ("q", "seqlen_q", "nheads_q",
+ * "dqk"), so errors name what the caller set. */
+typedef struct fajit__tensor {
+    const char *name;
+    const void *ptr;
+    const int64_t *stride; /* {batch, seq, head} as passed; all 0: contiguous */
+    int64_t batch, seqlen, heads, dim;
+    const char *seqlen_name, *heads_name, *dim_name;
+    int written; /* an output: distinct elements must have distinct addresses */
+} fajit__tensor;
+
+/* The tensor's strides in elements (all zero in: contiguous), checked: each
+ * >= 0; one past its largest byte offset fits int64 and does not run past the
+ * end of the address space; an output's elements do not overlap. Errors name
+ * "<name>_stride[i]" (or the sizes, for contiguous strides). */
+int fajit__tensor_strides(const fajit__tensor *t, int64_t out[3]);
+
+/* An LSE of batch * heads * seqlen floats: its byte size fits int64 and it
+ * does not run past the end of the address space. */
+int fajit__check_lse(const float *lse, int64_t batch, int64_t heads, int64_t seqlen);
 
 /* FAJIT_EINVAL naming the pointer if it is NULL while required, or misaligned. */
 int fajit__check_pointer(const char *name, const void *p, size_t align, int required);

@@ -40,3 +40,10 @@ fajit_add_test(test_bwd_gpu
   SOURCES gpu/test_bwd_gpu.c gpu/bwd_check.c
   LIBS fajit fajit_attn_check CUDA::cudart
   LABELS gpu)
+
+# 64-bit index math: the forward on tensors whose offsets pass 2^31 (about
+# 5 GiB of GPU memory; skips with less free).
+fajit_add_test(test_large_gpu
+  SOURCES gpu/test_large_gpu.c
+  LIBS fajit fajit_attn_check CUDA::cudart
+  LABELS gpu)

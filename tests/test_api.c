@@ -229,6 +229,62 @@ static void bad_scale(fajit_attn_args *a) { a->softmax_scale = 1.0f / 0.0f; }
 static void bad_size(fajit_attn_args *a) { a->struct_size = 100000; }
 static void bad_batch(fajit_attn_args *a) { a->batch = -1; }
 static void bad_overflow(fajit_attn_args *a) { a->q_stride[0] = 1, a->q_stride[1] = INT64_MAX / 4; }
+static void huge_sq(fajit_attn_args *a) { a->seqlen_q = (int64_t)INT32_MAX + 1; }
+static void neg_sk(fajit_attn_args *a) { a->seqlen_k = -1; }
+static void zero_heads(fajit_attn_args *a) { a->nheads_q = 0; }
+static void huge_batch(fajit_attn_args *a) { a->batch = 70000; }
+static void zero_dqk(fajit_attn_args *a) { a->dqk = 0; }
+static void null_k(fajit_attn_args *a) { a->k = NULL; }
+static void null_o(fajit_attn_args *a) { a->o = NULL; }
+static void odd_k(fajit_attn_args *a) { a->k = (const char *)a->k + 1; }
+static void odd_lse(fajit_attn_args *a) { a->lse = (float *)((char *)a->o + 2); }
+/* o's rows closer than a row of dv elements, heads on top of each other... */
+static void o_rows_short(fajit_attn_args *a) { a->o_stride[0] = 100000, a->o_stride[1] = 64, a->o_stride[2] = 72; }
+static void o_rows_overlap(fajit_attn_args *a) { a->o_stride[0] = 100000, a->o_stride[1] = 200, a->o_stride[2] = 72; }
+static void o_heads_zero(fajit_attn_args *a) { a->o_stride[0] = 17 * 576, a->o_stride[1] = 576, a->o_stride[2] = 0; }
+static void o_batches_overlap(fajit_attn_args *a) { a->o_stride[0] = 100, a->o_stride[1] = 576, a->o_stride[2] = 72; }
+/* ...largest offsets past int64 (explicit strides, and the sizes' product for
+ * contiguous ones), or past the end of the address space. */
+static void o_batch_overflow(fajit_attn_args *a) { a->o_stride[0] = INT64_MAX / 2, a->o_stride[1] = 576, a->o_stride[2] = 72; }
+static void v_row_overflow(fajit_attn_args *a) { a->v_stride[1] = INT64_MAX / 16, a->v_stride[2] = 72; }
+static void q_product_overflow(fajit_attn_args *a)
+{
+    a->batch = 65535, a->seqlen_q = INT32_MAX, a->nheads_q = 65535, a->nheads_kv = 1, a->dqk = 512;
+}
+static void k_product_overflow(fajit_attn_args *a)
+{
+    a->batch = 65535, a->seqlen_k = INT32_MAX, a->nheads_q = a->nheads_kv = 65535, a->seqlen_q = 1;
+}
+static void q_past_the_end(fajit_attn_args *a) { a->q = (const void *)(UINTPTR_MAX - 15); }
+/* q and o fit int64 bytes (dims 1), the LSE's 4-byte floats do not. */
+static void lse_overflow(fajit_attn_args *a)
+{
+    a->lse = (float *)a->o;
+    a->batch = 65535, a->nheads_q = 65535, a->nheads_kv = 1, a->seqlen_q = (int64_t)1 << 30;
+    a->seqlen_k = 1, a->dqk = a->dv = 1;
+}
+static void lse_past_the_end(fajit_attn_args *a) { a->lse = (float *)(UINTPTR_MAX - 3); }
+
+/* Inputs may alias (reads are safe); dims of extent 1 may have any stride. */
+static void check_accepted_layouts(fajit_ctx *ctx)
+{
+    fajit_attn_args a;
+    char text[400];
+    valid_args(&a);
+    a.q_stride[0] = 0, a.q_stride[1] = 0, a.q_stride[2] = 72; /* every row the same */
+    a.k_stride[0] = 0, a.k_stride[1] = 8, a.k_stride[2] = 0;  /* rows and heads overlap */
+    check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0,
+          "inputs with overlapping batches, rows and heads are accepted");
+    valid_args(&a);
+    a.batch = 1, a.nheads_q = a.nheads_kv = 1;
+    a.o_stride[0] = 0, a.o_stride[1] = 72, a.o_stride[2] = 0;
+    check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0,
+          "an output's extent-1 dims may have any stride");
+    valid_args(&a);
+    a.o_stride[0] = 72, a.o_stride[1] = 2 * 8 * 72, a.o_stride[2] = 2 * 72; /* (s, h, b) order */
+    check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0,
+          "an output with permuted but disjoint dims is accepted");
+}
 
 static void test_attn_validation(void)
 {
@@ -241,6 +297,20 @@ static void test_attn_validation(void)
         {bad_align, "aligned"},       {bad_stride, "k_stride[1]=-5"},
         {bad_scale, "softmax_scale"}, {bad_size, "struct_size=100000"},
         {bad_batch, "batch=-1"},      {bad_overflow, "overflow"},
+        {huge_sq, "seqlen_q=2147483648"}, {neg_sk, "seqlen_k=-1"}, {zero_heads, "nheads_q=0"},
+        {huge_batch, "batch=70000"},  {zero_dqk, "dqk=0"},    {null_k, "k: NULL"},
+        {null_o, "o: NULL"},          {odd_k, "k=0x"},        {odd_lse, "lse=0x"},
+        {o_rows_short, "o_stride[1]=64: rows of o overlap (need >= dv=72)"},
+        {o_rows_overlap, "o_stride[1]=200: rows of o overlap (need >= nheads_q=8 x o_stride[2]=72)"},
+        {o_heads_zero, "o_stride[2]=0: heads of o overlap"},
+        {o_batches_overlap, "o_stride[0]=100: batches of o overlap"},
+        {o_batch_overflow, "o_stride[0]=4611686018427387903: with batch=2"},
+        {v_row_overflow, "v_stride[1]=576460752303423487: with seqlen_k=33"},
+        {q_product_overflow, "q: batch=65535 x seqlen_q=2147483647 x nheads_q=65535 x dqk=512"},
+        {k_product_overflow, "k: batch=65535 x seqlen_k=2147483647 x nheads_kv=65535"},
+        {q_past_the_end, "past the end of the address space"},
+        {lse_overflow, "lse: batch=65535 x nheads_q=65535 x seqlen_q=1073741824"},
+        {lse_past_the_end, "lse=0xfffffffffffffffc: its"},
     };
     fajit_ctx *ctx = make_ctx("/nonexistent", FAJIT_CACHE_OFF);
     fajit_attn_args a;
@@ -254,6 +324,7 @@ static void test_attn_validation(void)
                  cases[i].named);
         check(rc == FAJIT_EINVAL && strstr(fajit_last_error(), cases[i].named), what);
     }
+    check_accepted_layouts(ctx);
     check(fajit_attn_fwd(ctx, NULL, NULL) == FAJIT_EINVAL, "NULL args are refused");
     check(fajit_attn_fwd(NULL, &a, NULL) == FAJIT_EINVAL, "a NULL context is refused");
     valid_args(&a);

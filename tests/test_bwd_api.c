@@ -94,6 +94,26 @@ static void neg_stride(fajit_attn_bwd_args *a) { a->grad_out_stride[1] = -5; }
 static void neg_dq_stride(fajit_attn_bwd_args *a) { a->grad_q_stride[2] = -1; }
 static void dv_overflow(fajit_attn_bwd_args *a) { a->grad_v_stride[0] = 1, a->grad_v_stride[1] = INT64_MAX / 4; }
 static void batch_overflow(fajit_attn_bwd_args *a) { a->batch = 3, a->grad_k_stride[0] = INT64_MAX / 2 + 1, a->grad_k_stride[1] = 1; }
+static void huge_sk(fajit_attn_bwd_args *a) { a->seqlen_k = (int64_t)INT32_MAX + 1; }
+/* Gradients whose elements overlap (threads would race on them). */
+static void dq_rows_short(fajit_attn_bwd_args *a) { a->grad_q_stride[0] = 100000, a->grad_q_stride[1] = 100, a->grad_q_stride[2] = 192; }
+static void dq_rows_overlap(fajit_attn_bwd_args *a) { a->grad_q_stride[0] = 100000, a->grad_q_stride[1] = 1000, a->grad_q_stride[2] = 192; }
+static void dk_heads_zero(fajit_attn_bwd_args *a) { a->grad_k_stride[0] = 33 * 384, a->grad_k_stride[1] = 384, a->grad_k_stride[2] = 0; }
+static void dv_batches_overlap(fajit_attn_bwd_args *a) { a->grad_v_stride[0] = 100, a->grad_v_stride[1] = 256, a->grad_v_stride[2] = 128; }
+/* Offsets past int64 or the address space, for tensors the old checks did not name. */
+static void do_product_overflow(fajit_attn_bwd_args *a)
+{
+    a->batch = 65535, a->seqlen_q = INT32_MAX, a->nheads_q = 65535, a->nheads_kv = 1, a->seqlen_k = 1;
+    a->dqk = a->dv = 512;
+    a->q_stride[2] = a->o_stride[2] = 1; /* inputs may alias: these span little */
+}
+static void o_row_overflow(fajit_attn_bwd_args *a) { a->o_stride[1] = INT64_MAX / 8, a->o_stride[2] = 128; }
+static void lse_overflow(fajit_attn_bwd_args *a)
+{
+    a->batch = 65535, a->nheads_q = 65535, a->nheads_kv = 1, a->seqlen_q = (int64_t)1 << 30;
+    a->seqlen_k = 1, a->dqk = a->dv = 1;
+}
+static void dq_past_the_end(fajit_attn_bwd_args *a) { a->grad_q = (void *)(UINTPTR_MAX - 15); }
 
 static void test_validation(fajit_ctx *ctx)
 {
@@ -117,6 +137,15 @@ static void test_validation(fajit_ctx *ctx)
         {odd_dk, "grad_k="},                {neg_stride, "grad_out_stride[1]=-5"},
         {neg_dq_stride, "grad_q_stride[2]=-1"}, {dv_overflow, "grad_v_stride[1]"},
         {batch_overflow, "grad_k_stride[0]"},
+        {huge_sk, "seqlen_k=2147483648"},
+        {dq_rows_short, "grad_q_stride[1]=100: rows of grad_q overlap (need >= dqk=192)"},
+        {dq_rows_overlap, "grad_q_stride[1]=1000: rows of grad_q overlap (need >= nheads_q=8 x grad_q_stride[2]=192)"},
+        {dk_heads_zero, "grad_k_stride[2]=0: heads of grad_k overlap"},
+        {dv_batches_overlap, "grad_v_stride[0]=100: batches of grad_v overlap (need >= dv=128)"},
+        {do_product_overflow, "grad_out: batch=65535 x seqlen_q=2147483647 x nheads_q=65535 x dv=512"},
+        {o_row_overflow, "o_stride[1]=1152921504606846975: with seqlen_q=17"},
+        {lse_overflow, "lse: batch=65535 x nheads_q=65535 x seqlen_q=1073741824"},
+        {dq_past_the_end, "grad_q=0xfffffffffffffff0: its"},
     };
     fajit_attn_bwd_args a;
     char what[200];
@@ -154,6 +183,12 @@ static void test_no_work_and_no_gpu(fajit_ctx *ctx)
     a.k = a.v = a.grad_k = a.grad_v = NULL;
     check(fajit_attn_bwd(ctx, &a, NULL) == FAJIT_ENOGPU,
           "no keys: k, v, grad_k and grad_v may be NULL (FAJIT_ENOGPU, not EINVAL)");
+    valid_args(&a);
+    a.q_stride[0] = 0, a.q_stride[1] = 0, a.q_stride[2] = 192;     /* every row the same */
+    a.grad_out_stride[0] = 0, a.grad_out_stride[1] = 8, a.grad_out_stride[2] = 0;
+    a.grad_q_stride[0] = 192, a.grad_q_stride[1] = 2 * 8 * 192, a.grad_q_stride[2] = 2 * 192;
+    check(fajit_attn_bwd(ctx, &a, NULL) == FAJIT_ENOGPU,
+          "overlapping inputs and a permuted, disjoint grad_q pass validation (FAJIT_ENOGPU)");
     valid_args(&a);
     int rc = fajit_attn_bwd(ctx, &a, NULL);
     check(rc == FAJIT_ENOGPU && fajit_last_error()[0] != '\0',
