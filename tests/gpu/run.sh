@@ -67,7 +67,7 @@ else
     # This area's tests: CTest's verdict and the test's own last line (-V
     # prefixes each output line with the test's number).
     for name in test_ref_compile test_ref_gpu test_cache_gpu test_fwd_compile test_fwd_gpu \
-                test_bwd_compile test_bwd_gpu test_python; do
+                test_features_gpu test_large_gpu test_bwd_compile test_bwd_gpu test_tune test_python; do
         line=$(grep -E -m1 "Test +#[0-9]+: $name " "$out/ctest.log")
         num=$(sed -E 's/.*Test +#([0-9]+):.*/\1/' <<<"$line")
         verdict=$(sed -E 's/.* \.+ *//; s/ +/ /g' <<<"$line")
@@ -104,6 +104,11 @@ else
     step bench_dispatch bench_dispatch.log "$build/benchmarks/bench_dispatch"
     record bench_dispatch "$(grab bench_dispatch.log '^fajit_attn_fwd' | tr -s ' ')"
     rows+=("  bare launch| | |$(grab bench_dispatch.log '^cuLaunchKernel' | tr -s ' ')")
+    # Autotuning smoke run: two problems, every candidate checked and timed.
+    printf '%s\n' "fwd dqk=128 dtype=fp16 mask=causal batch=4 seqlen=4096 nheads=16" \
+        "fwd dqk=64 dtype=bf16 batch=8 seqlen=2048 nheads=32" >"$out/tune.manifest"
+    step tune tune.log env FAJIT_CACHE_DIR="$build/test-cache/tune" "$build/fajit" tune "$out/tune.manifest" -j 16
+    record tune "$(tail -3 "$out/tune.log" | tr '\n' ' ' | cut -c1-110)"
     if [ -z "${FAJIT_SKIP_BENCH_FWD:-}" ]; then
         step bench_fwd bench_fwd.log python3 "$root/benchmarks/bench_fwd.py" --lib "$build/libfajit.so"
         record bench_fwd "table in bench_fwd.log"
