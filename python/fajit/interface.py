@@ -137,7 +137,7 @@ dropout_generator = None
 
 
 def _dropout_seed():
-    torch = _torch
+    torch = _import_torch()
     return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=dropout_generator).item())
 
 
@@ -182,7 +182,7 @@ class _Features:
 
 def _alibi(slopes, batch, nheads, device):
     """(slopes as libfajit reads them, batch stride): fp32, (nheads,) or (batch, nheads)."""
-    torch = _torch
+    torch = _import_torch()
     if not isinstance(slopes, torch.Tensor):
         raise TypeError("alibi_slopes must be a torch.Tensor, got %s" % type(slopes).__name__)
     if slopes.dtype != torch.float32:
@@ -349,7 +349,7 @@ def _empty(shape, dtype, device):
 
 
 def _run_forward(q, k, v, scale, mask, feat, need_lse):
-    torch = _torch
+    torch = _import_torch()
     b, sq, hq, _ = q.shape
     out = _empty((b, sq, hq, v.shape[3]), q.dtype, q.device)
     lse = _empty((b, hq, sq), torch.float32, q.device) if need_lse else None
@@ -365,7 +365,7 @@ def _make_functions():
     Only inputs and outputs are saved for the backward; packed tensors are
     sliced again there, and their gradient is one buffer written through
     views, with no concatenation of dq, dk, dv."""
-    torch = _torch
+    torch = _import_torch()
 
     def save(ctx, tensors, lse, scale, mask, deterministic):
         ctx.save_for_backward(*tensors, lse)
@@ -542,7 +542,7 @@ def _check_varlen_shapes(q, k, v, kname="k", vname="v"):
 
 
 def _check_cu_seqlens(name, cu, device):
-    torch = _torch
+    torch = _import_torch()
     if not isinstance(cu, torch.Tensor):
         raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(cu).__name__))
     if cu.dtype != torch.int32:
@@ -574,7 +574,7 @@ def _prepare_varlen(t):
 
 def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, mask, feat, need_lse):
     """out (total_q, nheads_q, dv) and, with need_lse, LSE (nheads_q, total_q)."""
-    torch = _torch
+    torch = _import_torch()
     total_q, hq, dqk = q.shape
     batch = cu_q.shape[0] - 1
     out = _empty((total_q, hq, v.shape[2]), q.dtype, q.device)
