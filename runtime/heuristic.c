@@ -23,7 +23,7 @@ static void reference_tiles(fajit__variant *v)
 
 /* Opt-in dynamic shared memory per block of an arch: sm_80/87 163 KB, sm_90
  * and the datacenter Blackwells 227 KB, the others (sm_86, 89, 120...) 99 KB. */
-static size_t fwd_smem_limit(int arch)
+size_t fajit__arch_smem_limit(int arch)
 {
     switch (arch) {
     case 80:
@@ -50,7 +50,7 @@ static size_t fwd_smem_limit(int arch)
 static void fwd_tiles(fajit__variant *v)
 {
     int dqk_pad = (v->dqk + 15) / 16 * 16, dmax = dqk_pad > v->dv ? dqk_pad : v->dv;
-    size_t limit = fwd_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
+    size_t limit = fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
     fajit__variant t = *v; /* fields the caller set stay as they are */
 
     set_if_unset(&t.warps, dmax < 128 ? 4 : 8);

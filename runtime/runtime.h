@@ -104,6 +104,10 @@ void fajit__kernel_table_free(fajit_ctx *ctx, const fajit__driver *drv);
  * op, head dims, dtype and arch. */
 void fajit__heuristic_tiles(fajit__variant *v);
 
+/* Opt-in dynamic shared memory per block of an arch (sm_80/87 163 KB, sm_90
+ * and the datacenter Blackwells 227 KB, others 99 KB). */
+size_t fajit__arch_smem_limit(int arch);
+
 /* Arch of the context's device when a GPU is present, else 90. */
 int fajit__default_arch(fajit_ctx *ctx);
 

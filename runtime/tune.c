@@ -180,24 +180,6 @@ static const int cand_bm[] = {64, 128}, cand_bn[] = {32, 64, 128}, cand_warps[] 
                  cand_stages[] = {1, 2, 3};
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
-/* Opt-in dynamic shared memory per block; mirrors fwd_smem_limit in
- * runtime/heuristic.c (edit both together). */
-static size_t smem_limit(int arch)
-{
-    switch (arch) {
-    case 80:
-    case 87:
-        return 163 * 1024;
-    case 90:
-    case 100:
-    case 103:
-    case 110:
-        return 227 * 1024;
-    default:
-        return 99 * 1024;
-    }
-}
-
 /* A warp holds bm / warps rows of O (dv wide) and of S (bn wide) in fp32
  * registers spread over 32 lanes; past this many a thread, ptxas spills (the
  * register file gives a thread at most 255). */
@@ -230,7 +212,7 @@ const char *fajit__tune_static_refusal(const fajit__variant *v, char *buf, size_
         return refuse(buf, cap, "bn=%d: must be a multiple of 16", v->bn);
     if (v->stages < 1 || v->stages > 3)
         return refuse(buf, cap, "stages=%d: must be 1..3", v->stages);
-    size_t smem = fajit__variant_smem_bytes(v), limit = smem_limit(v->arch);
+    size_t smem = fajit__variant_smem_bytes(v), limit = fajit__arch_smem_limit(v->arch);
     if (smem > limit)
         return refuse(buf, cap, "shared memory %zu bytes above the arch's %zu", smem, limit);
     int regs = v->bm / v->warps * (v->dv + v->bn) / 32;
