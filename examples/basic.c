@@ -1,6 +1,6 @@
 /*
  * examples/basic.c - the smallest complete use of libfajit from C:
- * a context, attention on device buffers (head dim 100, causal, bf16), a check
+ * a context, attention on device buffers (head dim 72 by default, causal, bf16), a check
  * of sampled rows against a CPU fp64 reference, and the time per call.
  *
  *   fajit_example [dqk] [seqlen]
@@ -77,7 +77,7 @@ static void reference_row(const uint16_t *q, const uint16_t *k, const uint16_t *
 
 int main(int argc, char **argv)
 {
-    int d = argc > 1 ? atoi(argv[1]) : 100, s = argc > 2 ? atoi(argv[2]) : 2048, h = 16, b = 1;
+    int d = argc > 1 ? atoi(argv[1]) : 72, s = argc > 2 ? atoi(argv[2]) : 2048, h = 16, b = 1;
     size_t n = (size_t)b * s * h * d;
     uint64_t seed = 42;
     int ndev = 0, rc;
