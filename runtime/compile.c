@@ -156,6 +156,8 @@ static int run_nvrtc(const char *src, const char *name, const fajit__variant *v,
     if (rc == 0) {
         parse_resource_usage(log ? log : "", &out->meta);
         out->meta.compile_us = (uint32_t)(now_us() - t0);
+        out->log = log; /* kept: the compile tests read its warnings */
+        log = NULL;
     }
 destroy_program:
     free(log);
@@ -189,6 +191,8 @@ void fajit__compiled_free(fajit__compiled *c)
     if (!c)
         return;
     free(c->cubin);
+    free(c->log);
     c->cubin = NULL;
+    c->log = NULL;
     c->cubin_len = 0;
 }

@@ -22,6 +22,7 @@ typedef struct fajit__compiled {
     uint8_t *cubin; /* malloc'd */
     size_t cubin_len;
     fajit__entry_meta meta; /* resource usage, NVRTC version, compile time */
+    char *log;              /* NVRTC's log (ptxas report, warnings), malloc'd, or NULL */
 } fajit__compiled;
 
 /* NVRTC version of the library linked in, as major * 1000 + minor * 10. */
@@ -31,7 +32,8 @@ uint32_t fajit__nvrtc_version(void);
 const char *fajit__nvrtc_options_text(void);
 
 /* Renders and compiles a full variant to a cubin for its arch. On failure:
- * FAJIT_ECOMPILE with the NVRTC log in the detail. */
+ * FAJIT_ECOMPILE with the NVRTC log in the detail. Free with
+ * fajit__compiled_free (also after a failure). */
 int fajit__compile_variant(const fajit__variant *v, fajit__compiled *out);
 void fajit__compiled_free(fajit__compiled *c);
 

@@ -6,8 +6,7 @@ include_guard(GLOBAL) # included from tests/CMakeLists.txt and/or gpu.cmake
 # NVRTC's library itself (no driver stub: the test must run without
 # libcuda.so.1); fajit_static for the runtime's tile heuristic.
 fajit_add_test(test_fwd_compile
-  SOURCES test_fwd_compile.c
+  SOURCES test_fwd_compile.c compile_check.c
   LIBS fajit_static ${CUDA_nvrtc_LIBRARY} Threads::Threads
   LABELS fwd)
 target_include_directories(test_fwd_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
-set_property(TEST test_fwd_compile APPEND PROPERTY ENVIRONMENT "CUDA_CACHE_DISABLE=1")

@@ -4,8 +4,7 @@
  *
  * Renders op=fwd variants with fajit__render, tiles from fajit__heuristic_tiles
  * (the runtime's choice for that arch), and compiles each with NVRTC as the
- * runtime does (-std=c++17, the variant's arch, no include path) plus
- * --ptxas-options=-v:
+ * runtime does (fajit__compile_variant, through tests/compile_check.c):
  *   - sm_90: every head dim 8..256 in steps of 8 (dtype and mask rotating),
  *     192/128 and 128/64, and every dtype x mask for 64, 72, 128 and 256;
  *   - sm_80: a subset (2 cores, CI time);
@@ -24,6 +23,7 @@
 #include <time.h>
 
 #include "codegen/variant.h"
+#include "compile_check.h"
 #include "fajit.h"
 #include "runtime/error.h"
 #include "runtime/runtime.h"
@@ -36,9 +36,8 @@ typedef struct job {
     /* results */
     int ok;
     char why[512];
-    double ms;
-    int registers, smem, spill_stores, spill_loads, template_warnings;
-    size_t cubin_bytes, dyn_smem;
+    compile_check c;
+    size_t dyn_smem;
 } job;
 
 static double now_ms(void) {
@@ -143,98 +142,17 @@ static size_t build_jobs(job *jobs, size_t cap) {
     return n;
 }
 
-/* ---------------------------------------------------------------- the compile log */
-
-/* Finds `key` in the ptxas log and reads the number just before it ("48" of
- * "Used 48 registers"); -1 if absent. */
-static int number_before(const char *log, const char *key) {
-    const char *at = strstr(log, key);
-    if (!at)
-        return -1;
-    const char *p = at;
-    while (p > log && p[-1] == ' ')
-        --p;
-    while (p > log && p[-1] >= '0' && p[-1] <= '9')
-        --p;
-    return p < at ? atoi(p) : -1;
-}
-
-/* Warnings located in a template file (NVRTC names them thanks to #line). */
-static int count_template_warnings(const char *log) {
-    int n = 0;
-    for (const char *p = log; (p = strstr(p, "warning")) != NULL; ++p) {
-        const char *line = p;
-        while (line > log && line[-1] != '\n')
-            --line;
-        if (strstr(line, ".cuh(") && strstr(line, ".cuh(") < p)
-            ++n;
-    }
-    return n;
-}
-
-static void read_resources(job *j, const char *log) {
-    j->registers = number_before(log, "registers");
-    j->smem = number_before(log, "bytes smem");
-    j->spill_stores = number_before(log, "bytes spill stores");
-    j->spill_loads = number_before(log, "bytes spill loads");
-    j->template_warnings = count_template_warnings(log);
-}
-
 /* ---------------------------------------------------------------- one compile */
 
-static char *program_log(nvrtcProgram prog) {
-    size_t n = 0;
-    if (nvrtcGetProgramLogSize(prog, &n) != NVRTC_SUCCESS)
-        return NULL;
-    char *log = malloc(n + 1);
-    if (log && nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS)
-        log[0] = '\0';
-    if (log)
-        log[n] = '\0';
-    return log;
-}
-
-static int compile_rendered(job *j, const char *src, const char *entry) {
-    char arch_opt[64];
-    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=sm_%d", j->v.arch);
-    const char *opts[] = {"-std=c++17", arch_opt, "--ptxas-options=-v"};
-    nvrtcProgram prog;
-    if (nvrtcCreateProgram(&prog, src, "fajit_fwd.cu", 0, NULL, NULL) != NVRTC_SUCCESS) {
-        snprintf(j->why, sizeof j->why, "nvrtcCreateProgram failed");
-        return -1;
-    }
-    const double t0 = now_ms();
-    const nvrtcResult rc = nvrtcCompileProgram(prog, 3, opts);
-    j->ms = now_ms() - t0;
-    char *log = program_log(prog);
-    int result = -1;
-    if (rc != NVRTC_SUCCESS) {
-        const char *err = log ? strstr(log, "error") : NULL;
-        snprintf(j->why, sizeof j->why, "%s: %.400s", nvrtcGetErrorString(rc), err ? err : log ? log : "");
-    } else if (nvrtcGetCUBINSize(prog, &j->cubin_bytes) != NVRTC_SUCCESS || j->cubin_bytes == 0) {
-        snprintf(j->why, sizeof j->why, "no cubin");
-    } else if (strcmp(entry, "fajit_flash_fwd") != 0) {
-        snprintf(j->why, sizeof j->why, "entry name %s, want fajit_flash_fwd", entry);
-    } else {
-        read_resources(j, log ? log : "");
-        result = 0;
-    }
-    free(log);
-    nvrtcDestroyProgram(&prog);
-    return result;
-}
-
 static void run_job(job *j) {
-    char *src = NULL;
-    size_t len = 0;
-    const char *entry = NULL;
+    const char *entry = fajit__variant_entry_name(&j->v);
     j->dyn_smem = fajit__variant_smem_bytes(&j->v);
-    if (fajit__render(&j->v, &src, &len, &entry) != 0) {
-        snprintf(j->why, sizeof j->why, "render: %s", fajit__detail());
+    const int compiled = compile_check_run(&j->v, &j->c) == 0;
+    snprintf(j->why, sizeof j->why, "%s", j->c.why);
+    if (compiled && (!entry || strcmp(entry, "fajit_flash_fwd") != 0)) {
+        snprintf(j->why, sizeof j->why, "entry name %s, want fajit_flash_fwd", entry ? entry : "?");
         return;
     }
-    const int compiled = compile_rendered(j, src, entry) == 0;
-    free(src);
     if (j->expect_refusal) {
         j->ok = !compiled && strstr(j->why, j->expect_refusal) != NULL;
         if (compiled)
@@ -243,15 +161,14 @@ static void run_job(job *j) {
     }
     if (!compiled)
         return;
-    if (j->registers <= 0 || j->spill_stores < 0 || j->spill_loads < 0)
+    if (j->c.registers <= 0)
         snprintf(j->why, sizeof j->why, "ptxas report unreadable");
-    else if (j->spill_stores > 0 || j->spill_loads > 0)
-        snprintf(j->why, sizeof j->why, "spills: %d bytes stores, %d bytes loads", j->spill_stores,
-                 j->spill_loads);
+    else if (j->c.spills > 0)
+        snprintf(j->why, sizeof j->why, "spills: %d bytes (stores + loads)", j->c.spills);
     else if (j->dyn_smem == 0 || j->dyn_smem > smem_limit(j->v.arch))
         snprintf(j->why, sizeof j->why, "dynamic smem %zu outside 1..%zu", j->dyn_smem, smem_limit(j->v.arch));
-    else if (j->template_warnings > 0)
-        snprintf(j->why, sizeof j->why, "%d warnings in the templates", j->template_warnings);
+    else if (j->c.template_warnings > 0)
+        snprintf(j->why, sizeof j->why, "%d warnings in the templates", j->c.template_warnings);
     else
         j->ok = 1;
 }
@@ -283,18 +200,13 @@ static void print_job(const job *j) {
     if (j->expect_refusal)
         printf("%s refused as it must: %s\n  (%.160s)\n", j->ok ? "ok  " : "FAIL", text, j->why);
     else if (j->ok)
-        printf("ok   %7.1f ms  regs %3d  dyn smem %6zu  spill %d+%d  cubin %6zu  %s\n", j->ms,
-               j->registers, j->dyn_smem, j->spill_stores, j->spill_loads, j->cubin_bytes, text);
+        printf("ok   %7.1f ms  regs %3d  dyn smem %6zu  spill %d  cubin %6zu  %s\n", j->c.ms,
+               j->c.registers, j->dyn_smem, j->c.spills, j->c.cubin_bytes, text);
     else
         printf("FAIL %s\n  %s\n", text, j->why);
 }
 
 int main(void) {
-    /* Where a CUDA driver is installed, NVRTC keeps ptxas output in the
-     * driver's compute cache (~/.nv/ComputeCache) across processes; a variant
-     * served from it compiles without a ptxas report, so its resources could
-     * not be checked. Compile for real. */
-    setenv("CUDA_CACHE_DISABLE", "1", 1);
     int major = 0, minor = 0;
     nvrtcVersion(&major, &minor);
     printf("NVRTC %d.%d, %d threads\n", major, minor, COMPILE_THREADS);
@@ -316,8 +228,8 @@ int main(void) {
     for (size_t i = 0; i < p.n; ++i) {
         print_job(&jobs[i]);
         failures += !jobs[i].ok;
-        spilling += jobs[i].ok && (jobs[i].spill_stores > 0 || jobs[i].spill_loads > 0);
-        total_ms += jobs[i].ms;
+        spilling += jobs[i].ok && jobs[i].c.spills > 0;
+        total_ms += jobs[i].c.ms;
     }
     printf("%zu variants, %zu failed, %zu with spills; compile %.0f ms in all (%.0f ms mean), wall %.0f ms\n",
            p.n, failures, spilling, total_ms, total_ms / (double)p.n, wall);
