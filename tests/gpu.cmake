@@ -2,15 +2,11 @@
 # runs in CI; the ones labelled gpu skip (exit 77) with a reason when no CUDA GPU
 # is present, and run in full on the GPU machine through tests/gpu/run.sh.
 
-# NVRTC's library itself rather than CUDA::nvrtc, which drags in the driver stub
-# (the test must run where no libcuda.so.1 exists).
+# Compiles through the library's own compile step (tests/compile_check.c).
 fajit_add_test(test_ref_compile
-  SOURCES test_ref_compile.c ${FAJIT_CODEGEN_OBJS}
-  LIBS ${CUDA_nvrtc_LIBRARY} ${XXHASH_LIBRARY} Threads::Threads)
+  SOURCES test_ref_compile.c compile_check.c
+  LIBS fajit_static Threads::Threads)
 target_include_directories(test_ref_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
-# NVRTC would otherwise reuse ptxas output from the driver's compute cache on a
-# machine with a driver, with no ptxas report to check (the test sets it too).
-set_property(TEST test_ref_compile APPEND PROPERTY ENVIRONMENT "CUDA_CACHE_DISABLE=1")
 
 # Host-side problems and the fp64 reference, shared by the GPU tests.
 add_library(fajit_attn_check STATIC gpu/attn_check.c gpu/precompile.c)

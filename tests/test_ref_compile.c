@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "codegen/variant.h"
+#include "compile_check.h"
 #include "fajit.h"
 #include "runtime/error.h"
 
@@ -34,9 +35,7 @@ typedef struct job {
     /* results */
     int ok;
     char why[512];
-    double ms;
-    int registers, smem, spill_stores, spill_loads, template_warnings;
-    size_t cubin_bytes;
+    compile_check c;
 } job;
 
 static double now_ms(void) {
@@ -98,96 +97,14 @@ static size_t build_jobs(job *jobs, size_t cap) {
 
 /* ---------------------------------------------------------------- the compile log */
 
-/* Finds `key` in the ptxas log and reads the number just before it ("48" of
- * "Used 48 registers"); -1 if absent. */
-static int number_before(const char *log, const char *key) {
-    const char *at = strstr(log, key);
-    if (!at)
-        return -1;
-    const char *p = at;
-    while (p > log && p[-1] == ' ')
-        --p;
-    while (p > log && p[-1] >= '0' && p[-1] <= '9')
-        --p;
-    return p < at ? atoi(p) : -1;
-}
-
-/* Warnings located in a template file (NVRTC names them thanks to #line). */
-static int count_template_warnings(const char *log) {
-    int n = 0;
-    for (const char *p = log; (p = strstr(p, "warning")) != NULL; ++p) {
-        const char *line = p;
-        while (line > log && line[-1] != '\n')
-            --line;
-        if (strstr(line, ".cuh(") && strstr(line, ".cuh(") < p)
-            ++n;
-    }
-    return n;
-}
-
-static void read_resources(job *j, const char *log) {
-    j->registers = number_before(log, "registers");
-    j->smem = number_before(log, "bytes smem");
-    j->spill_stores = number_before(log, "bytes spill stores");
-    j->spill_loads = number_before(log, "bytes spill loads");
-    j->template_warnings = count_template_warnings(log);
-}
-
-/* ---------------------------------------------------------------- one compile */
-
-static char *program_log(nvrtcProgram prog) {
-    size_t n = 0;
-    if (nvrtcGetProgramLogSize(prog, &n) != NVRTC_SUCCESS)
-        return NULL;
-    char *log = malloc(n + 1);
-    if (log && nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS)
-        log[0] = '\0';
-    if (log)
-        log[n] = '\0';
-    return log;
-}
-
-static int compile_rendered(job *j, const char *src, const char *entry) {
-    char arch_opt[64];
-    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=sm_%d", j->v.arch);
-    const char *opts[] = {"-std=c++17", arch_opt, "--ptxas-options=-v"};
-    nvrtcProgram prog;
-    if (nvrtcCreateProgram(&prog, src, "fajit_ref.cu", 0, NULL, NULL) != NVRTC_SUCCESS) {
-        snprintf(j->why, sizeof j->why, "nvrtcCreateProgram failed");
-        return -1;
-    }
-    const double t0 = now_ms();
-    const nvrtcResult rc = nvrtcCompileProgram(prog, 3, opts);
-    j->ms = now_ms() - t0;
-    char *log = program_log(prog);
-    int result = -1;
-    if (rc != NVRTC_SUCCESS) {
-        snprintf(j->why, sizeof j->why, "%s: %.400s", nvrtcGetErrorString(rc), log ? log : "");
-    } else if (nvrtcGetCUBINSize(prog, &j->cubin_bytes) != NVRTC_SUCCESS || j->cubin_bytes == 0) {
-        snprintf(j->why, sizeof j->why, "no cubin");
-    } else if (strcmp(entry, "fajit_ref_fwd") != 0) {
-        snprintf(j->why, sizeof j->why, "entry name %s, want fajit_ref_fwd", entry);
-    } else {
-        read_resources(j, log ? log : "");
-        result = 0;
-    }
-    free(log);
-    nvrtcDestroyProgram(&prog);
-    return result;
-}
-
 static void run_job(job *j) {
-    char *src = NULL;
-    size_t len = 0;
-    const char *entry = NULL;
-    if (fajit__render(&j->v, &src, &len, &entry) != 0) {
-        /* A refused variant may be refused by the renderer already. */
-        j->ok = j->expect_refusal;
-        snprintf(j->why, sizeof j->why, "render: %s", fajit__detail());
+    const char *entry = fajit__variant_entry_name(&j->v);
+    const int compiled = compile_check_run(&j->v, &j->c) == 0;
+    snprintf(j->why, sizeof j->why, "%s", j->c.why);
+    if (compiled && (!entry || strcmp(entry, "fajit_ref_fwd") != 0)) {
+        snprintf(j->why, sizeof j->why, "entry name %s, want fajit_ref_fwd", entry ? entry : "?");
         return;
     }
-    const int compiled = compile_rendered(j, src, entry) == 0;
-    free(src);
     if (j->expect_refusal) {
         j->ok = !compiled && strstr(j->why, "not implemented") != NULL;
         if (compiled)
@@ -196,10 +113,11 @@ static void run_job(job *j) {
     }
     if (!compiled)
         return;
-    if (j->smem < 0 || j->smem > MAX_STATIC_SMEM || j->registers <= 0)
-        snprintf(j->why, sizeof j->why, "resources unreadable or smem %d > %d", j->smem, MAX_STATIC_SMEM);
-    else if (j->template_warnings > 0)
-        snprintf(j->why, sizeof j->why, "%d warnings in the templates", j->template_warnings);
+    if (j->c.smem < 0 || j->c.smem > MAX_STATIC_SMEM || j->c.registers <= 0)
+        snprintf(j->why, sizeof j->why, "resources unreadable or smem %d > %d", j->c.smem,
+                 MAX_STATIC_SMEM);
+    else if (j->c.template_warnings > 0)
+        snprintf(j->why, sizeof j->why, "%d warnings in the templates", j->c.template_warnings);
     else
         j->ok = 1;
 }
@@ -231,18 +149,13 @@ static void print_job(const job *j) {
     if (j->expect_refusal)
         printf("%s refused as it must: %s\n  (%.120s)\n", j->ok ? "ok  " : "FAIL", text, j->why);
     else if (j->ok)
-        printf("ok   %7.1f ms  regs %3d  smem %5d  spill %d+%d  cubin %6zu  %s\n", j->ms, j->registers,
-               j->smem, j->spill_stores, j->spill_loads, j->cubin_bytes, text);
+        printf("ok   %7.1f ms  regs %3d  smem %5d  spill %d  cubin %6zu  %s\n", j->c.ms,
+               j->c.registers, j->c.smem, j->c.spills, j->c.cubin_bytes, text);
     else
         printf("FAIL %s\n  %s\n", text, j->why);
 }
 
 int main(void) {
-    /* Where a CUDA driver is installed, NVRTC keeps ptxas output in the
-     * driver's compute cache (~/.nv/ComputeCache) across processes; a variant
-     * served from it compiles without a ptxas report, so its resources could
-     * not be checked. Compile for real. */
-    setenv("CUDA_CACHE_DISABLE", "1", 1);
     int major = 0, minor = 0;
     nvrtcVersion(&major, &minor);
     printf("NVRTC %d.%d, %d threads\n", major, minor, COMPILE_THREADS);
@@ -264,8 +177,8 @@ int main(void) {
     for (size_t i = 0; i < p.n; ++i) {
         print_job(&jobs[i]);
         failures += !jobs[i].ok;
-        spilling += jobs[i].ok && (jobs[i].spill_stores > 0 || jobs[i].spill_loads > 0);
-        total_ms += jobs[i].ms;
+        spilling += jobs[i].ok && jobs[i].c.spills > 0;
+        total_ms += jobs[i].c.ms;
     }
     printf("%zu variants, %zu failed, %zu with spills; compile %.0f ms in all (%.0f ms mean), wall %.0f ms\n",
            p.n, failures, spilling, total_ms, total_ms / (double)p.n, wall);
