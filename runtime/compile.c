@@ -94,6 +94,25 @@ static void parse_resource_usage(const char *log, fajit__entry_meta *m)
     m->smem_bytes = sum_before(log, "bytes smem");
 }
 
+/* ptxas reports each kernel in turn from "Compiling entry function '<name>'":
+ * the resources recorded are those of the variant's own kernel (a template may
+ * define others, e.g. the reference backward's empty twin). */
+static void parse_entry_resources(const char *log, const char *entry, fajit__entry_meta *m)
+{
+    char marker[160], *section;
+    const char *at, *next;
+    snprintf(marker, sizeof marker, "entry function '%s'", entry ? entry : "");
+    at = entry ? strstr(log, marker) : NULL;
+    if (!at) {
+        parse_resource_usage(log, m);
+        return;
+    }
+    next = strstr(at + strlen(marker), "Compiling entry function");
+    section = strndup(at, next ? (size_t)(next - at) : strlen(at));
+    parse_resource_usage(section ? section : log, m);
+    free(section);
+}
+
 static char *program_log(nvrtcProgram prog)
 {
     size_t n = 0;
@@ -154,7 +173,7 @@ static int run_nvrtc(const char *src, const char *name, const fajit__variant *v,
     }
     rc = take_cubin(prog, out);
     if (rc == 0) {
-        parse_resource_usage(log ? log : "", &out->meta);
+        parse_entry_resources(log ? log : "", fajit__variant_entry_name(v), &out->meta);
         out->meta.compile_us = (uint32_t)(now_us() - t0);
         out->log = log; /* kept: the compile tests read its warnings */
         log = NULL;

@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "codegen/variant.h"
+#include "compile_check.h"
 #include "fajit.h"
 #include "runtime/error.h"
 
@@ -36,9 +37,7 @@ typedef struct job {
     /* results */
     int ok;
     char why[512];
-    double ms;
-    int registers, smem, spill_stores, spill_loads, template_warnings;
-    size_t cubin_bytes;
+    compile_check c;
 } job;
 
 static double now_ms(void)
@@ -110,105 +109,7 @@ static size_t build_jobs(job *jobs, size_t cap)
     return n;
 }
 
-/* ---------------------------------------------------------------- the compile log */
-
-/* The number just before `key` in text ("48" of "Used 48 registers"); -1 if
- * absent. */
-static int number_before(const char *text, const char *key)
-{
-    const char *at = strstr(text, key);
-    if (!at)
-        return -1;
-    const char *p = at;
-    while (p > text && p[-1] == ' ')
-        --p;
-    while (p > text && p[-1] >= '0' && p[-1] <= '9')
-        --p;
-    return p < at ? atoi(p) : -1;
-}
-
-/* Warnings located in a template file (NVRTC names them thanks to #line). */
-static int count_template_warnings(const char *log)
-{
-    int n = 0;
-    for (const char *p = log; (p = strstr(p, "warning")) != NULL; ++p) {
-        const char *line = p;
-        while (line > log && line[-1] != '\n')
-            --line;
-        if (strstr(line, ".cuh(") && strstr(line, ".cuh(") < p)
-            ++n;
-    }
-    return n;
-}
-
-/* ptxas reports each kernel of the cubin in turn, starting "Compiling entry
- * function '<name>'": read the resources from the op's own kernel's section
- * (the other op's kernel is an empty body). */
-static void read_resources(job *j, const char *log, const char *entry)
-{
-    char marker[128];
-    snprintf(marker, sizeof marker, "entry function '%s'", entry);
-    const char *section = strstr(log, marker);
-    j->registers = j->smem = j->spill_stores = j->spill_loads = -1;
-    j->template_warnings = count_template_warnings(log);
-    if (!section)
-        return;
-    const char *next = strstr(section + strlen(marker), "Compiling entry function");
-    const size_t len = next ? (size_t)(next - section) : strlen(section);
-    char *text = malloc(len + 1);
-    if (!text)
-        return;
-    memcpy(text, section, len);
-    text[len] = '\0';
-    j->registers = number_before(text, "registers");
-    j->smem = number_before(text, "bytes smem");
-    j->spill_stores = number_before(text, "bytes spill stores");
-    j->spill_loads = number_before(text, "bytes spill loads");
-    free(text);
-}
-
 /* ---------------------------------------------------------------- one compile */
-
-static char *program_log(nvrtcProgram prog)
-{
-    size_t n = 0;
-    if (nvrtcGetProgramLogSize(prog, &n) != NVRTC_SUCCESS)
-        return NULL;
-    char *log = malloc(n + 1);
-    if (log && nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS)
-        log[0] = '\0';
-    if (log)
-        log[n] = '\0';
-    return log;
-}
-
-static int compile_rendered(job *j, const char *src, const char *entry)
-{
-    char arch_opt[64];
-    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=sm_%d", j->v.arch);
-    const char *opts[] = {"-std=c++17", arch_opt, "--ptxas-options=-v"};
-    nvrtcProgram prog;
-    if (nvrtcCreateProgram(&prog, src, "fajit_ref_bwd.cu", 0, NULL, NULL) != NVRTC_SUCCESS) {
-        snprintf(j->why, sizeof j->why, "nvrtcCreateProgram failed");
-        return -1;
-    }
-    const double t0 = now_ms();
-    const nvrtcResult rc = nvrtcCompileProgram(prog, 3, opts);
-    j->ms = now_ms() - t0;
-    char *log = program_log(prog);
-    int result = -1;
-    if (rc != NVRTC_SUCCESS) {
-        snprintf(j->why, sizeof j->why, "%s: %.400s", nvrtcGetErrorString(rc), log ? log : "");
-    } else if (nvrtcGetCUBINSize(prog, &j->cubin_bytes) != NVRTC_SUCCESS || j->cubin_bytes == 0) {
-        snprintf(j->why, sizeof j->why, "no cubin");
-    } else {
-        read_resources(j, log ? log : "", entry);
-        result = 0;
-    }
-    free(log);
-    nvrtcDestroyProgram(&prog);
-    return result;
-}
 
 static const char *expected_entry(int op)
 {
@@ -217,21 +118,16 @@ static const char *expected_entry(int op)
 
 static void run_job(job *j)
 {
-    char *src = NULL;
-    size_t len = 0;
-    const char *entry = NULL;
-    if (fajit__render(&j->v, &src, &len, &entry) != 0) {
-        j->ok = j->expect_refusal; /* a refused variant may be refused by the renderer already */
-        snprintf(j->why, sizeof j->why, "render: %s", fajit__detail());
+    const char *entry = fajit__variant_entry_name(&j->v);
+    if (!entry || strcmp(entry, expected_entry(j->v.op)) != 0) {
+        snprintf(j->why, sizeof j->why, "entry name %s, want %s", entry ? entry : "?",
+                 expected_entry(j->v.op));
         return;
     }
-    if (strcmp(entry, expected_entry(j->v.op)) != 0) {
-        snprintf(j->why, sizeof j->why, "entry name %s, want %s", entry, expected_entry(j->v.op));
-        free(src);
-        return;
-    }
-    const int compiled = compile_rendered(j, src, entry) == 0;
-    free(src);
+    /* Resources are those of the op's own kernel (runtime/compile.c reads its
+     * section of the ptxas report; the other op's kernel is an empty body). */
+    const int compiled = compile_check_run(&j->v, &j->c) == 0;
+    snprintf(j->why, sizeof j->why, "%s", j->c.why);
     if (j->expect_refusal) {
         j->ok = !compiled && strstr(j->why, "not implemented") != NULL;
         if (compiled)
@@ -240,11 +136,11 @@ static void run_job(job *j)
     }
     if (!compiled)
         return;
-    if (j->smem < 0 || j->smem > MAX_STATIC_SMEM || j->registers <= 0)
+    if (j->c.smem < 0 || j->c.smem > MAX_STATIC_SMEM || j->c.registers <= 0)
         snprintf(j->why, sizeof j->why, "resources of %s unreadable, or smem %d > %d", entry,
-                 j->smem, MAX_STATIC_SMEM);
-    else if (j->template_warnings > 0)
-        snprintf(j->why, sizeof j->why, "%d warnings in the templates", j->template_warnings);
+                 j->c.smem, MAX_STATIC_SMEM);
+    else if (j->c.template_warnings > 0)
+        snprintf(j->why, sizeof j->why, "%d warnings in the templates", j->c.template_warnings);
     else
         j->ok = 1;
 }
@@ -278,8 +174,8 @@ static void print_job(const job *j)
     if (j->expect_refusal)
         printf("%s refused as it must: %s\n  (%.120s)\n", j->ok ? "ok  " : "FAIL", text, j->why);
     else if (j->ok)
-        printf("ok   %7.1f ms  regs %3d  smem %5d  spill %d+%d  cubin %6zu  %s\n", j->ms,
-               j->registers, j->smem, j->spill_stores, j->spill_loads, j->cubin_bytes, text);
+        printf("ok   %7.1f ms  regs %3d  smem %5d  spill %d  cubin %6zu  %s\n", j->c.ms,
+               j->c.registers, j->c.smem, j->c.spills, j->c.cubin_bytes, text);
     else
         printf("FAIL %s\n  %s\n", text, j->why);
 }
@@ -295,9 +191,6 @@ static int check_op_numbers(void)
 
 int main(void)
 {
-    /* Where a CUDA driver is installed, NVRTC may serve ptxas output from the
-     * driver's compute cache, with no ptxas report to check. Compile for real. */
-    setenv("CUDA_CACHE_DISABLE", "1", 1);
     int major = 0, minor = 0;
     nvrtcVersion(&major, &minor);
     printf("NVRTC %d.%d, %d threads\n", major, minor, COMPILE_THREADS);
@@ -320,8 +213,8 @@ int main(void)
     for (size_t i = 0; i < p.n; ++i) {
         print_job(&jobs[i]);
         failures += !jobs[i].ok;
-        spilling += jobs[i].ok && (jobs[i].spill_stores > 0 || jobs[i].spill_loads > 0);
-        total_ms += jobs[i].ms;
+        spilling += jobs[i].ok && jobs[i].c.spills > 0;
+        total_ms += jobs[i].c.ms;
     }
     printf("%zu variants, %zu failed, %zu with spills; compile %.0f ms in all (%.0f ms mean), "
            "wall %.0f ms\n",
