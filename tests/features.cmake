@@ -9,13 +9,12 @@ fajit_add_test(test_philox
   LIBS m
   LABELS features)
 
-# NVRTC's library itself (the test must run where no libcuda.so.1 exists).
+# Compiles through the library's own compile step (tests/compile_check.c).
 fajit_add_test(test_ref_features_compile
-  SOURCES test_ref_features_compile.c ${FAJIT_CODEGEN_OBJS}
-  LIBS ${CUDA_nvrtc_LIBRARY} ${XXHASH_LIBRARY} Threads::Threads
+  SOURCES test_ref_features_compile.c compile_check.c
+  LIBS fajit_static Threads::Threads
   LABELS features)
 target_include_directories(test_ref_features_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
-set_property(TEST test_ref_features_compile APPEND PROPERTY ENVIRONMENT "CUDA_CACHE_DISABLE=1")
 
 fajit_add_test(test_features_api SOURCES test_features_api.c LIBS fajit LABELS features)
 

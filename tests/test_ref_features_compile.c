@@ -6,7 +6,6 @@
  * sm_80 and sm_90. Every compile must yield a cubin, and the templates must
  * warn about nothing.
  */
-#include <nvrtc.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -14,6 +13,7 @@
 #include <string.h>
 
 #include "codegen/variant.h"
+#include "compile_check.h"
 #include "fajit.h"
 #include "runtime/error.h"
 
@@ -74,52 +74,17 @@ static void build_jobs(void)
     }
 }
 
-/* Warnings located in a template file (NVRTC names them thanks to #line); the
- * prelude's unused constants are not the templates' business. */
-static int template_warnings(const char *log)
-{
-    int n = 0;
-    for (const char *p = log; (p = strstr(p, "warning")) != NULL; ++p) {
-        const char *line = p;
-        while (line > log && line[-1] != '\n')
-            --line;
-        if (strstr(line, ".cuh(") && strstr(line, ".cuh(") < p)
-            ++n;
-    }
-    return n;
-}
-
 static void run_job(job *j)
 {
-    char *src = NULL, *log = NULL, arch_opt[64];
-    size_t len = 0, cubin = 0, log_len = 0;
-    const char *entry = NULL;
-    nvrtcProgram prog;
-    if (fajit__render(&j->v, &src, &len, &entry) != 0) {
-        snprintf(j->why, sizeof j->why, "render: %s", fajit__detail());
-        return;
-    }
-    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=sm_%d", j->v.arch);
-    const char *opts[] = {"-std=c++17", arch_opt};
-    if (nvrtcCreateProgram(&prog, src, "fajit_ref.cu", 0, NULL, NULL) != NVRTC_SUCCESS) {
-        snprintf(j->why, sizeof j->why, "nvrtcCreateProgram failed");
-        free(src);
-        return;
-    }
-    nvrtcResult rc = nvrtcCompileProgram(prog, 2, opts);
-    if (nvrtcGetProgramLogSize(prog, &log_len) == NVRTC_SUCCESS && (log = calloc(1, log_len + 1)))
-        nvrtcGetProgramLog(prog, log);
-    if (rc != NVRTC_SUCCESS)
-        snprintf(j->why, sizeof j->why, "%s: %.500s", nvrtcGetErrorString(rc), log ? log : "");
-    else if (nvrtcGetCUBINSize(prog, &cubin) != NVRTC_SUCCESS || cubin == 0)
+    compile_check c;
+    if (compile_check_run(&j->v, &c) != 0)
+        snprintf(j->why, sizeof j->why, "%s", c.why);
+    else if (c.cubin_bytes == 0)
         snprintf(j->why, sizeof j->why, "no cubin");
-    else if (log && template_warnings(log) > 0)
-        snprintf(j->why, sizeof j->why, "warnings: %.500s", log);
+    else if (c.template_warnings > 0)
+        snprintf(j->why, sizeof j->why, "%d warnings in the templates", c.template_warnings);
     else
         j->ok = 1;
-    free(log);
-    free(src);
-    nvrtcDestroyProgram(&prog);
 }
 
 static void *worker(void *unused)
