@@ -10,7 +10,6 @@
 #include <stddef.h>
 #include <string.h>
 
-#include "codegen/embedded.h"
 #include "runtime/runtime.h"
 #include "templates/fwd_params.h"
 
@@ -184,15 +183,6 @@ static const char *fast_fwd_refusal(const fajit_attn_args *a, const struct fajit
     return NULL;
 }
 
-/* The fast forward's template is part of this build (it lands in steps). */
-static int fast_fwd_built(void)
-{
-    for (size_t i = 0; i < fajit__embedded_count; i++)
-        if (strcmp(fajit__embedded_files[i].name, "flash_fwd.cuh") == 0)
-            return 1;
-    return 0;
-}
-
 /* A window that reaches past every row's keys on one side bounds nothing:
  * -1 instead, so equivalent calls share a variant. The diagonal of row i is i
  * (top-left) or i + seqlen_k - seqlen_q; under varlen the lengths are maxima,
@@ -239,12 +229,11 @@ static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct faji
     const char *why = fast_fwd_refusal(a, p);
     if (!why && !fajit__fast_fwd_supports(features))
         why = "the fast forward lacks a feature asked for (dropout, softcap, ALiBi or varlen)";
-    if (!why && fast_fwd_built())
+    if (!why)
         return FAJIT__OP_FWD;
     if (a->kernel != FAJIT_KERNEL_REFERENCE && atomic_exchange(&fallback_logged, 1) == 0)
         fajit__log(&ctx->log, FAJIT_LOG_INFO, "dqk=%lld dv=%lld: %s; using the reference kernel",
-                   (long long)a->dqk, (long long)a->dv,
-                   why ? why : "the fast forward is not in this build");
+                   (long long)a->dqk, (long long)a->dv, why);
     return FAJIT__OP_REF;
 }
 
