@@ -33,7 +33,7 @@ const char *fajit__variant_template_name(const fajit__variant *v)
  * others padded to an odd chunk count. */
 static size_t fwd_row_bytes(int dim)
 {
-    size_t chunks = (size_t)dim / 8;
+    size_t chunks = ((size_t)dim + 7) / 8; /* a head dim not a multiple of 8 pads its last chunk */
     return (chunks % 8 == 0 ? chunks : (chunks | 1)) * 16;
 }
 
