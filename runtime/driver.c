@@ -72,7 +72,26 @@ static const struct {
     SYM(eventSynchronize, "cuEventSynchronize"),
     SYM(eventElapsedTime, "cuEventElapsedTime"),
 };
+
+/* All or nothing: see has_async_alloc in driver.h. */
+static const struct {
+    const char *name;
+    size_t offset;
+} async_alloc[] = {
+    SYM(memAllocAsync, "cuMemAllocAsync"),
+    SYM(memFreeAsync, "cuMemFreeAsync"),
+    SYM(memsetD32Async, "cuMemsetD32Async"),
+};
 #undef SYM
+
+static void load_async_alloc_symbols(void *lib)
+{
+    drv.has_async_alloc = 1;
+    for (size_t i = 0; i < sizeof async_alloc / sizeof async_alloc[0]; i++)
+        if (load_symbol(lib, async_alloc[i].name, (char *)&drv + async_alloc[i].offset,
+                        sizeof drv.init) != 0)
+            drv.has_async_alloc = 0;
+}
 
 static void load_timing_symbols(void *lib)
 {
@@ -98,6 +117,7 @@ static int load_symbols(void *lib)
     if (load_symbol(lib, "cuCtxGetId", &drv.ctxGetId, sizeof drv.ctxGetId) != 0)
         drv.ctxGetId = NULL;
     load_timing_symbols(lib);
+    load_async_alloc_symbols(lib);
     return 0;
 }
 
@@ -153,4 +173,29 @@ int fajit__cu_fail(CUresult r, const char *what)
     return fajit__fail(r == CUDA_ERROR_NO_DEVICE || r == CUDA_ERROR_INVALID_DEVICE ? FAJIT_ENOGPU
                                                                                    : FAJIT_ECUDA,
                        "%s: %s: %s", what, name ? name : "?", text ? text : "?");
+}
+
+int fajit__scratch_alloc(const fajit__driver *d, size_t bytes, CUstream stream, CUdeviceptr *out,
+                         const char *what)
+{
+    CUresult r;
+    *out = 0;
+    if (!d->has_async_alloc)
+        return fajit__fail(FAJIT_ECUDA, "%s needs %zu bytes of scratch, and this driver lacks "
+                           "cuMemAllocAsync (CUDA 11.2 or later)", what, bytes);
+    r = d->memAllocAsync(out, bytes ? bytes : 1, stream);
+    if (r != CUDA_SUCCESS) {
+        *out = 0;
+        return fajit__cu_fail(r, what);
+    }
+    return 0;
+}
+
+int fajit__scratch_free(const fajit__driver *d, CUdeviceptr p, CUstream stream)
+{
+    CUresult r;
+    if (!p)
+        return 0;
+    r = d->memFreeAsync(p, stream);
+    return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuMemFreeAsync(scratch)");
 }

@@ -48,6 +48,15 @@ typedef struct fajit__driver {
     CUresult (*eventRecord)(CUevent, CUstream);
     CUresult (*eventSynchronize)(CUevent);
     CUresult (*eventElapsedTime)(float *, CUevent, CUevent);
+    /* Stream-ordered scratch (CUDA 11.2+), loaded as a group apart:
+     * has_async_alloc is 1 only if all are there. Kernels that need scratch
+     * (split-KV partials, the backward's dQ accumulator) allocate it on the
+     * caller's stream and free it there after the last kernel reading it, so
+     * calls on different streams never share a buffer. */
+    int has_async_alloc;
+    CUresult (*memAllocAsync)(CUdeviceptr *, size_t, CUstream);
+    CUresult (*memFreeAsync)(CUdeviceptr, CUstream);
+    CUresult (*memsetD32Async)(CUdeviceptr, unsigned int, size_t, CUstream);
 } fajit__driver;
 
 /* The driver table, loaded and cuInit'ed once per process. FAJIT_ENOGPU with a
@@ -58,5 +67,13 @@ int fajit__driver_get(const fajit__driver **out);
 /* Records a CUDA failure: FAJIT_ECUDA (FAJIT_ENOGPU for "no device" errors) with
  * "<what>: CUDA_ERROR_NAME: description". */
 int fajit__cu_fail(CUresult r, const char *what);
+
+/* Stream-ordered scratch: `bytes` (at least 1) on `stream`, freed with
+ * fajit__scratch_free on the same stream after the last kernel using it is
+ * enqueued. FAJIT_ECUDA naming `what` when the driver lacks the calls or the
+ * allocation fails (*out is 0 then). */
+int fajit__scratch_alloc(const fajit__driver *d, size_t bytes, CUstream stream, CUdeviceptr *out,
+                         const char *what);
+int fajit__scratch_free(const fajit__driver *d, CUdeviceptr p, CUstream stream);
 
 #endif
