@@ -159,28 +159,38 @@ unsigned long long fajit__context_id(const fajit__driver *drv, CUcontext cu)
 
 /* The last answer is kept per thread, keyed by the context's unique id, so a
  * warm call makes no driver call for it. */
-int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
-                        int *arch)
+int fajit__context_device(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
+                          int *arch, CUdevice *dev)
 {
     static _Thread_local unsigned long long last_id;
     static _Thread_local int last_arch;
+    static _Thread_local CUdevice last_dev;
     fajit__device_info info;
-    CUdevice dev;
+    CUdevice d;
     CUresult r;
     int rc;
 
     if (cu_id != 0 && cu_id == last_id) {
         *arch = last_arch;
+        *dev = last_dev;
         return 0;
     }
-    if ((r = drv->ctxGetDevice(&dev)) != CUDA_SUCCESS)
+    if ((r = drv->ctxGetDevice(&d)) != CUDA_SUCCESS)
         return fajit__cu_fail(r, "cuCtxGetDevice");
-    if ((rc = fajit__device_info_get(ctx, drv, dev, &info)) != 0)
+    if ((rc = fajit__device_info_get(ctx, drv, d, &info)) != 0)
         return rc;
     if (info.arch < 80)
         return fajit__fail(FAJIT_EUNSUPPORTED, "GPU arch sm_%d: fajit needs sm_80 or newer",
                            info.arch);
     last_id = cu_id;
     last_arch = *arch = info.arch;
+    last_dev = *dev = d;
     return 0;
+}
+
+int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
+                        int *arch)
+{
+    CUdevice dev;
+    return fajit__context_device(ctx, drv, cu_id, arch, &dev);
 }

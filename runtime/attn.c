@@ -8,9 +8,11 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "runtime/runtime.h"
+#include "runtime/tune.h"
 #include "templates/fwd_params.h"
 
 #define MAX_GRID_YZ 65535
@@ -237,15 +239,20 @@ static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct faji
     return FAJIT__OP_REF;
 }
 
-/* The variant for validated arguments on a device of the given arch. */
-static void derive_variant(fajit_ctx *ctx, const fajit_attn_args *a,
-                           const struct fajit_fwd_params *p, int arch, fajit__variant *v)
+/* The variant for validated arguments on a device of the given arch: tiles
+ * tuned on that device (dev >= 0) when the store has them, else the
+ * heuristic's. */
+static void derive_variant(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev,
+                           const fajit_attn_args *a, const struct fajit_fwd_params *p, int arch,
+                           fajit__variant *v)
 {
     derive_features(a, v);
     v->op = choose_op(ctx, a, p, v);
     v->arch = arch;
     v->arch_suffix = 0;
     fajit__heuristic_tiles(v);
+    if (drv && dev >= 0)
+        fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, v);
 }
 
 int fajit__configure_function(const fajit__driver *drv, const fajit__variant *v, CUfunction fn)
@@ -278,6 +285,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     fajit__variant v;
     CUfunction fn;
     CUcontext cu;
+    CUdevice dev = -1;
     unsigned long long cu_id;
     int rc, pushed, arch = 0;
 
@@ -291,9 +299,9 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
         return rc;
     cu_id = fajit__context_id(drv, cu);
-    rc = fajit__context_arch(ctx, drv, cu_id, &arch);
+    rc = fajit__context_device(ctx, drv, cu_id, &arch, &dev);
     if (rc == 0) {
-        derive_variant(ctx, &a, &p, arch, &v); /* checked on a table miss */
+        derive_variant(ctx, drv, dev, &a, &p, arch, &v); /* checked on a table miss */
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
     }
     if (rc == 0)
@@ -301,6 +309,19 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     if (pushed)
         drv->ctxPopCurrent(&cu);
     return rc;
+}
+
+/* What fajit_attn_fwd would launch on the context's device: its tuned tiles
+ * when a GPU is there and the store has them (the caller's error detail kept). */
+static void tuned_tiles_of_ctx_device(fajit_ctx *ctx, const fajit_attn_args *a, fajit__variant *v)
+{
+    const fajit__driver *drv;
+    char saved[FAJIT__DETAIL_MAX];
+    CUdevice dev;
+    snprintf(saved, sizeof saved, "%s", fajit__detail());
+    if (fajit__driver_get(&drv) == 0 && drv->deviceGet(&dev, ctx->device) == CUDA_SUCCESS)
+        fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, v);
+    fajit__fail(0, "%s", saved);
 }
 
 int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, size_t cap)
@@ -315,7 +336,8 @@ int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, s
     if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
         (rc = fill_params(&a, &p)))
         return rc;
-    derive_variant(ctx, &a, &p, fajit__default_arch(ctx), &v);
+    derive_variant(ctx, NULL, -1, &a, &p, fajit__default_arch(ctx), &v);
+    tuned_tiles_of_ctx_device(ctx, &a, &v);
     rc = fajit__variant_check(&v);
     return rc != 0 ? rc : fajit__variant_format(&v, buf, cap);
 }

@@ -9,6 +9,7 @@
 #include <strings.h>
 
 #include "runtime/runtime.h"
+#include "runtime/tune.h"
 
 const char *fajit_version(void) { return FAJIT_VERSION_STRING; }
 
@@ -224,6 +225,7 @@ void fajit_destroy(fajit_ctx *ctx)
     }
     fajit__kernel_table_free(ctx, drv);
     fajit__store_close(ctx->store); /* flushes the counters */
+    fajit__tuned_forget(); /* a later context may get this address and another cache */
     pthread_mutex_destroy(&ctx->lock);
     free(ctx);
 }

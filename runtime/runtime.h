@@ -163,4 +163,8 @@ unsigned long long fajit__context_id(const fajit__driver *drv, CUcontext cu);
 int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
                         int *arch);
 
+/* The same, with the device as well. */
+int fajit__context_device(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
+                          int *arch, CUdevice *dev);
+
 #endif

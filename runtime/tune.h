@@ -49,8 +49,17 @@ int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity
 int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucket,
                        const fajit__gpu_identity *gpu, fajit__variant *out);
 
-/* Forgets the remembered answers (tuning just stored new records). */
+/* Forgets the remembered answers (tuning stored or cleared records, records
+ * were imported, or a context was destroyed). */
 void fajit__tuned_forget(void);
+
+/* The launch path's tiles: v (full, op fwd, tiles by the heuristic) takes the
+ * tuned tiles for the device `dev` and seqlen_k's bucket when the store has
+ * a record, else keeps the heuristic's. Returns 1 if tuned tiles were taken.
+ * Never fails (no record, no GPU identity or no store all mean the
+ * heuristic); a repeat of the thread's last lookup costs a compare. */
+int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, int64_t seqlen_k,
+                        fajit__variant *v);
 
 /* The candidates tuning tries for v (op fwd): bm {64, 128} x bn {32, 64,
  * 128} x warps {4, 8} x stages {1, 2, 3}, minus those the static rules

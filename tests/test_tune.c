@@ -168,6 +168,92 @@ static void test_records(void)
     fajit_destroy(ctx);
 }
 
+/* A driver that knows one device: the H100 of gpu_a(). Only what the GPU
+ * identity reads is there; anything else would crash the test, loudly. */
+static CUresult fake_name(char *name, int len, CUdevice dev)
+{
+    (void)dev;
+    snprintf(name, (size_t)len, "NVIDIA H100 80GB HBM3");
+    return CUDA_SUCCESS;
+}
+
+static CUresult fake_attribute(int *out, CUdevice_attribute a, CUdevice dev)
+{
+    (void)dev;
+    *out = a == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR   ? 9
+           : a == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR ? 0
+           : a == CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT     ? 132
+                                                               : 0;
+    return CUDA_SUCCESS;
+}
+
+/* The launch path's choice (fajit__launch_tiles): tuned tiles when a record
+ * beats the heuristic's clearly, the heuristic's otherwise, and a fresh
+ * answer once records change. */
+static void test_launch_tiles(void)
+{
+    char dir[1024];
+    fajit_ctx *ctx = open_ctx(cache_dir("launch", dir, sizeof dir));
+    fajit__gpu_identity g = gpu_a();
+    fajit__driver drv;
+    const CUdevice dev = FAJIT__MAX_DEVICES - 1; /* a slot no real device of this test uses */
+    fajit__variant heur = fwd_variant(96, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET);
+    memset(&drv, 0, sizeof drv);
+    drv.deviceGetName = fake_name;
+    drv.deviceGetAttribute = fake_attribute;
+    drv.version = g.driver_version;
+    fajit__heuristic_tiles(&heur);
+    fajit__variant other = heur, v = heur;
+    other.bm = heur.bm == 64 ? 128 : 64; /* a candidate tuning could pick, not the heuristic's */
+    other.warps = other.bm / 16;
+    other.stages = 1;
+    CHECK(fajit__tune_static_refusal(&other, dir, sizeof dir) == NULL,
+          "the other candidate bm=%d bn=%d warps=%d stages=%d is one tuning tries", other.bm,
+          other.bn, other.warps, other.stages);
+
+    fajit__tuned_forget();
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 &&
+              memcmp(&v, &heur, sizeof v) == 0,
+          "no record: the heuristic's tiles (bm=%d bn=%d warps=%d stages=%d)", v.bm, v.bn,
+          v.warps, v.stages);
+    CHECK(put_record(ctx, &g, ctx->build_id, &heur, fajit__seqlen_bucket(2048), 1000) == 0 &&
+              put_record(ctx, &g, ctx->build_id, &other, fajit__seqlen_bucket(2048), 990) == 0,
+          "records: heuristic 1000 ns, other 990 ns");
+    fajit__tuned_forget(); /* what tuning does after storing */
+    v = heur;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 1 && memcmp(&v, &heur, sizeof v) == 0,
+          "a 1%% win does not leave the heuristic's tiles (bm=%d)", v.bm);
+    CHECK(put_record(ctx, &g, ctx->build_id, &other, fajit__seqlen_bucket(2048), 900) == 0,
+          "record: other 900 ns");
+    fajit__tuned_forget();
+    v = heur;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 1 && v.bm == other.bm &&
+              v.warps == other.warps && v.stages == other.stages,
+          "a 10%% win takes the tuned tiles (bm=%d warps=%d stages=%d)", v.bm, v.warps,
+          v.stages);
+    v = heur;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 1 && v.bm == other.bm,
+          "the repeat of the last lookup answers the same");
+    v = heur;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 64 * 1024, &v) == 0 && v.bm == heur.bm,
+          "another length bucket was not tuned: the heuristic's");
+    v = heur;
+    v.mask = FAJIT_MASK_CAUSAL;
+    fajit__variant causal = v;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 && memcmp(&v, &causal, sizeof v) == 0,
+          "another variant (causal) was not tuned: the heuristic's");
+    CHECK(fajit_tuning_clear(ctx) == 0, "clear the tuning records");
+    v = heur;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 && v.bm == heur.bm,
+          "after clearing, the heuristic's again (the per-thread memo saw the change)");
+    fajit__variant ref = heur;
+    ref.op = FAJIT__OP_REF;
+    v = ref;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 && memcmp(&v, &ref, sizeof v) == 0,
+          "the reference op is never tuned");
+    fajit_destroy(ctx);
+}
+
 static void test_candidates(void)
 {
     fajit__variant base = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET,
@@ -389,6 +475,7 @@ static void test_cli(void)
 int main(void)
 {
     test_records();
+    test_launch_tiles();
     test_parser();
     test_candidates();
     test_bundle();
