@@ -73,6 +73,8 @@ struct fajit_ctx {
     fajit__kernel_table table;
     fajit__device_info devices[FAJIT__MAX_DEVICES];
     CUcontext primary;    /* retained primary context of `device`, or NULL */
+    int tuned_tiles;      /* 1: launches take tuned tiles when the store has them;
+                             0 ($FAJIT_TUNED_TILES=0): the heuristic's, for comparisons */
 };
 
 /* Build identity: XXH3-128 of the codegen digest (templates + codegen sources),

@@ -433,7 +433,7 @@ int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, 
     int bucket, found = 0;
     unsigned generation;
 
-    if (v->op != FAJIT__OP_FWD || !ctx->store)
+    if (v->op != FAJIT__OP_FWD || !ctx->store || !ctx->tuned_tiles)
         return 0;
     bucket = fajit__seqlen_bucket(seqlen_k);
     generation = atomic_load_explicit(&memo_generation, memory_order_acquire);

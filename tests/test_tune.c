@@ -234,6 +234,13 @@ static void test_launch_tiles(void)
     v = heur;
     CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 1 && v.bm == other.bm,
           "the repeat of the last lookup answers the same");
+    setenv("FAJIT_TUNED_TILES", "0", 1);
+    fajit_ctx *off = open_ctx(dir);
+    unsetenv("FAJIT_TUNED_TILES");
+    v = heur;
+    CHECK(fajit__launch_tiles(off, &drv, dev, 2048, &v) == 0 && memcmp(&v, &heur, sizeof v) == 0,
+          "FAJIT_TUNED_TILES=0: the heuristic's tiles despite the record");
+    fajit_destroy(off);
     v = heur;
     CHECK(fajit__launch_tiles(ctx, &drv, dev, 64 * 1024, &v) == 0 && v.bm == heur.bm,
           "another length bucket was not tuned: the heuristic's");
