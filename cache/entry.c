@@ -92,6 +92,33 @@ static void write_header(uint8_t *h, const fajit__entry_meta *m, uint32_t key_le
     put_u64(h + OFF_CHECKSUM, 0);
 }
 
+_Static_assert(HEADER_LEN == FAJIT__ENTRY_HEADER_LEN, "entry.h and entry.c disagree on the header");
+
+/* Size of an entry with these parts; 0 with a detail if it cannot be one. */
+static size_t entry_size(size_t full_key_len, size_t cubin_len)
+{
+    if (full_key_len > UINT32_MAX) {
+        fajit__fail(FAJIT_EINVAL, "cache entry: full key of %zu bytes exceeds 4 GiB",
+                    full_key_len);
+        return 0;
+    }
+    if (cubin_len > SIZE_MAX - HEADER_LEN - full_key_len) {
+        fajit__fail(FAJIT_EINVAL, "cache entry: cubin of %zu bytes is too large", cubin_len);
+        return 0;
+    }
+    return HEADER_LEN + full_key_len + cubin_len;
+}
+
+/* Header, full key and checksum around a cubin already at its place. */
+static void seal(uint8_t *buf, size_t len, const fajit__entry_meta *meta, const uint8_t *full_key,
+                 size_t full_key_len, size_t cubin_len)
+{
+    write_header(buf, meta, (uint32_t)full_key_len, cubin_len);
+    if (full_key_len)
+        memcpy(buf + HEADER_LEN, full_key, full_key_len);
+    put_u64(buf + OFF_CHECKSUM, entry_checksum(buf, len));
+}
+
 int fajit__entry_encode(const fajit__entry_meta *meta, const uint8_t *full_key,
                         size_t full_key_len, const uint8_t *cubin, size_t cubin_len,
                         uint8_t **out, size_t *out_len)
@@ -100,23 +127,35 @@ int fajit__entry_encode(const fajit__entry_meta *meta, const uint8_t *full_key,
         return fajit__fail(FAJIT_EINVAL, "cache entry: NULL argument");
     *out = NULL;
     *out_len = 0;
-    if (full_key_len > UINT32_MAX)
-        return fajit__fail(FAJIT_EINVAL, "cache entry: full key of %zu bytes exceeds 4 GiB",
-                           full_key_len);
-    if (cubin_len > SIZE_MAX - HEADER_LEN - full_key_len)
-        return fajit__fail(FAJIT_EINVAL, "cache entry: cubin of %zu bytes is too large",
-                           cubin_len);
-    size_t len = HEADER_LEN + full_key_len + cubin_len;
+    size_t len = entry_size(full_key_len, cubin_len);
+    if (len == 0)
+        return FAJIT_EINVAL;
     uint8_t *buf = fajit__malloc(len);
     if (!buf)
         return fajit__fail(FAJIT_ENOMEM, "cache entry: cannot allocate %zu bytes", len);
-    write_header(buf, meta, (uint32_t)full_key_len, cubin_len);
-    if (full_key_len)
-        memcpy(buf + HEADER_LEN, full_key, full_key_len);
     if (cubin_len)
         memcpy(buf + HEADER_LEN + full_key_len, cubin, cubin_len);
-    put_u64(buf + OFF_CHECKSUM, entry_checksum(buf, len));
+    seal(buf, len, meta, full_key, full_key_len, cubin_len);
     *out = buf;
+    *out_len = len;
+    return 0;
+}
+
+int fajit__entry_encode_in_place(uint8_t *buf, size_t cap, const fajit__entry_meta *meta,
+                                 const uint8_t *full_key, size_t full_key_len, size_t cubin_len,
+                                 size_t *out_len)
+{
+    if (!buf || !meta || !out_len || (!full_key && full_key_len))
+        return fajit__fail(FAJIT_EINVAL, "cache entry: NULL argument");
+    size_t len = entry_size(full_key_len, cubin_len);
+    if (len == 0)
+        return FAJIT_EINVAL;
+    if (len > cap)
+        return fajit__fail(FAJIT_EINVAL, "cache entry: %zu bytes do not fit in a buffer of %zu",
+                           len, cap);
+    if (cubin_len)
+        memmove(buf + HEADER_LEN + full_key_len, buf, cubin_len);
+    seal(buf, len, meta, full_key, full_key_len, cubin_len);
     *out_len = len;
     return 0;
 }

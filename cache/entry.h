@@ -13,6 +13,13 @@
 
 #define FAJIT__ENTRY_MAGIC "FAJITCE\x01"
 #define FAJIT__ENTRY_FORMAT_VERSION 1u
+#define FAJIT__ENTRY_HEADER_LEN 64u
+
+/* Spare bytes a buffer holding a cubin needs after it for
+ * fajit__entry_encode_in_place to make an entry of it, with a full key of up
+ * to FAJIT__ENTRY_KEY_ROOM bytes (the runtime's are about 120). */
+#define FAJIT__ENTRY_KEY_ROOM 256u
+#define FAJIT__ENTRY_ROOM (FAJIT__ENTRY_HEADER_LEN + FAJIT__ENTRY_KEY_ROOM)
 
 typedef struct fajit__entry_meta {
     uint32_t arch;          /* sm number, e.g. 90 */
@@ -37,6 +44,16 @@ typedef struct fajit__entry_view {
 int fajit__entry_encode(const fajit__entry_meta *meta, const uint8_t *full_key,
                         size_t full_key_len, const uint8_t *cubin, size_t cubin_len,
                         uint8_t **out, size_t *out_len);
+
+/* Makes an entry of buf without allocating: buf's first cubin_len bytes are
+ * the cubin, and it holds cap bytes, at least 64 + full_key_len + cubin_len.
+ * The cubin is moved up and the header and full key written before it;
+ * *out_len is the entry's length. 0 or FAJIT_EINVAL (buf too small). Why: a
+ * kernel just compiled must not be lost for want of a second buffer between
+ * the compile and the store (issue 6, scenario 8). */
+int fajit__entry_encode_in_place(uint8_t *buf, size_t cap, const fajit__entry_meta *meta,
+                                 const uint8_t *full_key, size_t full_key_len, size_t cubin_len,
+                                 size_t *out_len);
 
 /* Validates magic, version, every length, and the checksum, then fills *view.
  * 0, or FAJIT_ECORRUPT with *why (static text) saying what is wrong (why may be

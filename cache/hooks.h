@@ -23,7 +23,7 @@ typedef struct fajit__hooks {
                           (ENOSPC, EIO...) */
     int open_errno;    /* nonzero: opening an environment read-write fails with this errno
                           (EACCES, EROFS...) */
-    /* ---- allocations in cache/ and runtime/{kernels,api,context}.c (fajit__malloc) */
+    /* ---- allocations in cache/ and runtime/{kernels,compile,api}.c (fajit__malloc) */
     _Atomic long alloc_fail_at; /* nonzero: the Nth hooked allocation from now fails */
     _Atomic long alloc_count;   /* hooked allocations since alloc_fail_at was set */
     /* ---- runtime/kernels.c: the key */

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cache/hooks.h"
 #include "runtime/runtime.h"
 
 /* Fixed options; the arch option is added per variant. Changing this text
@@ -53,28 +54,29 @@ static double now_us(void)
     return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
 }
 
-/* Sum of every "<n> <unit>" number following `tag` in the ptxas report. */
-static uint32_t sum_after(const char *log, const char *tag, const char *unit)
+/* Sum of every "<n> <unit>" number following `tag` in log[0, end). */
+static uint32_t sum_after(const char *log, const char *end, const char *tag, const char *unit)
 {
     uint32_t total = 0;
-    for (const char *p = strstr(log, tag); p; p = strstr(p + 1, tag)) {
+    for (const char *p = strstr(log, tag); p && p < end; p = strstr(p + 1, tag)) {
         const char *q = p + strlen(tag);
         unsigned long n;
-        char *end;
+        char *stop;
         while (*q == ' ')
             q++;
-        n = strtoul(q, &end, 10);
-        if (end != q && strncmp(end, unit, strlen(unit)) == 0)
+        n = strtoul(q, &stop, 10);
+        if (stop != q && strncmp(stop, unit, strlen(unit)) == 0)
             total += (uint32_t)n;
     }
     return total;
 }
 
-/* Sum of every number written just before `tag` ("8 bytes spill"). */
-static uint32_t sum_before(const char *log, const char *tag)
+/* Sum of every number written just before `tag` ("8 bytes spill") in
+ * log[0, end). */
+static uint32_t sum_before(const char *log, const char *end, const char *tag)
 {
     uint32_t total = 0;
-    for (const char *p = strstr(log, tag); p; p = strstr(p + 1, tag)) {
+    for (const char *p = strstr(log, tag); p && p < end; p = strstr(p + 1, tag)) {
         const char *q = p;
         while (q > log && q[-1] == ' ')
             q--;
@@ -85,57 +87,65 @@ static uint32_t sum_before(const char *log, const char *tag)
     return total;
 }
 
-/* ptxas lines: "Used 40 registers, used 1 barriers, 1024 bytes smem" and
- * "0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads". */
-static void parse_resource_usage(const char *log, fajit__entry_meta *m)
+/* ptxas lines in log[0, end): "Used 40 registers, used 1 barriers, 1024
+ * bytes smem" and "0 bytes stack frame, 8 bytes spill stores, 8 bytes spill
+ * loads". */
+static void parse_resource_usage(const char *log, const char *end, fajit__entry_meta *m)
 {
-    m->registers = sum_after(log, "Used", " registers");
-    m->spill_bytes = sum_before(log, "bytes spill");
-    m->smem_bytes = sum_before(log, "bytes smem");
+    m->registers = sum_after(log, end, "Used", " registers");
+    m->spill_bytes = sum_before(log, end, "bytes spill");
+    m->smem_bytes = sum_before(log, end, "bytes smem");
 }
 
 /* ptxas reports each kernel in turn from "Compiling entry function '<name>'":
  * the resources recorded are those of the variant's own kernel (a template may
- * define others, e.g. the reference backward's empty twin). */
+ * define others, e.g. the reference backward's empty twin). The section is
+ * parsed in place: a copy could fail for want of memory and silently widen
+ * the sums to every kernel. */
 static void parse_entry_resources(const char *log, const char *entry, fajit__entry_meta *m)
 {
-    char marker[160], *section;
+    char marker[160];
     const char *at, *next;
     snprintf(marker, sizeof marker, "entry function '%s'", entry ? entry : "");
     at = entry ? strstr(log, marker) : NULL;
     if (!at) {
-        parse_resource_usage(log, m);
+        parse_resource_usage(log, log + strlen(log), m);
         return;
     }
     next = strstr(at + strlen(marker), "Compiling entry function");
-    section = strndup(at, next ? (size_t)(next - at) : strlen(at));
-    parse_resource_usage(section ? section : log, m);
-    free(section);
+    parse_resource_usage(at, next ? next : at + strlen(at), m);
 }
 
-static char *program_log(nvrtcProgram prog)
+/* NVRTC's log (*log NULL when it has none). Without memory for it the
+ * compile fails: the ptxas report in it is the entry's resource usage. */
+static int program_log(nvrtcProgram prog, char **log)
 {
     size_t n = 0;
-    char *log;
+    *log = NULL;
     if (nvrtcGetProgramLogSize(prog, &n) != NVRTC_SUCCESS || n == 0)
-        return NULL;
-    log = malloc(n + 1);
-    if (!log)
-        return NULL;
-    if (nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS)
-        log[0] = '\0';
-    log[n] = '\0';
-    return log;
+        return 0;
+    *log = fajit__malloc(n + 1);
+    if (!*log)
+        return fajit__fail(FAJIT_ENOMEM, "NVRTC log of %zu bytes", n + 1);
+    if (nvrtcGetProgramLog(prog, *log) != NVRTC_SUCCESS)
+        (*log)[0] = '\0';
+    (*log)[n] = '\0';
+    return 0;
 }
 
+/* The cubin, in a buffer with FAJIT__ENTRY_ROOM spare bytes after it, so
+ * that runtime/kernels.c makes the cache entry in place (no allocation that
+ * could lose the kernel between the compile and the store). */
 static int take_cubin(nvrtcProgram prog, fajit__compiled *out)
 {
     size_t n = 0;
     if (nvrtcGetCUBINSize(prog, &n) != NVRTC_SUCCESS || n == 0)
         return fajit__fail(FAJIT_ECOMPILE, "NVRTC produced no cubin");
-    out->cubin = malloc(n);
+    if (n > SIZE_MAX - FAJIT__ENTRY_ROOM)
+        return fajit__fail(FAJIT_ECOMPILE, "NVRTC cubin of %zu bytes", n);
+    out->cubin = fajit__malloc(n + FAJIT__ENTRY_ROOM);
     if (!out->cubin)
-        return fajit__fail(FAJIT_ENOMEM, "cubin of %zu bytes", n);
+        return fajit__fail(FAJIT_ENOMEM, "cubin of %zu bytes", n + FAJIT__ENTRY_ROOM);
     if (nvrtcGetCUBIN(prog, (char *)out->cubin) != NVRTC_SUCCESS) {
         free(out->cubin);
         out->cubin = NULL;
@@ -164,7 +174,9 @@ static int run_nvrtc(const char *src, const char *name, const fajit__variant *v,
     if (r != NVRTC_SUCCESS)
         return fajit__fail(FAJIT_ECOMPILE, "nvrtcCreateProgram: %s", nvrtcGetErrorString(r));
     r = nvrtcCompileProgram(prog, (int)(N_FIXED + 1), opts);
-    log = program_log(prog);
+    rc = program_log(prog, &log);
+    if (rc != 0)
+        goto destroy_program;
     if (r != NVRTC_SUCCESS) {
         fajit__variant_format(v, text, sizeof text);
         rc = fajit__fail(FAJIT_ECOMPILE, "NVRTC failed (%s) for '%s':\n%s", nvrtcGetErrorString(r),

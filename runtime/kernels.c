@@ -59,82 +59,119 @@ int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, uint8_t **
 
 /* ---------------------------------------------------------------- entries */
 
-static int compile_entry(const fajit__variant *v, const uint8_t *full_key, size_t full_key_len,
-                         uint8_t **entry, size_t *entry_len)
+/* One lookup of a kernel's entry. The cache is an optimisation: when a step
+ * of it fails (a read, the key lock, a write) the kernel is compiled or kept
+ * in memory and the call goes on. Only the first such step of a call is a
+ * warning, so that a caller sees one per call, not one per step; the others
+ * are logged at INFO. */
+typedef struct lookup {
+    fajit_ctx *ctx;
+    const fajit__variant *v;
+    uint8_t *full_key; /* malloc'd */
+    size_t full_key_len;
+    uint8_t digest[16];
+    int warned;
+} lookup;
+
+static void degraded(lookup *lk, const char *what)
+{
+    fajit__log(&lk->ctx->log, lk->warned ? FAJIT_LOG_INFO : FAJIT_LOG_WARN, "%s: %s", what,
+               fajit__detail());
+    lk->warned = 1;
+}
+
+/* Compiles lk's variant into an entry. The entry is made in the compiled
+ * cubin's own buffer (runtime/compile.c leaves FAJIT__ENTRY_ROOM bytes after
+ * it), so once NVRTC has produced the kernel nothing can lose it for want of
+ * memory: storing it is then all that may fail, and that only costs a warning. */
+static int compile_entry(const lookup *lk, uint8_t **entry, size_t *entry_len)
 {
     fajit__compiled c;
-    int rc = fajit__compile_variant(v, &c);
-    if (rc != 0)
-        return rc;
-    rc = fajit__entry_encode(&c.meta, full_key, full_key_len, c.cubin, c.cubin_len, entry,
-                             entry_len);
+    int rc = fajit__compile_variant(lk->v, &c);
+    if (rc == 0 && lk->full_key_len <= FAJIT__ENTRY_KEY_ROOM) {
+        rc = fajit__entry_encode_in_place(c.cubin, c.cubin_len + FAJIT__ENTRY_ROOM, &c.meta,
+                                          lk->full_key, lk->full_key_len, c.cubin_len,
+                                          entry_len);
+        if (rc == 0) {
+            *entry = c.cubin;
+            c.cubin = NULL;
+        }
+    } else if (rc == 0) { /* a key larger than the room: never with today's keys */
+        rc = fajit__entry_encode(&c.meta, lk->full_key, lk->full_key_len, c.cubin, c.cubin_len,
+                                 entry, entry_len);
+    }
     fajit__compiled_free(&c);
     return rc;
+}
+
+static void store_entry(lookup *lk, const uint8_t *entry, size_t entry_len)
+{
+    if (fajit__store_put(lk->ctx->store, lk->digest, entry, entry_len) != 0)
+        degraded(lk, "cache put failed, kernel kept in memory");
+}
+
+/* The stored entry for lk, if the store has a valid one. A read that fails
+ * for another reason than a miss (no memory, I/O) is a degraded step. */
+static int stored_entry(lookup *lk, uint8_t **entry, size_t *entry_len)
+{
+    int rc = fajit__store_get(lk->ctx->store, lk->digest, lk->full_key, lk->full_key_len, entry,
+                              entry_len);
+    if (rc != 0 && rc != FAJIT_ENOTFOUND)
+        degraded(lk, "cache read failed, treated as a miss");
+    return rc == 0;
 }
 
 /* Miss in read-write mode: take the key's compile lock, look again (another
  * thread or process may have compiled it while we waited), else compile and
  * store. The lock is held across the compile on purpose: that is what makes a
  * stampede compile once. */
-static int compile_once(fajit_ctx *ctx, const fajit__variant *v, const uint8_t *full_key,
-                        size_t full_key_len, const uint8_t digest[16], uint8_t **entry,
-                        size_t *entry_len, int *cached)
+static int compile_once(lookup *lk, uint8_t **entry, size_t *entry_len, int *cached)
 {
-    fajit__keylock lk;
-    int rc = fajit__store_lock_key(ctx->store, digest, &lk);
+    fajit__keylock kl;
+    int rc = fajit__store_lock_key(lk->ctx->store, lk->digest, &kl);
     if (rc != 0) {
-        fajit__log(&ctx->log, FAJIT_LOG_WARN, "cache lock failed, kernel compiled in memory: %s",
-                   fajit__detail());
-        return compile_entry(v, full_key, full_key_len, entry, entry_len);
+        degraded(lk, "cache lock failed, kernel compiled in memory");
+        return compile_entry(lk, entry, entry_len);
     }
-    if (fajit__store_get(ctx->store, digest, full_key, full_key_len, entry, entry_len) == 0) {
+    if (stored_entry(lk, entry, entry_len)) {
         *cached = 1;
         goto unlock;
     }
-    rc = compile_entry(v, full_key, full_key_len, entry, entry_len);
-    if (rc == 0 && fajit__store_put(ctx->store, digest, *entry, *entry_len) != 0)
-        fajit__log(&ctx->log, FAJIT_LOG_WARN, "cache put failed, kernel kept in memory: %s",
-                   fajit__detail());
+    rc = compile_entry(lk, entry, entry_len);
+    if (rc == 0)
+        store_entry(lk, *entry, *entry_len);
 unlock:
-    fajit__store_unlock_key(ctx->store, &lk);
+    fajit__store_unlock_key(lk->ctx->store, &kl);
     return rc;
 }
 
 /* A fresh compile that replaces what the store holds (after the stored one
  * failed to load); in memory only unless the cache is writable. */
-static int recompile_entry(fajit_ctx *ctx, const fajit__variant *v, const uint8_t *full_key,
-                           size_t full_key_len, const uint8_t digest[16], uint8_t **entry,
-                           size_t *entry_len)
+static int recompile_entry(lookup *lk, uint8_t **entry, size_t *entry_len)
 {
-    int rc = compile_entry(v, full_key, full_key_len, entry, entry_len);
-    if (rc == 0 && ctx->store && ctx->cache_mode == FAJIT_CACHE_READWRITE &&
-        fajit__store_put(ctx->store, digest, *entry, *entry_len) != 0)
-        fajit__log(&ctx->log, FAJIT_LOG_WARN, "cache put failed, kernel kept in memory: %s",
-                   fajit__detail());
+    int rc = compile_entry(lk, entry, entry_len);
+    if (rc == 0 && lk->ctx->store && lk->ctx->cache_mode == FAJIT_CACHE_READWRITE)
+        store_entry(lk, *entry, *entry_len);
     return rc;
 }
 
 static int kernel_entry(fajit_ctx *ctx, const fajit__variant *v, int fresh, uint8_t **entry,
                         size_t *entry_len, int *cached)
 {
-    uint8_t *full_key = NULL, digest[16];
-    size_t full_key_len = 0;
-    int rc = fajit__variant_key(ctx, v, &full_key, &full_key_len, digest);
+    lookup lk = {ctx, v, NULL, 0, {0}, 0};
+    int rc = fajit__variant_key(ctx, v, &lk.full_key, &lk.full_key_len, lk.digest);
     if (rc != 0)
         return rc;
     *cached = 0;
-    if (fresh) {
-        rc = recompile_entry(ctx, v, full_key, full_key_len, digest, entry, entry_len);
-    } else if (ctx->store &&
-               fajit__store_get(ctx->store, digest, full_key, full_key_len, entry, entry_len) ==
-                   0) {
+    if (fresh)
+        rc = recompile_entry(&lk, entry, entry_len);
+    else if (ctx->store && stored_entry(&lk, entry, entry_len))
         *cached = 1;
-    } else if (ctx->store && ctx->cache_mode == FAJIT_CACHE_READWRITE) {
-        rc = compile_once(ctx, v, full_key, full_key_len, digest, entry, entry_len, cached);
-    } else {
-        rc = compile_entry(v, full_key, full_key_len, entry, entry_len);
-    }
-    free(full_key);
+    else if (ctx->store && ctx->cache_mode == FAJIT_CACHE_READWRITE)
+        rc = compile_once(&lk, entry, entry_len, cached);
+    else
+        rc = compile_entry(&lk, entry, entry_len);
+    free(lk.full_key);
     return rc;
 }
 

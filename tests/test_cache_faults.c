@@ -2,11 +2,14 @@
  * tests/test_cache_faults.c - issue 6, scenario 8: fault injection through
  * the test hooks (cache/hooks.h). A store whose writes fail with ENOSPC or
  * EIO still returns the kernel (compiled in memory) with exactly one warning
- * and stays clean; the Nth hooked allocation failing, for every N along the
- * cold (compile and store) and warm (hit) paths, gives either the kernel or
- * FAJIT_ENOMEM - never a crash, a wrong result or a damaged store - and the
- * next call works. Leaks are checked when this runs under valgrind or ASan
- * (tests/valgrind.sh). EACCES and EROFS on open are in test_cache_trust. No GPU.
+ * and stays clean. The Nth hooked allocation of one fajit_compile fails, for
+ * every N along four paths (cold; cold with a size cap, whose puts allocate
+ * an eviction list; warm; warm read-only): the call returns the kernel with
+ * exactly one warning, or FAJIT_ENOMEM naming one of the few allocations it
+ * cannot do without (see `essential`) and no warning - never a crash or a
+ * damaged store; the next call works and the store verifies clean. Leaks are
+ * checked when this runs under valgrind or ASan (tests/valgrind.sh). EACCES
+ * and EROFS on open are in test_cache_trust. No GPU.
  */
 #include <errno.h>
 
@@ -42,41 +45,112 @@ static void test_write_errors(const char *dir)
     fajit_destroy(ctx);
 }
 
-/* Fails the nth hooked allocation of one fajit_compile, for n = 1, 2, ...
- * until a call makes fewer allocations than n. */
-static void alloc_loop(const char *dir, int warm)
+/* The allocations a call cannot do without, each failing with FAJIT_ENOMEM
+ * and this text in its detail: the variant's full key (the lookup key and
+ * part of the entry; runtime/kernels.c, and again in runtime/api.c for the
+ * result's key), NVRTC's log (its ptxas report is the entry's resource usage)
+ * and the cubin's buffer (runtime/compile.c). Every other hooked allocation
+ * (the copy of a stored entry, the store's eviction list...) is a cache step
+ * that may fail: the kernel is then compiled or kept in memory with one
+ * warning. Allocations outside the hook (codegen's source buffer, NVRTC's and
+ * LMDB's own) are not injected. */
+static const char *const essential[] = {"variant key", "NVRTC log", "cubin of"};
+
+static int is_essential(const char *detail)
 {
-    int n, bad = 0, enomem = 0;
-    for (n = 1; n < 200; n++) {
+    for (size_t i = 0; i < sizeof essential / sizeof *essential; i++)
+        if (strstr(detail, essential[i]))
+            return 1;
+    return 0;
+}
+
+enum path { COLD, COLD_CAPPED, WARM, WARM_READONLY };
+static const char *const path_names[] = {"cold", "cold, size cap", "warm", "warm, read-only"};
+
+static fajit_ctx *open_path_ctx(const char *dir, enum path p, log_capture *lc)
+{
+    fajit_options o;
+    fajit_ctx *ctx = NULL;
+    fajit_options_init(&o);
+    o.cache_dir = dir;
+    o.cache_mode = p == WARM_READONLY ? FAJIT_CACHE_READONLY : FAJIT_CACHE_READWRITE;
+    o.cache_max_bytes = p == COLD_CAPPED ? (uint64_t)1 << 30 : 0; /* puts then evict */
+    o.log_level = FAJIT_LOG_WARN;
+    o.log_fn = capture_log;
+    o.log_user = lc;
+    if (fajit_create(&ctx, &o) != 0)
+        printf("     fajit_create(%s): %s\n", dir, fajit_last_error());
+    return ctx;
+}
+
+/* One fajit_compile with its nth hooked allocation failing; 0 if it gave
+ * what it must: the kernel with one warning, or FAJIT_ENOMEM naming an
+ * allocation it cannot do without and no warning; the kernel and no warning
+ * when it made fewer than n allocations (*done then). */
+static int fail_nth(fajit_ctx *ctx, log_capture *lc, enum path p, int n, int *enomem, int *done)
+{
+    fajit_compile_result r;
+    atomic_store(&lc->warnings, 0);
+    fajit__hooks_fail_alloc_at(n);
+    int rc = fajit_compile(ctx, SPEC, &r);
+    long made = atomic_load(&fajit__test_hooks.alloc_count);
+    fajit__hooks_fail_alloc_at(0);
+    int warnings = atomic_load(&lc->warnings);
+    *done = made < n;
+    if (*done) {
+        printf("     %s, allocation %d: none (the call makes %ld): status %d, %d warning(s)\n",
+               path_names[p], n, made, rc, warnings);
+        return rc != 0 || warnings != 0;
+    }
+    if (rc == 0) {
+        printf("     %s, allocation %d: kernel returned (%s), %d warning(s): %s\n",
+               path_names[p], n, r.cached ? "stored" : "compiled", warnings, lc->last);
+        return warnings != 1 || r.cubin_bytes <= 0;
+    }
+    printf("     %s, allocation %d: status %d, %d warning(s): %s\n", path_names[p], n, rc,
+           warnings, fajit_last_error());
+    ++*enomem;
+    return rc != FAJIT_ENOMEM || warnings != 0 || !is_essential(fajit_last_error());
+}
+
+/* Fails the nth hooked allocation of one fajit_compile, for n = 1, 2, ...
+ * until a call makes fewer allocations than n; after each, the next call
+ * works, the store verifies clean and, on the cold paths, holds the entry. */
+static void alloc_loop(const char *dir, enum path p)
+{
+    int n, bad = 0, enomem = 0, done = 0;
+    for (n = 1; n < 200 && !done; n++) {
         fajit_compile_result r;
-        fajit_ctx *ctx = open_ctx(dir, FAJIT_CACHE_READWRITE, NULL);
-        if (!ctx) {
+        log_capture lc = {0};
+        fajit_ctx *ctx = open_path_ctx(dir, p, &lc);
+        if (!ctx || fail_nth(ctx, &lc, p, n, &enomem, &done) != 0)
             bad++;
-            break;
-        }
-        if (warm && fajit_compile(ctx, SPEC, &r) != 0)
-            bad++;
-        fajit__hooks_fail_alloc_at(n);
-        int rc = fajit_compile(ctx, SPEC, &r);
-        long made = atomic_load(&fajit__test_hooks.alloc_count);
-        fajit__hooks_fail_alloc_at(0);
-        enomem += rc == FAJIT_ENOMEM;
-        if (rc != 0 && rc != FAJIT_ENOMEM) {
-            printf("     allocation %d failed: status %d: %s\n", n, rc, fajit_last_error());
+        if (ctx && (fajit_compile(ctx, SPEC, &r) != 0 || verify_bad(ctx, NULL) != 0 ||
+                    (p != WARM_READONLY && stats_of(ctx).entries != 1))) {
+            printf("     %s, allocation %d: the next call or the store is wrong: %s\n",
+                   path_names[p], n, fajit_last_error());
             bad++;
         }
-        if (fajit_compile(ctx, SPEC, &r) != 0 || verify_bad(ctx, NULL) != 0)
-            bad++;
-        if (!warm)
+        if (p == COLD || p == COLD_CAPPED)
             fajit_cache_remove(ctx, NULL);
         fajit_destroy(ctx);
-        if (made < n)
-            break;
     }
+    n--; /* the call made n - 1 */
     CHECK(bad == 0 && n > 2,
-          "%s path: each of its %d hooked allocations failed in turn: %d gave FAJIT_ENOMEM, "
-          "the others the kernel; the next call works, the store stays clean",
-          warm ? "warm" : "cold", n - 1, enomem);
+          "%s path: each of its %d hooked allocations failed in turn: %d gave FAJIT_ENOMEM "
+          "(an allocation it cannot do without, named), the others the kernel with exactly "
+          "one warning; the next call works, the store verifies clean",
+          path_names[p], n - 1, enomem);
+}
+
+/* A store holding SPEC's entry, for the warm paths. */
+static void fill(const char *dir)
+{
+    fajit_compile_result r;
+    fajit_ctx *ctx = open_ctx(dir, FAJIT_CACHE_READWRITE, NULL);
+    CHECK(ctx && fajit_compile(ctx, SPEC, &r) == 0 && stats_of(ctx).entries == 1,
+          "the warm paths' store holds the kernel");
+    fajit_destroy(ctx);
 }
 
 int main(void)
@@ -84,7 +158,10 @@ int main(void)
     make_root("faults");
     const char *dir = sub("cache");
     test_write_errors(dir);
-    alloc_loop(dir, 0);
-    alloc_loop(dir, 1);
+    alloc_loop(dir, COLD);
+    alloc_loop(dir, COLD_CAPPED);
+    fill(dir);
+    alloc_loop(dir, WARM);
+    alloc_loop(dir, WARM_READONLY);
     return finish();
 }

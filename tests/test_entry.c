@@ -284,6 +284,33 @@ static void test_distinct_reasons(const uint8_t *buf, size_t len)
           "NULL buffer rejected");
 }
 
+/* An entry made in place in the cubin's own buffer (as the runtime does after
+ * a compile) is byte for byte the one fajit__entry_encode makes; a buffer
+ * without room for it is refused, untouched. */
+static void test_in_place(void)
+{
+    uint8_t *ref = NULL, *buf = malloc(sizeof golden_cubin + FAJIT__ENTRY_ROOM);
+    size_t ref_len = 0, len = 0, key_len = strlen(golden_key);
+    if (!buf || encode_golden(&ref, &ref_len) != 0) {
+        CHECK(0, "in place: setup");
+        free(buf);
+        return;
+    }
+    memcpy(buf, golden_cubin, sizeof golden_cubin);
+    int rc = fajit__entry_encode_in_place(buf, sizeof golden_cubin + key_len + 63, &golden_meta,
+                                          (const uint8_t *)golden_key, key_len,
+                                          sizeof golden_cubin, &len);
+    CHECK(rc == FAJIT_EINVAL && memcmp(buf, golden_cubin, sizeof golden_cubin) == 0,
+          "in place: a buffer one byte short is refused and left as it was");
+    rc = fajit__entry_encode_in_place(buf, sizeof golden_cubin + FAJIT__ENTRY_ROOM, &golden_meta,
+                                      (const uint8_t *)golden_key, key_len, sizeof golden_cubin,
+                                      &len);
+    CHECK(rc == 0 && len == ref_len && memcmp(buf, ref, len) == 0,
+          "in place: the entry equals fajit__entry_encode's (%zu bytes)", len);
+    free(ref);
+    free(buf);
+}
+
 int main(int argc, char **argv)
 {
     fill_golden_cubin();
@@ -291,6 +318,7 @@ int main(int argc, char **argv)
         return write_golden(argv[2]);
     test_round_trip();
     test_golden();
+    test_in_place();
     uint8_t *buf;
     size_t len;
     if (encode_golden(&buf, &len) == 0) {
