@@ -13,6 +13,8 @@ static const struct {
     [FAJIT__OP_BWD] = {"flash_bwd.cuh", "fajit_flash_bwd"},
     [FAJIT__OP_REF_DQ] = {"reference_bwd.cuh", "fajit_ref_bwd_dq"},
     [FAJIT__OP_REF_DKDV] = {"reference_bwd.cuh", "fajit_ref_bwd_dkdv"},
+    [FAJIT__OP_BWD_PRE] = {"flash_bwd.cuh", "fajit_flash_bwd_pre"},
+    [FAJIT__OP_BWD_POST] = {"flash_bwd.cuh", "fajit_flash_bwd_post"},
 };
 
 const char *fajit__variant_entry_name(const fajit__variant *v)
@@ -45,11 +47,36 @@ static size_t fwd_smem_bytes(const fajit__variant *v)
     return (size_t)v->bm * qk + (size_t)v->stages * (size_t)v->bn * (qk + vv);
 }
 
+/* Must match the layout in templates/flash_bwd.cuh (its static_assert
+ * against FAJIT_SMEM_BYTES catches a disagreement): per stage a Q tile (bm
+ * rows) and a dO tile, then K and V (bn rows), P^T and dS^T (bn rows of bm),
+ * then per stage bm fp32 lse2 and D. Head dims round up to 16 (the mma k
+ * step); every row is a whole odd number of 16-byte chunks. */
+static size_t bwd_row_bytes(int dim)
+{
+    return ((size_t)dim / 8 | 1) * 16;
+}
+
+static size_t bwd_smem_bytes(const fajit__variant *v)
+{
+    size_t qk, vv, pp;
+    if (v->bm <= 0 || v->bn <= 0 || v->stages <= 0 || v->dqk <= 0 || v->dv <= 0)
+        return 0;
+    qk = bwd_row_bytes((v->dqk + 15) / 16 * 16);
+    vv = bwd_row_bytes((v->dv + 15) / 16 * 16);
+    pp = bwd_row_bytes(v->bm);
+    return (size_t)v->stages * (size_t)v->bm * (qk + vv + 2 * 4) + (size_t)v->bn * (qk + vv + 2 * pp);
+}
+
 size_t fajit__variant_smem_bytes(const fajit__variant *v)
 {
     switch (v->op) {
     case FAJIT__OP_FWD:
         return fwd_smem_bytes(v);
+    case FAJIT__OP_BWD:
+        return bwd_smem_bytes(v);
+    case FAJIT__OP_BWD_PRE:  /* no shared memory */
+    case FAJIT__OP_BWD_POST:
     case FAJIT__OP_REF:
     case FAJIT__OP_REF_DQ:
     case FAJIT__OP_REF_DKDV:

@@ -14,9 +14,11 @@
 enum fajit__op {
     FAJIT__OP_REF = 0, /* "ref": the simple exact reference forward */
     FAJIT__OP_FWD = 1, /* "fwd": the fast forward (later issue) */
-    FAJIT__OP_BWD = 2, /* "bwd": the backward main kernel (later issue) */
+    FAJIT__OP_BWD = 2, /* "bwd": the fast backward's main kernel (flash_bwd.cuh) */
     FAJIT__OP_REF_DQ = 3,   /* "ref-dq": the reference backward's dq (reference_bwd.cuh) */
     FAJIT__OP_REF_DKDV = 4, /* "ref-dkdv": the reference backward's dk and dv (same file) */
+    FAJIT__OP_BWD_PRE = 5,  /* "bwd-pre": the fast backward's D = rowsum(dO o O) (flash_bwd.cuh) */
+    FAJIT__OP_BWD_POST = 6, /* "bwd-post": the fast backward's dQ to fp16/bf16 (same file) */
     FAJIT__OP_COUNT
 };
 

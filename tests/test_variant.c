@@ -135,9 +135,11 @@ static void test_round_trips(void)
     int every_op = 1;
     for (int op = 0; op < FAJIT__OP_COUNT; op++)
         every_op &= seen_op[op] > 0;
-    printf("     %d variants: ref %d, fwd %d, bwd %d, ref-dq %d, ref-dkdv %d, sm_NNa %d\n", N,
-           seen_op[FAJIT__OP_REF], seen_op[FAJIT__OP_FWD], seen_op[FAJIT__OP_BWD],
-           seen_op[FAJIT__OP_REF_DQ], seen_op[FAJIT__OP_REF_DKDV], seen_suffix);
+    printf("     %d variants: ref %d, fwd %d, bwd %d, ref-dq %d, ref-dkdv %d, bwd-pre %d, bwd-post %d, "
+           "sm_NNa %d\n",
+           N, seen_op[FAJIT__OP_REF], seen_op[FAJIT__OP_FWD], seen_op[FAJIT__OP_BWD],
+           seen_op[FAJIT__OP_REF_DQ], seen_op[FAJIT__OP_REF_DKDV], seen_op[FAJIT__OP_BWD_PRE],
+           seen_op[FAJIT__OP_BWD_POST], seen_suffix);
     check(bad == 0, "5000 random variants: format/parse round trips, shuffled specs agree");
     check(every_op && seen_suffix, "generator covered every op and sm_NNa");
 }
@@ -362,6 +364,9 @@ static void test_spec(void)
     check(rc == 0 && v.op == FAJIT__OP_BWD && v.mask == FAJIT_MASK_CAUSAL_TL && v.bm == 128 &&
               v.bn == 64 && v.warps == 8 && v.stages == 2 && v.arch == FAJIT__UNSET,
           "spec with tiles and no arch");
+    check(fajit__spec_parse("bwd-pre dqk=72", &v) == 0 && v.op == FAJIT__OP_BWD_PRE &&
+              fajit__spec_parse("bwd-post dqk=72", &v) == 0 && v.op == FAJIT__OP_BWD_POST,
+          "specs of the fast backward's pre and post ops");
     check(fajit__spec_parse("fwd dqk=64 bm=6 warps=4", &v) == 0, "fwd spec: bm not a multiple of warps is fine");
 
     static const struct {

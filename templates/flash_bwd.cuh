@@ -1,0 +1,758 @@
+/*
+ * templates/flash_bwd.cuh - the fast backward attention on tensor cores, in
+ * the FlashAttention-2 manner. Same semantics as reference_bwd.cuh (read its
+ * header for the formulas): (batch, seqlen, nheads, headdim) with any
+ * batch/seq/head strides and a contiguous last dim, GQA/MQA (dK and dV summed
+ * over the query heads of a kv head), causal bottom-right and top-left, rows
+ * with LSE -inf (no visible key) contributing nothing, 64-bit offsets.
+ *
+ * Three ops share this file, each variant defining all three kernels (the
+ * others' with an empty body, as in reference_bwd.cuh):
+ *   bwd-pre  (FAJIT_OP 5) fajit_flash_bwd_pre: per query row, D = dO . O and
+ *            lse2 = LSE * log2(e) (+inf where LSE is -inf, so that exp2 of
+ *            anything minus it is 0) into `stats`, and the row's fp32 dQ
+ *            accumulator zeroed. Grid (rows_pad / FAJIT_BM, nheads_q, batch).
+ *   bwd      (FAJIT_OP 2) fajit_flash_bwd: the main kernel, below.
+ *   bwd-post (FAJIT_OP 6) fajit_flash_bwd_post: grad_q = softmax_scale * the
+ *            accumulator, in fp16/bf16, at grad_q's strides. Grid
+ *            (ceil(seqlen_q / FAJIT_BM), nheads_q, batch).
+ *
+ * Scratch (allocated by the runtime, runtime/flash_bwd.c): per (batch, query
+ * head) bh, rows_pad = seqlen_q rounded up to kRowPad rows,
+ *   dq_acc[bh][rows_pad][kDqk]   fp32 (kDqk = dqk rounded up to 16)
+ *   stats[bh][rows_pad]          lse2; stats[batch * nheads_q + bh][...] D.
+ * Padding rows get lse2 = +inf and D = 0, so they contribute exactly 0.
+ *
+ * The main kernel. A block owns FAJIT_BN keys of one (batch, kv head); it
+ * holds their dK and dV in registers (fp32) and walks, for each query head of
+ * the kv head's group in turn (so dK and dV need no atomics), the blocks of
+ * FAJIT_BM query rows that see any of its keys (causal masks skip the
+ * others). Per query block, with Q, dO, lse2 and D of the block in shared
+ * memory (double-buffered by cp.async when FAJIT_STAGES is 2):
+ *   1. S^T = K Q^T and dP^T = V dO^T (mma.sync m16n8k16, fp32 accumulate),
+ *      warps tiling keys x queries; P^T = exp2(S^T * scale * log2(e) - lse2),
+ *      masked elements 0; dS^T = P^T * (dP^T - D); both rounded to fp16/bf16
+ *      into shared memory.
+ *   2. dV += P^T dO and dK += dS^T Q, warps tiling keys x head dim.
+ *   3. dQ = dS K, warps tiling queries x head dim, added with fp32 atomics
+ *      (red.global.add) into dq_acc; the post kernel scales and converts it.
+ * At the end dK (times softmax_scale) and dV go out in fp16/bf16.
+ *
+ * Shared memory rows are arrays of 16-byte chunks padded to an odd count, so
+ * the 8 rows an ldmatrix phase reads, and the 8 chunks a cp.async phase
+ * writes, fall in 8 distinct bank groups; every fragment address is then a
+ * per-lane base plus a compile-time offset. Head dims are rounded up to 16
+ * (the mma k step); the pad chunk of Q, K, V and dO rows is zeroed once, so
+ * it adds nothing to the products, and the pad columns of dK, dV and dQ are
+ * computed (as zeros) but never written.
+ *
+ * Launch (runtime): main grid (ceil(seqlen_k / FAJIT_BN), nheads_kv, batch),
+ * FAJIT_WARPS * 32 threads, FAJIT_SMEM_BYTES of dynamic shared memory (the
+ * layout below; codegen's fajit__variant_smem_bytes computes the same
+ * number). Needs every tensor 16-byte aligned with strides multiples of 8
+ * elements.
+ */
+#include "common.cuh"
+#include "bwd_params.h"
+
+namespace fajit_fb {
+
+/* FAJIT_OP values (enum fajit__op in codegen/variant.h, fixed there). */
+constexpr int kOpBwd = 2;
+constexpr int kOpPre = 5;
+constexpr int kOpPost = 6;
+
+} // namespace fajit_fb
+
+static_assert(FAJIT_OP == fajit_fb::kOpBwd || FAJIT_OP == fajit_fb::kOpPre || FAJIT_OP == fajit_fb::kOpPost,
+              "flash_bwd.cuh is the template of ops bwd, bwd-pre and bwd-post");
+static_assert(FAJIT_ARCH >= 80, "flash_bwd: needs sm_80 or newer (mma.sync bf16, cp.async)");
+static_assert(FAJIT_DQK >= 8 && FAJIT_DQK <= 256 && FAJIT_DQK % 8 == 0,
+              "flash_bwd: dqk must be a multiple of 8 in 8..256");
+static_assert(FAJIT_DV >= 8 && FAJIT_DV <= 256 && FAJIT_DV % 8 == 0,
+              "flash_bwd: dv must be a multiple of 8 in 8..256");
+static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 16, "flash_bwd: warps must be 1..16");
+static_assert(FAJIT_BM >= 16 && FAJIT_BM % 16 == 0 && 128 % FAJIT_BM == 0,
+              "flash_bwd: bm must be 16, 32, 64 or 128");
+static_assert(FAJIT_BN >= 16 && FAJIT_BN % 16 == 0, "flash_bwd: bn must be a multiple of 16");
+static_assert(FAJIT_STAGES >= 1 && FAJIT_STAGES <= 2, "flash_bwd: stages must be 1 or 2");
+static_assert(FAJIT_DROPOUT == 0 && FAJIT_SOFTCAP == 0 && FAJIT_ALIBI == 0,
+              "flash_bwd: dropout, softcap and alibi are not implemented");
+static_assert(FAJIT_VARLEN == 0 && FAJIT_PAGED == 0, "flash_bwd: varlen and paged KV are not implemented");
+static_assert(FAJIT_WINDOW_LEFT == -1 && FAJIT_WINDOW_RIGHT == -1,
+              "flash_bwd: local windows are not implemented");
+
+namespace fajit_fb {
+
+using elem_t = unsigned short; /* raw fp16 / bf16 bits */
+
+constexpr bool kMain = FAJIT_OP == kOpBwd;
+constexpr int kThreads = FAJIT_WARPS * 32;
+constexpr int kRowPad = 128;                        /* scratch rows per head: a multiple of this */
+constexpr int kDqk = (FAJIT_DQK + 15) / 16 * 16;    /* head dims rounded up to the mma k step */
+constexpr int kDv = (FAJIT_DV + 15) / 16 * 16;
+constexpr int kChunksQK = kDqk / 8, kChunksV = kDv / 8; /* 16-byte chunks in a smem row */
+constexpr int kLoadQK = FAJIT_DQK / 8, kLoadV = FAJIT_DV / 8; /* chunks read from memory */
+constexpr int kChunksP = FAJIT_BM / 8;                  /* P^T / dS^T rows: one per key */
+
+/* Row length in chunks: padded to an odd count (see the header). */
+__host__ __device__ constexpr int row_chunks(int chunks) { return chunks | 1; }
+
+/* ---------------------------------------------------------------- warp layouts */
+
+/* Warps tiling an A x B output as wa x wb: A in 16-row mma tiles, B in 8-column
+ * ones, each warp an (A / wa) x (B / wb) tile. */
+struct Split {
+    int wa, wb;
+};
+
+/* The split of `warps` over A x B (B being two dims b1, b2 split alike, for dK
+ * and dV) with A / wa a multiple of 16 and B / wb a multiple of b_step, that
+ * loads the fewest fragments per mma (the smallest A / wa + B / wb); {0, 0}
+ * when none exists. */
+__host__ __device__ constexpr Split split_warps(int warps, int a, int b1, int b2, int b_step) {
+    Split best{0, 0};
+    int best_cost = 1 << 30;
+    for (int wa = 1; wa <= warps; wa *= 2) {
+        const int wb = warps / wa;
+        if (wa * wb != warps || a % (16 * wa) != 0 || b1 % (b_step * wb) != 0 || b2 % (b_step * wb) != 0)
+            continue;
+        const int cost = a / wa + (b1 > b2 ? b1 : b2) / wb;
+        if (cost < best_cost) {
+            best = Split{wa, wb};
+            best_cost = cost;
+        }
+    }
+    return best;
+}
+
+__host__ __device__ constexpr int at_least_1(int x) { return x > 0 ? x : 1; }
+
+/* 1. S^T, dP^T: keys x queries; the B step of 16 keeps n tiles in pairs. */
+constexpr Split kSdp = split_warps(FAJIT_WARPS, FAJIT_BN, FAJIT_BM, FAJIT_BM, 16);
+/* 2. dK, dV: keys x head dim. */
+constexpr Split kKv = split_warps(FAJIT_WARPS, FAJIT_BN, kDqk, kDv, 8);
+/* 3. dQ: queries x head dim. */
+constexpr Split kDq = split_warps(FAJIT_WARPS, FAJIT_BM, kDqk, kDqk, 8);
+static_assert(!kMain || (kSdp.wa > 0 && kKv.wa > 0 && kDq.wa > 0),
+              "flash_bwd: no warp layout for these bm, bn and warps (bn / 16 and bm / 16 too small "
+              "for the warps)");
+
+constexpr int kSdpKeys = FAJIT_BN / at_least_1(kSdp.wa), kSdpRows = FAJIT_BM / at_least_1(kSdp.wb);
+constexpr int kSdpMT = at_least_1(kSdpKeys / 16), kSdpNT = at_least_1(kSdpRows / 8);
+constexpr int kKvKeys = FAJIT_BN / at_least_1(kKv.wa);
+constexpr int kKvMT = at_least_1(kKvKeys / 16);
+constexpr int kKvQkCols = kDqk / at_least_1(kKv.wb), kKvVCols = kDv / at_least_1(kKv.wb);
+constexpr int kKvQkNT = at_least_1(kKvQkCols / 8), kKvVNT = at_least_1(kKvVCols / 8);
+constexpr int kDqRows = FAJIT_BM / at_least_1(kDq.wa), kDqCols = kDqk / at_least_1(kDq.wb);
+constexpr int kDqMT = at_least_1(kDqRows / 16), kDqNT = at_least_1(kDqCols / 8);
+
+/* ---------------------------------------------------------------- shared memory */
+
+constexpr int kRowQK = row_chunks(kChunksQK) * 8; /* elements per smem row */
+constexpr int kRowV = row_chunks(kChunksV) * 8;
+constexpr int kRowP = row_chunks(kChunksP) * 8;
+constexpr int kQElems = FAJIT_BM * kRowQK;  /* one stage */
+constexpr int kDoElems = FAJIT_BM * kRowV;  /* one stage */
+constexpr int kKElems = FAJIT_BN * kRowQK;
+constexpr int kVElems = FAJIT_BN * kRowV;
+constexpr int kPElems = FAJIT_BN * kRowP;   /* P^T, and dS^T after it */
+constexpr int kSmemBytes =
+    (FAJIT_STAGES * (kQElems + kDoElems) + kKElems + kVElems + 2 * kPElems) * 2 + FAJIT_STAGES * FAJIT_BM * 2 * 4;
+static_assert(!kMain || kSmemBytes <= FAJIT_SMEM_BYTES,
+              "flash_bwd: shared memory layout larger than FAJIT_SMEM_BYTES (codegen disagrees)");
+
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+/* Element offset of chunk `chunk` of row `row` in a tile of Row-element rows. */
+template <int Row>
+__device__ __forceinline__ int smem_at(int row, int chunk) {
+    return row * Row + chunk * 8;
+}
+
+/* A lane's ldmatrix address in a tile of Row-element rows: the lane's row and
+ * chunk folded into one base, so that every fragment is base + a constant. */
+template <int Row>
+struct LaneAddr {
+    unsigned base;
+    __device__ __forceinline__ void init(unsigned tile, int row_lane, int chunk_lane) {
+        base = tile + static_cast<unsigned>(row_lane * Row + chunk_lane * 8) * 2;
+    }
+    __device__ __forceinline__ unsigned at(int r0, int c0) const {
+        return base + static_cast<unsigned>(r0 * Row + c0 * 8) * 2;
+    }
+};
+
+/*
+ * Lane patterns of the four ways an mma operand sits in shared memory
+ * (m16n8k16, A row-major 16 x 16, B "col" 16 x 8; two B n tiles per x4):
+ *   A stored M x K:  rows m0 + (lane & 15), chunk k0/8 + (lane >> 4)
+ *   A stored K x M:  rows k0 + (lane & 7) + 8 (lane >> 4), chunk m0/8 + ((lane >> 3) & 1), .trans
+ *   B stored N x K:  rows n0 + (lane & 7) + 8 (lane >> 4), chunk k0/8 + ((lane >> 3) & 1)
+ *   B stored K x N:  rows k0 + (lane & 7) + 8 ((lane >> 3) & 1), chunk n0/8 + (lane >> 4), .trans
+ * row0 / chunk0 are the warp's tile origin in the stored tile.
+ */
+template <int Row>
+__device__ __forceinline__ LaneAddr<Row> a_rows(unsigned tile, int row0, int chunk0, int lane) {
+    LaneAddr<Row> a;
+    a.init(tile, row0 + (lane & 15), chunk0 + (lane >> 4));
+    return a;
+}
+template <int Row>
+__device__ __forceinline__ LaneAddr<Row> a_trans(unsigned tile, int row0, int chunk0, int lane) {
+    LaneAddr<Row> a;
+    a.init(tile, row0 + (lane & 7) + ((lane >> 4) << 3), chunk0 + ((lane >> 3) & 1));
+    return a;
+}
+template <int Row>
+__device__ __forceinline__ LaneAddr<Row> b_rows(unsigned tile, int row0, int chunk0, int lane) {
+    LaneAddr<Row> a;
+    a.init(tile, row0 + (lane & 7) + ((lane >> 4) << 3), chunk0 + ((lane >> 3) & 1));
+    return a;
+}
+template <int Row>
+__device__ __forceinline__ LaneAddr<Row> b_trans(unsigned tile, int row0, int chunk0, int lane) {
+    LaneAddr<Row> a;
+    a.init(tile, row0 + (lane & 7) + (((lane >> 3) & 1) << 3), chunk0 + (lane >> 4));
+    return a;
+}
+
+/* ---------------------------------------------------------------- PTX */
+
+__device__ __forceinline__ unsigned smem_addr(const void *p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+/* 16 bytes global -> shared, bypassing L1; zero-filled when !valid. */
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, unsigned (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(unsigned addr, unsigned &r0, unsigned &r1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned addr, unsigned &r0, unsigned &r1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr));
+}
+
+/* d += a * b, m16n8k16, row.col, fp32 accumulate. */
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats as one register of two 16-bit values, lo in the low half. */
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+/* The two 16-bit values of a register as floats. */
+__device__ __forceinline__ float lo_of(unsigned x) {
+    return fajit::load_as_float<FAJIT_DTYPE>(reinterpret_cast<const elem_t *>(&x));
+}
+__device__ __forceinline__ float hi_of(unsigned x) {
+    return fajit::load_as_float<FAJIT_DTYPE>(reinterpret_cast<const elem_t *>(&x) + 1);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float pos_infinity() { return __int_as_float(0x7f800000); }
+
+/* 16-byte global accesses (no vector types without headers). */
+struct U4 {
+    unsigned x, y, z, w;
+};
+
+__device__ __forceinline__ U4 ld_global_16(const void *p) {
+    U4 r;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void st_global_16(void *p, U4 v) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+}
+
+/* acc[0] += a, acc[1] += b in global memory, unordered (fp32 atomics). */
+__device__ __forceinline__ void red_add2(float *at, float a, float b) {
+    if constexpr (FAJIT_ARCH >= 90) {
+        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(at), "f"(a), "f"(b) : "memory");
+    } else {
+        asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(at), "f"(a) : "memory");
+        asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(at + 1), "f"(b) : "memory");
+    }
+}
+
+/* ---------------------------------------------------------------- scratch */
+
+/* Scratch rows per (batch, head): seqlen_q rounded up to kRowPad. */
+__device__ __forceinline__ long long rows_pad(const fajit_bwd_params &p) {
+    return (static_cast<long long>(p.seqlen_q) + kRowPad - 1) / kRowPad * kRowPad;
+}
+
+__device__ __forceinline__ float *lse2_of(float *stats, const fajit_bwd_params &p, long long bh) {
+    return stats + bh * rows_pad(p);
+}
+__device__ __forceinline__ float *d_of(float *stats, const fajit_bwd_params &p, long long bh) {
+    return stats + (static_cast<long long>(p.batch) * p.nheads_q + bh) * rows_pad(p);
+}
+__device__ __forceinline__ float *dq_acc_of(float *dq_acc, const fajit_bwd_params &p, long long bh) {
+    return dq_acc + bh * rows_pad(p) * kDqk;
+}
+
+/* ---------------------------------------------------------------- tiles */
+
+/* Rows rows x LoadChunks chunks from src (row stride `stride`, rows first..)
+ * into a smem tile of Row-element rows; rows at or past `valid` zero-filled. */
+template <int Rows, int LoadChunks, int Row>
+__device__ __forceinline__ void load_tile(unsigned dst, const elem_t *src, long long stride, int first,
+                                          int valid, int tid) {
+#pragma unroll
+    for (int i = tid; i < Rows * LoadChunks; i += kThreads) {
+        const int r = i / LoadChunks, c = i % LoadChunks;
+        const bool ok = first + r < valid;
+        const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + c * 8 : src;
+        cp_async_16(dst + smem_at<Row>(r, c) * 2, g, ok);
+    }
+}
+
+/* The pad chunk of rows whose head dim is an odd number of chunks (dim % 16
+ * == 8) is never loaded: zero it once. */
+template <int Rows, int LoadChunks, int Chunks, int Row>
+__device__ __forceinline__ void zero_pad_chunk(elem_t *tile, int tid) {
+    if constexpr (Chunks != LoadChunks) {
+        for (int r = tid; r < Rows; r += kThreads) {
+            unsigned *at = reinterpret_cast<unsigned *>(tile + smem_at<Row>(r, Chunks - 1));
+            at[0] = at[1] = at[2] = at[3] = 0u;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- warp GEMM */
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+}
+
+/* acc (MT 16-row x NT 8-column tiles) += A B over KSteps k steps of 16, the
+ * fragments by ldmatrix at the lanes' addresses (a_* / b_* above; ATrans and
+ * BTrans say which pattern), B at byte offset b_off. */
+template <int MT, int NT, int KSteps, bool ATrans, bool BTrans, int RowA, int RowB>
+__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const LaneAddr<RowA> &a,
+                                          const LaneAddr<RowB> &b, unsigned b_off) {
+#pragma unroll
+    for (int kk = 0; kk < KSteps; ++kk) {
+        unsigned af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (ATrans)
+                ldmatrix_x4_trans(a.at(kk * 16, mt * 2), af[mt]);
+            else
+                ldmatrix_x4(a.at(mt * 16, kk * 2), af[mt]);
+        }
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            unsigned bf[4];
+            if constexpr (BTrans)
+                ldmatrix_x4_trans(b.at(kk * 16, np * 2) + b_off, bf);
+            else
+                ldmatrix_x4(b.at(np * 16, kk * 2) + b_off, bf);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+                mma(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+            }
+        }
+        if constexpr (NT % 2 == 1) {
+            /* .x2: lanes 0..15 give the addresses, their chunk/row high bit is 0. */
+            unsigned b0, b1;
+            if constexpr (BTrans)
+                ldmatrix_x2_trans(b.at(kk * 16, NT - 1) + b_off, b0, b1);
+            else
+                ldmatrix_x2(b.at((NT - 1) * 8, kk * 2) + b_off, b0, b1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                mma(acc[mt][NT - 1], af[mt], b0, b1);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- the main kernel's parts */
+
+/* The block's (batch, kv head) and its keys. */
+struct Block {
+    long long b, h_kv;
+    int n0;      /* first key */
+    int group;   /* query heads per kv head */
+    int mb0, nmb; /* first query block that sees a key of the block, and how many follow */
+    int diag;    /* key j is visible to row i iff j <= i + diag (causal masks) */
+};
+
+__device__ __forceinline__ Block block_of(const fajit_bwd_params &p) {
+    Block k;
+    k.b = blockIdx.z;
+    k.h_kv = blockIdx.y;
+    k.n0 = blockIdx.x * FAJIT_BN;
+    k.group = p.nheads_q / p.nheads_kv;
+    k.diag = FAJIT_MASK == fajit::kMaskCausal ? p.seqlen_k - p.seqlen_q : 0;
+    /* The first row seeing key n0 (visible ranges only move right). */
+    const int first_row = FAJIT_MASK == fajit::kMaskNone ? 0 : imax(0, k.n0 - k.diag);
+    k.mb0 = first_row / FAJIT_BM;
+    k.nmb = imax(0, (p.seqlen_q + FAJIT_BM - 1) / FAJIT_BM - k.mb0);
+    return k;
+}
+
+/* The smem tiles, as shared-space byte addresses (for ldmatrix and
+ * cp.async), and the generic pointer of the first (for plain accesses). */
+struct Tiles {
+    unsigned q, dout, k, v, p, ds, lse2, d;
+    unsigned char *base;
+
+    template <typename T>
+    __device__ __forceinline__ T *at(unsigned addr) const {
+        return reinterpret_cast<T *>(base + (addr - q));
+    }
+};
+
+/* Q, dO, lse2 and D of query block mb of head h into stage s (cp.async). */
+__device__ __forceinline__ void load_query_block(const fajit_bwd_params &p, const Tiles &t,
+                                                 const float *stats, long long b, long long h, int mb,
+                                                 int s, int tid) {
+    const long long bh = b * p.nheads_q + h;
+    const int m0 = mb * FAJIT_BM;
+    const elem_t *q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+    const elem_t *dout =
+        static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] + h * p.grad_out_stride[2];
+    load_tile<FAJIT_BM, kLoadQK, kRowQK>(t.q + s * kQElems * 2, q, p.q_stride[1], m0, p.seqlen_q, tid);
+    load_tile<FAJIT_BM, kLoadV, kRowV>(t.dout + s * kDoElems * 2, dout, p.grad_out_stride[1], m0, p.seqlen_q,
+                                       tid);
+    /* Scratch rows are padded: a whole block is always there. */
+    const float *lse2 = stats + bh * rows_pad(p) + m0;
+    const float *d = stats + (static_cast<long long>(p.batch) * p.nheads_q + bh) * rows_pad(p) + m0;
+    for (int i = tid; i < 2 * (FAJIT_BM / 4); i += kThreads) {
+        const int c = i % (FAJIT_BM / 4);
+        if (i < FAJIT_BM / 4)
+            cp_async_16(t.lse2 + (s * FAJIT_BM + c * 4) * 4, lse2 + c * 4, true);
+        else
+            cp_async_16(t.d + (s * FAJIT_BM + c * 4) * 4, d + c * 4, true);
+    }
+}
+
+/* Phase 1 for this warp's kSdpKeys x kSdpRows tile: P^T and dS^T, rounded,
+ * into smem. m0 is the block's first row; mask says whether the block
+ * straddles a mask bound (then each element is tested). */
+__device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles &t, const Block &k, int s,
+                                          int m0, bool mask, int warp, int lane) {
+    const int key0 = (warp / kSdp.wb) * kSdpKeys, row0 = (warp % kSdp.wb) * kSdpRows;
+    float acc_s[kSdpMT][kSdpNT][4], acc_dp[kSdpMT][kSdpNT][4];
+    zero(acc_s);
+    zero(acc_dp);
+    warp_gemm<kSdpMT, kSdpNT, kDqk / 16, false, false>(acc_s, a_rows<kRowQK>(t.k, key0, 0, lane),
+                                                         b_rows<kRowQK>(t.q, row0, 0, lane), s * kQElems * 2);
+    warp_gemm<kSdpMT, kSdpNT, kDv / 16, false, false>(acc_dp, a_rows<kRowV>(t.v, key0, 0, lane),
+                                                        b_rows<kRowV>(t.dout, row0, 0, lane), s * kDoElems * 2);
+
+    const float *lse2 = t.at<const float>(t.lse2) + s * FAJIT_BM;
+    const float *dd = t.at<const float>(t.d) + s * FAJIT_BM;
+    elem_t *sp = t.at<elem_t>(t.p), *sds = t.at<elem_t>(t.ds);
+#pragma unroll
+    for (int nt = 0; nt < kSdpNT; ++nt) {
+        const int col = row0 + nt * 8 + (lane % 4) * 2; /* query row within the block */
+        const float l0 = lse2[col], l1 = lse2[col + 1], d0 = dd[col], d1 = dd[col + 1];
+#pragma unroll
+        for (int mt = 0; mt < kSdpMT; ++mt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int key = key0 + mt * 16 + half * 8 + lane / 4; /* within the block */
+                float x0 = acc_s[mt][nt][2 * half] * p.softmax_scale_log2;
+                float x1 = acc_s[mt][nt][2 * half + 1] * p.softmax_scale_log2;
+                if (mask) {
+                    const int kg = k.n0 + key, rg = m0 + col;
+                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + k.diag))
+                        x0 = fajit::neg_infinity();
+                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + 1 + k.diag))
+                        x1 = fajit::neg_infinity();
+                }
+                const float p0 = fast_exp2(x0 - l0), p1 = fast_exp2(x1 - l1);
+                const float ds0 = p0 * (acc_dp[mt][nt][2 * half] - d0);
+                const float ds1 = p1 * (acc_dp[mt][nt][2 * half + 1] - d1);
+                const int at = smem_at<kRowP>(key, 0) + col;
+                *reinterpret_cast<unsigned *>(sp + at) = pack2(p0, p1);
+                *reinterpret_cast<unsigned *>(sds + at) = pack2(ds0, ds1);
+            }
+    }
+}
+
+/* Phase 2: dV += P^T dO, dK += dS^T Q for this warp's keys x columns. */
+__device__ __forceinline__ void kv_phase(float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
+                                         const Tiles &t, int s, int warp, int lane) {
+    const int key0 = (warp / kKv.wb) * kKvKeys, cb = warp % kKv.wb;
+    const LaneAddr<kRowP> pa = a_rows<kRowP>(t.p, key0, 0, lane);
+    warp_gemm<kKvMT, kKvVNT, FAJIT_BM / 16, false, true>(dv, pa, b_trans<kRowV>(t.dout, 0, cb * kKvVCols / 8, lane),
+                                                         s * kDoElems * 2);
+    LaneAddr<kRowP> dsa = pa;
+    dsa.base += t.ds - t.p;
+    warp_gemm<kKvMT, kKvQkNT, FAJIT_BM / 16, false, true>(dk, dsa, b_trans<kRowQK>(t.q, 0, cb * kKvQkCols / 8, lane),
+                                                          s * kQElems * 2);
+}
+
+/* Phase 3: dQ = dS K for this warp's rows x columns, added into dq_acc. */
+__device__ __forceinline__ void dq_phase(float *dq_head, const Tiles &t, int m0, int warp, int lane) {
+    const int row0 = (warp / kDq.wb) * kDqRows, col0 = (warp % kDq.wb) * kDqCols;
+    float acc[kDqMT][kDqNT][4];
+    zero(acc);
+    warp_gemm<kDqMT, kDqNT, FAJIT_BN / 16, true, true>(acc, a_trans<kRowP>(t.ds, 0, row0 / 8, lane),
+                                                       b_trans<kRowQK>(t.k, 0, col0 / 8, lane), 0);
+#pragma unroll
+    for (int mt = 0; mt < kDqMT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const long long row = m0 + row0 + mt * 16 + half * 8 + lane / 4;
+            float *at = dq_head + row * kDqk + col0 + (lane % 4) * 2;
+#pragma unroll
+            for (int nt = 0; nt < kDqNT; ++nt)
+                red_add2(at + nt * 8, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+        }
+}
+
+/* dK (times softmax_scale) and dV of the block's keys below seqlen_k. */
+__device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, const Block &k,
+                                          float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
+                                          int warp, int lane) {
+    const int key0 = (warp / kKv.wb) * kKvKeys, cb = warp % kKv.wb;
+    elem_t *gk = static_cast<elem_t *>(p.grad_k) + k.b * p.grad_k_stride[0] + k.h_kv * p.grad_k_stride[2];
+    elem_t *gv = static_cast<elem_t *>(p.grad_v) + k.b * p.grad_v_stride[0] + k.h_kv * p.grad_v_stride[2];
+#pragma unroll
+    for (int mt = 0; mt < kKvMT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int key = k.n0 + key0 + mt * 16 + half * 8 + lane / 4;
+            if (key >= p.seqlen_k)
+                continue;
+            elem_t *rk = gk + static_cast<long long>(key) * p.grad_k_stride[1] + cb * kKvQkCols + (lane % 4) * 2;
+            elem_t *rv = gv + static_cast<long long>(key) * p.grad_v_stride[1] + cb * kKvVCols + (lane % 4) * 2;
+#pragma unroll
+            for (int nt = 0; nt < kKvQkNT; ++nt)
+                if (cb * kKvQkCols + nt * 8 < FAJIT_DQK) /* pad columns are not written */
+                    *reinterpret_cast<unsigned *>(rk + nt * 8) =
+                        pack2(dk[mt][nt][2 * half] * p.softmax_scale, dk[mt][nt][2 * half + 1] * p.softmax_scale);
+#pragma unroll
+            for (int nt = 0; nt < kKvVNT; ++nt)
+                if (cb * kKvVCols + nt * 8 < FAJIT_DV)
+                    *reinterpret_cast<unsigned *>(rv + nt * 8) = pack2(dv[mt][nt][2 * half], dv[mt][nt][2 * half + 1]);
+        }
+}
+
+/* The main kernel's body (see the header). */
+__device__ __forceinline__ void flash_bwd_main(const fajit_bwd_params &p, float *dq_acc, const float *stats,
+                                               elem_t *smem) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const Block k = block_of(p);
+    Tiles t;
+    t.base = reinterpret_cast<unsigned char *>(smem);
+    t.q = smem_addr(smem);
+    t.dout = t.q + FAJIT_STAGES * kQElems * 2;
+    t.k = t.dout + FAJIT_STAGES * kDoElems * 2;
+    t.v = t.k + kKElems * 2;
+    t.p = t.v + kVElems * 2;
+    t.ds = t.p + kPElems * 2;
+    t.lse2 = t.ds + kPElems * 2;
+    t.d = t.lse2 + FAJIT_STAGES * FAJIT_BM * 4;
+
+    /* Pad chunks: zeroed once, before the first barrier of the loop. */
+#pragma unroll
+    for (int s = 0; s < FAJIT_STAGES; ++s) {
+        zero_pad_chunk<FAJIT_BM, kLoadQK, kChunksQK, kRowQK>(smem + s * kQElems, tid);
+        zero_pad_chunk<FAJIT_BM, kLoadV, kChunksV, kRowV>(smem + FAJIT_STAGES * kQElems + s * kDoElems, tid);
+    }
+    zero_pad_chunk<FAJIT_BN, kLoadQK, kChunksQK, kRowQK>(smem + FAJIT_STAGES * (kQElems + kDoElems), tid);
+    zero_pad_chunk<FAJIT_BN, kLoadV, kChunksV, kRowV>(smem + FAJIT_STAGES * (kQElems + kDoElems) + kKElems, tid);
+
+    /* K and V of the block stay in shared memory throughout. */
+    const elem_t *gk = static_cast<const elem_t *>(p.k) + k.b * p.k_stride[0] + k.h_kv * p.k_stride[2];
+    const elem_t *gv = static_cast<const elem_t *>(p.v) + k.b * p.v_stride[0] + k.h_kv * p.v_stride[2];
+    load_tile<FAJIT_BN, kLoadQK, kRowQK>(t.k, gk, p.k_stride[1], k.n0, p.seqlen_k, tid);
+    load_tile<FAJIT_BN, kLoadV, kRowV>(t.v, gv, p.v_stride[1], k.n0, p.seqlen_k, tid);
+
+    float dv[kKvMT][kKvVNT][4], dk[kKvMT][kKvQkNT][4];
+    zero(dv);
+    zero(dk);
+    /* Iteration i: query head h_kv * group + i / nmb, query block mb0 + i % nmb. */
+    const int iters = k.group * k.nmb;
+    auto head_of = [&](int i) { return k.h_kv * k.group + i / k.nmb; };
+    auto block_at = [&](int i) { return k.mb0 + i % k.nmb; };
+    if constexpr (FAJIT_STAGES == 2) {
+        if (iters > 0)
+            load_query_block(p, t, stats, k.b, head_of(0), block_at(0), 0, tid);
+    }
+    cp_async_commit();
+
+    for (int i = 0; i < iters; ++i) {
+        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, mb = block_at(i), m0 = mb * FAJIT_BM;
+        const long long h = head_of(i);
+        if constexpr (FAJIT_STAGES == 1) {
+            if (i > 0)
+                __syncthreads(); /* every warp is done with the single buffer */
+            load_query_block(p, t, stats, k.b, h, mb, 0, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<0>();
+        __syncthreads(); /* block i landed for all; everyone is past block i - 1 */
+        if constexpr (FAJIT_STAGES == 2) {
+            if (i + 1 < iters)
+                load_query_block(p, t, stats, k.b, head_of(i + 1), block_at(i + 1), (i + 1) % 2, tid);
+            cp_async_commit();
+        }
+        /* Elements need a test where the block straddles seqlen_k or the diagonal. */
+        const bool mask = k.n0 + FAJIT_BN > p.seqlen_k ||
+                          (FAJIT_MASK != fajit::kMaskNone && k.n0 + FAJIT_BN - 1 > m0 + k.diag);
+        sdp_phase(p, t, k, s, m0, mask, warp, lane);
+        __syncthreads(); /* P^T and dS^T complete */
+        kv_phase(dv, dk, t, s, warp, lane);
+        dq_phase(dq_acc_of(dq_acc, p, k.b * p.nheads_q + h), t, m0, warp, lane);
+    }
+    cp_async_wait<0>(); /* no copy may outlive the block */
+    write_dkdv(p, k, dv, dk, warp, lane);
+}
+
+/* ---------------------------------------------------------------- pre and post */
+
+/* Threads per row in the pre kernel: a power of two dividing the warp. */
+constexpr int kPreLanes = kThreads / FAJIT_BM;
+static_assert(FAJIT_OP != kOpPre || (kThreads % FAJIT_BM == 0 && kPreLanes <= 32 && (kPreLanes & (kPreLanes - 1)) == 0),
+              "flash_bwd pre: warps * 32 must be bm times a power of two <= 32");
+
+/* dO . O over one 16-byte chunk of each. */
+__device__ __forceinline__ float dot_chunk(U4 a, U4 b) {
+    return lo_of(a.x) * lo_of(b.x) + hi_of(a.x) * hi_of(b.x) + lo_of(a.y) * lo_of(b.y) + hi_of(a.y) * hi_of(b.y) +
+           lo_of(a.z) * lo_of(b.z) + hi_of(a.z) * hi_of(b.z) + lo_of(a.w) * lo_of(b.w) + hi_of(a.w) * hi_of(b.w);
+}
+
+__device__ __forceinline__ void flash_bwd_pre(const fajit_bwd_params &p, float *dq_acc, float *stats) {
+    const int tid = threadIdx.x;
+    const long long b = blockIdx.z, h = blockIdx.y, bh = b * p.nheads_q + h;
+    const int r0 = blockIdx.x * FAJIT_BM, row = r0 + tid / kPreLanes, part = tid % kPreLanes;
+    float acc = 0.0f;
+    if (row < p.seqlen_q) {
+        const elem_t *o = static_cast<const elem_t *>(p.o) + b * p.o_stride[0] + row * p.o_stride[1] +
+                          h * p.o_stride[2];
+        const elem_t *dout = static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] +
+                             row * p.grad_out_stride[1] + h * p.grad_out_stride[2];
+        for (int c = part; c < kLoadV; c += kPreLanes)
+            acc += dot_chunk(ld_global_16(dout + c * 8), ld_global_16(o + c * 8));
+    }
+#pragma unroll
+    for (int off = kPreLanes / 2; off > 0; off /= 2)
+        acc += __shfl_xor_sync(fajit::kFullWarp, acc, off);
+    if (part == 0) {
+        float lse2 = pos_infinity(); /* padding rows and rows that see no key: P = 0 */
+        if (row < p.seqlen_q) {
+            const float lse = p.lse[bh * p.seqlen_q + row];
+            if (lse != fajit::neg_infinity())
+                lse2 = lse * 1.4426950408889634f;
+        }
+        lse2_of(stats, p, bh)[row] = lse2;
+        d_of(stats, p, bh)[row] = row < p.seqlen_q ? acc : 0.0f;
+    }
+    /* The block's rows of the dQ accumulator: contiguous. */
+    float *z = dq_acc_of(dq_acc, p, bh) + static_cast<long long>(r0) * kDqk;
+    for (int i = tid; i < FAJIT_BM * kDqk / 4; i += kThreads)
+        st_global_16(z + i * 4, U4{0u, 0u, 0u, 0u});
+}
+
+__device__ __forceinline__ void flash_bwd_post(const fajit_bwd_params &p, const float *dq_acc) {
+    const int tid = threadIdx.x;
+    const long long b = blockIdx.z, h = blockIdx.y, bh = b * p.nheads_q + h;
+    const int r0 = blockIdx.x * FAJIT_BM;
+    const float *src = dq_acc + bh * rows_pad(p) * kDqk;
+    elem_t *dst = static_cast<elem_t *>(p.grad_q) + b * p.grad_q_stride[0] + h * p.grad_q_stride[2];
+    for (int i = tid; i < FAJIT_BM * kLoadQK; i += kThreads) {
+        const int row = r0 + i / kLoadQK, c = i % kLoadQK;
+        if (row >= p.seqlen_q)
+            break; /* i only grows */
+        const U4 a = ld_global_16(src + static_cast<long long>(row) * kDqk + c * 8);
+        const U4 e = ld_global_16(src + static_cast<long long>(row) * kDqk + c * 8 + 4);
+        const float sc = p.softmax_scale;
+        const U4 out{pack2(__uint_as_float(a.x) * sc, __uint_as_float(a.y) * sc),
+                     pack2(__uint_as_float(a.z) * sc, __uint_as_float(a.w) * sc),
+                     pack2(__uint_as_float(e.x) * sc, __uint_as_float(e.y) * sc),
+                     pack2(__uint_as_float(e.z) * sc, __uint_as_float(e.w) * sc)};
+        st_global_16(dst + static_cast<long long>(row) * p.grad_q_stride[1] + c * 8, out);
+    }
+}
+
+} // namespace fajit_fb
+
+extern "C" __global__ void __launch_bounds__(fajit_fb::kThreads)
+    fajit_flash_bwd(const fajit_bwd_params p, float *dq_acc, const float *stats) {
+    if constexpr (fajit_fb::kMain) {
+        extern __shared__ __attribute__((aligned(128))) unsigned short smem[];
+        fajit_fb::flash_bwd_main(p, dq_acc, stats, smem);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(fajit_fb::kThreads)
+    fajit_flash_bwd_pre(const fajit_bwd_params p, float *dq_acc, float *stats) {
+    if constexpr (FAJIT_OP == fajit_fb::kOpPre)
+        fajit_fb::flash_bwd_pre(p, dq_acc, stats);
+}
+
+extern "C" __global__ void __launch_bounds__(fajit_fb::kThreads)
+    fajit_flash_bwd_post(const fajit_bwd_params p, const float *dq_acc) {
+    if constexpr (FAJIT_OP == fajit_fb::kOpPost)
+        fajit_fb::flash_bwd_post(p, dq_acc);
+}
