@@ -688,6 +688,7 @@ int fajit__tune_parse_problems(const char *text, fajit__tune_problem **out, size
 typedef struct list_item {
     fajit_tuning_record rec;
     uint8_t group[16]; /* XXH3-128 of the key without its tiles */
+    double rank;       /* the median, the heuristic's scaled by HEURISTIC_PREFERENCE */
 } list_item;
 
 typedef struct list_state {
@@ -718,6 +719,15 @@ static void fill_record(const fajit_ctx *ctx, const fajit__gpu_identity *gpu,
     r->timestamp_ns = tv->timestamp_ns;
 }
 
+static int tiles_are_heuristic(const fajit__variant *v)
+{
+    fajit__variant h = *v;
+    for (int i = 0; i < TILE_FIELDS; i++)
+        *tile_field(&h, i) = FAJIT__UNSET;
+    fajit__heuristic_tiles(&h);
+    return memcmp(&h, v, sizeof h) == 0;
+}
+
 static int list_one(void *user, const uint8_t *key, size_t key_len, const uint8_t *value,
                     size_t value_len)
 {
@@ -743,19 +753,21 @@ static int list_one(void *user, const uint8_t *key, size_t key_len, const uint8_
     }
     list_item *it = &st->items[st->n++];
     fill_record(st->ctx, &gpu, build, &v, bucket, &tv, &it->rec);
+    it->rank = (double)tv.median_ns * (tiles_are_heuristic(&v) ? HEURISTIC_PREFERENCE : 1.0);
     XXH128_canonicalFromHash(&c, XXH3_128bits(key, key_len - 4 * TILE_FIELDS));
     memcpy(it->group, c.digest, 16);
     return 0;
 }
 
-/* Marks the lowest median of each run of records sharing a group (records
+/* Marks the record launches use in each run of records sharing a group (the
+ * lowest median, the heuristic's preferred as in fajit__tuned_tiles; records
  * of one group are adjacent: the tiles are the key's last bytes). */
 static void mark_best(list_item *items, size_t n)
 {
     for (size_t start = 0; start < n;) {
         size_t end = start + 1, best = start;
         while (end < n && memcmp(items[end].group, items[start].group, 16) == 0) {
-            if (items[end].rec.median_us < items[best].rec.median_us)
+            if (items[end].rank < items[best].rank)
                 best = end;
             end++;
         }
