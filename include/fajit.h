@@ -247,6 +247,16 @@ FAJIT_API int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, ch
  * arguments on the same device (no unordered floating-point atomics). The
  * reference backward is always deterministic; with 0, a faster kernel may be
  * chosen that is not.
+ *
+ * Features (the appended fields): window, softcap, ALiBi, dropout and varlen
+ * mean exactly what they mean in fajit_attn_args, and must be the forward's.
+ * The softcap's tanh is differentiated through (the gradient of a score is
+ * scaled by 1 - tanh^2); ALiBi slopes are constants (no gradient). Dropout
+ * regenerates the forward's mask from dropout_seed and dropout_offset, so the
+ * same p, seed and offset must be passed: nothing of size seqlen_q x seqlen_k
+ * is stored anywhere. Under varlen, every tensor (dO and the gradients
+ * included) is packed (total, nheads, dim) with its batch stride ignored, and
+ * lse is the forward's (nheads_q, total_q).
  */
 typedef struct fajit_attn_bwd_args {
     uint32_t struct_size;       /* set by fajit_attn_bwd_args_init */
@@ -265,10 +275,23 @@ typedef struct fajit_attn_bwd_args {
     float softmax_scale;        /* 0: 1/sqrt(dqk) */
     int deterministic;          /* 1: bit-identical across runs (the reference always is) */
     int kernel;                 /* enum fajit_kernel_choice */
+
+    /* ---- Appended fields (0.1: the forward's features). A caller built
+     * against a header without them passes a shorter struct_size and gets the
+     * defaults fajit_attn_bwd_args_init sets here (no feature). Each means
+     * what the field of the same name means in fajit_attn_args. */
+    int window_left, window_right; /* sliding window; -1: unbounded side (the default) */
+    float softcap;                 /* 0: off */
+    const float *alibi_slopes;     /* NULL: off; fp32, nheads_q or batch * nheads_q slopes */
+    int64_t alibi_batch_stride;    /* 0: the same slopes for every batch, else >= nheads_q */
+    float dropout_p;               /* 0: off; else the forward's p, in [0, 1) */
+    uint64_t dropout_seed, dropout_offset; /* the forward's: its mask is regenerated from them */
+    const int32_t *cu_seqlens_q, *cu_seqlens_k; /* varlen: batch + 1 prefix sums; both NULL: dense */
 } fajit_attn_bwd_args;
 
 /* Fills *args with defaults: zeros and NULLs, contiguous strides, fp16, no
- * mask, default scale, deterministic 0, kernel AUTO; sets struct_size. */
+ * mask, default scale, deterministic 0, kernel AUTO, window -1,-1, no
+ * softcap, ALiBi, dropout or varlen; sets struct_size. */
 FAJIT_API void fajit_attn_bwd_args_init(fajit_attn_bwd_args *args);
 
 /* Queues the backward on `stream`, in the same CUDA context as fajit_attn_fwd

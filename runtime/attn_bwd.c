@@ -5,7 +5,10 @@
  * For now the backward is the reference (templates/reference_bwd.cuh): two
  * kernels, ref-dq writing grad_q and ref-dkdv writing grad_k and grad_v, each
  * a warp per output row, independent of each other, needing no scratch.
- * Everything is checked before anything is launched.
+ * Everything is checked before anything is launched. The features (window,
+ * softcap, ALiBi, dropout, varlen) are checked and mapped onto the variant
+ * exactly as runtime/attn.c does for the forward, so a backward compiles the
+ * same mask the forward ran.
  */
 #include <math.h>
 #include <stddef.h>
@@ -23,6 +26,8 @@ void fajit_attn_bwd_args_init(fajit_attn_bwd_args *a)
     a->dtype = FAJIT_DTYPE_FP16;
     a->mask = FAJIT_MASK_NONE;
     a->kernel = FAJIT_KERNEL_AUTO;
+    a->window_left = -1;
+    a->window_right = -1;
 }
 
 /* Every field up to `kernel` was in the first version of the struct, so a
@@ -69,6 +74,44 @@ static int check_shapes(const fajit_attn_bwd_args *a)
     return 0;
 }
 
+/* The appended fields (window, softcap, ALiBi, dropout, varlen), after
+ * check_shapes (their bounds depend on the shapes); the forward's rules
+ * (runtime/attn.c, check_features), word for word, so one call's arguments
+ * are judged alike in both directions. */
+static int check_features(const fajit_attn_bwd_args *a)
+{
+    int64_t span;
+    int rc;
+    if ((rc = fajit__check_range("window_left", a->window_left, -1, INT32_MAX)) ||
+        (rc = fajit__check_range("window_right", a->window_right, -1, INT32_MAX)))
+        return rc;
+    if (!isfinite(a->softcap) || a->softcap < 0.0f)
+        return fajit__fail(FAJIT_EINVAL, "softcap=%g: must be finite and >= 0 (0: off)",
+                           (double)a->softcap);
+    if (!(a->dropout_p >= 0.0f && a->dropout_p < 1.0f)) /* NaN fails too */
+        return fajit__fail(FAJIT_EINVAL, "dropout_p=%g: must be in [0, 1)", (double)a->dropout_p);
+    if ((rc = fajit__check_pointer("alibi_slopes", a->alibi_slopes, 4, 0)))
+        return rc;
+    if (a->alibi_batch_stride != 0 &&
+        (a->alibi_batch_stride < a->nheads_q ||
+         (a->batch > 0 && __builtin_mul_overflow(a->batch - 1, a->alibi_batch_stride, &span))))
+        return fajit__fail(FAJIT_EINVAL,
+                           "alibi_batch_stride=%lld: must be 0 (slopes shared by every batch) "
+                           "or >= nheads_q=%lld, and (batch - 1) * stride must fit int64",
+                           (long long)a->alibi_batch_stride, (long long)a->nheads_q);
+    if (!a->cu_seqlens_q != !a->cu_seqlens_k)
+        return fajit__fail(FAJIT_EINVAL, "cu_seqlens_%s: NULL while cu_seqlens_%s is set: varlen "
+                           "needs both (or neither)", a->cu_seqlens_q ? "k" : "q",
+                           a->cu_seqlens_q ? "q" : "k");
+    if ((rc = fajit__check_pointer("cu_seqlens_q", a->cu_seqlens_q, 4, 0)) ||
+        (rc = fajit__check_pointer("cu_seqlens_k", a->cu_seqlens_k, 4, 0)))
+        return rc;
+    if (a->cu_seqlens_q && a->batch < 1)
+        return fajit__fail(FAJIT_EINVAL, "batch=%lld: varlen (cu_seqlens_q/k set) needs batch >= 1",
+                           (long long)a->batch);
+    return 0;
+}
+
 /* The query-side tensors are always named; the key-side ones may be NULL when
  * there are no keys (nothing of them is read or written then). */
 static int check_pointers(const fajit_attn_bwd_args *a)
@@ -87,9 +130,13 @@ static int check_pointers(const fajit_attn_bwd_args *a)
     return 0;
 }
 
+/* Under varlen the batch strides are ignored (sequence b starts at row
+ * cu_seqlens[b]), so a tensor's extent is one sequence of the max length, and
+ * the LSE, (nheads_q, total_q) with total_q <= batch * seqlen_q, is bounded by
+ * the dense one's size. */
 static int fill_strides(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p)
 {
-    const int64_t b = a->batch, sq = a->seqlen_q, sk = a->seqlen_k, hq = a->nheads_q,
+    const int64_t b = a->cu_seqlens_q ? 1 : a->batch, sq = a->seqlen_q, sk = a->seqlen_k, hq = a->nheads_q,
                   hkv = a->nheads_kv, dqk = a->dqk, dv = a->dv;
     const fajit__tensor t[8] = {
         {"q", a->q, a->q_stride, b, sq, hq, dqk, "seqlen_q", "nheads_q", "dqk", 0},
@@ -108,7 +155,12 @@ static int fill_strides(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p
     for (int i = 0; i < 8; i++)
         if ((rc = fajit__tensor_strides(&t[i], out[i])) != 0)
             return rc;
-    return fajit__check_lse(a->lse, b, hq, sq);
+    if ((rc = fajit__check_lse(a->lse, a->batch, hq, sq)) != 0)
+        return rc;
+    if (a->cu_seqlens_q) /* packed: sequence b starts at row cu_seqlens[b] */
+        for (int i = 0; i < 8; i++)
+            out[i][0] = 0;
+    return 0;
 }
 
 static int fill_params(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p)
@@ -133,11 +185,42 @@ static int fill_params(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p)
     p->nheads_kv = (int)a->nheads_kv;
     p->softmax_scale = a->softmax_scale != 0.0f ? a->softmax_scale : 1.0f / sqrtf((float)a->dqk);
     p->softmax_scale_log2 = p->softmax_scale * 1.4426950408889634f;
+    p->softcap = a->softcap;
+    p->dropout_p = a->dropout_p;
+    p->dropout_scale = 1.0f / (1.0f - a->dropout_p);
+    p->dropout_seed = a->dropout_seed;
+    p->dropout_offset = a->dropout_offset;
+    p->alibi_slopes = a->alibi_slopes;
+    p->alibi_batch_stride = a->alibi_slopes ? a->alibi_batch_stride : 0;
+    p->cu_seqlens_q = a->cu_seqlens_q;
+    p->cu_seqlens_k = a->cu_seqlens_k;
     return 0;
 }
 
+/* The forward's window normalisation (runtime/attn.c, normalize_window),
+ * repeated here because the backward must compile the very mask the forward
+ * ran: a window that reaches past every row's keys on one side bounds nothing
+ * (-1), a right window under a causal mask is implied by it, and a right
+ * window of 0 with no mask is the causal mask. Under varlen the lengths are
+ * maxima, which bound every sequence's diagonal the same way. */
+static void normalize_window(const fajit_attn_bwd_args *a, fajit__variant *v)
+{
+    int64_t max_diag = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_q - 1 : a->seqlen_k - 1;
+    int64_t right_enough = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_k - 1 : a->seqlen_q - 1;
+    if (v->window_left >= max_diag)
+        v->window_left = -1;
+    if (v->mask != FAJIT_MASK_NONE || v->window_right >= right_enough)
+        v->window_right = -1;
+    else if (v->window_right == 0) {
+        v->mask = FAJIT_MASK_CAUSAL;
+        v->window_right = -1;
+    }
+}
+
 /* The variant of one of the backward's kernels for validated arguments. The
- * reference is deterministic, so it serves either value of `deterministic`. */
+ * reference is deterministic, so it serves either value of `deterministic`.
+ * The feature fields are set as the forward sets them (derive_features in
+ * runtime/attn.c). */
 static void derive_variant(const fajit_attn_bwd_args *a, int op, int arch, fajit__variant *v)
 {
     fajit__variant_defaults(v);
@@ -146,6 +229,13 @@ static void derive_variant(const fajit_attn_bwd_args *a, int op, int arch, fajit
     v->dv = (int)a->dv;
     v->dtype = a->dtype;
     v->mask = a->mask;
+    v->window_left = a->window_left;
+    v->window_right = a->window_right;
+    normalize_window(a, v);
+    v->softcap = a->softcap != 0.0f;
+    v->alibi = a->alibi_slopes != NULL;
+    v->dropout = a->dropout_p > 0.0f;
+    v->varlen = a->cu_seqlens_q != NULL;
     v->arch = arch;
     v->arch_suffix = 0;
     fajit__heuristic_tiles(v);
@@ -199,8 +289,8 @@ int fajit_attn_bwd(fajit_ctx *ctx, const fajit_attn_bwd_args *args, void *stream
 
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
-    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_pointers(&a)) ||
-        (rc = fill_params(&a, &p)))
+    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
+        (rc = check_pointers(&a)) || (rc = fill_params(&a, &p)))
         return rc;
     if (a.batch == 0 || (a.seqlen_q == 0 && a.seqlen_k == 0))
         return 0; /* nothing to compute or write */

@@ -28,7 +28,17 @@ struct fajit_bwd_params {
     int batch, seqlen_q, seqlen_k, nheads_q, nheads_kv;
     float softmax_scale;      /* applied to q.k */
     float softmax_scale_log2; /* softmax_scale * log2(e), for exp2-based kernels */
-    int reserved[5];          /* zero; room for later per-call values */
+    /* The forward's features (0 / NULL when off). The fields above keep
+     * their offsets: what follows replaced reserved slots, then appends. */
+    float softcap;            /* FAJIT_SOFTCAP: scores -> softcap * tanh(scores / softcap) */
+    float dropout_p;          /* FAJIT_DROPOUT: probability of dropping */
+    float dropout_scale;      /* 1 / (1 - dropout_p) */
+    int reserved[2];          /* zero; room for later per-call values */
+    unsigned long long dropout_seed, dropout_offset; /* the forward's: its mask, regenerated */
+    const float *alibi_slopes;     /* FAJIT_ALIBI: [b * alibi_batch_stride + h] */
+    fajit_bwd_i64 alibi_batch_stride;
+    const int *cu_seqlens_q;  /* FAJIT_VARLEN: batch + 1 prefix sums; batch strides are 0 */
+    const int *cu_seqlens_k;
 };
 
 #endif

@@ -10,17 +10,33 @@
  * its kv head hk = h / (nheads_q / nheads_kv), scale s, and the forward's
  * output O and LSE:
  *
- *   P_ij  = exp(s * q_i . k_j - lse_i)        for keys j visible to row i
+ *   x_ij  = s * q_i . k_j                     for keys j visible to row i
+ *   S_ij  = x_ij, or c * tanh(x_ij / c)       (FAJIT_SOFTCAP, c = softcap)
+ *           + alibi bias(i, j)                (FAJIT_ALIBI, a constant)
+ *   P_ij  = exp(S_ij - lse_i)                 (the undropped softmax)
+ *   Z_ij  = 1, or dropout_scale / 0 as fajit::dropout_keep keeps (b, h, i, j)
+ *           or drops it                       (FAJIT_DROPOUT: the forward's mask)
  *   D_i   = dO_i . O_i
- *   dS_ij = P_ij * (dO_i . v_j - D_i)
+ *   dS_ij = P_ij * (Z_ij * dO_i . v_j - D_i) * S'_ij,
+ *           S'_ij = dS_ij/dx_ij = 1 - tanh^2(x_ij / c) under softcap, else 1
  *   dq_i  = s * sum_j dS_ij k_j
  *   dk_j  = s * sum_{h of hk's group} sum_i dS_ij q_i
- *   dv_j  =     sum_{h of hk's group} sum_i P_ij dO_i
+ *   dv_j  =     sum_{h of hk's group} sum_i P_ij Z_ij dO_i
  *
- * Visibility is the forward's (visible_keys in common.cuh). A row with LSE
- * -inf (fully masked) contributes nothing and gets dq 0; a key seen by no row
- * gets dk = dv = 0. fp16/bf16 in and out, fp32 for every value and sum, any
- * strides (contiguous last dim), GQA/MQA.
+ * (D_i = sum_j P_ij Z_ij dO_i . v_j since O is the forward's dropped-out
+ * output, so dS is the softmax's gradient with dropout folded in.) Every
+ * score, mask and dropout decision is the forward's (reference.cuh) to the
+ * bit: visible_keys, softcap_score, alibi_bias and dropout_keep of
+ * common.cuh, with the same arguments. A row with LSE -inf (fully masked)
+ * contributes nothing and gets dq 0; a key seen by no row gets dk = dv = 0.
+ * fp16/bf16 in and out, fp32 for every value and sum, any strides
+ * (contiguous last dim), GQA/MQA.
+ *
+ * Varlen (FAJIT_VARLEN): as the forward, sequence b is packed rows
+ * cu_seqlens_q[b] .. of q, o, dO and dq and cu_seqlens_k[b] .. of k, v, dk and
+ * dv (batch strides unused, 0); i, j and the lengths above are the sequence's;
+ * the grids cover the longest sequence and rows past a sequence's end do
+ * nothing; LSE is (nheads_q, total_q).
  *
  * How: one warp per output row, no atomics and no scratch, so every sum is
  * taken in one fixed order and the results are bit-identical across runs.
@@ -63,10 +79,7 @@ static_assert(FAJIT_DV >= 1 && FAJIT_DV <= 512, "reference backward: dv must be 
 static_assert(FAJIT_BM >= 1, "reference backward: bm must be >= 1");
 static_assert(FAJIT_BN >= 32 && FAJIT_BN % 32 == 0, "reference backward: bn must be a multiple of 32");
 static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 32, "reference backward: warps must be 1..32");
-static_assert(FAJIT_DROPOUT == 0 && FAJIT_SOFTCAP == 0 && FAJIT_ALIBI == 0,
-              "reference backward: dropout, softcap and alibi are not implemented");
-static_assert(FAJIT_VARLEN == 0 && FAJIT_PAGED == 0,
-              "reference backward: varlen and paged KV are not implemented");
+static_assert(FAJIT_PAGED == 0, "reference backward: paged KV is not implemented");
 
 namespace fajit_ref_bwd {
 
@@ -108,6 +121,79 @@ __device__ __forceinline__ float dot_global(const elem_t *x, const elem_t *y) {
     return acc;
 }
 
+/* Where one (batch, head)'s sequence lies: dense, or a varlen sequence (the
+ * forward reference's sequence_of, for the backward's params). */
+struct Seq {
+    long long q_start, k_start; /* first packed row (varlen), else 0 */
+    long long seqlen_q, seqlen_k;
+    long long lse_base; /* LSE index of row 0 */
+};
+
+__device__ __forceinline__ Seq sequence_of(const fajit_bwd_params &p, long long b, long long h) {
+    Seq s;
+    if constexpr (FAJIT_VARLEN) {
+        s.q_start = p.cu_seqlens_q[b];
+        s.k_start = p.cu_seqlens_k[b];
+        s.seqlen_q = p.cu_seqlens_q[b + 1] - s.q_start;
+        s.seqlen_k = p.cu_seqlens_k[b + 1] - s.k_start;
+        s.lse_base = h * static_cast<long long>(p.cu_seqlens_q[p.batch]) + s.q_start;
+    } else {
+        s.q_start = s.k_start = 0;
+        s.seqlen_q = p.seqlen_q;
+        s.seqlen_k = p.seqlen_k;
+        s.lse_base = (b * p.nheads_q + h) * p.seqlen_q;
+    }
+    return s;
+}
+
+__device__ __forceinline__ fajit::KeyRange keys_of(long long row, const Seq &s) {
+    return fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(row, s.seqlen_q,
+                                                                                s.seqlen_k);
+}
+
+/* The ALiBi slope of (b, h), 0 without ALiBi. */
+__device__ __forceinline__ float slope_of(const fajit_bwd_params &p, long long b, long long h) {
+    if constexpr (FAJIT_ALIBI)
+        return p.alibi_slopes[b * p.alibi_batch_stride + h];
+    else
+        return 0.0f;
+}
+
+/* A visible key's score as the forward computes it (scaled, softcapped,
+ * ALiBi-biased), and the derivative of the score by the scaled dot product. */
+struct Score {
+    float value; /* S */
+    float grad;  /* dS/dx: 1 - tanh^2 under softcap, else 1 */
+};
+
+__device__ __forceinline__ Score score_of(const fajit_bwd_params &p, float dot, float alibi_slope,
+                                          long long row, long long key, const Seq &s) {
+    Score r{p.softmax_scale * dot, 1.0f};
+    if constexpr (FAJIT_SOFTCAP) {
+        /* softcap_score(x, c) is c * tanhf(x / c): the same expression, so the
+         * same value as the forward's, and its tanh for the derivative. */
+        const float t = tanhf(r.value / p.softcap);
+        r.value = fajit::softcap_score(r.value, p.softcap);
+        r.grad = 1.0f - t * t;
+    }
+    if constexpr (FAJIT_ALIBI)
+        r.value += fajit::alibi_bias(alibi_slope, row, key, s.seqlen_q, s.seqlen_k);
+    return r;
+}
+
+/* Z of (b, h, row, key): dropout_scale where the forward kept the element, 0
+ * where it dropped it; 1 without dropout. */
+__device__ __forceinline__ float dropout_factor(const fajit_bwd_params &p, long long b, long long h,
+                                                long long row, long long key) {
+    if constexpr (FAJIT_DROPOUT)
+        return fajit::dropout_keep(p.dropout_seed, p.dropout_offset,
+                                   fajit::dropout_threshold(p.dropout_p), b, h, p.nheads_q, row, key)
+                   ? p.dropout_scale
+                   : 0.0f;
+    else
+        return 1.0f;
+}
+
 /* P = exp(score - lse), 0 for a fully masked row (lse -inf), whose exp would
  * otherwise be exp(+inf). */
 __device__ __forceinline__ float probability(float score, float lse) {
@@ -141,17 +227,20 @@ __device__ __forceinline__ void add_scaled_row(float (&acc)[Cols], float weight,
 
 /* ---------------------------------------------------------------- ref-dq */
 
-/* dq for one query row, computed by the whole warp. */
+/* dq for one query row of sequence s, computed by the whole warp. */
 __device__ void dq_row(const fajit_bwd_params &p, long long b, long long h, long long row,
-                       float *q_shared, float *do_shared, float *ds_shared, int lane) {
+                       const Seq &s, float *q_shared, float *do_shared, float *ds_shared, int lane) {
     const long long h_kv = h / (p.nheads_q / p.nheads_kv);
-    const elem_t *q_row = row_of(static_cast<const elem_t *>(p.q), p.q_stride, b, row, h);
-    const elem_t *o_row = row_of(static_cast<const elem_t *>(p.o), p.o_stride, b, row, h);
-    const elem_t *do_row = row_of(static_cast<const elem_t *>(p.grad_out), p.grad_out_stride, b, row, h);
-    const elem_t *k_head = row_of(static_cast<const elem_t *>(p.k), p.k_stride, b, 0, h_kv);
-    const elem_t *v_head = row_of(static_cast<const elem_t *>(p.v), p.v_stride, b, 0, h_kv);
-    elem_t *dq_row_out = row_of(static_cast<elem_t *>(p.grad_q), p.grad_q_stride, b, row, h);
-    const float lse = p.lse[(b * p.nheads_q + h) * p.seqlen_q + row];
+    const long long packed_row = s.q_start + row;
+    const elem_t *q_row = row_of(static_cast<const elem_t *>(p.q), p.q_stride, b, packed_row, h);
+    const elem_t *o_row = row_of(static_cast<const elem_t *>(p.o), p.o_stride, b, packed_row, h);
+    const elem_t *do_row =
+        row_of(static_cast<const elem_t *>(p.grad_out), p.grad_out_stride, b, packed_row, h);
+    const elem_t *k_head = row_of(static_cast<const elem_t *>(p.k), p.k_stride, b, s.k_start, h_kv);
+    const elem_t *v_head = row_of(static_cast<const elem_t *>(p.v), p.v_stride, b, s.k_start, h_kv);
+    elem_t *dq_row_out = row_of(static_cast<elem_t *>(p.grad_q), p.grad_q_stride, b, packed_row, h);
+    const float lse = p.lse[s.lse_base + row];
+    const float slope = slope_of(p, b, h);
 
     /* D = dO . O: lane partial sums, then the butterfly (same order every run). */
     float d_part = 0.0f;
@@ -165,8 +254,7 @@ __device__ void dq_row(const fajit_bwd_params &p, long long b, long long h, long
     const float row_d = fajit::warp_sum(d_part);
     __syncwarp();
 
-    const fajit::KeyRange keys = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-        row, p.seqlen_q, p.seqlen_k);
+    const fajit::KeyRange keys = keys_of(row, s);
     float acc[kQkColsPerLane];
 #pragma unroll
     for (int c = 0; c < kQkColsPerLane; ++c)
@@ -178,10 +266,12 @@ __device__ void dq_row(const fajit_bwd_params &p, long long b, long long h, long
             const long long key = start + t * kWarpSize + lane;
             float ds = 0.0f;
             if (key < keys.end) {
-                const float score = p.softmax_scale *
-                                    dot_shared_global<FAJIT_DQK>(q_shared, k_head + key * p.k_stride[1]);
+                const Score sc = score_of(
+                    p, dot_shared_global<FAJIT_DQK>(q_shared, k_head + key * p.k_stride[1]), slope,
+                    row, key, s);
                 const float dp = dot_shared_global<FAJIT_DV>(do_shared, v_head + key * p.v_stride[1]);
-                ds = probability(score, lse) * (dp - row_d);
+                ds = probability(sc.value, lse) * (dropout_factor(p, b, h, row, key) * dp - row_d) *
+                     sc.grad;
             }
             ds_shared[t * kWarpSize + lane] = ds;
         }
@@ -205,46 +295,58 @@ struct KeyGrads {
     float dv[kVColsPerLane];
 };
 
-/* P and dS of one query row against key j, for the lane that owns the row:
- * P = dS = 0 when the row does not see j (visible reports which). */
-__device__ __forceinline__ void row_against_key(const fajit_bwd_params &p, long long b, long long h,
+/* One query head's view of a key row: the head, its sequence and ALiBi slope. */
+struct HeadView {
+    long long b, h;
+    Seq s;
+    float slope;
+};
+
+/* The weight of dO_i in dv_j (P Z) and dS of one query row against key j, for
+ * the lane that owns the row: both 0 when the row does not see j (visible
+ * reports which). */
+__device__ __forceinline__ void row_against_key(const fajit_bwd_params &p, const HeadView &hv,
                                                 long long row, long long key, const float *k_shared,
-                                                const float *v_shared, float &prob, float &ds,
+                                                const float *v_shared, float &dv_weight, float &ds,
                                                 bool &visible) {
-    prob = ds = 0.0f;
+    dv_weight = ds = 0.0f;
     visible = false;
-    if (row >= p.seqlen_q)
+    if (row >= hv.s.seqlen_q)
         return;
-    const fajit::KeyRange keys = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-        row, p.seqlen_q, p.seqlen_k);
+    const fajit::KeyRange keys = keys_of(row, hv.s);
     if (key < keys.begin || key >= keys.end)
         return;
-    const float lse = p.lse[(b * p.nheads_q + h) * p.seqlen_q + row];
-    const elem_t *q_row = row_of(static_cast<const elem_t *>(p.q), p.q_stride, b, row, h);
-    const elem_t *o_row = row_of(static_cast<const elem_t *>(p.o), p.o_stride, b, row, h);
-    const elem_t *do_row = row_of(static_cast<const elem_t *>(p.grad_out), p.grad_out_stride, b, row, h);
-    const float score = p.softmax_scale * dot_shared_global<FAJIT_DQK>(k_shared, q_row);
+    const long long packed_row = hv.s.q_start + row;
+    const float lse = p.lse[hv.s.lse_base + row];
+    const elem_t *q_row = row_of(static_cast<const elem_t *>(p.q), p.q_stride, hv.b, packed_row, hv.h);
+    const elem_t *o_row = row_of(static_cast<const elem_t *>(p.o), p.o_stride, hv.b, packed_row, hv.h);
+    const elem_t *do_row =
+        row_of(static_cast<const elem_t *>(p.grad_out), p.grad_out_stride, hv.b, packed_row, hv.h);
+    const Score sc = score_of(p, dot_shared_global<FAJIT_DQK>(k_shared, q_row), hv.slope, row, key, hv.s);
     const float dp = dot_shared_global<FAJIT_DV>(v_shared, do_row);
     const float row_d = dot_global<FAJIT_DV>(do_row, o_row);
-    prob = probability(score, lse);
-    ds = prob * (dp - row_d);
+    const float prob = probability(sc.value, lse);
+    const float z = dropout_factor(p, hv.b, hv.h, row, key);
+    dv_weight = prob * z;
+    ds = prob * (z * dp - row_d) * sc.grad;
     visible = lse != fajit::neg_infinity();
 }
 
-/* Adds query head h's contributions to key row `key`'s gradients. */
-__device__ void dkdv_from_head(const fajit_bwd_params &p, long long b, long long h, long long key,
+/* Adds query head hv.h's contributions to key row `key`'s gradients. */
+__device__ void dkdv_from_head(const fajit_bwd_params &p, const HeadView &hv, long long key,
                                const float *k_shared, const float *v_shared, float *p_shared,
                                float *ds_shared, KeyGrads &g, int lane) {
-    for (long long start = 0; start < p.seqlen_q; start += FAJIT_BN) {
+    for (long long start = 0; start < hv.s.seqlen_q; start += FAJIT_BN) {
         bool any = false;
 #pragma unroll
         for (int t = 0; t < kPerLaneStep; ++t) {
-            float prob, ds;
+            float weight, ds;
             bool visible;
-            row_against_key(p, b, h, start + t * kWarpSize + lane, key, k_shared, v_shared, prob, ds,
+            row_against_key(p, hv, start + t * kWarpSize + lane, key, k_shared, v_shared, weight, ds,
                             visible);
-            /* -0.0f marks a row that does not see the key (skipped below). */
-            p_shared[t * kWarpSize + lane] = visible ? prob : -0.0f;
+            /* -0.0f marks a row that does not see the key (skipped below); a
+             * seen one's weight is >= +0 (a dropped element's is +0). */
+            p_shared[t * kWarpSize + lane] = visible ? weight : -0.0f;
             ds_shared[t * kWarpSize + lane] = ds;
             any |= visible;
         }
@@ -252,30 +354,34 @@ __device__ void dkdv_from_head(const fajit_bwd_params &p, long long b, long long
             continue; /* no row of this step sees the key */
         __syncwarp(); /* p_shared, ds_shared complete */
 
-        const long long left = p.seqlen_q - start;
+        const long long left = hv.s.seqlen_q - start;
         const int step_rows = left < FAJIT_BN ? static_cast<int>(left) : FAJIT_BN;
         for (int r = 0; r < step_rows; ++r) {
-            const float prob = p_shared[r];
-            if (__float_as_uint(prob) == 0x80000000u)
+            const float weight = p_shared[r];
+            if (__float_as_uint(weight) == 0x80000000u)
                 continue; /* invisible: the same test in every lane */
-            const long long row = start + r;
-            add_scaled_row<FAJIT_DV>(g.dv, prob,
-                                     row_of(static_cast<const elem_t *>(p.grad_out), p.grad_out_stride, b, row, h),
-                                     lane);
-            add_scaled_row<FAJIT_DQK>(g.dk, ds_shared[r],
-                                      row_of(static_cast<const elem_t *>(p.q), p.q_stride, b, row, h), lane);
+            const long long packed_row = hv.s.q_start + start + r;
+            add_scaled_row<FAJIT_DV>(
+                g.dv, weight,
+                row_of(static_cast<const elem_t *>(p.grad_out), p.grad_out_stride, hv.b, packed_row, hv.h),
+                lane);
+            add_scaled_row<FAJIT_DQK>(
+                g.dk, ds_shared[r],
+                row_of(static_cast<const elem_t *>(p.q), p.q_stride, hv.b, packed_row, hv.h), lane);
         }
         __syncwarp(); /* the step's arrays read by all lanes before the next step */
     }
 }
 
-/* dk and dv for one key row of kv head h_kv, computed by the whole warp. */
+/* dk and dv for one key row of kv head h_kv (of sequence b), computed by the
+ * whole warp. */
 __device__ void dkdv_row(const fajit_bwd_params &p, long long b, long long h_kv, long long key,
                          float *k_shared, float *v_shared, float *p_shared, float *ds_shared,
                          int lane) {
     const long long group = p.nheads_q / p.nheads_kv;
-    const elem_t *k_row = row_of(static_cast<const elem_t *>(p.k), p.k_stride, b, key, h_kv);
-    const elem_t *v_row = row_of(static_cast<const elem_t *>(p.v), p.v_stride, b, key, h_kv);
+    const long long packed_key = sequence_of(p, b, 0).k_start + key;
+    const elem_t *k_row = row_of(static_cast<const elem_t *>(p.k), p.k_stride, b, packed_key, h_kv);
+    const elem_t *v_row = row_of(static_cast<const elem_t *>(p.v), p.v_stride, b, packed_key, h_kv);
     for (int d = lane; d < FAJIT_DQK; d += kWarpSize)
         k_shared[d] = load(k_row + d);
     for (int d = lane; d < FAJIT_DV; d += kWarpSize)
@@ -289,13 +395,15 @@ __device__ void dkdv_row(const fajit_bwd_params &p, long long b, long long h_kv,
 #pragma unroll
     for (int c = 0; c < kVColsPerLane; ++c)
         g.dv[c] = 0.0f;
-    for (long long h = h_kv * group; h < (h_kv + 1) * group; ++h)
-        dkdv_from_head(p, b, h, key, k_shared, v_shared, p_shared, ds_shared, g, lane);
+    for (long long h = h_kv * group; h < (h_kv + 1) * group; ++h) {
+        const HeadView hv{b, h, sequence_of(p, b, h), slope_of(p, b, h)};
+        dkdv_from_head(p, hv, key, k_shared, v_shared, p_shared, ds_shared, g, lane);
+    }
 
-    store_row<FAJIT_DQK>(row_of(static_cast<elem_t *>(p.grad_k), p.grad_k_stride, b, key, h_kv), g.dk,
-                         p.softmax_scale, lane);
-    store_row<FAJIT_DV>(row_of(static_cast<elem_t *>(p.grad_v), p.grad_v_stride, b, key, h_kv), g.dv,
-                        1.0f, lane);
+    store_row<FAJIT_DQK>(row_of(static_cast<elem_t *>(p.grad_k), p.grad_k_stride, b, packed_key, h_kv),
+                         g.dk, p.softmax_scale, lane);
+    store_row<FAJIT_DV>(row_of(static_cast<elem_t *>(p.grad_v), p.grad_v_stride, b, packed_key, h_kv),
+                        g.dv, 1.0f, lane);
     __syncwarp(); /* k_shared, v_shared read by all lanes before the next row */
 }
 
@@ -310,11 +418,12 @@ extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32) fajit_ref_bwd_dq(
         const int lane = threadIdx.x % fajit::kWarpSize;
         const long long b = blockIdx.z;
         const long long h = blockIdx.y;
+        const fajit_ref_bwd::Seq s = fajit_ref_bwd::sequence_of(p, b, h);
         for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
             const long long row = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
-            if (row >= p.seqlen_q)
+            if (row >= s.seqlen_q || row >= p.seqlen_q)
                 break;
-            fajit_ref_bwd::dq_row(p, b, h, row, q_rows[warp], do_rows[warp], ds[warp], lane);
+            fajit_ref_bwd::dq_row(p, b, h, row, s, q_rows[warp], do_rows[warp], ds[warp], lane);
         }
     }
 }
@@ -329,9 +438,10 @@ extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32) fajit_ref_bwd_dkd
         const int lane = threadIdx.x % fajit::kWarpSize;
         const long long b = blockIdx.z;
         const long long h_kv = blockIdx.y;
+        const long long seqlen_k = fajit_ref_bwd::sequence_of(p, b, 0).seqlen_k;
         for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
             const long long key = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
-            if (key >= p.seqlen_k)
+            if (key >= seqlen_k || key >= p.seqlen_k)
                 break;
             fajit_ref_bwd::dkdv_row(p, b, h_kv, key, k_rows[warp], v_rows[warp], probs[warp], ds[warp],
                                     lane);

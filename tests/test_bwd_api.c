@@ -5,6 +5,7 @@
  * with valid arguments, and the variants the backward runs completing.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +48,10 @@ static void test_init(void)
               zero_strides && a.dtype == FAJIT_DTYPE_FP16 && a.mask == FAJIT_MASK_NONE &&
               a.softmax_scale == 0.0f && a.deterministic == 0 && a.kernel == FAJIT_KERNEL_AUTO,
           "fajit_attn_bwd_args_init: struct_size, NULLs, contiguous, fp16, no mask, AUTO");
+    check(a.window_left == -1 && a.window_right == -1 && a.softcap == 0.0f && !a.alibi_slopes &&
+              a.alibi_batch_stride == 0 && a.dropout_p == 0.0f && a.dropout_seed == 0 &&
+              a.dropout_offset == 0 && !a.cu_seqlens_q && !a.cu_seqlens_k,
+          "fajit_attn_bwd_args_init: no feature (window -1,-1, no softcap, ALiBi, dropout, varlen)");
 }
 
 /* Never dereferenced: validation comes first, and here there is no GPU. */
@@ -114,6 +119,30 @@ static void lse_overflow(fajit_attn_bwd_args *a)
     a->seqlen_k = 1, a->dqk = a->dv = 1;
 }
 static void dq_past_the_end(fajit_attn_bwd_args *a) { a->grad_q = (void *)(UINTPTR_MAX - 15); }
+/* The features (the forward's rules). */
+static void bad_wl(fajit_attn_bwd_args *a) { a->window_left = -2; }
+static void bad_wr(fajit_attn_bwd_args *a) { a->window_right = -3; }
+static void neg_softcap(fajit_attn_bwd_args *a) { a->softcap = -1.0f; }
+static void nan_softcap(fajit_attn_bwd_args *a) { a->softcap = NAN; }
+static void inf_softcap(fajit_attn_bwd_args *a) { a->softcap = INFINITY; }
+static void p_one(fajit_attn_bwd_args *a) { a->dropout_p = 1.0f; }
+static void p_neg(fajit_attn_bwd_args *a) { a->dropout_p = -0.5f; }
+static void p_nan(fajit_attn_bwd_args *a) { a->dropout_p = NAN; }
+static void odd_alibi(fajit_attn_bwd_args *a) { a->alibi_slopes = (const float *)(fake + 2); }
+static void alibi_stride_short(fajit_attn_bwd_args *a) { a->alibi_slopes = (const float *)fake, a->alibi_batch_stride = 3; }
+static void alibi_stride_neg(fajit_attn_bwd_args *a) { a->alibi_slopes = (const float *)fake, a->alibi_batch_stride = -8; }
+static void alibi_stride_overflow(fajit_attn_bwd_args *a) { a->batch = 3, a->alibi_slopes = (const float *)fake, a->alibi_batch_stride = INT64_MAX; }
+static void cu_k_missing(fajit_attn_bwd_args *a) { a->cu_seqlens_q = (const int32_t *)fake; }
+static void cu_q_missing(fajit_attn_bwd_args *a) { a->cu_seqlens_k = (const int32_t *)fake; }
+static void odd_cu_q(fajit_attn_bwd_args *a) { a->cu_seqlens_q = (const int32_t *)(fake + 1), a->cu_seqlens_k = (const int32_t *)fake; }
+static void odd_cu_k(fajit_attn_bwd_args *a) { a->cu_seqlens_q = (const int32_t *)fake, a->cu_seqlens_k = (const int32_t *)(fake + 2); }
+static void varlen_no_batch(fajit_attn_bwd_args *a) { a->batch = 0, a->cu_seqlens_q = a->cu_seqlens_k = (const int32_t *)fake; }
+/* Under varlen the batch stride is ignored, but the row strides still count. */
+static void varlen_dq_rows_overlap(fajit_attn_bwd_args *a)
+{
+    a->cu_seqlens_q = a->cu_seqlens_k = (const int32_t *)fake;
+    a->grad_q_stride[0] = 0, a->grad_q_stride[1] = 100, a->grad_q_stride[2] = 192;
+}
 
 static void test_validation(fajit_ctx *ctx)
 {
@@ -146,6 +175,18 @@ static void test_validation(fajit_ctx *ctx)
         {o_row_overflow, "o_stride[1]=1152921504606846975: with seqlen_q=17"},
         {lse_overflow, "lse: batch=65535 x nheads_q=65535 x seqlen_q=1073741824"},
         {dq_past_the_end, "grad_q=0xfffffffffffffff0: its"},
+        {bad_wl, "window_left=-2"},         {bad_wr, "window_right=-3"},
+        {neg_softcap, "softcap=-1"},        {nan_softcap, "softcap=nan"},
+        {inf_softcap, "softcap=inf"},       {p_one, "dropout_p=1: must be in [0, 1)"},
+        {p_neg, "dropout_p=-0.5"},          {p_nan, "dropout_p=nan"},
+        {odd_alibi, "alibi_slopes="},       {alibi_stride_short, "alibi_batch_stride=3"},
+        {alibi_stride_neg, "alibi_batch_stride=-8"},
+        {alibi_stride_overflow, "alibi_batch_stride=9223372036854775807"},
+        {cu_k_missing, "cu_seqlens_k: NULL while cu_seqlens_q is set"},
+        {cu_q_missing, "cu_seqlens_q: NULL while cu_seqlens_k is set"},
+        {odd_cu_q, "cu_seqlens_q="},        {odd_cu_k, "cu_seqlens_k="},
+        {varlen_no_batch, "batch=0: varlen"},
+        {varlen_dq_rows_overlap, "grad_q_stride[1]=100: rows of grad_q overlap"},
     };
     fajit_attn_bwd_args a;
     char what[200];
@@ -163,6 +204,34 @@ static void test_validation(fajit_ctx *ctx)
           "NULL args are refused");
     check(fajit_attn_bwd(NULL, &a, NULL) == FAJIT_EINVAL && strstr(fajit_last_error(), "ctx"),
           "a NULL context is refused");
+}
+
+/* Valid feature arguments pass validation (FAJIT_ENOGPU here), and a struct
+ * from a header without the features (struct_size up to `kernel`) is read
+ * without them: whatever lies past its end is never looked at. Called only
+ * with no GPU (the fake pointers must never reach one). */
+static void test_features_pass(fajit_ctx *ctx)
+{
+    fajit_attn_bwd_args a;
+    valid_args(&a);
+    a.window_left = 16, a.window_right = 0, a.softcap = 30.0f;
+    a.alibi_slopes = (const float *)fake, a.alibi_batch_stride = 8;
+    a.dropout_p = 0.25f, a.dropout_seed = ~0ull, a.dropout_offset = 1ull << 40;
+    check(fajit_attn_bwd(ctx, &a, NULL) == FAJIT_ENOGPU,
+          "window, softcap, ALiBi per batch and head, dropout: FAJIT_ENOGPU");
+    valid_args(&a);
+    a.cu_seqlens_q = a.cu_seqlens_k = (const int32_t *)fake;
+    a.batch = 3, a.alibi_slopes = (const float *)fake;
+    a.q_stride[0] = 999, a.q_stride[1] = 8 * 192, a.q_stride[2] = 192; /* batch stride ignored */
+    check(fajit_attn_bwd(ctx, &a, NULL) == FAJIT_ENOGPU, "varlen with ALiBi: FAJIT_ENOGPU");
+    valid_args(&a);
+    a.window_left = -7, a.softcap = -1.0f, a.dropout_p = 2.0f; /* past the old struct's end */
+    a.struct_size = (uint32_t)(offsetof(fajit_attn_bwd_args, kernel) + sizeof a.kernel);
+    check(fajit_attn_bwd(ctx, &a, NULL) == FAJIT_ENOGPU,
+          "a struct without the feature fields (older header): they keep their defaults");
+    a.struct_size -= 1;
+    check(fajit_attn_bwd(ctx, &a, NULL) == FAJIT_EINVAL && strstr(fajit_last_error(), "struct_size="),
+          "a struct shorter than the first version is refused");
 }
 
 static void test_no_work_and_no_gpu(fajit_ctx *ctx)
@@ -200,6 +269,7 @@ static void test_no_work_and_no_gpu(fajit_ctx *ctx)
     a.mask = FAJIT_MASK_CAUSAL_TL;
     a.dtype = FAJIT_DTYPE_BF16;
     check(fajit_attn_bwd(ctx, &a, NULL) == FAJIT_ENOGPU, "deterministic reference, bf16, causal-tl: FAJIT_ENOGPU");
+    test_features_pass(ctx);
 }
 
 /* The two ops the reference backward launches complete and render, so a
@@ -219,6 +289,12 @@ static void test_variants(fajit_ctx *ctx)
     check(fajit_variant_complete(ctx, "ref-dkdv dqk=64 bn=48", text, sizeof text) == FAJIT_EPARSE &&
               strstr(fajit_last_error(), "bn=48: op ref-dkdv needs a multiple of 32"),
           "ref-dkdv refuses bn=48, naming the op");
+    n = fajit_variant_complete(ctx, "ref-dkdv dqk=100 window=16,7 dropout=1 softcap=1 alibi=1 varlen=1",
+                               text, sizeof text);
+    check(n > 0 && strstr(text, "window=16,7 dropout=1 softcap=1 alibi=1 varlen=1"),
+          "ref-dkdv spec with every feature completes");
+    check(fajit_variant_complete(ctx, "ref-dq dqk=64 window=-2,0", text, sizeof text) == FAJIT_EPARSE,
+          "ref-dq refuses window=-2,0");
     check(fajit_variant_source(ctx, "ref-dkdv dqk=72", &src, &len) == 0 &&
               strstr(src, "fajit_ref_bwd_dkdv") && strstr(src, "static constexpr int FAJIT_OP = 4;") &&
               !strstr(src, "#include \""),

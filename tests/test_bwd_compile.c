@@ -7,13 +7,17 @@
  * variant's arch, no include path), plus --ptxas-options=-v to read the
  * resources of the op's own kernel:
  *   - sm_90: head dims {1, 8, 59, 64, 72, 100, 128, 192/128, 256, 512} x
- *     {fp16, bf16} x {none, causal, causal-tl} x both ops, tiles of the
- *     runtime's heuristic (bm 4 bn 32 warps 4) with one wider config;
- *   - sm_80: the same head dims and ops, dtype and mask varying along.
+ *     {none, causal, causal-tl} x both ops, the dtype alternating so that
+ *     every head dim and every mask meets both, tiles of the runtime's
+ *     heuristic (bm 4 bn 32 warps 4) with one wider config;
+ *   - sm_80: the same head dims and ops, dtype and mask varying along;
+ *   - the features, for sm_80 and sm_90 and both ops: sliding windows (with
+ *     no mask, causal and causal-tl), softcap, ALiBi, dropout, varlen, each
+ *     alone, then all at once, also at head dims 1, 100, 192/128 and 512.
  * Every compile must succeed, yield a cubin defining the op's entry, keep
  * static shared memory within 48 KB, and warn about nothing in the templates.
  * Spills are printed, not required to be 0. A variant asking for a feature the
- * reference lacks (dropout) must be refused at compile time.
+ * reference lacks (paged KV) must be refused at compile time.
  */
 #include <nvrtc.h>
 #include <pthread.h>
@@ -72,6 +76,23 @@ static const int head_dims[][2] = {{1, 1},     {8, 8},     {59, 59},   {64, 64},
 #define N_HEAD_DIMS (sizeof head_dims / sizeof head_dims[0])
 static const int ops[] = {FAJIT__OP_REF_DQ, FAJIT__OP_REF_DKDV};
 
+enum { F_WINDOW = 1, F_SOFTCAP = 2, F_ALIBI = 4, F_DROPOUT = 8, F_VARLEN = 16 };
+#define F_ALL (F_WINDOW | F_SOFTCAP | F_ALIBI | F_DROPOUT | F_VARLEN)
+
+/* A variant with the given features on; the window is (left, right). */
+static fajit__variant feature_variant(int op, int dqk, int dv, int dtype, int mask, int features,
+                                      int left, int right, int arch)
+{
+    fajit__variant v = bwd_variant(op, dqk, dv, dtype, mask, 0, arch);
+    if (features & F_WINDOW)
+        v.window_left = left, v.window_right = right;
+    v.softcap = (features & F_SOFTCAP) != 0;
+    v.alibi = (features & F_ALIBI) != 0;
+    v.dropout = (features & F_DROPOUT) != 0;
+    v.varlen = (features & F_VARLEN) != 0;
+    return v;
+}
+
 static void add_job(job *jobs, size_t *n, size_t cap, fajit__variant v, int expect_refusal)
 {
     if (*n >= cap)
@@ -82,28 +103,56 @@ static void add_job(job *jobs, size_t *n, size_t cap, fajit__variant v, int expe
     ++*n;
 }
 
-/* sm_90: the whole grid, the wide tiles for one mask in three; sm_80: every
- * head dim and op, with dtype and mask rotating. */
+/* Each feature alone, then all at once, for one op and arch. */
+static void add_features(job *jobs, size_t *n, size_t cap, int op, int arch)
+{
+    static const struct {
+        int mask, features, left, right;
+    } alone[] = {
+        {0, F_WINDOW, 16, 7}, {1, F_WINDOW, 5, -1}, {2, F_WINDOW, 3, 2},
+        {0, F_SOFTCAP, -1, -1}, {1, F_ALIBI, -1, -1}, {2, F_DROPOUT, -1, -1},
+        {1, F_VARLEN, -1, -1}, {1, F_ALL, 40, -1},
+    };
+    for (size_t k = 0; k < sizeof alone / sizeof alone[0]; ++k)
+        add_job(jobs, n, cap,
+                feature_variant(op, 64, 64, (int)(k % 2), alone[k].mask, alone[k].features,
+                                alone[k].left, alone[k].right, arch),
+                0);
+}
+
+/* sm_90: every head dim x mask, the dtype alternating, the wide tiles for one
+ * mask in three; sm_80: every head dim and op, with dtype and mask rotating;
+ * then the features on both. */
 static size_t build_jobs(job *jobs, size_t cap)
 {
+    static const int all_dims[][2] = {{1, 1}, {100, 100}, {192, 128}, {512, 512}};
     size_t n = 0;
     for (size_t d = 0; d < N_HEAD_DIMS; ++d)
-        for (int dtype = 0; dtype < 2; ++dtype)
-            for (int mask = 0; mask < 3; ++mask)
-                for (int o = 0; o < 2; ++o)
-                    add_job(jobs, &n, cap,
-                            bwd_variant(ops[o], head_dims[d][0], head_dims[d][1], dtype, mask,
-                                        (int)(d + (size_t)mask) % 3 == 0, 90),
-                            0);
+        for (int mask = 0; mask < 3; ++mask)
+            for (int o = 0; o < 2; ++o)
+                add_job(jobs, &n, cap,
+                        bwd_variant(ops[o], head_dims[d][0], head_dims[d][1],
+                                    (int)(d + (size_t)mask + (size_t)o) % 2, mask,
+                                    (int)(d + (size_t)mask) % 3 == 0, 90),
+                        0);
     for (size_t d = 0; d < N_HEAD_DIMS; ++d)
         for (int o = 0; o < 2; ++o)
             add_job(jobs, &n, cap,
                     bwd_variant(ops[o], head_dims[d][0], head_dims[d][1], (int)(d % 2),
                                 (int)(d + (size_t)o) % 3, 0, 80),
                     0);
-    for (int o = 0; o < 2; ++o) { /* no dropout in the reference: refuse, not ignore */
+    for (int o = 0; o < 2; ++o) {
+        add_features(jobs, &n, cap, ops[o], 90);
+        add_features(jobs, &n, cap, ops[o], 80);
+        for (size_t d = 0; d < sizeof all_dims / sizeof all_dims[0]; ++d)
+            add_job(jobs, &n, cap,
+                    feature_variant(ops[o], all_dims[d][0], all_dims[d][1], (int)(d % 2),
+                                    (int)(d % 3), F_ALL, 30, 10, d % 2 ? 80 : 90),
+                    0);
+    }
+    for (int o = 0; o < 2; ++o) { /* no paged KV in the reference: refuse, not ignore */
         fajit__variant v = bwd_variant(ops[o], 64, 64, 0, 0, 0, 90);
-        v.dropout = 1;
+        v.paged = 1;
         add_job(jobs, &n, cap, v, 1);
     }
     return n;
@@ -131,7 +180,7 @@ static void run_job(job *j)
     if (j->expect_refusal) {
         j->ok = !compiled && strstr(j->why, "not implemented") != NULL;
         if (compiled)
-            snprintf(j->why, sizeof j->why, "compiled, but the reference has no dropout");
+            snprintf(j->why, sizeof j->why, "compiled, but the reference has no paged KV");
         return;
     }
     if (!compiled)

@@ -185,6 +185,17 @@ class AttnBwdArgs(ctypes.Structure):
         ("softmax_scale", ctypes.c_float),
         ("deterministic", ctypes.c_int),
         ("kernel", ctypes.c_int),
+        # appended fields (the forward's features, as in AttnArgs)
+        ("window_left", ctypes.c_int),
+        ("window_right", ctypes.c_int),
+        ("softcap", ctypes.c_float),
+        ("alibi_slopes", ctypes.c_void_p),
+        ("alibi_batch_stride", ctypes.c_int64),
+        ("dropout_p", ctypes.c_float),
+        ("dropout_seed", ctypes.c_uint64),
+        ("dropout_offset", ctypes.c_uint64),
+        ("cu_seqlens_q", ctypes.c_void_p),
+        ("cu_seqlens_k", ctypes.c_void_p),
     ]
 
 
