@@ -8,3 +8,15 @@ fajit_add_test(test_tune
 target_include_directories(test_tune SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
 add_dependencies(test_tune fajit_tool fajit_prebuild_tool)
 set_property(TEST test_tune APPEND PROPERTY ENVIRONMENT "CUDA_CACHE_DISABLE=1")
+
+# Every tile candidate tuning may choose, made the tuned winner by a record and
+# launched through fajit_attn_fwd, against the fp64 reference (GPU machine;
+# skips without a GPU). Static library: records and GPU identity are internal;
+# the shared attention checks are compiled in rather than linked (their
+# library links the shared libfajit, which would be a second copy).
+fajit_add_test(test_tuned_gpu
+  SOURCES gpu/test_tuned_gpu.c gpu/attn_check.c gpu/precompile.c
+  LIBS fajit_static ${CUDA_nvrtc_LIBRARY} CUDA::cudart Threads::Threads m
+  LABELS gpu tune)
+target_include_directories(test_tuned_gpu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/gpu)
+target_include_directories(test_tuned_gpu SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})

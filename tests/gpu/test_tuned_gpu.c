@@ -1,0 +1,258 @@
+/*
+ * tests/gpu/test_tuned_gpu.c - every tile candidate tuning may choose gives
+ * right answers, through the launch path tuning drives.
+ *
+ * For a few forward problems (head dims 64, 72, 128, 256 and 192/128, both
+ * dtypes, every mask, seqlen_q != seqlen_k), each candidate of
+ * fajit__tune_candidates is made the tuned winner by a tuning record in the
+ * context's store (as `fajit tune` would leave it); the test then checks that
+ * fajit_attn_variant reports those tiles (the launch path takes the record)
+ * and that fajit_attn_fwd's output and LSE pass attn_check against the fp64
+ * reference, outputs NaN-poisoned before every launch.
+ *
+ * Links the static library: writing records and reading the GPU identity are
+ * internal (runtime/tune.h). Exit 0 pass, 1 fail, 77 no GPU.
+ */
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attn_check.h"
+#include "precompile.h"
+#include "runtime/tune.h"
+
+#define MAX_CANDIDATES 64
+
+typedef struct problem_spec {
+    attn_shape s;
+    int layout;
+} problem_spec;
+
+static const problem_spec problems[] = {
+    {{1, 1023, 1023, 2, 2, 64, 64, 0, 1, 0.0f}, ATTN_CONTIGUOUS},   /* fp16 causal */
+    {{2, 300, 2049, 4, 1, 128, 128, 1, 0, 0.0f}, ATTN_PADDED},      /* bf16, MQA */
+    {{1, 777, 517, 2, 1, 256, 256, 0, 2, 0.0f}, ATTN_CONTIGUOUS},   /* fp16 causal top-left */
+    {{1, 517, 777, 4, 2, 192, 128, 1, 1, 0.0f}, ATTN_PADDED},       /* bf16, dqk != dv */
+    {{2, 256, 256, 2, 2, 72, 72, 0, 0, 0.0f}, ATTN_PACKED_QKV},     /* fp16, packed qkv */
+};
+#define NPROBLEMS (sizeof problems / sizeof problems[0])
+
+typedef struct device_buffers {
+    void *in, *o;
+    float *lse;
+} device_buffers;
+
+static int cuda_failed(cudaError_t e, const char *what, char *why, size_t cap)
+{
+    if (e == cudaSuccess)
+        return 0;
+    snprintf(why, cap, "%s: %s", what, cudaGetErrorName(e));
+    return 1;
+}
+
+static void fill_args(const attn_problem *p, const device_buffers *d, fajit_attn_args *a)
+{
+    const uint16_t *in = d->in;
+    fajit_attn_args_init(a);
+    a->q = in + p->q_off;
+    a->k = in + p->k_off;
+    a->v = in + p->v_off;
+    a->o = d->o;
+    a->lse = d->lse;
+    a->batch = p->s.batch;
+    a->seqlen_q = p->s.seqlen_q;
+    a->seqlen_k = p->s.seqlen_k;
+    a->nheads_q = p->s.nheads_q;
+    a->nheads_kv = p->s.nheads_kv;
+    a->dqk = p->s.dqk;
+    a->dv = p->s.dv;
+    a->dtype = p->s.dtype;
+    a->mask = p->s.mask;
+    if (p->layout != ATTN_CONTIGUOUS) {
+        memcpy(a->q_stride, p->q_stride, sizeof a->q_stride);
+        memcpy(a->k_stride, p->k_stride, sizeof a->k_stride);
+        memcpy(a->v_stride, p->v_stride, sizeof a->v_stride);
+        memcpy(a->o_stride, p->o_stride, sizeof a->o_stride);
+    }
+}
+
+/* Poisons the outputs, launches, downloads and checks. */
+static void launch_and_check(fajit_ctx *ctx, const attn_problem *p, const device_buffers *d,
+                             uint16_t *o, float *lse, attn_result *r)
+{
+    const size_t lse_elems = (size_t)(p->s.batch * p->s.nheads_q * p->s.seqlen_q);
+    fajit_attn_args a;
+    int rc;
+    memset(r, 0, sizeof *r);
+    fill_args(p, d, &a);
+    if (cuda_failed(cudaMemset(d->o, 0xff, p->o_elems * 2), "cudaMemset", r->why, sizeof r->why) ||
+        cuda_failed(cudaMemset(d->lse, 0xff, lse_elems * 4), "cudaMemset", r->why, sizeof r->why))
+        return;
+    if ((rc = fajit_attn_fwd(ctx, &a, NULL)) != FAJIT_OK) {
+        snprintf(r->why, sizeof r->why, "fajit_attn_fwd: %s: %s", fajit_strerror(rc),
+                 fajit_last_error());
+        return;
+    }
+    if (!cuda_failed(cudaDeviceSynchronize(), "kernel", r->why, sizeof r->why) &&
+        !cuda_failed(cudaMemcpy(o, d->o, p->o_elems * 2, cudaMemcpyDeviceToHost), "cudaMemcpy",
+                     r->why, sizeof r->why) &&
+        !cuda_failed(cudaMemcpy(lse, d->lse, lse_elems * 4, cudaMemcpyDeviceToHost), "cudaMemcpy",
+                     r->why, sizeof r->why))
+        attn_check(p, o, lse, r);
+}
+
+/* The variant fajit would launch for the problem, parsed. */
+static int launched_variant(fajit_ctx *ctx, const attn_problem *p, const device_buffers *d,
+                            fajit__variant *v, char *text, size_t cap)
+{
+    fajit_attn_args a;
+    fill_args(p, d, &a);
+    return fajit_attn_variant(ctx, &a, text, cap) < 0 || fajit__variant_parse(text, v) != 0;
+}
+
+/* Makes `c` the only tuning record of its key: the tuned winner. */
+static int make_winner(fajit_ctx *ctx, const fajit__gpu_identity *gpu, const fajit__variant *c,
+                       int64_t seqlen_k)
+{
+    uint8_t key[FAJIT__TUNING_KEY_MAX];
+    fajit__tuning_value tv = {1000, 1, 1};
+    size_t n = fajit__tuning_key(gpu, ctx->build_id, c, fajit__seqlen_bucket(seqlen_k), 1, key,
+                                 sizeof key);
+    if (fajit_tuning_clear(ctx) != 0 || n > sizeof key ||
+        fajit__store_tuning_put(ctx->store, key, n, &tv) != 0)
+        return -1;
+    fajit__tuned_forget();
+    return 0;
+}
+
+static size_t run_problem(fajit_ctx *ctx, const fajit__gpu_identity *gpu, const problem_spec *ps,
+                          size_t index, size_t *tried)
+{
+    attn_problem p;
+    device_buffers d = {0};
+    fajit__variant base, cands[MAX_CANDIDATES], got;
+    char text[FAJIT__VARIANT_TEXT_MAX], why[256] = "";
+    const char *specs[MAX_CANDIDATES];
+    static char spec_text[MAX_CANDIDATES][FAJIT__VARIANT_TEXT_MAX];
+    size_t failures = 0, n;
+    const size_t lse_elems = (size_t)(ps->s.batch * ps->s.nheads_q * ps->s.seqlen_q);
+    uint16_t *o = NULL;
+    float *lse = NULL;
+
+    if (attn_problem_init(&p, &ps->s, ps->layout, 0x70e0000u + index) != 0) {
+        printf("FAIL problem %zu: cannot build it\n", index);
+        return 1;
+    }
+    o = malloc(p.o_elems * 2);
+    lse = malloc(lse_elems * 4);
+    if (!o || !lse || cuda_failed(cudaMalloc(&d.in, p.in_elems * 2 + 2), "cudaMalloc", why, sizeof why) ||
+        cuda_failed(cudaMalloc(&d.o, p.o_elems * 2), "cudaMalloc", why, sizeof why) ||
+        cuda_failed(cudaMalloc((void **)&d.lse, lse_elems * 4), "cudaMalloc", why, sizeof why) ||
+        cuda_failed(cudaMemcpy(d.in, p.in, p.in_elems * 2, cudaMemcpyHostToDevice), "cudaMemcpy",
+                    why, sizeof why)) {
+        printf("FAIL problem %zu: %s\n", index, why[0] ? why : "out of host memory");
+        failures = 1;
+        goto free_all;
+    }
+    fajit_tuning_clear(ctx);
+    fajit__tuned_forget();
+    if (launched_variant(ctx, &p, &d, &base, text, sizeof text) || base.op != FAJIT__OP_FWD) {
+        printf("FAIL problem %zu: not the fast forward: %s (%s)\n", index, text, fajit_last_error());
+        failures = 1;
+        goto free_all;
+    }
+    n = fajit__tune_candidates(&base, cands, MAX_CANDIDATES);
+    if (n == 0 || n > MAX_CANDIDATES) {
+        printf("FAIL problem %zu: %zu candidates\n", index, n);
+        failures = 1;
+        goto free_all;
+    }
+    for (size_t i = 0; i < n; i++) {
+        fajit__variant_format(&cands[i], spec_text[i], sizeof spec_text[i]);
+        specs[i] = spec_text[i];
+    }
+    failures += precompile_variants(ctx, specs, n, (int)sysconf(_SC_NPROCESSORS_ONLN));
+    for (size_t i = 0; i < n; i++) {
+        attn_result r;
+        const fajit__variant *c = &cands[i];
+        memset(&r, 0, sizeof r);
+        if (make_winner(ctx, gpu, c, p.s.seqlen_k) != 0)
+            snprintf(r.why, sizeof r.why, "writing the record: %s", fajit_last_error());
+        else if (launched_variant(ctx, &p, &d, &got, text, sizeof text) || got.bm != c->bm ||
+                 got.bn != c->bn || got.warps != c->warps || got.stages != c->stages)
+            snprintf(r.why, sizeof r.why, "the launch path did not take the record: %.200s",
+                     strstr(text, " bm=") ? strstr(text, " bm=") : text);
+        else
+            launch_and_check(ctx, &p, &d, o, lse, &r);
+        ++*tried;
+        const int failed = !r.ok || r.why[0];
+        failures += (size_t)failed;
+        printf("%s %s %-9s dqk=%-3lld dv=%-3lld sq=%-4lld sk=%-4lld %-10s bm=%-3d bn=%-3d warps=%d "
+               "stages=%d  err %.2e <= %.2e  lse %.1e%s%s\n",
+               failed ? "FAIL" : "ok  ", attn_dtype_name(p.s.dtype), attn_mask_name(p.s.mask),
+               (long long)p.s.dqk, (long long)p.s.dv, (long long)p.s.seqlen_q,
+               (long long)p.s.seqlen_k, attn_layout_name(p.layout), c->bm, c->bn, c->warps,
+               c->stages, r.max_err, r.tol, r.max_lse_rel_err, failed ? "\n     " : "", r.why);
+    }
+free_all:
+    cudaFree(d.in);
+    cudaFree(d.o);
+    cudaFree(d.lse);
+    free(o);
+    free(lse);
+    attn_problem_free(&p);
+    return failures;
+}
+
+/* 0 if a usable GPU is present, else 77 after printing the reason. */
+static int require_gpu(void)
+{
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        printf("SKIP: no CUDA GPU (%s)\n",
+               e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount returned 0");
+        return 77;
+    }
+    return 0;
+}
+
+int main(void)
+{
+    const fajit__driver *drv;
+    fajit__gpu_identity gpu;
+    fajit_options o;
+    fajit_ctx *ctx = NULL;
+    CUdevice dev;
+    size_t failures = 0, tried = 0;
+    int rc = require_gpu();
+    if (rc)
+        return rc;
+    fajit_options_init(&o);
+    o.cache_mode = FAJIT_CACHE_READWRITE; /* records need a writable store */
+    if ((rc = fajit_create(&ctx, &o)) != FAJIT_OK || !ctx->store) {
+        printf("FAIL fajit_create: %s: %s\n", fajit_strerror(rc), fajit_last_error());
+        return 1;
+    }
+    if (fajit__driver_get(&drv) != 0 || drv->deviceGet(&dev, ctx->device) != CUDA_SUCCESS ||
+        fajit__gpu_identity_get(drv, dev, &gpu) != 0) {
+        printf("FAIL GPU identity: %s\n", fajit_last_error());
+        fajit_destroy(ctx);
+        return 1;
+    }
+    printf("GPU %s, sm_%d, %d SMs\n", gpu.name, gpu.arch, gpu.sm_count);
+    if (gpu.arch < 80) {
+        printf("SKIP: fajit needs sm_80 or newer\n");
+        fajit_destroy(ctx);
+        return 77;
+    }
+    for (size_t i = 0; i < NPROBLEMS; i++)
+        failures += run_problem(ctx, &gpu, &problems[i], i, &tried);
+    fajit_tuning_clear(ctx);
+    fajit_destroy(ctx);
+    printf("test_tuned_gpu: %zu problems, %zu candidates launched as the tuned choice, %zu failed\n",
+           NPROBLEMS, tried, failures);
+    return failures || tried == 0 ? 1 : 0;
+}
