@@ -287,12 +287,18 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return r;
 }
 
-/* The two 16-bit values of a register as floats. */
+/* The two 16-bit values of a register as floats (bf16: the top half of an fp32). */
 __device__ __forceinline__ float lo_of(unsigned x) {
-    return fajit::load_as_float<FAJIT_DTYPE>(reinterpret_cast<const elem_t *>(&x));
+    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
+        return fajit::fp16_to_float(static_cast<unsigned short>(x & 0xffffu));
+    else
+        return __uint_as_float(x << 16);
 }
 __device__ __forceinline__ float hi_of(unsigned x) {
-    return fajit::load_as_float<FAJIT_DTYPE>(reinterpret_cast<const elem_t *>(&x) + 1);
+    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
+        return fajit::fp16_to_float(static_cast<unsigned short>(x >> 16));
+    else
+        return __uint_as_float(x & 0xffff0000u);
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {

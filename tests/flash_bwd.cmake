@@ -10,3 +10,13 @@ fajit_add_test(test_flash_bwd_compile
   LIBS fajit_static Threads::Threads
   LABELS bwd)
 target_include_directories(test_flash_bwd_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+
+# The fast backward's launcher against an fp64 CPU backward, FlashAttention's
+# error rule; TFLOPs as information. The checks' sources are compiled in, so
+# that everything links against fajit_static (one copy of the library).
+fajit_add_test(test_flash_bwd_gpu
+  SOURCES gpu/test_flash_bwd_gpu.c gpu/attn_check.c gpu/bwd_check.c gpu/precompile.c
+  LIBS fajit_static CUDA::cudart Threads::Threads m
+  LABELS gpu)
+target_include_directories(test_flash_bwd_gpu PRIVATE ${CMAKE_CURRENT_LIST_DIR}/gpu)
+target_include_directories(test_flash_bwd_gpu SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})

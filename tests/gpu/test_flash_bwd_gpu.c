@@ -1,0 +1,607 @@
+/*
+ * tests/gpu/test_flash_bwd_gpu.c - the fast backward (templates/flash_bwd.cuh
+ * through runtime/flash_bwd.c's fajit__flash_bwd_run, before attn_bwd.c
+ * routes calls to it) against an fp64 CPU backward.
+ *
+ * Per case: random (~N(0,1), fixed seeds) fp16/bf16 q, k, v and dO, laid out
+ * contiguously in one buffer; the forward (fajit_attn_fwd) gives O and LSE;
+ * tests/gpu/bwd_check.h's fp64 backward runs on them. Then struct
+ * fajit_bwd_params is filled as attn_bwd.c fills it, the gradient buffer is
+ * poisoned (0xFF bytes: NaN), fajit__flash_bwd_run runs, and bwd_check
+ * compares (exact zeros for rows and keys that see nothing, no NaN, poison
+ * kept in the gaps). The error allowed per gradient is FlashAttention's
+ * rule: twice the error of the same backward computed naively in the input
+ * dtype (scores, probabilities, dP and dS rounded to fp16/bf16, as a framework's
+ * unfused backward would), plus bwd_check's slack (output rounding of max|ref|
+ * and 1e-4).
+ *
+ * Grid: head dims 32, 64, 72, 128, 200, 256 and 192/128 x seqlen pairs among
+ * 1, 17, 113, 256, 1023 with seqlen_q != seqlen_k both ways x none, causal,
+ * causal-tl x GQA 4:1 (and MQA, MHA) x fp16/bf16, plus no keys and no
+ * queries. Then, as information, TFLOPs (2.5 x 4 b h sq sk d, halved for
+ * causal) of the fast backward and of the reference (fajit_attn_bwd, kernel
+ * REFERENCE) at b 4, h 16, s 4096, d 64 and 128, fp16.
+ *
+ * Usage: test_flash_bwd_gpu [--no-bench]. Exit 0 pass, 1 fail, 77 no GPU.
+ */
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attn_check.h"
+#include "bwd_check.h"
+#include "fajit.h"
+#include "precompile.h"
+#include "runtime/flash_bwd.h"
+#include "runtime/runtime.h"
+
+typedef struct fcase {
+    attn_shape s;
+} fcase;
+
+/* ---------------------------------------------------------------- the grid */
+
+static fcase make_case(int dqk, int dv, int dtype, int mask, int64_t b, int64_t sq, int64_t sk, int64_t hq,
+                       int64_t hkv) {
+    fcase c = {.s = {.batch = b, .seqlen_q = sq, .seqlen_k = sk, .nheads_q = hq, .nheads_kv = hkv, .dqk = dqk,
+                     .dv = dv, .dtype = dtype, .mask = mask, .softmax_scale = 0.0f}};
+    return c;
+}
+
+static const int head_dims[][2] = {{32, 32}, {64, 64}, {72, 72}, {128, 128}, {200, 200}, {256, 256}, {192, 128}};
+#define N_HEAD_DIMS (sizeof head_dims / sizeof head_dims[0])
+
+static size_t build_grid(fcase *cs, size_t cap) {
+    size_t n = 0;
+    for (size_t d = 0; d < N_HEAD_DIMS && n + 7 <= cap; ++d) {
+        const int dqk = head_dims[d][0], dv = head_dims[d][1], t = (int)(d % 2);
+        cs[n++] = make_case(dqk, dv, t, 0, 2, 113, 256, 8, 2);       /* GQA 4:1 */
+        cs[n++] = make_case(dqk, dv, 1 - t, 1, 2, 256, 113, 4, 1);   /* masked rows, MQA */
+        cs[n++] = make_case(dqk, dv, t, 2, 1, 17, 1023, 4, 1);       /* top-left: unseen keys */
+        cs[n++] = make_case(dqk, dv, 1 - t, 1, 1, 1023, 17, 8, 2);   /* bottom-right, few keys */
+        cs[n++] = make_case(dqk, dv, t, 1, 2, 1, 256, 4, 1);         /* one query row */
+        cs[n++] = make_case(dqk, dv, 1 - t, 2, 1, 256, 256, 2, 2);   /* MHA, square */
+        cs[n++] = make_case(dqk, dv, t, 0, 1, 17, 1, 4, 2);          /* one key */
+    }
+    if (n + 4 <= cap) {
+        cs[n++] = make_case(64, 64, 0, 1, 1, 1023, 1023, 4, 1);
+        cs[n++] = make_case(128, 128, 1, 2, 1, 1023, 1023, 4, 1);
+        cs[n++] = make_case(64, 64, 1, 0, 2, 5, 0, 4, 2);  /* no keys: dq = 0 */
+        cs[n++] = make_case(128, 128, 0, 1, 2, 0, 7, 4, 2); /* no rows: dk = dv = 0 */
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------- the naive backward */
+
+static double round_to(int dtype, double x) {
+    const float f = (float)x;
+    return dtype == 0 ? attn_half_to_double(attn_float_to_half(f)) : attn_bf16_to_double(attn_float_to_bf16(f));
+}
+
+static double *decode_all(int dtype, const uint16_t *bits, size_t n) {
+    double *x = malloc((n + 1) * sizeof *x);
+    for (size_t i = 0; x && i < n; ++i)
+        x[i] = attn_decode(dtype, bits[i]);
+    return x;
+}
+
+static size_t at3(const int64_t st[3], int64_t b, int64_t i, int64_t h) {
+    return (size_t)(b * st[0] + i * st[1] + h * st[2]);
+}
+
+static int visible(const attn_shape *s, int64_t i, int64_t j) {
+    return s->mask == 1 ? j <= i + s->seqlen_k - s->seqlen_q : s->mask == 2 ? j <= i : 1;
+}
+
+static double dotn(const double *x, const double *y, int64_t n) {
+    double acc = 0.0;
+    for (int64_t d = 0; d < n; ++d)
+        acc += x[d] * y[d];
+    return acc;
+}
+
+typedef struct naive_in {
+    double *in, *o, *dout;
+} naive_in;
+
+/* One query row's contributions, every intermediate rounded to the dtype. */
+static void naive_row(const bwd_problem *bp, const naive_in *x, double lse, int64_t b, int64_t i, int64_t h,
+                      double *g[3]) {
+    const attn_problem *p = bp->fwd;
+    const attn_shape *s = &p->s;
+    const int64_t hk = h / (s->nheads_q / s->nheads_kv);
+    const double scale = attn_effective_scale(s);
+    const double *q = x->in + p->q_off + at3(p->q_stride, b, i, h);
+    const double *dout = x->dout + at3(p->o_stride, b, i, h);
+    const double row_d = dotn(dout, x->o + at3(p->o_stride, b, i, h), s->dv);
+    double *dq = g[BWD_DQ] + ((b * s->seqlen_q + i) * s->nheads_q + h) * s->dqk;
+    for (int64_t j = 0; j < s->seqlen_k; ++j) {
+        if (!visible(s, i, j))
+            continue;
+        const size_t key = (size_t)((b * s->seqlen_k + j) * s->nheads_kv + hk);
+        const double *k = x->in + p->k_off + at3(p->k_stride, b, j, hk);
+        const double *v = x->in + p->v_off + at3(p->v_stride, b, j, hk);
+        const double score = round_to(s->dtype, round_to(s->dtype, dotn(q, k, s->dqk)) * scale);
+        const double prob = round_to(s->dtype, exp(score - lse));
+        const double dp = round_to(s->dtype, dotn(dout, v, s->dv));
+        const double ds = round_to(s->dtype, prob * (dp - row_d));
+        double *dk = g[BWD_DK] + key * (size_t)s->dqk, *dv = g[BWD_DV] + key * (size_t)s->dv;
+        for (int64_t d = 0; d < s->dqk; ++d) {
+            dq[d] += ds * k[d];
+            dk[d] += ds * q[d];
+        }
+        for (int64_t d = 0; d < s->dv; ++d)
+            dv[d] += prob * dout[d];
+    }
+}
+
+/* Max |naive - ref| per gradient over the seen rows/keys. 0, or -1 (memory). */
+static int naive_errors(const bwd_problem *bp, const uint16_t *o, const float *lse, double err[3]) {
+    const attn_problem *p = bp->fwd;
+    const attn_shape *s = &p->s;
+    const size_t n[3] = {(size_t)(s->batch * s->seqlen_q * s->nheads_q * s->dqk) + 1,
+                         (size_t)(s->batch * s->seqlen_k * s->nheads_kv * s->dqk) + 1,
+                         (size_t)(s->batch * s->seqlen_k * s->nheads_kv * s->dv) + 1};
+    naive_in x = {decode_all(s->dtype, p->in, p->in_elems), decode_all(s->dtype, o, p->o_elems),
+                  decode_all(s->dtype, bp->grad_out, p->o_elems)};
+    double *g[3] = {calloc(n[0], sizeof(double)), calloc(n[1], sizeof(double)), calloc(n[2], sizeof(double))};
+    int rc = -1;
+    if (!x.in || !x.o || !x.dout || !g[0] || !g[1] || !g[2])
+        goto out;
+    for (int64_t b = 0; b < s->batch; ++b)
+        for (int64_t i = 0; i < s->seqlen_q; ++i)
+            for (int64_t h = 0; h < s->nheads_q; ++h) {
+                const double row_lse = lse[(b * s->nheads_q + h) * s->seqlen_q + i];
+                if (row_lse != -INFINITY)
+                    naive_row(bp, &x, row_lse, b, i, h, g);
+            }
+    const double scale = attn_effective_scale(s);
+    for (int t = 0; t < 3; ++t) {
+        err[t] = 0.0;
+        for (size_t e = 0; e + 1 < n[t]; ++e) {
+            const double got = round_to(s->dtype, g[t][e] * (t == BWD_DV ? 1.0 : scale));
+            err[t] = fmax(err[t], fabs(got - bp->ref[t][e]));
+        }
+    }
+    rc = 0;
+out:
+    free(x.in);
+    free(x.o);
+    free(x.dout);
+    for (int t = 0; t < 3; ++t)
+        free(g[t]);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- device side */
+
+typedef struct device_buffers {
+    void *in, *o, *dout, *grads;
+    float *lse;
+} device_buffers;
+
+static void free_buffers(device_buffers *d) {
+    cudaFree(d->in);
+    cudaFree(d->o);
+    cudaFree(d->dout);
+    cudaFree(d->grads);
+    cudaFree(d->lse);
+}
+
+static int cuda_failed(cudaError_t e, const char *what, char *why, size_t cap) {
+    if (e == cudaSuccess)
+        return 0;
+    snprintf(why, cap, "%s: %s", what, cudaGetErrorName(e));
+    return 1;
+}
+
+static int prepare_device(const bwd_problem *bp, size_t lse_elems, device_buffers *d, char *why, size_t cap) {
+    const attn_problem *p = bp->fwd;
+    memset(d, 0, sizeof *d);
+    return cuda_failed(cudaMalloc(&d->in, p->in_elems * 2 + 16), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMalloc(&d->o, p->o_elems * 2 + 16), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMalloc(&d->dout, p->o_elems * 2 + 16), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMalloc(&d->grads, p->in_elems * 2 + 16), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMalloc((void **)&d->lse, lse_elems * 4 + 16), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMemcpy(d->in, p->in, p->in_elems * 2, cudaMemcpyHostToDevice), "cudaMemcpy", why, cap) ||
+           cuda_failed(cudaMemcpy(d->dout, bp->grad_out, p->o_elems * 2, cudaMemcpyHostToDevice), "cudaMemcpy",
+                       why, cap) ||
+           cuda_failed(cudaMemset(d->o, 0xff, p->o_elems * 2 + 16), "cudaMemset", why, cap) ||
+           cuda_failed(cudaMemset(d->lse, 0xff, lse_elems * 4 + 16), "cudaMemset", why, cap);
+}
+
+/* The forward's arguments for a problem (fast kernel where it applies). */
+static void fill_fwd_args(const attn_shape *s, const attn_problem *p, const void *in, void *o, float *lse,
+                          fajit_attn_args *a) {
+    fajit_attn_args_init(a);
+    a->q = (const uint16_t *)in + p->q_off;
+    a->k = (const uint16_t *)in + p->k_off;
+    a->v = (const uint16_t *)in + p->v_off;
+    a->o = o;
+    a->lse = lse;
+    a->batch = s->batch;
+    a->seqlen_q = s->seqlen_q;
+    a->seqlen_k = s->seqlen_k;
+    a->nheads_q = s->nheads_q;
+    a->nheads_kv = s->nheads_kv;
+    a->dqk = s->dqk;
+    a->dv = s->dv;
+    a->dtype = s->dtype;
+    a->mask = s->mask;
+    a->softmax_scale = s->softmax_scale;
+    memcpy(a->q_stride, p->q_stride, sizeof a->q_stride);
+    memcpy(a->k_stride, p->k_stride, sizeof a->k_stride);
+    memcpy(a->v_stride, p->v_stride, sizeof a->v_stride);
+    memcpy(a->o_stride, p->o_stride, sizeof a->o_stride);
+}
+
+/* The backward's arguments and params as attn_bwd.c fills them: the
+ * gradients laid out like q, k and v in one buffer, dO like O. */
+static void fill_bwd(const attn_shape *s, const attn_problem *p, const void *in, const void *o, const void *dout,
+                     const float *lse, void *grads, fajit_attn_bwd_args *a, struct fajit_bwd_params *bp) {
+    fajit_attn_bwd_args_init(a);
+    a->q = (const uint16_t *)in + p->q_off;
+    a->k = (const uint16_t *)in + p->k_off;
+    a->v = (const uint16_t *)in + p->v_off;
+    a->o = o;
+    a->grad_out = dout;
+    a->lse = lse;
+    a->grad_q = (uint16_t *)grads + p->q_off;
+    a->grad_k = (uint16_t *)grads + p->k_off;
+    a->grad_v = (uint16_t *)grads + p->v_off;
+    a->batch = s->batch;
+    a->seqlen_q = s->seqlen_q;
+    a->seqlen_k = s->seqlen_k;
+    a->nheads_q = s->nheads_q;
+    a->nheads_kv = s->nheads_kv;
+    a->dqk = s->dqk;
+    a->dv = s->dv;
+    a->dtype = s->dtype;
+    a->mask = s->mask;
+    a->softmax_scale = s->softmax_scale;
+    memcpy(a->q_stride, p->q_stride, sizeof a->q_stride);
+    memcpy(a->k_stride, p->k_stride, sizeof a->k_stride);
+    memcpy(a->v_stride, p->v_stride, sizeof a->v_stride);
+    memcpy(a->o_stride, p->o_stride, sizeof a->o_stride);
+    memcpy(a->grad_out_stride, p->o_stride, sizeof a->grad_out_stride);
+    memcpy(a->grad_q_stride, p->q_stride, sizeof a->grad_q_stride);
+    memcpy(a->grad_k_stride, p->k_stride, sizeof a->grad_k_stride);
+    memcpy(a->grad_v_stride, p->v_stride, sizeof a->grad_v_stride);
+
+    memset(bp, 0, sizeof *bp);
+    bp->q = a->q;
+    bp->k = a->k;
+    bp->v = a->v;
+    bp->o = o;
+    bp->grad_out = dout;
+    bp->lse = lse;
+    bp->grad_q = a->grad_q;
+    bp->grad_k = a->grad_k;
+    bp->grad_v = a->grad_v;
+    memcpy(bp->q_stride, p->q_stride, sizeof bp->q_stride);
+    memcpy(bp->k_stride, p->k_stride, sizeof bp->k_stride);
+    memcpy(bp->v_stride, p->v_stride, sizeof bp->v_stride);
+    memcpy(bp->o_stride, p->o_stride, sizeof bp->o_stride);
+    memcpy(bp->grad_out_stride, p->o_stride, sizeof bp->grad_out_stride);
+    memcpy(bp->grad_q_stride, p->q_stride, sizeof bp->grad_q_stride);
+    memcpy(bp->grad_k_stride, p->k_stride, sizeof bp->grad_k_stride);
+    memcpy(bp->grad_v_stride, p->v_stride, sizeof bp->grad_v_stride);
+    bp->batch = (int)s->batch;
+    bp->seqlen_q = (int)s->seqlen_q;
+    bp->seqlen_k = (int)s->seqlen_k;
+    bp->nheads_q = (int)s->nheads_q;
+    bp->nheads_kv = (int)s->nheads_kv;
+    bp->softmax_scale = attn_effective_scale(s);
+    bp->softmax_scale_log2 = bp->softmax_scale * 1.4426950408889634f;
+}
+
+/* The CUDA context the runtime would launch in (the caller's, made current
+ * by the CUDA runtime), and its arch. */
+typedef struct launch_env {
+    const fajit__driver *drv;
+    unsigned long long cu_id;
+    int arch;
+} launch_env;
+
+static int get_env(fajit_ctx *ctx, launch_env *env) {
+    CUcontext cu;
+    int pushed = 0, rc;
+    cudaFree(NULL); /* the runtime's primary context, current on this thread */
+    if ((rc = fajit__driver_get(&env->drv)) || (rc = fajit__enter_cuda(ctx, env->drv, &cu, &pushed)))
+        return rc;
+    env->cu_id = fajit__context_id(env->drv, cu);
+    rc = fajit__context_arch(ctx, env->drv, env->cu_id, &env->arch);
+    if (pushed)
+        env->drv->ctxPopCurrent(&cu);
+    return rc;
+}
+
+/* Forward on the device, O and LSE downloaded, the fp64 backward and the
+ * naive one's errors. */
+static int run_forward(fajit_ctx *ctx, const fcase *c, bwd_problem *bp, const device_buffers *d, size_t lse_elems,
+                       double naive_err[3], char *why, size_t cap) {
+    const attn_problem *p = bp->fwd;
+    uint16_t *o = malloc(p->o_elems * 2 + 16);
+    float *lse = malloc(lse_elems * 4 + 16);
+    fajit_attn_args a;
+    int rc, failed = 1;
+    if (!o || !lse) {
+        snprintf(why, cap, "out of host memory");
+        goto out;
+    }
+    fill_fwd_args(&c->s, p, d->in, d->o, d->lse, &a);
+    if ((rc = fajit_attn_fwd(ctx, &a, NULL)) != FAJIT_OK) {
+        snprintf(why, cap, "fajit_attn_fwd: %s: %s", fajit_strerror(rc), fajit_last_error());
+        goto out;
+    }
+    if (cuda_failed(cudaDeviceSynchronize(), "forward kernel", why, cap) ||
+        cuda_failed(cudaMemcpy(o, d->o, p->o_elems * 2, cudaMemcpyDeviceToHost), "cudaMemcpy", why, cap) ||
+        cuda_failed(cudaMemcpy(lse, d->lse, lse_elems * 4, cudaMemcpyDeviceToHost), "cudaMemcpy", why, cap))
+        goto out;
+    if (bwd_reference(bp, o, lse) != 0 || naive_errors(bp, o, lse, naive_err) != 0) {
+        snprintf(why, cap, "backward references: out of memory");
+        goto out;
+    }
+    failed = 0;
+out:
+    free(o);
+    free(lse);
+    return failed;
+}
+
+static int run_fast_backward(fajit_ctx *ctx, const launch_env *env, const fcase *c, const attn_problem *p,
+                             const device_buffers *d, uint16_t *grads, char *why, size_t cap) {
+    fajit_attn_bwd_args a;
+    struct fajit_bwd_params params;
+    const char *refusal;
+    int rc;
+    if (cuda_failed(cudaMemset(d->grads, 0xff, p->in_elems * 2 + 16), "cudaMemset", why, cap))
+        return 1;
+    fill_bwd(&c->s, p, d->in, d->o, d->dout, d->lse, d->grads, &a, &params);
+    if ((refusal = fajit__flash_bwd_refusal(&a, &params)) != NULL) {
+        snprintf(why, cap, "refused: %s", refusal);
+        return 1;
+    }
+    if ((rc = fajit__flash_bwd_run(ctx, env->drv, &a, &params, env->arch, env->cu_id, NULL)) != 0) {
+        snprintf(why, cap, "fajit__flash_bwd_run: %s: %s", fajit_strerror(rc), fajit_last_error());
+        return 1;
+    }
+    return cuda_failed(cudaDeviceSynchronize(), "backward kernels", why, cap) ||
+           cuda_failed(cudaMemcpy(grads, d->grads, p->in_elems * 2, cudaMemcpyDeviceToHost), "cudaMemcpy", why, cap);
+}
+
+/* bwd_check's verdict with the tolerance replaced by FlashAttention's rule. */
+static void judge(const bwd_problem *bp, const uint16_t *grads, const double naive_err[3], bwd_result *r) {
+    bwd_check(bp, grads, r);
+    r->ok = r->nan_values == 0 && r->bad_zeros == 0 && r->stray_writes == 0;
+    if (!r->ok)
+        return; /* r->why names the first problem */
+    r->why[0] = '\0';
+    for (int t = 0; t < 3; ++t) {
+        r->tol[t] += 2.0 * naive_err[t];
+        if (!(r->max_err[t] <= r->tol[t])) {
+            r->ok = 0;
+            snprintf(r->why, sizeof r->why, "%s: max error %.3g > allowed %.3g (naive %.3g)", bwd_grad_name(t),
+                     r->max_err[t], r->tol[t], naive_err[t]);
+            return;
+        }
+    }
+}
+
+static int run_case(fajit_ctx *ctx, const launch_env *env, const fcase *c, uint64_t seed, double *worst) {
+    const attn_shape *s = &c->s;
+    const size_t lse_elems = (size_t)(s->batch * s->nheads_q * s->seqlen_q);
+    attn_problem p;
+    bwd_problem bp;
+    bwd_result r;
+    device_buffers d = {0};
+    double naive[3] = {0};
+    uint16_t *grads = NULL;
+    memset(&r, 0, sizeof r);
+    if (attn_problem_init(&p, s, ATTN_CONTIGUOUS, seed) != 0) {
+        printf("FAIL cannot build problem (out of memory)\n");
+        return 1;
+    }
+    if (bwd_problem_init(&bp, &p, seed ^ 0xd0d0d0d0u) != 0 || !(grads = malloc(p.in_elems * 2 + 16))) {
+        printf("FAIL cannot build the backward problem (out of memory)\n");
+        attn_problem_free(&p);
+        return 1;
+    }
+    if (!prepare_device(&bp, lse_elems, &d, r.why, sizeof r.why) &&
+        !run_forward(ctx, c, &bp, &d, lse_elems, naive, r.why, sizeof r.why) &&
+        !run_fast_backward(ctx, env, c, &p, &d, grads, r.why, sizeof r.why))
+        judge(&bp, grads, naive, &r);
+    printf("%s %s %-9s dqk=%-3lld dv=%-3lld b=%lld sq=%-4lld sk=%-4lld hq=%lld hkv=%lld  err/tol dq %.1e/%.1e "
+           "dk %.1e/%.1e dv %.1e/%.1e%s%s\n",
+           r.ok ? "ok  " : "FAIL", attn_dtype_name(s->dtype), attn_mask_name(s->mask), (long long)s->dqk,
+           (long long)s->dv, (long long)s->batch, (long long)s->seqlen_q, (long long)s->seqlen_k,
+           (long long)s->nheads_q, (long long)s->nheads_kv, r.max_err[0], r.tol[0], r.max_err[1], r.tol[1],
+           r.max_err[2], r.tol[2], r.ok ? "" : "\n     ", r.ok ? "" : r.why);
+    for (int t = 0; t < 3; ++t)
+        if (r.tol[t] > 0 && r.max_err[t] / r.tol[t] > *worst)
+            *worst = r.max_err[t] / r.tol[t];
+    free_buffers(&d);
+    free(grads);
+    bwd_problem_free(&bp);
+    attn_problem_free(&p);
+    return !r.ok;
+}
+
+/* ---------------------------------------------------------------- up-front compiles */
+
+static size_t add_spec(char (*specs)[FAJIT__VARIANT_TEXT_MAX], size_t n, const fajit__variant *v) {
+    return fajit__variant_format(v, specs[n], FAJIT__VARIANT_TEXT_MAX) > 0 ? n + 1 : n;
+}
+
+/* Every backward variant of the grid and the forward's, compiled on all cores. */
+static size_t precompile_grid(fajit_ctx *ctx, int arch, const fcase *cs, size_t n) {
+    char (*specs)[FAJIT__VARIANT_TEXT_MAX] = calloc(4 * n + 4, FAJIT__VARIANT_TEXT_MAX);
+    const char **ptrs = calloc(4 * n + 4, sizeof *ptrs);
+    size_t m = 0, failed = 0;
+    if (!specs || !ptrs) {
+        free(specs);
+        free(ptrs);
+        return 0;
+    }
+    for (size_t i = 0; i < n; ++i) {
+        fajit_attn_bwd_args a;
+        fajit__variant v[3];
+        char fwd[128];
+        fajit_attn_bwd_args_init(&a);
+        a.dqk = cs[i].s.dqk;
+        a.dv = cs[i].s.dv;
+        a.dtype = cs[i].s.dtype;
+        a.mask = cs[i].s.mask;
+        fajit__flash_bwd_variants(&a, arch, v);
+        for (int k = 0; k < 3; ++k)
+            m = add_spec(specs, m, &v[k]);
+        snprintf(fwd, sizeof fwd, "fwd dqk=%lld dv=%lld dtype=%s mask=%s", (long long)a.dqk, (long long)a.dv,
+                 a.dtype ? "bf16" : "fp16", a.mask == 0 ? "none" : a.mask == 1 ? "causal" : "causal-tl");
+        if (fajit_variant_complete(ctx, fwd, specs[m], FAJIT__VARIANT_TEXT_MAX) > 0)
+            m++;
+    }
+    for (size_t i = 0; i < m; ++i)
+        ptrs[i] = specs[i];
+    failed = precompile_variants(ctx, ptrs, m, (int)sysconf(_SC_NPROCESSORS_ONLN));
+    free(specs);
+    free(ptrs);
+    return failed;
+}
+
+/* ---------------------------------------------------------------- TFLOPs */
+
+static uint16_t *random_bits(size_t n, int dtype, uint64_t seed) {
+    uint16_t *x = malloc(n * 2);
+    uint64_t st = seed;
+    for (size_t i = 0; x && i < n; ++i) {
+        st = st * 6364136223846793005ull + 1442695040888963407ull;
+        const float u = (float)((st >> 40) & 0xffffff) / 16777216.0f * 2.0f - 1.0f;
+        x[i] = dtype == 0 ? attn_float_to_half(u) : attn_float_to_bf16(u);
+    }
+    return x;
+}
+
+/* Milliseconds of one backward: fast (fajit__flash_bwd_run) or reference
+ * (fajit_attn_bwd, kernel REFERENCE), the mean of `reps` after a warm-up. */
+static double time_backward(fajit_ctx *ctx, const launch_env *env, const fajit_attn_bwd_args *a,
+                            const struct fajit_bwd_params *p, int fast, int reps) {
+    cudaEvent_t e0, e1;
+    float ms = 0.0f;
+    int rc = 0;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    for (int i = 0; i <= reps && rc == 0; ++i) {
+        if (i == 1)
+            cudaEventRecord(e0, NULL);
+        rc = fast ? fajit__flash_bwd_run(ctx, env->drv, a, p, env->arch, env->cu_id, NULL) : fajit_attn_bwd(ctx, a, NULL);
+    }
+    cudaEventRecord(e1, NULL);
+    const int ok = rc == 0 && cudaEventSynchronize(e1) == cudaSuccess && cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess;
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    if (!ok)
+        printf("     timing failed: %s\n", rc ? fajit_last_error() : "CUDA error");
+    return ok ? ms / reps : -1.0;
+}
+
+static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal) {
+    const int64_t b = 4, h = 16, s = 4096;
+    const size_t n = (size_t)(b * h * s * d);
+    attn_problem shape; /* strides only */
+    attn_shape sh = {.batch = b, .seqlen_q = s, .seqlen_k = s, .nheads_q = h, .nheads_kv = h, .dqk = d, .dv = d,
+                     .dtype = 0, .mask = causal ? 1 : 0};
+    uint16_t *host = random_bits(4 * n, 0, 0x5eed + (uint64_t)d);
+    void *dev = NULL, *o = NULL, *grads = NULL;
+    float *lse = NULL;
+    memset(&shape, 0, sizeof shape);
+    shape.s = sh;
+    for (int i = 0; i < 3; ++i) {
+        const int64_t st[3] = {s * h * d, h * d, d};
+        shape.q_stride[i] = shape.k_stride[i] = shape.v_stride[i] = shape.o_stride[i] = st[i];
+    }
+    shape.q_off = 0;
+    shape.k_off = n;
+    shape.v_off = 2 * n;
+    if (!host || cudaMalloc(&dev, 4 * n * 2) || cudaMalloc(&o, n * 2) || cudaMalloc(&grads, 3 * n * 2) ||
+        cudaMalloc((void **)&lse, (size_t)(b * h * s) * 4) || cudaMemcpy(dev, host, 4 * n * 2, cudaMemcpyHostToDevice)) {
+        printf("bench skipped: out of memory\n");
+        goto out;
+    }
+    fajit_attn_args fa;
+    fill_fwd_args(&sh, &shape, dev, o, lse, &fa);
+    if (fajit_attn_fwd(ctx, &fa, NULL) != 0 || cudaDeviceSynchronize() != cudaSuccess) {
+        printf("bench skipped: forward failed: %s\n", fajit_last_error());
+        goto out;
+    }
+    fajit_attn_bwd_args a;
+    struct fajit_bwd_params p;
+    fill_bwd(&sh, &shape, dev, o, (uint16_t *)dev + 3 * n, lse, grads, &a, &p);
+    const double flops = 2.5 * 4.0 * (double)(b * h) * (double)s * (double)s * d / (causal ? 2.0 : 1.0);
+    const double fast_ms = time_backward(ctx, env, &a, &p, 1, 10);
+    a.kernel = FAJIT_KERNEL_REFERENCE;
+    const double ref_ms = time_backward(ctx, env, &a, &p, 0, 1);
+    printf("bench fp16 b=4 h=16 s=4096 d=%-3d %-6s fast %8.3f ms %6.1f TFLOPs   reference %9.3f ms %6.2f TFLOPs\n",
+           d, causal ? "causal" : "none", fast_ms, flops / (fast_ms * 1e9), ref_ms, flops / (ref_ms * 1e9));
+out:
+    free(host);
+    cudaFree(dev);
+    cudaFree(o);
+    cudaFree(grads);
+    cudaFree(lse);
+}
+
+/* ---------------------------------------------------------------- main */
+
+static int require_gpu(void) {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        printf("SKIP: no CUDA GPU (%s)\n", e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount returned 0");
+        return 77;
+    }
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) {
+        printf("GPU 0: %s, sm_%d%d\n", prop.name, prop.major, prop.minor);
+        if (prop.major < 8) {
+            printf("SKIP: the fast backward needs sm_80 or newer\n");
+            return 77;
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const int bench = !(argc > 1 && strcmp(argv[1], "--no-bench") == 0);
+    const int skip = require_gpu();
+    if (skip)
+        return skip;
+    fajit_ctx *ctx = NULL;
+    launch_env env;
+    int rc = fajit_create(&ctx, NULL);
+    if (rc != FAJIT_OK || (rc = get_env(ctx, &env)) != 0) {
+        printf("FAIL setup: %s: %s\n", fajit_strerror(rc), fajit_last_error());
+        fajit_destroy(ctx);
+        return 1;
+    }
+    static fcase cases[64];
+    const size_t n = build_grid(cases, 64);
+    size_t failures = precompile_grid(ctx, env.arch, cases, n);
+    double worst = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+        failures += (size_t)run_case(ctx, &env, &cases[i], 0xfb0000u + i, &worst);
+        fflush(stdout);
+    }
+    printf("test_flash_bwd_gpu: %zu cases, %zu failed; worst gradient error %.2f of its tolerance\n", n, failures,
+           worst);
+    if (bench) {
+        for (int d = 64; d <= 128; d *= 2)
+            for (int causal = 0; causal < 2; ++causal)
+                bench_one(ctx, &env, d, causal);
+    }
+    fajit_destroy(ctx);
+    return failures ? 1 : 0;
+}
