@@ -32,10 +32,10 @@ typedef struct problem_spec {
 
 static const problem_spec problems[] = {
     {{1, 1023, 1023, 2, 2, 64, 64, 0, 1, 0.0f}, ATTN_CONTIGUOUS},   /* fp16 causal */
-    {{2, 300, 2049, 4, 1, 128, 128, 1, 0, 0.0f}, ATTN_PADDED},      /* bf16, MQA */
+    {{2, 300, 2049, 4, 1, 128, 128, 1, 0, 0.0f}, ATTN_CONTIGUOUS},  /* bf16, MQA */
     {{1, 777, 517, 2, 1, 256, 256, 0, 2, 0.0f}, ATTN_CONTIGUOUS},   /* fp16 causal top-left */
-    {{1, 517, 777, 4, 2, 192, 128, 1, 1, 0.0f}, ATTN_PADDED},       /* bf16, dqk != dv */
-    {{2, 256, 256, 2, 2, 72, 72, 0, 0, 0.0f}, ATTN_PACKED_QKV},     /* fp16, packed qkv */
+    {{1, 517, 777, 4, 2, 192, 128, 1, 1, 0.0f}, ATTN_CONTIGUOUS},   /* bf16, dqk != dv */
+    {{2, 256, 256, 2, 2, 72, 72, 0, 0, 0.0f}, ATTN_CONTIGUOUS},     /* fp16 */
 };
 #define NPROBLEMS (sizeof problems / sizeof problems[0])
 
