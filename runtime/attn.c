@@ -167,21 +167,38 @@ static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
     return 0;
 }
 
-/* Why the fast forward kernel cannot take these arguments, or NULL if it can. */
+/* Why the fast forward kernel cannot take these arguments, or NULL if it can.
+ * Its loads move the widest vector a head dim allows (the largest power of
+ * two dividing it, at most 8 elements; templates/flash_fwd.cuh): q and k by
+ * dqk's, v and o by dv's, so each pointer must be aligned to its vector and
+ * every stride a multiple of it. */
 static const char *fast_fwd_refusal(const fajit_attn_args *a, const struct fajit_fwd_params *p)
 {
-    uintptr_t addresses = (uintptr_t)a->q | (uintptr_t)a->k | (uintptr_t)a->v | (uintptr_t)a->o;
+#define FAST_WIDTH(dim) ((dim) % 8 == 0 ? 8 : (dim) % 4 == 0 ? 4 : (dim) % 2 == 0 ? 2 : 1)
+    const int64_t wqk = FAST_WIDTH(a->dqk), wv = FAST_WIDTH(a->dv);
+#undef FAST_WIDTH
     if (a->kernel == FAJIT_KERNEL_REFERENCE)
         return "the reference kernel was asked for";
-    if (a->dqk % 8 != 0 || a->dv % 8 != 0)
-        return "a head dim is not a multiple of 8";
     if (a->dqk > 256 || a->dv > 256)
         return "a head dim is above 256";
-    if (addresses % 16 != 0)
-        return "q, k, v or o is not 16-byte aligned";
-    for (int i = 0; i < 3; i++)
-        if (p->q_stride[i] % 8 || p->k_stride[i] % 8 || p->v_stride[i] % 8 || p->o_stride[i] % 8)
-            return "a stride is not a multiple of 8 elements";
+    if (((uintptr_t)a->q | (uintptr_t)a->k) % (uintptr_t)(2 * wqk) != 0)
+        return wqk == 8 ? "q or k is not 16-byte aligned"
+                        : "q or k is not aligned to dqk's load width (2 bytes times the largest "
+                          "power of two dividing dqk)";
+    if (((uintptr_t)a->v | (uintptr_t)a->o) % (uintptr_t)(2 * wv) != 0)
+        return wv == 8 ? "v or o is not 16-byte aligned"
+                       : "v or o is not aligned to dv's load width (2 bytes times the largest "
+                         "power of two dividing dv)";
+    for (int i = 0; i < 3; i++) {
+        if (p->q_stride[i] % wqk || p->k_stride[i] % wqk)
+            return wqk == 8 ? "a q or k stride is not a multiple of 8 elements"
+                            : "a q or k stride is not a multiple of dqk's load width (the largest "
+                              "power of two dividing dqk)";
+        if (p->v_stride[i] % wv || p->o_stride[i] % wv)
+            return wv == 8 ? "a v or o stride is not a multiple of 8 elements"
+                           : "a v or o stride is not a multiple of dv's load width (the largest "
+                             "power of two dividing dv)";
+    }
     return NULL;
 }
 

@@ -49,11 +49,22 @@ size_t fajit__arch_smem_limit(int arch)
  * tiles, then fewer rows. */
 static void fwd_tiles(fajit__variant *v)
 {
-    int dqk_pad = (v->dqk + 15) / 16 * 16, dmax = dqk_pad > v->dv ? dqk_pad : v->dv;
+    /* The registers follow the padded head dims: dqk to the mma k step of 16,
+     * dv to whole n tiles of 8 (a dv not a multiple of 8 computes its tail). */
+    int dqk_pad = (v->dqk + 15) / 16 * 16, dv_pad = (v->dv + 7) / 8 * 8;
+    int dmax = dqk_pad > dv_pad ? dqk_pad : dv_pad;
     size_t limit = fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
     fajit__variant t = *v; /* fields the caller set stay as they are */
 
-    set_if_unset(&t.warps, dmax < 128 ? 4 : 8);
+    /* An odd head dim loads 2 bytes at a time, waiting on each batch of
+     * loads: one tile a warp (twice the threads) halves the batches per
+     * thread and keeps more warps in flight to cover the waits. */
+    int odd = v->dqk % 2 != 0 || v->dv % 2 != 0;
+    /* Two tiles a warp hold 2 dv_pad accumulators plus the scores; past a dv
+     * of 96 that leaves too few registers when the narrower Q is kept in
+     * registers too (dqk_pad < dv_pad: 64/104, 72/112 and 59/100 spill), so
+     * those take one tile a warp like the wide heads. */
+    set_if_unset(&t.warps, dmax < 128 && !(dv_pad > 96 && dqk_pad < dv_pad) && !odd ? 4 : 8);
     if (v->dropout && dmax < 128) /* see the dropout note below */
         set_if_unset(&t.bm, 16 * t.warps);
     set_if_unset(&t.bm, 128 > 16 * t.warps ? 128 : 16 * t.warps);

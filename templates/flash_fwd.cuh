@@ -23,9 +23,19 @@
  * K and V tiles stream through FAJIT_STAGES shared-memory buffers filled by
  * cp.async (zero-filled past seqlen_k, so no garbage reaches P V).
  *
- * Head dims: dqk and dv multiples of 8 up to 256. The mma k step is 16, so when
- * dqk % 16 == 8 the Q and K rows in shared memory get one extra 8-column chunk,
- * zeroed once, that adds nothing to q.k. dv needs no padding (n step is 8).
+ * Head dims: any dqk and dv in 1..256. Shared-memory rows are whole 16-byte
+ * chunks (8 elements), and the mma k step is 16, so Q and K rows round dqk up
+ * to a multiple of 16 and V rows round dv up to a multiple of 8. The columns
+ * past the head dim are never loaded: they are zeroed once per block, so they
+ * add nothing to q.k, and P V's output columns past dv (never stored) stay
+ * finite.
+ *
+ * Loads of a tensor move the widest vector its head dim allows, the largest
+ * power of two dividing it, capped at 8 elements: cp.async of 16 bytes for a
+ * multiple of 8, 8 bytes for 4, 4 bytes for 2; an odd head dim takes plain
+ * 2-byte loads and shared-memory stores (cp.async has no 2-byte form), which
+ * stall at the store instead of overlapping the math. Q and K use dqk's width,
+ * V and O dv's. A multiple of 8 compiles to the code it always had.
  *
  * Shared memory rows are arrays of 16-byte chunks. A row of a multiple of 8
  * chunks is XOR-swizzled (chunk ^ (row % 8)); any other row length is padded to
@@ -35,17 +45,17 @@
  * Launch (runtime): grid (ceil(seqlen_q / FAJIT_BM), nheads_q, batch),
  * FAJIT_WARPS * 32 threads, FAJIT_SMEM_BYTES of dynamic shared memory (the
  * layout below; codegen's fajit__variant_smem_bytes computes the same number).
- * Needs q, k, v, o 16-byte aligned with strides multiples of 8 elements.
+ * Needs q and k aligned to dqk's load width (in bytes: 2 * width) with
+ * strides multiples of it in elements, v and o the same for dv's width
+ * (runtime/attn.c fast_fwd_refusal checks, and falls back to the reference).
  */
 #include "common.cuh"
 #include "fwd_params.h"
 
 static_assert(FAJIT_OP == 1, "flash_fwd.cuh is the template of op fwd");
 static_assert(FAJIT_ARCH >= 80, "flash_fwd: needs sm_80 or newer (mma.sync bf16, cp.async)");
-static_assert(FAJIT_DQK >= 8 && FAJIT_DQK <= 256 && FAJIT_DQK % 8 == 0,
-              "flash_fwd: dqk must be a multiple of 8 in 8..256");
-static_assert(FAJIT_DV >= 8 && FAJIT_DV <= 256 && FAJIT_DV % 8 == 0,
-              "flash_fwd: dv must be a multiple of 8 in 8..256");
+static_assert(FAJIT_DQK >= 1 && FAJIT_DQK <= 256, "flash_fwd: dqk must be in 1..256");
+static_assert(FAJIT_DV >= 1 && FAJIT_DV <= 256, "flash_fwd: dv must be in 1..256");
 static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 16, "flash_fwd: warps must be 1..16");
 static_assert(FAJIT_BM % (16 * FAJIT_WARPS) == 0, "flash_fwd: bm must be a multiple of 16 * warps");
 static_assert(FAJIT_BN >= 16 && FAJIT_BN % 16 == 0, "flash_fwd: bn must be a multiple of 16");
@@ -61,10 +71,17 @@ constexpr int kMTiles = FAJIT_BM / (16 * FAJIT_WARPS); /* 16-row mma tiles per w
 constexpr int kWarpRows = 16 * kMTiles;
 constexpr int kDqkPad = (FAJIT_DQK + 15) / 16 * 16; /* mma k steps of 16 */
 constexpr int kChunksQK = kDqkPad / 8;              /* 16-byte chunks of a Q/K smem row */
-constexpr int kLoadChunksQK = FAJIT_DQK / 8;        /* chunks read from memory */
-constexpr int kChunksV = FAJIT_DV / 8;
+constexpr int kChunksV = (FAJIT_DV + 7) / 8;       /* 16-byte chunks of a V smem row */
 constexpr int kNTiles = FAJIT_BN / 8;   /* n tiles of S */
-constexpr int kOTiles = FAJIT_DV / 8;   /* n tiles of O */
+constexpr int kOTiles = kChunksV;       /* n tiles of O */
+
+/* Elements a load moves at once for a head dim: the largest power of two
+ * dividing it, up to 8 (16 bytes). */
+__host__ __device__ constexpr int load_width(int dim) {
+    return dim % 8 == 0 ? 8 : dim % 4 == 0 ? 4 : dim % 2 == 0 ? 2 : 1;
+}
+constexpr int kWidthQK = load_width(FAJIT_DQK);
+constexpr int kWidthV = load_width(FAJIT_DV);
 constexpr int kKSteps = kDqkPad / 16;   /* k steps of Q K^T */
 constexpr int kPSteps = FAJIT_BN / 16;  /* k steps of P V */
 
@@ -137,6 +154,20 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void *src, bool 
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0)
                  : "memory");
+}
+
+/* Bytes = 4 or 8 global -> shared through L1 (.cg takes only 16); zero-filled
+ * when !valid. */
+template <int Bytes>
+__device__ __forceinline__ void cp_async_small(unsigned dst, const void *src, bool valid) {
+    static_assert(Bytes == 4 || Bytes == 8, "cp.async.ca moves 4, 8 or 16 bytes");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(Bytes),
+                 "r"(valid ? Bytes : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u16(unsigned dst, unsigned short x) {
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst), "h"(x));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -268,40 +299,81 @@ __device__ __forceinline__ Heads heads_of(const fajit_fwd_params &p, const Seq &
     return t;
 }
 
-/* Rows rows x LoadChunks chunks from src (row stride `stride`) into a smem tile
- * of Chunks-chunk rows; rows at or past `valid` are zero-filled. */
-template <int Rows, int LoadChunks, int Chunks>
+/* Rows rows x Dim columns from src (row stride `stride`) into a smem tile of
+ * Chunks-chunk rows; rows at or past `valid` are zero-filled. The columns past
+ * Dim are left alone (zero_pad sets them once). */
+template <int Rows, int Dim, int Chunks>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t *src, long long stride,
                                           int first, int valid, int tid) {
-    if constexpr (kThreads % LoadChunks == 0) {
-        /* Each thread copies one chunk column, every kRowStep-th row. */
-        constexpr int kRowStep = kThreads / LoadChunks;
-        const int c = tid % LoadChunks, r0 = tid / LoadChunks;
-        const elem_t *g = src + static_cast<long long>(first + r0) * stride + c * 8;
+    if constexpr (Dim % 8 == 0) {
+        constexpr int LoadChunks = Dim / 8;
+        if constexpr (kThreads % LoadChunks == 0) {
+            /* Each thread copies one chunk column, every kRowStep-th row. */
+            constexpr int kRowStep = kThreads / LoadChunks;
+            const int c = tid % LoadChunks, r0 = tid / LoadChunks;
+            const elem_t *g = src + static_cast<long long>(first + r0) * stride + c * 8;
 #pragma unroll
-        for (int r = r0; r < Rows; r += kRowStep) {
+            for (int r = r0; r < Rows; r += kRowStep) {
+                const bool ok = first + r < valid;
+                cp_async_16(dst + smem_at<Chunks>(r, c) * 2, ok ? g : src, ok);
+                g += kRowStep * stride;
+            }
+        } else {
+#pragma unroll
+            for (int i = tid; i < Rows * LoadChunks; i += kThreads) {
+                const int r = i / LoadChunks, c = i % LoadChunks;
+                const bool ok = first + r < valid;
+                const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + c * 8 : src;
+                cp_async_16(dst + smem_at<Chunks>(r, c) * 2, g, ok);
+            }
+        }
+    } else if constexpr (load_width(Dim) > 1) {
+        /* Narrower vectors: Width elements, never crossing a chunk. */
+        constexpr int Width = load_width(Dim), kVecs = Dim / Width;
+#pragma unroll 1
+        for (int i = tid; i < Rows * kVecs; i += kThreads) {
+            const int r = i / kVecs, e = (i % kVecs) * Width;
             const bool ok = first + r < valid;
-            cp_async_16(dst + smem_at<Chunks>(r, c) * 2, ok ? g : src, ok);
-            g += kRowStep * stride;
+            const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + e : src;
+            cp_async_small<Width * 2>(dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2, g, ok);
         }
     } else {
+        /* Odd: 2-byte loads, kBatch in flight before their stores wait. */
+        constexpr int kTotal = Rows * Dim, kBatch = 8;
+#pragma unroll 1
+        for (int i0 = tid; i0 < kTotal; i0 += kBatch * kThreads) {
+            elem_t x[kBatch];
 #pragma unroll
-        for (int i = tid; i < Rows * LoadChunks; i += kThreads) {
-            const int r = i / LoadChunks, c = i % LoadChunks;
-            const bool ok = first + r < valid;
-            const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + c * 8 : src;
-            cp_async_16(dst + smem_at<Chunks>(r, c) * 2, g, ok);
+            for (int k = 0; k < kBatch; ++k) {
+                const int i = i0 + k * kThreads, r = i / Dim, e = i % Dim;
+                x[k] = i < kTotal && first + r < valid ? src[static_cast<long long>(first + r) * stride + e]
+                                                       : static_cast<elem_t>(0);
+            }
+#pragma unroll
+            for (int k = 0; k < kBatch; ++k) {
+                const int i = i0 + k * kThreads, r = i / Dim, e = i % Dim;
+                if (i < kTotal)
+                    st_shared_u16(dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2, x[k]);
+            }
         }
     }
 }
 
-/* The pad chunk of Q/K rows (dqk % 16 == 8) is never loaded: zero it once. */
-template <int Rows>
-__device__ __forceinline__ void zero_pad_chunk(elem_t *tile, int tid) {
-    if constexpr (kChunksQK != kLoadChunksQK) {
+/* Zeroes columns Dim .. Chunks * 8 - 1 of every row (never loaded: the pad
+ * to the mma k step of Q and K, the tail of a last partial chunk). */
+template <int Rows, int Dim, int Chunks>
+__device__ __forceinline__ void zero_pad(elem_t *tile, int tid) {
+    if constexpr (Dim % 8 == 0 && Chunks * 8 != Dim) {
+        static_assert(Chunks * 8 == Dim + 8, "a multiple of 8 pads one chunk (to the k step)");
         for (int r = tid; r < Rows; r += kThreads) {
-            unsigned *at = reinterpret_cast<unsigned *>(tile + smem_at<kChunksQK>(r, kChunksQK - 1));
+            unsigned *at = reinterpret_cast<unsigned *>(tile + smem_at<Chunks>(r, Chunks - 1));
             at[0] = at[1] = at[2] = at[3] = 0u;
+        }
+    } else if constexpr (Dim % 8 != 0) {
+        constexpr int kPad = Chunks * 8 - Dim;
+        for (int i = tid; i < Rows * kPad; i += kThreads) {
+            const int r = i / kPad, e = Dim + i % kPad;
+            tile[smem_at<Chunks>(r, e / 8) + e % 8] = 0;
         }
     }
 }
@@ -548,6 +620,40 @@ __device__ __forceinline__ void pv_tile(float (&acc_o)[kMTiles][kOTiles][4],
 
 /* ---------------------------------------------------------------- epilogue */
 
+/* Output columns col and col + 1 (col = 8 j + 2 (lane % 4), even) of one row,
+ * packed in `two`: a 4-byte store, or the part of it below dv (an even dv
+ * never splits the pair; an odd one stores 2-byte halves). */
+__device__ __forceinline__ void store_pair(elem_t *at, unsigned two, int j, int lane) {
+    if constexpr (FAJIT_DV % 8 == 0) {
+        *reinterpret_cast<unsigned *>(at) = two;
+    } else {
+        const int col = j * 8 + (lane % 4) * 2;
+        const bool full_tile = j * 8 + 8 <= FAJIT_DV;
+        if constexpr (kWidthV >= 2) {
+            if (full_tile || col < FAJIT_DV)
+                *reinterpret_cast<unsigned *>(at) = two;
+        } else {
+            if (full_tile || col < FAJIT_DV)
+                at[0] = static_cast<elem_t>(two & 0xffffu);
+            if (full_tile || col + 1 < FAJIT_DV)
+                at[1] = static_cast<elem_t>(two >> 16);
+        }
+    }
+}
+
+/* Zeroes `Width` output elements at `at` (aligned to them). */
+template <int Width>
+__device__ __forceinline__ void store_zeros(elem_t *at) {
+    if constexpr (Width == 8)
+        asm volatile("st.global.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"l"(at), "r"(0u) : "memory");
+    else if constexpr (Width == 4)
+        asm volatile("st.global.v2.u32 [%0], {%1, %1};\n" ::"l"(at), "r"(0u) : "memory");
+    else if constexpr (Width == 2)
+        asm volatile("st.global.u32 [%0], %1;\n" ::"l"(at), "r"(0u) : "memory");
+    else
+        asm volatile("st.global.u16 [%0], %1;\n" ::"l"(at), "h"(static_cast<unsigned short>(0)) : "memory");
+}
+
 /* O = acc_o / l and LSE, for this thread's rows below seqlen_q. */
 __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads &t, const Seq &seq,
                                           long long bh, long long h,
@@ -572,8 +678,8 @@ __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads
             elem_t *o_row = t.o + static_cast<long long>(row) * t.o_row + (lane % 4) * 2;
 #pragma unroll
             for (int j = 0; j < kOTiles; ++j)
-                *reinterpret_cast<unsigned *>(o_row + j * 8) =
-                    pack2(acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv);
+                store_pair(o_row + j * 8, pack2(acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv),
+                           j, lane);
             if (p.lse != nullptr && lane % 4 == 0)
                 p.lse[lse_row0(p, seq, bh, h) + row] =
                     any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
@@ -583,12 +689,11 @@ __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads
 /* A block none of whose rows sees a key: O = 0, LSE = -inf. */
 __device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, const Seq &seq,
                                    long long bh, long long h, int m0, int tid) {
-    for (int i = tid; i < FAJIT_BM * kChunksV; i += kThreads) {
-        const int r = i / kChunksV, c = i % kChunksV;
-        if (m0 + r < seq_q(p, seq)) {
-            elem_t *at = t.o + static_cast<long long>(m0 + r) * t.o_row + c * 8;
-            asm volatile("st.global.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"l"(at), "r"(0u) : "memory");
-        }
+    constexpr int kVecs = FAJIT_DV / kWidthV;
+    for (int i = tid; i < FAJIT_BM * kVecs; i += kThreads) {
+        const int r = i / kVecs, c = i % kVecs;
+        if (m0 + r < seq_q(p, seq))
+            store_zeros<kWidthV>(t.o + static_cast<long long>(m0 + r) * t.o_row + c * kWidthV);
     }
     if (p.lse != nullptr)
         for (int r = tid; r < FAJIT_BM && m0 + r < seq_q(p, seq); r += kThreads)
@@ -657,17 +762,19 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
     Frags f;
     init_frags(f, aQ, aK, aV, warp_row0, lane);
 
-    zero_pad_chunk<FAJIT_BM>(sQ, tid);
+    zero_pad<FAJIT_BM, FAJIT_DQK, kChunksQK>(sQ, tid);
 #pragma unroll
-    for (int s = 0; s < FAJIT_STAGES; ++s)
-        zero_pad_chunk<FAJIT_BN>(sK + s * kKElems, tid);
+    for (int s = 0; s < FAJIT_STAGES; ++s) {
+        zero_pad<FAJIT_BN, FAJIT_DQK, kChunksQK>(sK + s * kKElems, tid);
+        zero_pad<FAJIT_BN, FAJIT_DV, kChunksV>(sV + s * kVElems, tid);
+    }
 
     /* Q and the first STAGES-1 K/V tiles in flight; one commit group per tile. */
-    load_tile<FAJIT_BM, kLoadChunksQK, kChunksQK>(aQ, t.q, t.q_row, m0, seq_q(p, seq), tid);
+    load_tile<FAJIT_BM, FAJIT_DQK, kChunksQK>(aQ, t.q, t.q_row, m0, seq_q(p, seq), tid);
     auto load_kv = [&](int i) {
         const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
-        load_tile<FAJIT_BN, kLoadChunksQK, kChunksQK>(aK + s * kKElems * 2, t.k, t.k_row, n0, seq_k(p, seq), tid);
-        load_tile<FAJIT_BN, kChunksV, kChunksV>(aV + s * kVElems * 2, t.v, t.v_row, n0, seq_k(p, seq), tid);
+        load_tile<FAJIT_BN, FAJIT_DQK, kChunksQK>(aK + s * kKElems * 2, t.k, t.k_row, n0, seq_k(p, seq), tid);
+        load_tile<FAJIT_BN, FAJIT_DV, kChunksV>(aV + s * kVElems * 2, t.v, t.v_row, n0, seq_k(p, seq), tid);
     };
 #pragma unroll
     for (int i = 0; i < FAJIT_STAGES - 1; ++i) {

@@ -10,3 +10,8 @@ fajit_add_test(test_fwd_compile
   LIBS fajit_static ${CUDA_nvrtc_LIBRARY} Threads::Threads
   LABELS fwd)
 target_include_directories(test_fwd_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+
+# The same program over head dims that are not multiples of 8 (narrower loads).
+add_test(NAME test_fwd_compile_odd COMMAND test_fwd_compile --odd)
+set_tests_properties(test_fwd_compile_odd PROPERTIES LABELS fwd
+                     ENVIRONMENT "FAJIT_CACHE_DIR=${CMAKE_BINARY_DIR}/test-cache/test_fwd_compile_odd")

@@ -10,10 +10,15 @@
  *   - sm_80: a subset (2 cores, CI time);
  *   - features (softcap, ALiBi, varlen, dropout, and all of them, also with a window) on
  *     head dims 64, 72, 96, 128, 192/128, 256, sm_80 and sm_90.
+ * With --odd (ctest test_fwd_compile_odd), head dims that are not multiples of
+ * 8 instead, whose loads are narrower (templates/flash_fwd.cuh, "Loads"):
+ *   - dqk = dv in {1, 8, 24, 40, 59, 72, 100, 111, 200} and (59, 100), (100, 72),
+ *     (6, 2), on sm_80 and sm_90, dtype and mask rotating;
+ *   - every feature together on 59, 100 and 111.
  * Every compile must succeed with no spills and no template warnings, and the
  * dynamic shared memory the variant declares (fajit__variant_smem_bytes) must
  * fit the arch's opt-in limit. Variants the template cannot serve (paged KV,
- * dqk not a multiple of 8) must be refused at compile time with the reason.
+ * a head dim above 256) must be refused at compile time with the reason.
  */
 #include <nvrtc.h>
 #include <pthread.h>
@@ -136,9 +141,28 @@ static size_t build_jobs(job *jobs, size_t cap) {
         jobs[n - 1].v.paged = 1;
         jobs[n - 1].expect_refusal = "not implemented";
         n = add(jobs, n, cap, fwd_variant(64, 64, 0, 0, 90));
-        jobs[n - 1].v.dqk = 60;
-        jobs[n - 1].expect_refusal = "multiple of 8";
+        jobs[n - 1].v.dqk = 264;
+        jobs[n - 1].expect_refusal = "dqk must be in 1..256";
     }
+    return n;
+}
+
+/* Head dims that are not multiples of 8 (and 8, 24, 40, 72, 200 beside them,
+ * the widths' neighbours): each on sm_80 and sm_90. */
+static size_t build_odd_jobs(job *jobs, size_t cap) {
+    static const int dims[][2] = {{1, 1},   {8, 8},     {24, 24},   {40, 40},  {59, 59},  {72, 72},
+                                  {100, 100}, {111, 111}, {200, 200}, {59, 100}, {100, 72}, {6, 2}};
+    enum { NDIMS = sizeof dims / sizeof dims[0] };
+    size_t n = 0;
+    for (size_t i = 0; i < NDIMS; ++i)
+        for (int a = 0; a < 2; ++a)
+            n = add(jobs, n, cap, fwd_variant(dims[i][0], dims[i][1], (int)(i + (size_t)a) % 2,
+                                              (int)(i + 2 * (size_t)a) % 3, a ? 90 : 80));
+    static const int feat_dims[][2] = {{59, 59}, {100, 100}, {111, 111}};
+    for (size_t i = 0; i < 3; ++i)
+        n = add(jobs, n, cap, feature_variant(feat_dims[i][0], feat_dims[i][1], (int)i % 2, (int)i % 3,
+                                              i == 1 ? 80 : 90,
+                                              FEAT_SOFTCAP | FEAT_ALIBI | FEAT_VARLEN | FEAT_DROPOUT));
     return n;
 }
 
@@ -206,13 +230,15 @@ static void print_job(const job *j) {
         printf("FAIL %s\n  %s\n", text, j->why);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     int major = 0, minor = 0;
+    const int odd = argc > 1 && strcmp(argv[1], "--odd") == 0;
     nvrtcVersion(&major, &minor);
-    printf("NVRTC %d.%d, %d threads\n", major, minor, COMPILE_THREADS);
+    printf("NVRTC %d.%d, %d threads%s\n", major, minor, COMPILE_THREADS, odd ? ", odd head dims" : "");
 
     static job jobs[128];
-    pool p = {.jobs = jobs, .n = build_jobs(jobs, sizeof jobs / sizeof jobs[0]), .next = 0};
+    const size_t cap = sizeof jobs / sizeof jobs[0];
+    pool p = {.jobs = jobs, .n = odd ? build_odd_jobs(jobs, cap) : build_jobs(jobs, cap), .next = 0};
     pthread_mutex_init(&p.lock, NULL);
     const double t0 = now_ms();
     pthread_t threads[COMPILE_THREADS];

@@ -9,8 +9,10 @@
  *    exactly 0 / -inf;
  *  - kernel=FAJIT_KERNEL_AUTO, checked with FlashAttention's rule
  *    max|o - ref| <= 2 * max|naive - ref| + 1e-3 (naive: the same attention in
- *    the input dtype), LSE within 1e-3 relative. Which kernel ran (fwd or ref)
- *    is printed: whatever the fast kernel supports, it is what gets tested.
+ *    the input dtype), LSE within 1e-3 relative. AUTO must pick the fast
+ *    kernel (op fwd) for every head dim up to 256, any of them (the odd ones
+ *    59, 100, 111, 100/72 and their neighbours 24, 40, 200 have cases of
+ *    their own with windows, softcap, ALiBi, dropout and varlen).
  * The CPU applies the same dropout mask (tests/gpu/philox.h), so dropout cases
  * compare exactly up to rounding. Inputs are ~N(0,1), outputs and LSE poisoned
  * with 0xFF before each launch. Varlen cases (ragged lengths including 0 and
@@ -462,6 +464,9 @@ static void run_case(const fcase *c, fajit_ctx *ctx, uint64_t seed)
         snprintf(line, sizeof line, "%-4s %-3.3s %s  err %.2e <= %.2e (naive %.2e) lse %.1e",
                  k == 0 ? "REF" : "AUTO", variant, describe(c, desc, sizeof desc), v.err, v.tol,
                  v.naive_err, v.lse_err);
+        if (!v.why[0] && kernel == FAJIT_KERNEL_AUTO && c->dqk <= 256 && c->dv <= 256 &&
+            strncmp(variant, "fwd ", 4) != 0)
+            snprintf(v.why, sizeof v.why, "AUTO ran %.40s, not the fast kernel (op fwd)", variant);
         check(!v.why[0], line, v.why);
         if (k == 0 && c->varlen && c->p == 0.0f)
             check_dense_equivalence(&p, &d, ctx, o, lse);
@@ -661,6 +666,21 @@ static size_t build_cases(fcase *cs)
         c.p = d % 2 ? 0.17f : 0.0f;
         cs[n++] = c;
     }
+    /* Head dims the fast kernel loads narrower (and their neighbours), each
+     * with a window, a feature and varlen in turn. */
+    static const int odd[][2] = {{24, 24}, {40, 40}, {59, 59}, {100, 100}, {111, 111}, {200, 200}, {100, 72}};
+    for (size_t d = 0; d < sizeof odd / sizeof odd[0]; d++)
+        for (int k = 0; k < 3; k++) {
+            fcase c = base(odd[d][0], (int)(d + (size_t)k) % 2, (int)(d + (size_t)k) % 3, 90, 140);
+            c.dv = odd[d][1];
+            if (k == 0) /* window, softcap, ALiBi per batch and head, GQA 4:1 */
+                c.wl = 33, c.wr = 9, c.softcap = 12.0f, c.alibi = ALIBI_BATCH_HEAD, c.hq = 8;
+            if (k == 1) /* dropout with a left window */
+                c.p = 0.17f, c.seed = 77 + (uint64_t)d, c.wl = 50;
+            if (k == 2) /* varlen, ragged with 0 and 1 */
+                c = varlen(c, lq, lk, 6);
+            cs[n++] = c;
+        }
     return n;
 }
 

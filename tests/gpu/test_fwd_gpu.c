@@ -17,11 +17,15 @@
  * Every case first asks fajit_attn_variant which kernel AUTO picks and
  * requires op fwd, so a silent fallback to the reference cannot pass.
  *
- * Grid: head dims 8..256 (and 192/128, 128/64) x fp16/bf16 x none/causal/
- * causal-tl x seqlens 1, 17, 113, 256 both ways, GQA 4:1 (MQA), GQA 2:1, 1:1,
- * contiguous and strided layouts (every stride padded by a multiple of 8
- * elements), batch 2; then long cases (1023, 2049 both ways) for a few head
- * dims. The CPU reference runs on all cores.
+ * Grid: head dims 8..256 (and 192/128, 128/64), head dims that are not
+ * multiples of 8 (59, 100, 111, 100/72: narrower loads) x fp16/bf16 x none/
+ * causal/causal-tl x seqlens 1, 17, 113, 256 both ways, GQA 4:1 (MQA), GQA
+ * 2:1, 1:1, contiguous and strided layouts (every stride padded by a multiple
+ * of 8 elements), batch 2; q, k and v sliced from one packed qkv buffer
+ * (flash_attn's qkvpacked layout: the head dims' odd strides and offsets);
+ * then long cases (1023, 2049 both ways) for a few head dims. A q or v
+ * misaligned for its head dim's loads must fall back to the reference (and
+ * still be right). The CPU reference runs on all cores.
  *
  * Usage: test_fwd_gpu [--quick]. Exit 0 pass, 1 fail, 77 no GPU.
  */
@@ -38,10 +42,13 @@
 #include "fajit.h"
 #include "precompile.h"
 
+enum { DENSE = 0, STRIDED = 1, QKV_PACKED = 2 };
+
 typedef struct fcase {
     int dqk, dv, dtype, mask;
     int64_t batch, sq, sk, hq, hkv;
-    int strided, want_lse;
+    int strided, want_lse; /* strided: DENSE, STRIDED or QKV_PACKED */
+    int misalign;          /* q and v start this many elements past an aligned address */
 } fcase;
 
 /* One problem on the host: inputs (raw 16-bit), strides, references. */
@@ -49,7 +56,7 @@ typedef struct problem {
     fcase c;
     int64_t qs[3], ks[3], vs[3], os[3]; /* batch, seq, head strides in elements */
     size_t q_elems, k_elems, v_elems, o_elems;
-    uint16_t *q, *k, *v;
+    uint16_t *q, *k, *v; /* QKV_PACKED: k and v point into q's buffer */
     double *ref_o;   /* dense (b, sq, hq, dv) */
     double *ref_lse; /* (b, hq, sq) */
     float *naive_o;  /* dense (b, sq, hq, dv) */
@@ -213,17 +220,43 @@ static void compute_references(problem *p) {
         pthread_join(th[t], NULL);
 }
 
+/* flash_attn's qkvpacked layout: one (b, s, 3, h, d) buffer; q, k and v are
+ * its slices (k at h * d elements, v at 2 h d), strides (3 s h d, 3 h d, d). */
+static int packed_init(problem *p, uint64_t *seed) {
+    const fcase *c = &p->c;
+    const int64_t hd = c->hq * c->dqk;
+    p->qs[2] = c->dqk;
+    p->qs[1] = 3 * hd;
+    p->qs[0] = c->sq * p->qs[1];
+    memcpy(p->ks, p->qs, sizeof p->qs);
+    memcpy(p->vs, p->qs, sizeof p->qs);
+    p->q_elems = (size_t)(c->batch * p->qs[0]);
+    p->k_elems = p->v_elems = p->q_elems - (size_t)hd; /* counted from k's start (v reads less) */
+    p->o_elems = make_strides(c->batch, c->sq, c->hq, c->dv, 1, p->os);
+    p->q = random_tensor(p->q_elems, c->dtype, seed);
+    if (!p->q)
+        return -1;
+    p->k = p->q + hd;
+    p->v = p->q + 2 * hd;
+    return 0;
+}
+
 static int problem_init(problem *p, const fcase *c, uint64_t seed) {
     memset(p, 0, sizeof *p);
     p->c = *c;
-    p->q_elems = make_strides(c->batch, c->sq, c->hq, c->dqk, c->strided, p->qs);
-    p->k_elems = make_strides(c->batch, c->sk, c->hkv, c->dqk, c->strided, p->ks);
-    p->v_elems = make_strides(c->batch, c->sk, c->hkv, c->dv, c->strided, p->vs);
-    p->o_elems = make_strides(c->batch, c->sq, c->hq, c->dv, c->strided, p->os);
     p->scale = 1.0f / sqrtf((float)c->dqk);
-    p->q = random_tensor(p->q_elems, c->dtype, &seed);
-    p->k = random_tensor(p->k_elems, c->dtype, &seed);
-    p->v = random_tensor(p->v_elems, c->dtype, &seed);
+    if (c->strided == QKV_PACKED) {
+        if (c->sq != c->sk || c->hq != c->hkv || c->dqk != c->dv || packed_init(p, &seed) != 0)
+            return -1;
+    } else {
+        p->q_elems = make_strides(c->batch, c->sq, c->hq, c->dqk, c->strided, p->qs);
+        p->k_elems = make_strides(c->batch, c->sk, c->hkv, c->dqk, c->strided, p->ks);
+        p->v_elems = make_strides(c->batch, c->sk, c->hkv, c->dv, c->strided, p->vs);
+        p->o_elems = make_strides(c->batch, c->sq, c->hq, c->dv, c->strided, p->os);
+        p->q = random_tensor(p->q_elems, c->dtype, &seed);
+        p->k = random_tensor(p->k_elems, c->dtype, &seed);
+        p->v = random_tensor(p->v_elems, c->dtype, &seed);
+    }
     const size_t dense = (size_t)(c->batch * c->sq * c->hq * c->dv);
     p->ref_o = malloc(dense * sizeof(double) + 8);
     p->naive_o = malloc(dense * sizeof(float) + 8);
@@ -236,8 +269,10 @@ static int problem_init(problem *p, const fcase *c, uint64_t seed) {
 
 static void problem_free(problem *p) {
     free(p->q);
-    free(p->k);
-    free(p->v);
+    if (p->c.strided != QKV_PACKED) {
+        free(p->k);
+        free(p->v);
+    }
     free(p->ref_o);
     free(p->naive_o);
     free(p->ref_lse);
@@ -335,7 +370,7 @@ static void fill_args(const problem *p, void *q, void *k, void *v, void *o, floa
     a->dtype = c->dtype;
     a->mask = c->mask;
     a->kernel = FAJIT_KERNEL_AUTO;
-    if (c->strided) {
+    if (c->strided != DENSE) {
         memcpy(a->q_stride, p->qs, sizeof p->qs);
         memcpy(a->k_stride, p->ks, sizeof p->ks);
         memcpy(a->v_stride, p->vs, sizeof p->vs);
@@ -343,29 +378,61 @@ static void fill_args(const problem *p, void *q, void *k, void *v, void *o, floa
     }
 }
 
-/* Uploads, checks the chosen variant is op fwd, launches, downloads, checks. */
+/* q, k and v on the device: ptr[] what the kernel gets, base[] what to free.
+ * QKV_PACKED: one buffer, k and v inside it; else one each, q and v
+ * `misalign` elements past cudaMalloc's alignment. */
+static int upload_inputs(const problem *p, void *base[3], void *ptr[3], char *why, size_t cap) {
+    const fcase *c = &p->c;
+    const uint16_t *host[3] = {p->q, p->k, p->v};
+    const size_t elems[3] = {p->q_elems, p->k_elems, p->v_elems};
+    base[0] = base[1] = base[2] = NULL;
+    if (c->strided == QKV_PACKED) {
+        if (!cuda_ok(cudaMalloc(&base[0], p->q_elems * 2), "cudaMalloc", why, cap) ||
+            !cuda_ok(cudaMemcpy(base[0], p->q, p->q_elems * 2, cudaMemcpyHostToDevice), "upload", why, cap))
+            return 0;
+        for (int t = 0; t < 3; ++t)
+            ptr[t] = (uint16_t *)base[0] + (host[t] - p->q);
+        return 1;
+    }
+    for (int t = 0; t < 3; ++t) {
+        const size_t pad = t == 1 ? 0 : (size_t)c->misalign;
+        if (!cuda_ok(cudaMalloc(&base[t], (elems[t] + pad) * 2), "cudaMalloc", why, cap))
+            return 0;
+        ptr[t] = (uint16_t *)base[t] + pad;
+        if (!cuda_ok(cudaMemcpy(ptr[t], host[t], elems[t] * 2, cudaMemcpyHostToDevice), "upload", why, cap))
+            return 0;
+    }
+    return 1;
+}
+
+/* The fast kernel's load width for a head dim (templates/flash_fwd.cuh). */
+static int load_width(int d) { return d % 8 == 0 ? 8 : d % 4 == 0 ? 4 : d % 2 == 0 ? 2 : 1; }
+
+/* Whether a case's pointers are misaligned for the fast kernel's loads. */
+static int wants_reference(const fcase *c) {
+    return c->misalign % load_width(c->dqk) != 0 || c->misalign % load_width(c->dv) != 0;
+}
+
+/* Uploads, checks the chosen variant is op fwd (op ref for a misaligned
+ * case), launches, downloads, checks. */
 static int launch_case(fajit_ctx *ctx, const problem *p, uint16_t *o, float *lse, verdict *v,
                        char *variant, size_t vcap) {
     const fcase *c = &p->c;
     const size_t lse_elems = (size_t)(c->batch * c->hq * c->sq);
-    void *dq = NULL, *dk = NULL, *dv = NULL, *dout = NULL;
+    void *base[3], *in[3], *dout = NULL;
     float *dlse = NULL;
     fajit_attn_args a;
-    int ok = cuda_ok(cudaMalloc(&dq, p->q_elems * 2), "cudaMalloc", v->why, sizeof v->why) &&
-             cuda_ok(cudaMalloc(&dk, p->k_elems * 2), "cudaMalloc", v->why, sizeof v->why) &&
-             cuda_ok(cudaMalloc(&dv, p->v_elems * 2), "cudaMalloc", v->why, sizeof v->why) &&
+    const char *want = wants_reference(c) ? "ref " : "fwd ";
+    int ok = upload_inputs(p, base, in, v->why, sizeof v->why) &&
              cuda_ok(cudaMalloc(&dout, p->o_elems * 2), "cudaMalloc", v->why, sizeof v->why) &&
              cuda_ok(cudaMalloc((void **)&dlse, lse_elems * 4), "cudaMalloc", v->why, sizeof v->why) &&
-             cuda_ok(cudaMemcpy(dq, p->q, p->q_elems * 2, cudaMemcpyHostToDevice), "upload", v->why, sizeof v->why) &&
-             cuda_ok(cudaMemcpy(dk, p->k, p->k_elems * 2, cudaMemcpyHostToDevice), "upload", v->why, sizeof v->why) &&
-             cuda_ok(cudaMemcpy(dv, p->v, p->v_elems * 2, cudaMemcpyHostToDevice), "upload", v->why, sizeof v->why) &&
              cuda_ok(cudaMemset(dout, 0xff, p->o_elems * 2), "poison", v->why, sizeof v->why) &&
              cuda_ok(cudaMemset(dlse, 0xff, lse_elems * 4), "poison", v->why, sizeof v->why);
     if (ok) {
-        fill_args(p, dq, dk, dv, dout, dlse, &a);
+        fill_args(p, in[0], in[1], in[2], dout, dlse, &a);
         int rc = fajit_attn_variant(ctx, &a, variant, vcap);
-        if (rc < 0 || strncmp(variant, "fwd ", 4) != 0) {
-            snprintf(v->why, sizeof v->why, "AUTO does not pick op fwd: %s",
+        if (rc < 0 || strncmp(variant, want, 4) != 0) {
+            snprintf(v->why, sizeof v->why, "AUTO does not pick op %.3s: %s", want,
                      rc < 0 ? fajit_last_error() : variant);
             ok = 0;
         } else if ((rc = fajit_attn_fwd(ctx, &a, NULL)) != FAJIT_OK) {
@@ -377,9 +444,8 @@ static int launch_case(fajit_ctx *ctx, const problem *p, uint16_t *o, float *lse
                  cuda_ok(cudaMemcpy(lse, dlse, lse_elems * 4, cudaMemcpyDeviceToHost), "download", v->why, sizeof v->why);
         }
     }
-    cudaFree(dq);
-    cudaFree(dk);
-    cudaFree(dv);
+    for (int t = 0; t < 3; ++t)
+        cudaFree(base[t]);
     cudaFree(dout);
     cudaFree(dlse);
     return ok;
@@ -409,11 +475,14 @@ static int run_case(fajit_ctx *ctx, const fcase *c, uint64_t seed, double *worst
     }
     const int failed = v.why[0] != 0;
     const char *tiles = strstr(variant, "bm=");
+    static const char *const layouts[] = {"dense  ", "strided", "qkvpack"};
+    char layout[32];
+    snprintf(layout, sizeof layout, c->misalign ? "%s+%d" : "%s", layouts[c->strided], c->misalign);
     printf("%s %s %-9s dqk=%-3d dv=%-3d b=%lld sq=%-4lld sk=%-4lld hq=%lld hkv=%lld %s lse=%d  "
-           "err %.2e <= %.2e (naive %.2e)  lse %.1e  [%.40s]%s%s\n",
+           "err %.2e <= %.2e (naive %.2e)  lse %.1e  [%.3s %.40s]%s%s\n",
            failed ? "FAIL" : "ok  ", attn_dtype_name(c->dtype), attn_mask_name(c->mask), c->dqk, c->dv,
            (long long)c->batch, (long long)c->sq, (long long)c->sk, (long long)c->hq, (long long)c->hkv,
-           c->strided ? "strided" : "dense  ", c->want_lse, v.err, v.tol, v.naive_err, v.lse_err,
+           layout, c->want_lse, v.err, v.tol, v.naive_err, v.lse_err, variant,
            tiles ? tiles : "", failed ? "\n     " : "", v.why);
     if (v.tol > 0 && v.err / v.tol > *worst)
         *worst = v.err / v.tol;
@@ -428,12 +497,12 @@ static int run_case(fajit_ctx *ctx, const fcase *c, uint64_t seed, double *worst
 static const int dims[][2] = {{8, 8},     {24, 24},   {32, 32},   {40, 40},   {64, 64},
                               {72, 72},   {80, 80},   {96, 96},   {128, 128}, {160, 160},
                               {192, 192}, {200, 200}, {224, 224}, {256, 256}, {192, 128},
-                              {128, 64}};
+                              {128, 64},  {59, 59},   {100, 100}, {111, 111}, {100, 72}};
 #define NDIMS (sizeof dims / sizeof dims[0])
 
 static fcase mk(int dqk, int dv, int dtype, int mask, int64_t sq, int64_t sk, int64_t hq, int64_t hkv,
                 int strided, int want_lse) {
-    fcase c = {dqk, dv, dtype, mask, 2, sq, sk, hq, hkv, strided, want_lse};
+    fcase c = {dqk, dv, dtype, mask, 2, sq, sk, hq, hkv, strided, want_lse, 0};
     return c;
 }
 
@@ -453,6 +522,19 @@ static size_t build_grid(fcase *cs, size_t cap, int quick) {
                     cs[n++] = mk(dims[d][0], dims[d][1], dtype, mask, lens[l][0], lens[l][1], lens[l][2],
                                  lens[l][3], (int)((d + l + (size_t)mask) % 2), want_lse);
                 }
+    /* q, k, v sliced from one packed qkv buffer: offsets and strides of odd
+     * head dims; and pointers misaligned for the loads (reference, or the
+     * fast kernel where the width allows it). */
+    static const int packed_dims[] = {24, 40, 59, 64, 100, 111, 128, 200};
+    for (size_t d = 0; d < sizeof packed_dims / sizeof packed_dims[0] && n < cap; ++d)
+        if (!quick || d % 3 == 0)
+            cs[n++] = mk(packed_dims[d], packed_dims[d], (int)d % 2, (int)d % 3, d % 2 ? 113 : 256,
+                         d % 2 ? 113 : 256, 4, 4, QKV_PACKED, 1);
+    static const int misaligned[][3] = {{100, 100, 2}, {64, 64, 4}, {59, 59, 1}, {100, 72, 4}, {200, 200, 2}};
+    for (size_t d = 0; d < sizeof misaligned / sizeof misaligned[0] && n < cap; ++d) {
+        cs[n] = mk(misaligned[d][0], misaligned[d][1], (int)d % 2, 1, 77, 130, 4, 2, DENSE, 1);
+        cs[n++].misalign = misaligned[d][2];
+    }
     if (quick)
         return n;
     /* Long sequences, many key tiles and pipeline stages. */
@@ -468,7 +550,7 @@ static size_t build_grid(fcase *cs, size_t cap, int quick) {
 /* ---------------------------------------------------------------- main */
 
 /* Every case's variant, compiled up front on all cores (shapes alone decide
- * the variant; the grid's strides are all multiples of 8 elements). */
+ * the variant, and whether the pointers are misaligned for the loads). */
 static size_t precompile_grid(fajit_ctx *ctx, const fcase *cs, size_t n) {
     char (*text)[320] = calloc(n ? n : 1, sizeof *text);
     const char **specs = calloc(n ? n : 1, sizeof *specs);
@@ -479,6 +561,7 @@ static size_t precompile_grid(fajit_ctx *ctx, const fcase *cs, size_t n) {
         a.batch = cs[i].batch, a.seqlen_q = cs[i].sq, a.seqlen_k = cs[i].sk;
         a.nheads_q = cs[i].hq, a.nheads_kv = cs[i].hkv, a.dqk = cs[i].dqk, a.dv = cs[i].dv;
         a.dtype = cs[i].dtype, a.mask = cs[i].mask;
+        a.kernel = wants_reference(&cs[i]) ? FAJIT_KERNEL_REFERENCE : FAJIT_KERNEL_AUTO;
         if (fajit_attn_variant(ctx, &a, text[i], sizeof text[i]) < 0) {
             printf("FAIL variant of case %zu: %s\n", i, fajit_last_error());
             failed++;
