@@ -15,6 +15,8 @@ static const struct {
     [FAJIT__OP_REF_DKDV] = {"reference_bwd.cuh", "fajit_ref_bwd_dkdv"},
     [FAJIT__OP_BWD_PRE] = {"flash_bwd.cuh", "fajit_flash_bwd_pre"},
     [FAJIT__OP_BWD_POST] = {"flash_bwd.cuh", "fajit_flash_bwd_post"},
+    [FAJIT__OP_BWD_DKDV] = {"flash_bwd.cuh", "fajit_flash_bwd_dkdv"},
+    [FAJIT__OP_BWD_DQ] = {"flash_bwd.cuh", "fajit_flash_bwd_dq"},
 };
 
 const char *fajit__variant_entry_name(const fajit__variant *v)
@@ -47,11 +49,13 @@ static size_t fwd_smem_bytes(const fajit__variant *v)
     return (size_t)v->bm * qk + (size_t)v->stages * (size_t)v->bn * (qk + vv);
 }
 
-/* Must match the layout in templates/flash_bwd.cuh (its static_assert
- * against FAJIT_SMEM_BYTES catches a disagreement): per stage a Q tile (bm
- * rows) and a dO tile, then K and V (bn rows), P^T and dS^T (bn rows of bm),
- * then per stage bm fp32 lse2 and D. Head dims round up to 16 (the mma k
- * step); every row is a whole odd number of 16-byte chunks. */
+/* Must match the layouts in templates/flash_bwd.cuh (its static_assert
+ * against FAJIT_SMEM_BYTES catches a disagreement). Key-major (bwd,
+ * bwd-dkdv): per stage a Q tile (bm rows) and a dO tile; K and V (bn rows),
+ * P^T and dS^T (bn rows of bm); per stage bm fp32 lse2 and D. Query-major
+ * (bwd-dq): one Q and dO; per stage K and V; dS^T; lse2 and D. Head dims
+ * round up to 16 (the mma k step); every row is a whole odd number of 16-byte
+ * chunks. */
 static size_t bwd_row_bytes(int dim)
 {
     return ((size_t)dim / 8 | 1) * 16;
@@ -59,13 +63,16 @@ static size_t bwd_row_bytes(int dim)
 
 static size_t bwd_smem_bytes(const fajit__variant *v)
 {
-    size_t qk, vv, pp;
+    size_t qk, vv, pp, q_stages, k_stages, p_tiles;
     if (v->bm <= 0 || v->bn <= 0 || v->stages <= 0 || v->dqk <= 0 || v->dv <= 0)
         return 0;
     qk = bwd_row_bytes((v->dqk + 15) / 16 * 16);
     vv = bwd_row_bytes((v->dv + 15) / 16 * 16);
     pp = bwd_row_bytes(v->bm);
-    return (size_t)v->stages * (size_t)v->bm * (qk + vv + 2 * 4) + (size_t)v->bn * (qk + vv + 2 * pp);
+    q_stages = v->op == FAJIT__OP_BWD_DQ ? 1 : (size_t)v->stages;
+    k_stages = v->op == FAJIT__OP_BWD_DQ ? (size_t)v->stages : 1;
+    p_tiles = v->op == FAJIT__OP_BWD_DQ ? 1 : 2;
+    return q_stages * (size_t)v->bm * (qk + vv + 2 * 4) + (size_t)v->bn * (k_stages * (qk + vv) + p_tiles * pp);
 }
 
 size_t fajit__variant_smem_bytes(const fajit__variant *v)
@@ -74,6 +81,8 @@ size_t fajit__variant_smem_bytes(const fajit__variant *v)
     case FAJIT__OP_FWD:
         return fwd_smem_bytes(v);
     case FAJIT__OP_BWD:
+    case FAJIT__OP_BWD_DKDV:
+    case FAJIT__OP_BWD_DQ:
         return bwd_smem_bytes(v);
     case FAJIT__OP_BWD_PRE:  /* no shared memory */
     case FAJIT__OP_BWD_POST:

@@ -52,8 +52,9 @@ static const struct field fields[] = {
 };
 #define NFIELDS (sizeof fields / sizeof fields[0])
 
-static const char *const op_words[FAJIT__OP_COUNT] = {"ref",      "fwd",     "bwd",     "ref-dq",
-                                                       "ref-dkdv", "bwd-pre", "bwd-post"};
+static const char *const op_words[FAJIT__OP_COUNT] = {"ref",      "fwd",      "bwd",     "ref-dq",
+                                                       "ref-dkdv", "bwd-pre",  "bwd-post", "bwd-dkdv",
+                                                       "bwd-dq"};
 static const char *const dtype_words[] = {"fp16", "bf16"};
 static const char *const mask_words[] = {"none", "causal", "causal-tl"};
 static const int known_archs[] = {80, 86, 87, 89, 90, 100, 103, 110, 120, 121};

@@ -19,6 +19,8 @@ enum fajit__op {
     FAJIT__OP_REF_DKDV = 4, /* "ref-dkdv": the reference backward's dk and dv (same file) */
     FAJIT__OP_BWD_PRE = 5,  /* "bwd-pre": the fast backward's D = rowsum(dO o O) (flash_bwd.cuh) */
     FAJIT__OP_BWD_POST = 6, /* "bwd-post": the fast backward's dQ to fp16/bf16 (same file) */
+    FAJIT__OP_BWD_DKDV = 7, /* "bwd-dkdv": deterministic mode's dK, dV kernel (same file) */
+    FAJIT__OP_BWD_DQ = 8,   /* "bwd-dq": deterministic mode's dQ kernel (same file) */
     FAJIT__OP_COUNT
 };
 

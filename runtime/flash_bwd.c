@@ -21,8 +21,6 @@ const char *fajit__flash_bwd_refusal(const fajit_attn_bwd_args *a, const struct 
                                  p->grad_k_stride,   p->grad_v_stride};
     if (a->kernel == FAJIT_KERNEL_REFERENCE)
         return "the reference kernel was asked for";
-    if (a->deterministic)
-        return "deterministic mode is not implemented in the fast backward";
     if (a->dqk % 8 != 0 || a->dv % 8 != 0)
         return "a head dim is not a multiple of 8";
     if (a->dqk > 256 || a->dv > 256)
@@ -111,7 +109,7 @@ static void main_tiles(fajit__variant *v)
 
 void fajit__flash_bwd_tiles(fajit__variant *v)
 {
-    if (v->op == FAJIT__OP_BWD) {
+    if (v->op == FAJIT__OP_BWD || v->op == FAJIT__OP_BWD_DKDV || v->op == FAJIT__OP_BWD_DQ) {
         main_tiles(v);
         return;
     }
@@ -124,19 +122,26 @@ void fajit__flash_bwd_tiles(fajit__variant *v)
 
 void fajit__flash_bwd_variants(const fajit_attn_bwd_args *a, int arch, fajit__variant out[3])
 {
-    static const int ops[3] = {FAJIT__OP_BWD_PRE, FAJIT__OP_BWD, FAJIT__OP_BWD_POST};
+    static const int ops[2][3] = {{FAJIT__OP_BWD_PRE, FAJIT__OP_BWD, FAJIT__OP_BWD_POST},
+                                  {FAJIT__OP_BWD_PRE, FAJIT__OP_BWD_DKDV, FAJIT__OP_BWD_DQ}};
+    const int *op = ops[a->deterministic ? 1 : 0];
     for (int i = 0; i < 3; i++) {
         fajit__variant *v = &out[i];
         fajit__variant_defaults(v);
-        v->op = ops[i];
+        v->op = op[i];
         v->dqk = (int)a->dqk;
         v->dv = (int)a->dv;
         v->dtype = a->dtype;
-        v->mask = ops[i] == FAJIT__OP_BWD ? a->mask : FAJIT_MASK_NONE;
+        v->mask = op[i] == FAJIT__OP_BWD_PRE || op[i] == FAJIT__OP_BWD_POST ? FAJIT_MASK_NONE : a->mask;
         v->arch = arch;
         v->arch_suffix = 0;
         fajit__flash_bwd_tiles(v);
     }
+}
+
+static int deterministic(const fajit__variant v[3])
+{
+    return v[1].op == FAJIT__OP_BWD_DKDV;
 }
 
 /* ---------------------------------------------------------------- scratch */
@@ -146,9 +151,10 @@ static int64_t rows_pad(const struct fajit_bwd_params *p)
     return ((int64_t)p->seqlen_q + ROW_PAD - 1) / ROW_PAD * ROW_PAD;
 }
 
-int fajit__flash_bwd_scratch_bytes(const struct fajit_bwd_params *p, int dqk, size_t *bytes)
+int fajit__flash_bwd_scratch_bytes(const struct fajit_bwd_params *p, int dqk, int deterministic_mode,
+                                   size_t *bytes)
 {
-    size_t rows, per_row = ((size_t)pad16(dqk) + 2) * sizeof(float);
+    size_t rows, per_row = ((deterministic_mode ? 0 : (size_t)pad16(dqk)) + 2) * sizeof(float);
     *bytes = 0;
     if (p->seqlen_q == 0)
         return 0;
@@ -172,29 +178,57 @@ static int launch(const fajit__driver *drv, CUfunction fn, const fajit__variant 
     return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, what);
 }
 
-/* The three launches over scratch dq_acc (the accumulator) and stats (after
- * it). A side with no rows is not launched (a zero grid is invalid). */
+/* The three launches over scratch dq_acc (the accumulator, 0 in
+ * deterministic mode) and stats. A side with no rows is not launched (a zero
+ * grid is invalid). */
 static int launch_all(const fajit__driver *drv, const CUfunction fn[3], const fajit__variant v[3],
                       struct fajit_bwd_params *p, CUdeviceptr dq_acc, CUdeviceptr stats, void *stream)
 {
     const unsigned hq = (unsigned)p->nheads_q, hkv = (unsigned)p->nheads_kv, b = (unsigned)p->batch;
-    void *pre_args[] = {p, &dq_acc, &stats};
-    void *main_args[] = {p, &dq_acc, &stats};
-    void *post_args[] = {p, &dq_acc};
+    const unsigned q_blocks = (unsigned)((p->seqlen_q + v[2].bm - 1) / v[2].bm);
+    void *with_acc[] = {p, &dq_acc, &stats}; /* pre, bwd */
+    void *stats_only[] = {p, &stats};         /* bwd-dkdv, bwd-dq */
+    void *acc_only[] = {p, &dq_acc};          /* post */
+    const int det = deterministic(v);
     int rc;
-    if (p->seqlen_q > 0 &&
-        (rc = launch(drv, fn[0], &v[0], (unsigned)(rows_pad(p) / v[0].bm), hq, b, pre_args, stream,
-                     "cuLaunchKernel(bwd-pre)")))
+    if (p->seqlen_q > 0 && (rc = launch(drv, fn[0], &v[0], (unsigned)(rows_pad(p) / v[0].bm), hq, b, with_acc,
+                                        stream, "cuLaunchKernel(bwd-pre)")))
         return rc;
     if (p->seqlen_k > 0 &&
-        (rc = launch(drv, fn[1], &v[1], (unsigned)((p->seqlen_k + v[1].bn - 1) / v[1].bn), hkv, b, main_args,
-                     stream, "cuLaunchKernel(bwd)")))
+        (rc = launch(drv, fn[1], &v[1], (unsigned)((p->seqlen_k + v[1].bn - 1) / v[1].bn), hkv, b,
+                     det ? stats_only : with_acc, stream, det ? "cuLaunchKernel(bwd-dkdv)" : "cuLaunchKernel(bwd)")))
         return rc;
-    if (p->seqlen_q > 0 &&
-        (rc = launch(drv, fn[2], &v[2], (unsigned)((p->seqlen_q + v[2].bm - 1) / v[2].bm), hq, b, post_args,
-                     stream, "cuLaunchKernel(bwd-post)")))
+    if (p->seqlen_q > 0 && (rc = launch(drv, fn[2], &v[2], q_blocks, hq, b, det ? stats_only : acc_only, stream,
+                                        det ? "cuLaunchKernel(bwd-dq)" : "cuLaunchKernel(bwd-post)")))
         return rc;
     return 0;
+}
+
+int fajit__flash_bwd_launch(fajit_ctx *ctx, const fajit__driver *drv, const fajit__variant v[3],
+                            const struct fajit_bwd_params *p, unsigned long long cu_id, void *stream)
+{
+    CUfunction fn[3];
+    CUdeviceptr scratch = 0, stats = 0;
+    struct fajit_bwd_params params = *p; /* the launch reads it through a non-const pointer */
+    const int det = deterministic(v);
+    size_t bytes, stats_bytes;
+    int rc, rc_free;
+
+    for (int i = 0; i < 3; i++)
+        if ((rc = fajit__kernel_function(ctx, drv, &v[i], cu_id, &fn[i])) != 0)
+            return rc;
+    if ((rc = fajit__flash_bwd_scratch_bytes(p, v[1].dqk, det, &bytes)) != 0)
+        return rc;
+    if (bytes > 0 &&
+        (rc = fajit__scratch_alloc(drv, bytes, (CUstream)stream, &scratch, "the fast backward's scratch")))
+        return rc;
+    /* dq_acc first, the stats after it (16-byte aligned: rows_pad is a multiple of 128). */
+    stats_bytes = (size_t)p->batch * (size_t)p->nheads_q * (size_t)rows_pad(p) * 2 * sizeof(float);
+    if (scratch)
+        stats = scratch + (bytes - stats_bytes);
+    rc = launch_all(drv, fn, v, &params, det ? 0 : scratch, stats, stream);
+    rc_free = fajit__scratch_free(drv, scratch, (CUstream)stream);
+    return rc ? rc : rc_free;
 }
 
 int fajit__flash_bwd_run(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_bwd_args *a,
@@ -202,24 +236,6 @@ int fajit__flash_bwd_run(fajit_ctx *ctx, const fajit__driver *drv, const fajit_a
                          void *stream)
 {
     fajit__variant v[3];
-    CUfunction fn[3];
-    CUdeviceptr scratch = 0;
-    struct fajit_bwd_params params = *p; /* the launch reads it through a non-const pointer */
-    size_t bytes, acc_bytes;
-    int rc, rc_free;
-
     fajit__flash_bwd_variants(a, arch, v);
-    for (int i = 0; i < 3; i++)
-        if ((rc = fajit__kernel_function(ctx, drv, &v[i], cu_id, &fn[i])) != 0)
-            return rc;
-    if ((rc = fajit__flash_bwd_scratch_bytes(p, (int)a->dqk, &bytes)) != 0)
-        return rc;
-    if (bytes > 0 &&
-        (rc = fajit__scratch_alloc(drv, bytes, (CUstream)stream, &scratch, "the fast backward's scratch")))
-        return rc;
-    /* dq_acc first; the stats after it (16-byte aligned: rows_pad is a multiple of 128). */
-    acc_bytes = bytes / ((size_t)pad16((int)a->dqk) + 2) * (size_t)pad16((int)a->dqk);
-    rc = launch_all(drv, fn, v, &params, scratch, scratch ? scratch + acc_bytes : 0, stream);
-    rc_free = fajit__scratch_free(drv, scratch, (CUstream)stream);
-    return rc ? rc : rc_free;
+    return fajit__flash_bwd_launch(ctx, drv, v, p, cu_id, stream);
 }

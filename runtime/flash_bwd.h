@@ -12,44 +12,53 @@
 #include "templates/bwd_params.h"
 
 /* Why the fast backward cannot take these validated arguments (a static
- * string), or NULL if it can: the reference asked for, deterministic mode
- * (not implemented yet), a head dim not a multiple of 8 or above 256, a
- * tensor not 16-byte aligned, a stride (in p, as filled) not a multiple of 8
- * elements. Features appended to the arguments later (window, softcap,
- * ALiBi, dropout, varlen) are the caller's to refuse until the template has
- * them. */
+ * string), or NULL if it can: the reference asked for, a head dim not a
+ * multiple of 8 or above 256, a tensor not 16-byte aligned, a stride (in p,
+ * as filled) not a multiple of 8 elements. Features appended to the
+ * arguments later (window, softcap, ALiBi, dropout, varlen) are the caller's
+ * to refuse until the template has them. */
 const char *fajit__flash_bwd_refusal(const fajit_attn_bwd_args *a, const struct fajit_bwd_params *p);
 
-/* Fills the tile fields left FAJIT__UNSET of an op bwd, bwd-pre or bwd-post
- * variant (dqk, dv and arch set; arch FAJIT__UNSET is taken as sm_90): the
- * main kernel's by head dim (bm 64, bn 128 up to 128, bn 64 above, 8 warps,
- * 2 stages), shrunk until it fits the arch's shared memory; the pre and post
- * kernels' fixed (bm 64, 8 warps). runtime/heuristic.c dispatches here. */
+/* Fills the tile fields left FAJIT__UNSET of a variant of one of the fast
+ * backward's ops (dqk, dv and arch set; arch FAJIT__UNSET is taken as
+ * sm_90): the big kernels' (bwd, bwd-dkdv, bwd-dq) by head dim (bm 64, bn 128
+ * up to 128, bn 64 above, 8 warps, 2 stages), shrunk until they fit the
+ * arch's shared memory; pre and post fixed (bm 64, 8 warps). The runtime's
+ * heuristic (fajit__heuristic_tiles) should dispatch here for these ops. */
 void fajit__flash_bwd_tiles(fajit__variant *v);
 
 /* The variants of the three kernels for validated arguments on an arch, in
- * launch order: [0] bwd-pre, [1] bwd, [2] bwd-post. The pre and post kernels
- * depend on head dims and dtype only (mask none), so calls that differ in
- * mask share them. */
+ * launch order: bwd-pre, bwd, bwd-post; with a->deterministic, bwd-pre,
+ * bwd-dkdv, bwd-dq. Pre and post depend on head dims and dtype only (mask
+ * none), so calls that differ in mask share them. */
 void fajit__flash_bwd_variants(const fajit_attn_bwd_args *a, int arch, fajit__variant out[3]);
 
-/* Scratch bytes a call needs: the fp32 dQ accumulator and two fp32 values a
- * query row (lse * log2 e, and D), rows rounded up to 128 per head. 0 when
- * seqlen_q is 0; FAJIT_EINVAL if the size does not fit a size_t. */
-int fajit__flash_bwd_scratch_bytes(const struct fajit_bwd_params *p, int dqk, size_t *bytes);
+/* Scratch bytes a call needs: two fp32 values a query row (lse * log2 e, and
+ * D) and, unless deterministic, the fp32 dQ accumulator (dqk rounded up to
+ * 16 a row); rows rounded up to 128 per head. 0 when seqlen_q is 0;
+ * FAJIT_EINVAL if the size does not fit a size_t. */
+int fajit__flash_bwd_scratch_bytes(const struct fajit_bwd_params *p, int dqk, int deterministic_mode,
+                                   size_t *bytes);
 
 /*
- * Queues the fast backward on `stream` in the current CUDA context (cu_id,
- * arch as fajit__context_arch gives them): the three kernels' functions
+ * Queues the fast backward for the three variants v (as
+ * fajit__flash_bwd_variants makes them; tiles may differ, e.g. when tuning)
+ * on `stream` in the current CUDA context (cu_id): the kernels' functions
  * first (compiled or loaded; a failure launches nothing), then the scratch
- * (stream-ordered, cuMemAllocAsync), the pre kernel, the main kernel, the post
- * kernel, and the scratch freed on the stream. dK and dV are summed over the
- * query heads of a kv head inside one block (no atomics); dQ is summed with
- * unordered fp32 atomics, so results may differ in the last bits between
- * runs. With seqlen_q 0, grad_k and grad_v are written as zeros; with
- * seqlen_k 0, grad_q is. `a` and `p` must have passed attn_bwd.c's checks and
- * fajit__flash_bwd_refusal. Thread-safe.
+ * (stream-ordered, cuMemAllocAsync), the three kernels, and the scratch freed
+ * on the stream. dK and dV are summed over the query heads of a kv head
+ * inside one block (no atomics). dQ: by unordered fp32 atomics (results may
+ * differ in the last bits between runs), or in deterministic mode by a
+ * second kernel over query blocks that recomputes S and dP (bit-identical
+ * runs, about 1.4x the work). With seqlen_q 0, grad_k and grad_v are written
+ * as zeros; with seqlen_k 0, grad_q is. p must hold arguments that passed
+ * attn_bwd.c's checks and fajit__flash_bwd_refusal. Thread-safe.
  */
+int fajit__flash_bwd_launch(fajit_ctx *ctx, const fajit__driver *drv, const fajit__variant v[3],
+                            const struct fajit_bwd_params *p, unsigned long long cu_id, void *stream);
+
+/* fajit__flash_bwd_variants for a and arch (as fajit__context_arch gives
+ * it), then fajit__flash_bwd_launch: what attn_bwd.c calls. */
 int fajit__flash_bwd_run(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_bwd_args *a,
                          const struct fajit_bwd_params *p, int arch, unsigned long long cu_id,
                          void *stream);

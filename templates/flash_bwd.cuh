@@ -6,27 +6,40 @@
  * over the query heads of a kv head), causal bottom-right and top-left, rows
  * with LSE -inf (no visible key) contributing nothing, 64-bit offsets.
  *
- * Three ops share this file, each variant defining all three kernels (the
- * others' with an empty body, as in reference_bwd.cuh):
- *   bwd-pre  (FAJIT_OP 5) fajit_flash_bwd_pre: per query row, D = dO . O and
- *            lse2 = LSE * log2(e) (+inf where LSE is -inf, so that exp2 of
- *            anything minus it is 0) into `stats`, and the row's fp32 dQ
- *            accumulator zeroed. Grid (rows_pad / FAJIT_BM, nheads_q, batch).
- *   bwd      (FAJIT_OP 2) fajit_flash_bwd: the main kernel, below.
- *   bwd-post (FAJIT_OP 6) fajit_flash_bwd_post: grad_q = softmax_scale * the
- *            accumulator, in fp16/bf16, at grad_q's strides. Grid
- *            (ceil(seqlen_q / FAJIT_BM), nheads_q, batch).
+ * Five ops share this file, each variant defining every kernel (the others'
+ * with an empty body, as in reference_bwd.cuh). The default mode runs
+ * pre, bwd, post; deterministic mode runs pre, bwd-dkdv, bwd-dq.
+ *   bwd-pre  (FAJIT_OP 5) fajit_flash_bwd_pre(p, dq_acc, stats): per query
+ *            row, D = dO . O and lse2 = LSE * log2(e) (+inf where LSE is
+ *            -inf, so that exp2 of anything minus it is 0) into `stats`, and
+ *            the row's fp32 dQ accumulator zeroed (when dq_acc is not NULL).
+ *            Grid (rows_pad / FAJIT_BM, nheads_q, batch), no shared memory.
+ *   bwd      (FAJIT_OP 2) fajit_flash_bwd(p, dq_acc, stats): the key-major
+ *            kernel, below, with dQ through atomics.
+ *   bwd-post (FAJIT_OP 6) fajit_flash_bwd_post(p, dq_acc): grad_q =
+ *            softmax_scale * the accumulator, in fp16/bf16, at grad_q's
+ *            strides. Grid (ceil(seqlen_q / FAJIT_BM), nheads_q, batch).
+ *   bwd-dkdv (FAJIT_OP 7) fajit_flash_bwd_dkdv(p, stats): the key-major
+ *            kernel without dQ.
+ *   bwd-dq   (FAJIT_OP 8) fajit_flash_bwd_dq(p, stats): the query-major
+ *            kernel: a block per FAJIT_BM query rows of one (batch, query
+ *            head) walks its key blocks in order (K and V double-buffered
+ *            when FAJIT_STAGES is 2), recomputing S and dP for dS (phase 1
+ *            below, without P) and adding dS K into registers (phase 3);
+ *            grad_q written directly. No atomics: bit-identical across runs.
+ *            Grid (ceil(seqlen_q / FAJIT_BM), nheads_q, batch).
  *
  * Scratch (allocated by the runtime, runtime/flash_bwd.c): per (batch, query
  * head) bh, rows_pad = seqlen_q rounded up to kRowPad rows,
- *   dq_acc[bh][rows_pad][kDqk]   fp32 (kDqk = dqk rounded up to 16)
+ *   dq_acc[bh][rows_pad][kDqk]   fp32 (kDqk = dqk rounded up to 16; not in
+ *                                deterministic mode)
  *   stats[bh][rows_pad]          lse2; stats[batch * nheads_q + bh][...] D.
  * Padding rows get lse2 = +inf and D = 0, so they contribute exactly 0.
  *
- * The main kernel. A block owns FAJIT_BN keys of one (batch, kv head); it
- * holds their dK and dV in registers (fp32) and walks, for each query head of
- * the kv head's group in turn (so dK and dV need no atomics), the blocks of
- * FAJIT_BM query rows that see any of its keys (causal masks skip the
+ * The key-major kernel. A block owns FAJIT_BN keys of one (batch, kv head);
+ * it holds their dK and dV in registers (fp32) and walks, for each query head
+ * of the kv head's group in turn (so dK and dV need no atomics), the blocks
+ * of FAJIT_BM query rows that see any of its keys (causal masks skip the
  * others). Per query block, with Q, dO, lse2 and D of the block in shared
  * memory (double-buffered by cp.async when FAJIT_STAGES is 2):
  *   1. S^T = K Q^T and dP^T = V dO^T (mma.sync m16n8k16, fp32 accumulate),
@@ -34,8 +47,9 @@
  *      masked elements 0; dS^T = P^T * (dP^T - D); both rounded to fp16/bf16
  *      into shared memory.
  *   2. dV += P^T dO and dK += dS^T Q, warps tiling keys x head dim.
- *   3. dQ = dS K, warps tiling queries x head dim, added with fp32 atomics
- *      (red.global.add) into dq_acc; the post kernel scales and converts it.
+ *   3. (bwd) dQ = dS K, warps tiling queries x head dim, added with fp32
+ *      atomics (red.global.add) into dq_acc; the post kernel scales and
+ *      converts it.
  * At the end dK (times softmax_scale) and dV go out in fp16/bf16.
  *
  * Shared memory rows are arrays of 16-byte chunks padded to an odd count, so
@@ -46,11 +60,11 @@
  * it adds nothing to the products, and the pad columns of dK, dV and dQ are
  * computed (as zeros) but never written.
  *
- * Launch (runtime): main grid (ceil(seqlen_k / FAJIT_BN), nheads_kv, batch),
- * FAJIT_WARPS * 32 threads, FAJIT_SMEM_BYTES of dynamic shared memory (the
- * layout below; codegen's fajit__variant_smem_bytes computes the same
- * number). Needs every tensor 16-byte aligned with strides multiples of 8
- * elements.
+ * Launch (runtime): key-major grid (ceil(seqlen_k / FAJIT_BN), nheads_kv,
+ * batch); every kernel FAJIT_WARPS * 32 threads and FAJIT_SMEM_BYTES of
+ * dynamic shared memory (the layouts below; codegen's
+ * fajit__variant_smem_bytes computes the same number). Needs every tensor
+ * 16-byte aligned with strides multiples of 8 elements.
  */
 #include "common.cuh"
 #include "bwd_params.h"
@@ -61,11 +75,14 @@ namespace fajit_fb {
 constexpr int kOpBwd = 2;
 constexpr int kOpPre = 5;
 constexpr int kOpPost = 6;
+constexpr int kOpDkdv = 7;
+constexpr int kOpDq = 8;
 
 } // namespace fajit_fb
 
-static_assert(FAJIT_OP == fajit_fb::kOpBwd || FAJIT_OP == fajit_fb::kOpPre || FAJIT_OP == fajit_fb::kOpPost,
-              "flash_bwd.cuh is the template of ops bwd, bwd-pre and bwd-post");
+static_assert(FAJIT_OP == fajit_fb::kOpBwd || FAJIT_OP == fajit_fb::kOpPre || FAJIT_OP == fajit_fb::kOpPost ||
+                  FAJIT_OP == fajit_fb::kOpDkdv || FAJIT_OP == fajit_fb::kOpDq,
+              "flash_bwd.cuh is the template of ops bwd, bwd-pre, bwd-post, bwd-dkdv and bwd-dq");
 static_assert(FAJIT_ARCH >= 80, "flash_bwd: needs sm_80 or newer (mma.sync bf16, cp.async)");
 static_assert(FAJIT_DQK >= 8 && FAJIT_DQK <= 256 && FAJIT_DQK % 8 == 0,
               "flash_bwd: dqk must be a multiple of 8 in 8..256");
@@ -86,7 +103,8 @@ namespace fajit_fb {
 
 using elem_t = unsigned short; /* raw fp16 / bf16 bits */
 
-constexpr bool kMain = FAJIT_OP == kOpBwd;
+constexpr bool kKeyMajor = FAJIT_OP == kOpBwd || FAJIT_OP == kOpDkdv; /* grid over key blocks */
+constexpr bool kQueryMajor = FAJIT_OP == kOpDq;                       /* grid over query blocks */
 constexpr int kThreads = FAJIT_WARPS * 32;
 constexpr int kRowPad = 128;                        /* scratch rows per head: a multiple of this */
 constexpr int kDqk = (FAJIT_DQK + 15) / 16 * 16;    /* head dims rounded up to the mma k step */
@@ -134,7 +152,7 @@ constexpr Split kSdp = split_warps(FAJIT_WARPS, FAJIT_BN, FAJIT_BM, FAJIT_BM, 16
 constexpr Split kKv = split_warps(FAJIT_WARPS, FAJIT_BN, kDqk, kDv, 8);
 /* 3. dQ: queries x head dim. */
 constexpr Split kDq = split_warps(FAJIT_WARPS, FAJIT_BM, kDqk, kDqk, 8);
-static_assert(!kMain || (kSdp.wa > 0 && kKv.wa > 0 && kDq.wa > 0),
+static_assert(!(kKeyMajor || kQueryMajor) || (kSdp.wa > 0 && (kKv.wa > 0 || kQueryMajor) && kDq.wa > 0),
               "flash_bwd: no warp layout for these bm, bn and warps (bn / 16 and bm / 16 too small "
               "for the warps)");
 
@@ -152,14 +170,18 @@ constexpr int kDqMT = at_least_1(kDqRows / 16), kDqNT = at_least_1(kDqCols / 8);
 constexpr int kRowQK = row_chunks(kChunksQK) * 8; /* elements per smem row */
 constexpr int kRowV = row_chunks(kChunksV) * 8;
 constexpr int kRowP = row_chunks(kChunksP) * 8;
-constexpr int kQElems = FAJIT_BM * kRowQK;  /* one stage */
-constexpr int kDoElems = FAJIT_BM * kRowV;  /* one stage */
+constexpr int kQElems = FAJIT_BM * kRowQK;
+constexpr int kDoElems = FAJIT_BM * kRowV;
 constexpr int kKElems = FAJIT_BN * kRowQK;
 constexpr int kVElems = FAJIT_BN * kRowV;
-constexpr int kPElems = FAJIT_BN * kRowP;   /* P^T, and dS^T after it */
-constexpr int kSmemBytes =
-    (FAJIT_STAGES * (kQElems + kDoElems) + kKElems + kVElems + 2 * kPElems) * 2 + FAJIT_STAGES * FAJIT_BM * 2 * 4;
-static_assert(!kMain || kSmemBytes <= FAJIT_SMEM_BYTES,
+constexpr int kPElems = FAJIT_BN * kRowP; /* P^T or dS^T */
+/* Key-major (bwd, bwd-dkdv): per stage Q and dO; K, V, P^T, dS^T; per stage
+ * lse2 and D. Query-major (bwd-dq): Q, dO; per stage K and V; dS^T; lse2, D. */
+constexpr int kQStages = kKeyMajor ? FAJIT_STAGES : 1;
+constexpr int kKStages = kQueryMajor ? FAJIT_STAGES : 1;
+constexpr int kSmemBytes = (kQStages * (kQElems + kDoElems) + kKStages * (kKElems + kVElems) +
+                            (kQueryMajor ? 1 : 2) * kPElems) * 2 + kQStages * FAJIT_BM * 2 * 4;
+static_assert(!(kKeyMajor || kQueryMajor) || kSmemBytes <= FAJIT_SMEM_BYTES,
               "flash_bwd: shared memory layout larger than FAJIT_SMEM_BYTES (codegen disagrees)");
 
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
@@ -396,10 +418,10 @@ __device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
 
 /* acc (MT 16-row x NT 8-column tiles) += A B over KSteps k steps of 16, the
  * fragments by ldmatrix at the lanes' addresses (a_* / b_* above; ATrans and
- * BTrans say which pattern), B at byte offset b_off. */
+ * BTrans say which pattern). */
 template <int MT, int NT, int KSteps, bool ATrans, bool BTrans, int RowA, int RowB>
 __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const LaneAddr<RowA> &a,
-                                          const LaneAddr<RowB> &b, unsigned b_off) {
+                                          const LaneAddr<RowB> &b) {
 #pragma unroll
     for (int kk = 0; kk < KSteps; ++kk) {
         unsigned af[MT][4];
@@ -414,9 +436,9 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const LaneAdd
         for (int np = 0; np < NT / 2; ++np) {
             unsigned bf[4];
             if constexpr (BTrans)
-                ldmatrix_x4_trans(b.at(kk * 16, np * 2) + b_off, bf);
+                ldmatrix_x4_trans(b.at(kk * 16, np * 2) , bf);
             else
-                ldmatrix_x4(b.at(np * 16, kk * 2) + b_off, bf);
+                ldmatrix_x4(b.at(np * 16, kk * 2) , bf);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma(acc[mt][2 * np], af[mt], bf[0], bf[1]);
@@ -427,9 +449,9 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const LaneAdd
             /* .x2: lanes 0..15 give the addresses, their chunk/row high bit is 0. */
             unsigned b0, b1;
             if constexpr (BTrans)
-                ldmatrix_x2_trans(b.at(kk * 16, NT - 1) + b_off, b0, b1);
+                ldmatrix_x2_trans(b.at(kk * 16, NT - 1) , b0, b1);
             else
-                ldmatrix_x2(b.at((NT - 1) * 8, kk * 2) + b_off, b0, b1);
+                ldmatrix_x2(b.at((NT - 1) * 8, kk * 2) , b0, b1);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
                 mma(acc[mt][NT - 1], af[mt], b0, b1);
@@ -437,29 +459,17 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const LaneAdd
     }
 }
 
-/* ---------------------------------------------------------------- the main kernel's parts */
+/* ---------------------------------------------------------------- blocks and tiles */
 
-/* The block's (batch, kv head) and its keys. */
-struct Block {
-    long long b, h_kv;
-    int n0;      /* first key */
-    int group;   /* query heads per kv head */
-    int mb0, nmb; /* first query block that sees a key of the block, and how many follow */
-    int diag;    /* key j is visible to row i iff j <= i + diag (causal masks) */
-};
+/* Key j is visible to query row i iff j <= i + diag (causal masks; none: all). */
+__device__ __forceinline__ int diag_of(const fajit_bwd_params &p) {
+    return FAJIT_MASK == fajit::kMaskCausal ? p.seqlen_k - p.seqlen_q : 0;
+}
 
-__device__ __forceinline__ Block block_of(const fajit_bwd_params &p) {
-    Block k;
-    k.b = blockIdx.z;
-    k.h_kv = blockIdx.y;
-    k.n0 = blockIdx.x * FAJIT_BN;
-    k.group = p.nheads_q / p.nheads_kv;
-    k.diag = FAJIT_MASK == fajit::kMaskCausal ? p.seqlen_k - p.seqlen_q : 0;
-    /* The first row seeing key n0 (visible ranges only move right). */
-    const int first_row = FAJIT_MASK == fajit::kMaskNone ? 0 : imax(0, k.n0 - k.diag);
-    k.mb0 = first_row / FAJIT_BM;
-    k.nmb = imax(0, (p.seqlen_q + FAJIT_BM - 1) / FAJIT_BM - k.mb0);
-    return k;
+/* Whether the tile of keys n0.. x rows m0.. needs a per-element test: it
+ * straddles seqlen_k or the diagonal. */
+__device__ __forceinline__ bool tile_needs_mask(const fajit_bwd_params &p, int n0, int m0, int diag) {
+    return n0 + FAJIT_BN > p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && n0 + FAJIT_BN - 1 > m0 + diag);
 }
 
 /* The smem tiles, as shared-space byte addresses (for ldmatrix and
@@ -474,19 +484,47 @@ struct Tiles {
     }
 };
 
-/* Q, dO, lse2 and D of query block mb of head h into stage s (cp.async). */
-__device__ __forceinline__ void load_query_block(const fajit_bwd_params &p, const Tiles &t,
-                                                 const float *stats, long long b, long long h, int mb,
-                                                 int s, int tid) {
+/* The layout of the file header: Q, dO, K, V, (P^T), dS^T, lse2, D. */
+__device__ __forceinline__ Tiles tiles_of(elem_t *smem) {
+    Tiles t;
+    t.base = reinterpret_cast<unsigned char *>(smem);
+    t.q = smem_addr(smem);
+    t.dout = t.q + kQStages * kQElems * 2;
+    t.k = t.dout + kQStages * kDoElems * 2;
+    t.v = t.k + kKStages * kKElems * 2;
+    t.p = t.v + kKStages * kVElems * 2;
+    t.ds = kQueryMajor ? t.p : t.p + kPElems * 2;
+    t.lse2 = t.ds + kPElems * 2;
+    t.d = t.lse2 + kQStages * FAJIT_BM * 4;
+    return t;
+}
+
+/* Pad chunks of every Q, dO, K and V buffer: zeroed once, before the first
+ * barrier. */
+__device__ __forceinline__ void zero_pad_chunks(const Tiles &t, int tid) {
+#pragma unroll
+    for (int s = 0; s < kQStages; ++s) {
+        zero_pad_chunk<FAJIT_BM, kLoadQK, kChunksQK, kRowQK>(t.at<elem_t>(t.q) + s * kQElems, tid);
+        zero_pad_chunk<FAJIT_BM, kLoadV, kChunksV, kRowV>(t.at<elem_t>(t.dout) + s * kDoElems, tid);
+    }
+#pragma unroll
+    for (int s = 0; s < kKStages; ++s) {
+        zero_pad_chunk<FAJIT_BN, kLoadQK, kChunksQK, kRowQK>(t.at<elem_t>(t.k) + s * kKElems, tid);
+        zero_pad_chunk<FAJIT_BN, kLoadV, kChunksV, kRowV>(t.at<elem_t>(t.v) + s * kVElems, tid);
+    }
+}
+
+/* Q, dO, lse2 and D of the query block at row m0 of head h into Q stage s
+ * (cp.async; rows past seqlen_q zero-filled, the scratch rows are padded). */
+__device__ __forceinline__ void load_query_block(const fajit_bwd_params &p, const Tiles &t, const float *stats,
+                                                 long long b, long long h, int m0, int s, int tid) {
     const long long bh = b * p.nheads_q + h;
-    const int m0 = mb * FAJIT_BM;
     const elem_t *q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
     const elem_t *dout =
         static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] + h * p.grad_out_stride[2];
     load_tile<FAJIT_BM, kLoadQK, kRowQK>(t.q + s * kQElems * 2, q, p.q_stride[1], m0, p.seqlen_q, tid);
     load_tile<FAJIT_BM, kLoadV, kRowV>(t.dout + s * kDoElems * 2, dout, p.grad_out_stride[1], m0, p.seqlen_q,
                                        tid);
-    /* Scratch rows are padded: a whole block is always there. */
     const float *lse2 = stats + bh * rows_pad(p) + m0;
     const float *d = stats + (static_cast<long long>(p.batch) * p.nheads_q + bh) * rows_pad(p) + m0;
     for (int i = tid; i < 2 * (FAJIT_BM / 4); i += kThreads) {
@@ -498,22 +536,42 @@ __device__ __forceinline__ void load_query_block(const fajit_bwd_params &p, cons
     }
 }
 
-/* Phase 1 for this warp's kSdpKeys x kSdpRows tile: P^T and dS^T, rounded,
- * into smem. m0 is the block's first row; mask says whether the block
- * straddles a mask bound (then each element is tested). */
-__device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles &t, const Block &k, int s,
-                                          int m0, bool mask, int warp, int lane) {
+/* K and V of the key block at n0 of kv head h_kv into K stage s. */
+__device__ __forceinline__ void load_key_block(const fajit_bwd_params &p, const Tiles &t, long long b,
+                                               long long h_kv, int n0, int s, int tid) {
+    const elem_t *k = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + h_kv * p.k_stride[2];
+    const elem_t *v = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + h_kv * p.v_stride[2];
+    load_tile<FAJIT_BN, kLoadQK, kRowQK>(t.k + s * kKElems * 2, k, p.k_stride[1], n0, p.seqlen_k, tid);
+    load_tile<FAJIT_BN, kLoadV, kRowV>(t.v + s * kVElems * 2, v, p.v_stride[1], n0, p.seqlen_k, tid);
+}
+
+/* ---------------------------------------------------------------- the three phases */
+
+/* Which buffers a step reads: Q stage sq, K stage sk. */
+struct Step {
+    int sq, sk;
+    int n0, m0; /* first key, first query row */
+    bool mask;  /* elements need the per-element test */
+};
+
+/* Phase 1 for this warp's kSdpKeys x kSdpRows tile: P^T (when WriteP) and
+ * dS^T, rounded, into smem. */
+template <bool WriteP>
+__device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles &t, const Step &st, int diag,
+                                          int warp, int lane) {
     const int key0 = (warp / kSdp.wb) * kSdpKeys, row0 = (warp % kSdp.wb) * kSdpRows;
     float acc_s[kSdpMT][kSdpNT][4], acc_dp[kSdpMT][kSdpNT][4];
     zero(acc_s);
     zero(acc_dp);
-    warp_gemm<kSdpMT, kSdpNT, kDqk / 16, false, false>(acc_s, a_rows<kRowQK>(t.k, key0, 0, lane),
-                                                         b_rows<kRowQK>(t.q, row0, 0, lane), s * kQElems * 2);
-    warp_gemm<kSdpMT, kSdpNT, kDv / 16, false, false>(acc_dp, a_rows<kRowV>(t.v, key0, 0, lane),
-                                                        b_rows<kRowV>(t.dout, row0, 0, lane), s * kDoElems * 2);
+    warp_gemm<kSdpMT, kSdpNT, kDqk / 16, false, false>(
+        acc_s, a_rows<kRowQK>(t.k + st.sk * kKElems * 2, key0, 0, lane),
+        b_rows<kRowQK>(t.q + st.sq * kQElems * 2, row0, 0, lane));
+    warp_gemm<kSdpMT, kSdpNT, kDv / 16, false, false>(
+        acc_dp, a_rows<kRowV>(t.v + st.sk * kVElems * 2, key0, 0, lane),
+        b_rows<kRowV>(t.dout + st.sq * kDoElems * 2, row0, 0, lane));
 
-    const float *lse2 = t.at<const float>(t.lse2) + s * FAJIT_BM;
-    const float *dd = t.at<const float>(t.d) + s * FAJIT_BM;
+    const float *lse2 = t.at<const float>(t.lse2) + st.sq * FAJIT_BM;
+    const float *dd = t.at<const float>(t.d) + st.sq * FAJIT_BM;
     elem_t *sp = t.at<elem_t>(t.p), *sds = t.at<elem_t>(t.ds);
 #pragma unroll
     for (int nt = 0; nt < kSdpNT; ++nt) {
@@ -526,18 +584,20 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
                 const int key = key0 + mt * 16 + half * 8 + lane / 4; /* within the block */
                 float x0 = acc_s[mt][nt][2 * half] * p.softmax_scale_log2;
                 float x1 = acc_s[mt][nt][2 * half + 1] * p.softmax_scale_log2;
-                if (mask) {
-                    const int kg = k.n0 + key, rg = m0 + col;
-                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + k.diag))
+                if (st.mask) {
+                    const int kg = st.n0 + key, rg = st.m0 + col;
+                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + diag))
                         x0 = fajit::neg_infinity();
-                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + 1 + k.diag))
+                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + 1 + diag))
                         x1 = fajit::neg_infinity();
                 }
+                /* lse2 is +inf for rows that see no key: P = 0 there. */
                 const float p0 = fast_exp2(x0 - l0), p1 = fast_exp2(x1 - l1);
                 const float ds0 = p0 * (acc_dp[mt][nt][2 * half] - d0);
                 const float ds1 = p1 * (acc_dp[mt][nt][2 * half + 1] - d1);
                 const int at = smem_at<kRowP>(key, 0) + col;
-                *reinterpret_cast<unsigned *>(sp + at) = pack2(p0, p1);
+                if constexpr (WriteP)
+                    *reinterpret_cast<unsigned *>(sp + at) = pack2(p0, p1);
                 *reinterpret_cast<unsigned *>(sds + at) = pack2(ds0, ds1);
             }
     }
@@ -545,48 +605,58 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
 
 /* Phase 2: dV += P^T dO, dK += dS^T Q for this warp's keys x columns. */
 __device__ __forceinline__ void kv_phase(float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
-                                         const Tiles &t, int s, int warp, int lane) {
+                                         const Tiles &t, int sq, int warp, int lane) {
     const int key0 = (warp / kKv.wb) * kKvKeys, cb = warp % kKv.wb;
-    const LaneAddr<kRowP> pa = a_rows<kRowP>(t.p, key0, 0, lane);
-    warp_gemm<kKvMT, kKvVNT, FAJIT_BM / 16, false, true>(dv, pa, b_trans<kRowV>(t.dout, 0, cb * kKvVCols / 8, lane),
-                                                         s * kDoElems * 2);
-    LaneAddr<kRowP> dsa = pa;
-    dsa.base += t.ds - t.p;
-    warp_gemm<kKvMT, kKvQkNT, FAJIT_BM / 16, false, true>(dk, dsa, b_trans<kRowQK>(t.q, 0, cb * kKvQkCols / 8, lane),
-                                                          s * kQElems * 2);
+    warp_gemm<kKvMT, kKvVNT, FAJIT_BM / 16, false, true>(
+        dv, a_rows<kRowP>(t.p, key0, 0, lane), b_trans<kRowV>(t.dout + sq * kDoElems * 2, 0, cb * kKvVCols / 8, lane));
+    warp_gemm<kKvMT, kKvQkNT, FAJIT_BM / 16, false, true>(
+        dk, a_rows<kRowP>(t.ds, key0, 0, lane), b_trans<kRowQK>(t.q + sq * kQElems * 2, 0, cb * kKvQkCols / 8, lane));
 }
 
-/* Phase 3: dQ = dS K for this warp's rows x columns, added into dq_acc. */
-__device__ __forceinline__ void dq_phase(float *dq_head, const Tiles &t, int m0, int warp, int lane) {
+/* Phase 3: acc += dS K for this warp's rows x columns (K stage sk). */
+__device__ __forceinline__ void dq_phase(float (&acc)[kDqMT][kDqNT][4], const Tiles &t, int sk, int warp, int lane) {
     const int row0 = (warp / kDq.wb) * kDqRows, col0 = (warp % kDq.wb) * kDqCols;
+    warp_gemm<kDqMT, kDqNT, FAJIT_BN / 16, true, true>(
+        acc, a_trans<kRowP>(t.ds, 0, row0 / 8, lane), b_trans<kRowQK>(t.k + sk * kKElems * 2, 0, col0 / 8, lane));
+}
+
+/* The element (mt, nt, e) of phase 3's tile: its row within the block and column. */
+__device__ __forceinline__ int dq_row(int warp, int lane, int mt, int half) {
+    return (warp / kDq.wb) * kDqRows + mt * 16 + half * 8 + lane / 4;
+}
+__device__ __forceinline__ int dq_col(int warp, int lane, int nt) {
+    return (warp % kDq.wb) * kDqCols + nt * 8 + (lane % 4) * 2;
+}
+
+/* The key-major kernel's dQ: phase 3's tile added into dq_acc (fp32 atomics). */
+__device__ __forceinline__ void dq_atomics(float *dq_head, const Tiles &t, int m0, int warp, int lane) {
     float acc[kDqMT][kDqNT][4];
     zero(acc);
-    warp_gemm<kDqMT, kDqNT, FAJIT_BN / 16, true, true>(acc, a_trans<kRowP>(t.ds, 0, row0 / 8, lane),
-                                                       b_trans<kRowQK>(t.k, 0, col0 / 8, lane), 0);
+    dq_phase(acc, t, 0, warp, lane);
 #pragma unroll
     for (int mt = 0; mt < kDqMT; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const long long row = m0 + row0 + mt * 16 + half * 8 + lane / 4;
-            float *at = dq_head + row * kDqk + col0 + (lane % 4) * 2;
+            const long long row = m0 + dq_row(warp, lane, mt, half);
 #pragma unroll
             for (int nt = 0; nt < kDqNT; ++nt)
-                red_add2(at + nt * 8, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+                red_add2(dq_head + row * kDqk + dq_col(warp, lane, nt), acc[mt][nt][2 * half],
+                         acc[mt][nt][2 * half + 1]);
         }
 }
 
 /* dK (times softmax_scale) and dV of the block's keys below seqlen_k. */
-__device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, const Block &k,
+__device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, long long b, long long h_kv, int n0,
                                           float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
                                           int warp, int lane) {
     const int key0 = (warp / kKv.wb) * kKvKeys, cb = warp % kKv.wb;
-    elem_t *gk = static_cast<elem_t *>(p.grad_k) + k.b * p.grad_k_stride[0] + k.h_kv * p.grad_k_stride[2];
-    elem_t *gv = static_cast<elem_t *>(p.grad_v) + k.b * p.grad_v_stride[0] + k.h_kv * p.grad_v_stride[2];
+    elem_t *gk = static_cast<elem_t *>(p.grad_k) + b * p.grad_k_stride[0] + h_kv * p.grad_k_stride[2];
+    elem_t *gv = static_cast<elem_t *>(p.grad_v) + b * p.grad_v_stride[0] + h_kv * p.grad_v_stride[2];
 #pragma unroll
     for (int mt = 0; mt < kKvMT; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int key = k.n0 + key0 + mt * 16 + half * 8 + lane / 4;
+            const int key = n0 + key0 + mt * 16 + half * 8 + lane / 4;
             if (key >= p.seqlen_k)
                 continue;
             elem_t *rk = gk + static_cast<long long>(key) * p.grad_k_stride[1] + cb * kKvQkCols + (lane % 4) * 2;
@@ -603,76 +673,140 @@ __device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, const Bloc
         }
 }
 
-/* The main kernel's body (see the header). */
-__device__ __forceinline__ void flash_bwd_main(const fajit_bwd_params &p, float *dq_acc, const float *stats,
-                                               elem_t *smem) {
+/* ---------------------------------------------------------------- the key-major kernel */
+
+/*
+ * bwd and bwd-dkdv: a block per FAJIT_BN keys of one (batch, kv head), dK and
+ * dV in registers, walking for each query head of the group the query blocks
+ * that see any of its keys (iteration i: head h_kv * group + i / nmb, block
+ * mb0 + i % nmb). WithDq (bwd) adds phase 3 into dq_acc; bwd-dkdv leaves dQ
+ * to the query-major kernel.
+ */
+template <bool WithDq>
+__device__ __forceinline__ void flash_bwd_key_major(const fajit_bwd_params &p, float *dq_acc, const float *stats,
+                                                    elem_t *smem) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const Block k = block_of(p);
-    Tiles t;
-    t.base = reinterpret_cast<unsigned char *>(smem);
-    t.q = smem_addr(smem);
-    t.dout = t.q + FAJIT_STAGES * kQElems * 2;
-    t.k = t.dout + FAJIT_STAGES * kDoElems * 2;
-    t.v = t.k + kKElems * 2;
-    t.p = t.v + kVElems * 2;
-    t.ds = t.p + kPElems * 2;
-    t.lse2 = t.ds + kPElems * 2;
-    t.d = t.lse2 + FAJIT_STAGES * FAJIT_BM * 4;
-
-    /* Pad chunks: zeroed once, before the first barrier of the loop. */
-#pragma unroll
-    for (int s = 0; s < FAJIT_STAGES; ++s) {
-        zero_pad_chunk<FAJIT_BM, kLoadQK, kChunksQK, kRowQK>(smem + s * kQElems, tid);
-        zero_pad_chunk<FAJIT_BM, kLoadV, kChunksV, kRowV>(smem + FAJIT_STAGES * kQElems + s * kDoElems, tid);
-    }
-    zero_pad_chunk<FAJIT_BN, kLoadQK, kChunksQK, kRowQK>(smem + FAJIT_STAGES * (kQElems + kDoElems), tid);
-    zero_pad_chunk<FAJIT_BN, kLoadV, kChunksV, kRowV>(smem + FAJIT_STAGES * (kQElems + kDoElems) + kKElems, tid);
-
-    /* K and V of the block stay in shared memory throughout. */
-    const elem_t *gk = static_cast<const elem_t *>(p.k) + k.b * p.k_stride[0] + k.h_kv * p.k_stride[2];
-    const elem_t *gv = static_cast<const elem_t *>(p.v) + k.b * p.v_stride[0] + k.h_kv * p.v_stride[2];
-    load_tile<FAJIT_BN, kLoadQK, kRowQK>(t.k, gk, p.k_stride[1], k.n0, p.seqlen_k, tid);
-    load_tile<FAJIT_BN, kLoadV, kRowV>(t.v, gv, p.v_stride[1], k.n0, p.seqlen_k, tid);
+    const long long b = blockIdx.z, h_kv = blockIdx.y;
+    const int n0 = blockIdx.x * FAJIT_BN, group = p.nheads_q / p.nheads_kv, diag = diag_of(p);
+    /* The first row seeing key n0 (visible ranges only move right). */
+    const int first_row = FAJIT_MASK == fajit::kMaskNone ? 0 : imax(0, n0 - diag);
+    const int mb0 = first_row / FAJIT_BM, nmb = imax(0, (p.seqlen_q + FAJIT_BM - 1) / FAJIT_BM - mb0);
+    const int iters = group * nmb;
+    const Tiles t = tiles_of(smem);
+    zero_pad_chunks(t, tid);
+    load_key_block(p, t, b, h_kv, n0, 0, tid); /* K and V stay throughout */
 
     float dv[kKvMT][kKvVNT][4], dk[kKvMT][kKvQkNT][4];
     zero(dv);
     zero(dk);
-    /* Iteration i: query head h_kv * group + i / nmb, query block mb0 + i % nmb. */
-    const int iters = k.group * k.nmb;
-    auto head_of = [&](int i) { return k.h_kv * k.group + i / k.nmb; };
-    auto block_at = [&](int i) { return k.mb0 + i % k.nmb; };
+    auto head_of = [&](int i) { return h_kv * group + i / nmb; };
+    auto row_of = [&](int i) { return (mb0 + i % nmb) * FAJIT_BM; };
     if constexpr (FAJIT_STAGES == 2) {
         if (iters > 0)
-            load_query_block(p, t, stats, k.b, head_of(0), block_at(0), 0, tid);
+            load_query_block(p, t, stats, b, head_of(0), row_of(0), 0, tid);
     }
     cp_async_commit();
 
     for (int i = 0; i < iters; ++i) {
-        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, mb = block_at(i), m0 = mb * FAJIT_BM;
+        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, m0 = row_of(i);
         const long long h = head_of(i);
         if constexpr (FAJIT_STAGES == 1) {
             if (i > 0)
                 __syncthreads(); /* every warp is done with the single buffer */
-            load_query_block(p, t, stats, k.b, h, mb, 0, tid);
+            load_query_block(p, t, stats, b, h, m0, 0, tid);
             cp_async_commit();
         }
         cp_async_wait<0>();
         __syncthreads(); /* block i landed for all; everyone is past block i - 1 */
         if constexpr (FAJIT_STAGES == 2) {
             if (i + 1 < iters)
-                load_query_block(p, t, stats, k.b, head_of(i + 1), block_at(i + 1), (i + 1) % 2, tid);
+                load_query_block(p, t, stats, b, head_of(i + 1), row_of(i + 1), (i + 1) % 2, tid);
             cp_async_commit();
         }
-        /* Elements need a test where the block straddles seqlen_k or the diagonal. */
-        const bool mask = k.n0 + FAJIT_BN > p.seqlen_k ||
-                          (FAJIT_MASK != fajit::kMaskNone && k.n0 + FAJIT_BN - 1 > m0 + k.diag);
-        sdp_phase(p, t, k, s, m0, mask, warp, lane);
+        const Step st{s, 0, n0, m0, tile_needs_mask(p, n0, m0, diag)};
+        sdp_phase<true>(p, t, st, diag, warp, lane);
         __syncthreads(); /* P^T and dS^T complete */
         kv_phase(dv, dk, t, s, warp, lane);
-        dq_phase(dq_acc_of(dq_acc, p, k.b * p.nheads_q + h), t, m0, warp, lane);
+        if constexpr (WithDq)
+            dq_atomics(dq_acc_of(dq_acc, p, b * p.nheads_q + h), t, m0, warp, lane);
     }
     cp_async_wait<0>(); /* no copy may outlive the block */
-    write_dkdv(p, k, dv, dk, warp, lane);
+    write_dkdv(p, b, h_kv, n0, dv, dk, warp, lane);
+}
+
+/* ---------------------------------------------------------------- the query-major kernel */
+
+/* grad_q = softmax_scale * acc for the block's rows below seqlen_q. */
+__device__ __forceinline__ void write_dq(const fajit_bwd_params &p, long long b, long long h, int m0,
+                                        float (&acc)[kDqMT][kDqNT][4], int warp, int lane) {
+    elem_t *g = static_cast<elem_t *>(p.grad_q) + b * p.grad_q_stride[0] + h * p.grad_q_stride[2];
+#pragma unroll
+    for (int mt = 0; mt < kDqMT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = m0 + dq_row(warp, lane, mt, half);
+            if (row >= p.seqlen_q)
+                continue;
+#pragma unroll
+            for (int nt = 0; nt < kDqNT; ++nt) {
+                const int col = dq_col(warp, lane, nt);
+                if (col - (lane % 4) * 2 < FAJIT_DQK) /* the tile's first column: pad tiles are not written */
+                    *reinterpret_cast<unsigned *>(g + static_cast<long long>(row) * p.grad_q_stride[1] + col) =
+                        pack2(acc[mt][nt][2 * half] * p.softmax_scale, acc[mt][nt][2 * half + 1] * p.softmax_scale);
+            }
+        }
+}
+
+/*
+ * bwd-dq (deterministic mode): a block per FAJIT_BM query rows of one
+ * (batch, query head), its dQ in registers, walking the key blocks its rows
+ * see in order (K and V through FAJIT_STAGES buffers): phase 1 for dS^T
+ * only, phase 3 into the registers. No atomics, one fixed order: the result
+ * is the same bit for bit on every run.
+ */
+__device__ __forceinline__ void flash_bwd_query_major(const fajit_bwd_params &p, const float *stats, elem_t *smem) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const long long b = blockIdx.z, h = blockIdx.y, h_kv = h / (p.nheads_q / p.nheads_kv);
+    const int m0 = blockIdx.x * FAJIT_BM, diag = diag_of(p);
+    /* Keys the block's last row may see (visible ranges only move right). */
+    const int last_row = (m0 + FAJIT_BM < p.seqlen_q ? m0 + FAJIT_BM : p.seqlen_q) - 1;
+    const int key_end = FAJIT_MASK == fajit::kMaskNone ? p.seqlen_k
+                                                       : imax(0, last_row + diag + 1 < p.seqlen_k ? last_row + diag + 1
+                                                                                                  : p.seqlen_k);
+    const int n_tiles = (key_end + FAJIT_BN - 1) / FAJIT_BN;
+    const Tiles t = tiles_of(smem);
+    zero_pad_chunks(t, tid);
+    load_query_block(p, t, stats, b, h, m0, 0, tid);
+    if constexpr (FAJIT_STAGES == 2) {
+        if (n_tiles > 0)
+            load_key_block(p, t, b, h_kv, 0, 0, tid);
+    }
+    cp_async_commit();
+
+    float acc[kDqMT][kDqNT][4];
+    zero(acc);
+    for (int i = 0; i < n_tiles; ++i) {
+        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, n0 = i * FAJIT_BN;
+        if constexpr (FAJIT_STAGES == 1) {
+            if (i > 0)
+                __syncthreads(); /* every warp is done with the single K/V buffer */
+            load_key_block(p, t, b, h_kv, n0, 0, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<0>();
+        __syncthreads(); /* tile i landed for all; everyone is past tile i - 1 */
+        if constexpr (FAJIT_STAGES == 2) {
+            if (i + 1 < n_tiles)
+                load_key_block(p, t, b, h_kv, n0 + FAJIT_BN, (i + 1) % 2, tid);
+            cp_async_commit();
+        }
+        const Step st{0, s, n0, m0, tile_needs_mask(p, n0, m0, diag)};
+        sdp_phase<false>(p, t, st, diag, warp, lane);
+        __syncthreads(); /* dS^T complete */
+        dq_phase(acc, t, s, warp, lane);
+    }
+    cp_async_wait<0>();
+    write_dq(p, b, h, m0, acc, warp, lane);
 }
 
 /* ---------------------------------------------------------------- pre and post */
@@ -714,10 +848,13 @@ __device__ __forceinline__ void flash_bwd_pre(const fajit_bwd_params &p, float *
         lse2_of(stats, p, bh)[row] = lse2;
         d_of(stats, p, bh)[row] = row < p.seqlen_q ? acc : 0.0f;
     }
-    /* The block's rows of the dQ accumulator: contiguous. */
-    float *z = dq_acc_of(dq_acc, p, bh) + static_cast<long long>(r0) * kDqk;
-    for (int i = tid; i < FAJIT_BM * kDqk / 4; i += kThreads)
-        st_global_16(z + i * 4, U4{0u, 0u, 0u, 0u});
+    /* The block's rows of the dQ accumulator (contiguous), when there is one
+     * (deterministic mode has none). */
+    if (dq_acc != nullptr) {
+        float *z = dq_acc_of(dq_acc, p, bh) + static_cast<long long>(r0) * kDqk;
+        for (int i = tid; i < FAJIT_BM * kDqk / 4; i += kThreads)
+            st_global_16(z + i * 4, U4{0u, 0u, 0u, 0u});
+    }
 }
 
 __device__ __forceinline__ void flash_bwd_post(const fajit_bwd_params &p, const float *dq_acc) {
@@ -745,9 +882,25 @@ __device__ __forceinline__ void flash_bwd_post(const fajit_bwd_params &p, const 
 
 extern "C" __global__ void __launch_bounds__(fajit_fb::kThreads)
     fajit_flash_bwd(const fajit_bwd_params p, float *dq_acc, const float *stats) {
-    if constexpr (fajit_fb::kMain) {
+    if constexpr (FAJIT_OP == fajit_fb::kOpBwd) {
         extern __shared__ __attribute__((aligned(128))) unsigned short smem[];
-        fajit_fb::flash_bwd_main(p, dq_acc, stats, smem);
+        fajit_fb::flash_bwd_key_major<true>(p, dq_acc, stats, smem);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(fajit_fb::kThreads)
+    fajit_flash_bwd_dkdv(const fajit_bwd_params p, const float *stats) {
+    if constexpr (FAJIT_OP == fajit_fb::kOpDkdv) {
+        extern __shared__ __attribute__((aligned(128))) unsigned short smem[];
+        fajit_fb::flash_bwd_key_major<false>(p, nullptr, stats, smem);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(fajit_fb::kThreads)
+    fajit_flash_bwd_dq(const fajit_bwd_params p, const float *stats) {
+    if constexpr (FAJIT_OP == fajit_fb::kOpDq) {
+        extern __shared__ __attribute__((aligned(128))) unsigned short smem[];
+        fajit_fb::flash_bwd_query_major(p, stats, smem);
     }
 }
 

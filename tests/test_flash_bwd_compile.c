@@ -1,6 +1,7 @@
 /*
  * tests/test_flash_bwd_compile.c - the fast backward template
- * (templates/flash_bwd.cuh: ops bwd, bwd-pre, bwd-post) compiles with NVRTC,
+ * (templates/flash_bwd.cuh: ops bwd, bwd-pre, bwd-post, bwd-dkdv, bwd-dq)
+ * compiles with NVRTC,
  * no GPU needed.
  *
  * Every variant is built as the runtime builds it (fajit__flash_bwd_tiles,
@@ -9,6 +10,7 @@
  *   - the main kernel for sm_90 and sm_80 over head dims 8..256 (both
  *     dims multiples of 8, dqk != dv included), fp16 and bf16, each mask;
  *   - the pre and post kernels for a few head dims on both archs;
+ *   - deterministic mode's bwd-dkdv and bwd-dq for a few head dims;
  *   - the heuristic's choice for sm_86 (99 KB of shared memory) at d 256.
  * Every compile must succeed, define the op's entry, and warn about nothing
  * in the templates; registers and spills are printed (spills not required to
@@ -30,7 +32,7 @@
 #include "runtime/runtime.h"
 
 #define COMPILE_THREADS 2
-#define MAX_JOBS 64
+#define MAX_JOBS 96
 
 typedef struct job {
     fajit__variant v;
@@ -57,7 +59,7 @@ static fajit__variant flash_variant(int op, int dqk, int dv, int dtype, int mask
     v.dqk = dqk;
     v.dv = dv;
     v.dtype = dtype;
-    v.mask = op == FAJIT__OP_BWD ? mask : FAJIT_MASK_NONE;
+    v.mask = op == FAJIT__OP_BWD_PRE || op == FAJIT__OP_BWD_POST ? FAJIT_MASK_NONE : mask;
     v.arch = arch;
     v.arch_suffix = 0;
     fajit__flash_bwd_tiles(&v);
@@ -94,6 +96,14 @@ static size_t build_jobs(job *jobs)
         for (int op = FAJIT__OP_BWD_PRE; op <= FAJIT__OP_BWD_POST; ++op)
             add_job(jobs, &n, flash_variant(op, side_dims[d][0], side_dims[d][1], (int)(d % 2), 0, d % 2 ? 80 : 90),
                     0);
+    /* Deterministic mode's two kernels. */
+    static const int det_dims[][2] = {{8, 8}, {64, 64}, {72, 72}, {128, 128}, {192, 128}, {256, 256}};
+    for (size_t d = 0; d < 6; ++d)
+        for (int op = FAJIT__OP_BWD_DKDV; op <= FAJIT__OP_BWD_DQ; ++op)
+            add_job(jobs, &n,
+                    flash_variant(op, det_dims[d][0], det_dims[d][1], (int)(d % 2), (int)(d + (size_t)op) % 3,
+                                  (d + (size_t)op) % 2 ? 80 : 90),
+                    0);
     fajit__variant v = flash_variant(FAJIT__OP_BWD, 64, 64, 0, 0, 90);
     v.dropout = 1; /* no dropout yet: refuse, not ignore */
     add_job(jobs, &n, v, 1);
@@ -104,7 +114,18 @@ static size_t build_jobs(job *jobs)
 
 static const char *expected_entry(int op)
 {
-    return op == FAJIT__OP_BWD ? "fajit_flash_bwd" : op == FAJIT__OP_BWD_PRE ? "fajit_flash_bwd_pre" : "fajit_flash_bwd_post";
+    switch (op) {
+    case FAJIT__OP_BWD:
+        return "fajit_flash_bwd";
+    case FAJIT__OP_BWD_PRE:
+        return "fajit_flash_bwd_pre";
+    case FAJIT__OP_BWD_POST:
+        return "fajit_flash_bwd_post";
+    case FAJIT__OP_BWD_DKDV:
+        return "fajit_flash_bwd_dkdv";
+    default:
+        return "fajit_flash_bwd_dq";
+    }
 }
 
 static void run_job(job *j)
@@ -170,32 +191,43 @@ static void print_job(const job *j)
 /* The op numbers are part of cache keys and of the template's static_assert. */
 static int check_op_numbers(void)
 {
-    const int ok = FAJIT__OP_BWD == 2 && FAJIT__OP_BWD_PRE == 5 && FAJIT__OP_BWD_POST == 6;
-    printf("%s op numbers: bwd %d, bwd-pre %d, bwd-post %d (flash_bwd.cuh expects 2, 5 and 6)\n",
-           ok ? "ok  " : "FAIL", FAJIT__OP_BWD, FAJIT__OP_BWD_PRE, FAJIT__OP_BWD_POST);
+    const int ok = FAJIT__OP_BWD == 2 && FAJIT__OP_BWD_PRE == 5 && FAJIT__OP_BWD_POST == 6 &&
+                   FAJIT__OP_BWD_DKDV == 7 && FAJIT__OP_BWD_DQ == 8;
+    printf("%s op numbers: bwd %d, bwd-pre %d, bwd-post %d, bwd-dkdv %d, bwd-dq %d (flash_bwd.cuh "
+           "expects 2, 5, 6, 7 and 8)\n",
+           ok ? "ok  " : "FAIL", FAJIT__OP_BWD, FAJIT__OP_BWD_PRE, FAJIT__OP_BWD_POST, FAJIT__OP_BWD_DKDV,
+           FAJIT__OP_BWD_DQ);
     return ok;
 }
 
-/* The heuristic's main-kernel tiles fit every arch's shared memory, for every
- * head-dim pair the fast backward takes. */
+/* One variant of the heuristic's: 1 if it fits the arch, else printed (the
+ * first few). */
+static int tiles_fit(int op, int dqk, int dv, int arch, int *bad)
+{
+    const fajit__variant v = flash_variant(op, dqk, dv, 0, 0, arch);
+    const size_t smem = fajit__variant_smem_bytes(&v);
+    if (smem <= fajit__arch_smem_limit(arch) && fajit__variant_check(&v) == 0)
+        return 1;
+    if ((*bad)++ < 5)
+        printf("FAIL tiles of op %d bm=%d bn=%d warps=%d stages=%d for dqk=%d dv=%d sm_%d: %zu bytes of "
+               "shared memory, the arch has %zu\n",
+               op, v.bm, v.bn, v.warps, v.stages, dqk, dv, arch, smem, fajit__arch_smem_limit(arch));
+    return 0;
+}
+
+/* The heuristic's tiles of the three big kernels fit every arch's shared
+ * memory, for every head-dim pair the fast backward takes. */
 static int check_tiles_fit(void)
 {
     static const int archs[] = {80, 86, 89, 90, 120};
+    static const int ops[] = {FAJIT__OP_BWD, FAJIT__OP_BWD_DKDV, FAJIT__OP_BWD_DQ};
     int bad = 0;
     for (size_t a = 0; a < sizeof archs / sizeof archs[0]; ++a)
         for (int dqk = 8; dqk <= 256; dqk += 8)
-            for (int dv = 8; dv <= 256; dv += 8) {
-                const fajit__variant v = flash_variant(FAJIT__OP_BWD, dqk, dv, 0, 0, archs[a]);
-                const size_t smem = fajit__variant_smem_bytes(&v);
-                if (smem > fajit__arch_smem_limit(archs[a]) || fajit__variant_check(&v) != 0) {
-                    if (bad++ < 5)
-                        printf("FAIL tiles bm=%d bn=%d warps=%d stages=%d for dqk=%d dv=%d sm_%d: "
-                               "%zu bytes of shared memory, the arch has %zu\n",
-                               v.bm, v.bn, v.warps, v.stages, dqk, dv, archs[a], smem,
-                               fajit__arch_smem_limit(archs[a]));
-                }
-            }
-    printf("%s heuristic tiles fit shared memory: 1024 head-dim pairs x 5 archs, %d failures\n",
+            for (int dv = 8; dv <= 256; dv += 8)
+                for (size_t o = 0; o < sizeof ops / sizeof ops[0]; ++o)
+                    tiles_fit(ops[o], dqk, dv, archs[a], &bad);
+    printf("%s heuristic tiles fit shared memory: 1024 head-dim pairs x 5 archs x 3 ops, %d failures\n",
            bad ? "FAIL" : "ok  ", bad);
     return bad == 0;
 }

@@ -136,10 +136,10 @@ static void test_round_trips(void)
     for (int op = 0; op < FAJIT__OP_COUNT; op++)
         every_op &= seen_op[op] > 0;
     printf("     %d variants: ref %d, fwd %d, bwd %d, ref-dq %d, ref-dkdv %d, bwd-pre %d, bwd-post %d, "
-           "sm_NNa %d\n",
+           "bwd-dkdv %d, bwd-dq %d, sm_NNa %d\n",
            N, seen_op[FAJIT__OP_REF], seen_op[FAJIT__OP_FWD], seen_op[FAJIT__OP_BWD],
            seen_op[FAJIT__OP_REF_DQ], seen_op[FAJIT__OP_REF_DKDV], seen_op[FAJIT__OP_BWD_PRE],
-           seen_op[FAJIT__OP_BWD_POST], seen_suffix);
+           seen_op[FAJIT__OP_BWD_POST], seen_op[FAJIT__OP_BWD_DKDV], seen_op[FAJIT__OP_BWD_DQ], seen_suffix);
     check(bad == 0, "5000 random variants: format/parse round trips, shuffled specs agree");
     check(every_op && seen_suffix, "generator covered every op and sm_NNa");
 }
@@ -308,8 +308,10 @@ static void test_check(void)
     check(fajit__variant_check(&v) == FAJIT_EINVAL && strstr(fajit_last_error(), "arch: unset"),
           "check: unset arch is an error in a full variant");
     v = base;
-    v.op = 7;
-    check(fajit__variant_check(&v) == FAJIT_EINVAL && strstr(fajit_last_error(), "op=7"),
+    v.op = FAJIT__OP_COUNT;
+    char op_text[32];
+    snprintf(op_text, sizeof op_text, "op=%d", FAJIT__OP_COUNT);
+    check(fajit__variant_check(&v) == FAJIT_EINVAL && strstr(fajit_last_error(), op_text),
           "check: unknown op number");
     v = base;
     v.arch_suffix = 'f';
@@ -365,8 +367,10 @@ static void test_spec(void)
               v.bn == 64 && v.warps == 8 && v.stages == 2 && v.arch == FAJIT__UNSET,
           "spec with tiles and no arch");
     check(fajit__spec_parse("bwd-pre dqk=72", &v) == 0 && v.op == FAJIT__OP_BWD_PRE &&
-              fajit__spec_parse("bwd-post dqk=72", &v) == 0 && v.op == FAJIT__OP_BWD_POST,
-          "specs of the fast backward's pre and post ops");
+              fajit__spec_parse("bwd-post dqk=72", &v) == 0 && v.op == FAJIT__OP_BWD_POST &&
+              fajit__spec_parse("bwd-dkdv dqk=72", &v) == 0 && v.op == FAJIT__OP_BWD_DKDV &&
+              fajit__spec_parse("bwd-dq dqk=72", &v) == 0 && v.op == FAJIT__OP_BWD_DQ,
+          "specs of the fast backward's other ops (pre, post, dkdv, dq)");
     check(fajit__spec_parse("fwd dqk=64 bm=6 warps=4", &v) == 0, "fwd spec: bm not a multiple of warps is fine");
 
     static const struct {

@@ -18,9 +18,13 @@
  * Grid: head dims 32, 64, 72, 128, 200, 256 and 192/128 x seqlen pairs among
  * 1, 17, 113, 256, 1023 with seqlen_q != seqlen_k both ways x none, causal,
  * causal-tl x GQA 4:1 (and MQA, MHA) x fp16/bf16, plus no keys and no
- * queries. Then, as information, TFLOPs (2.5 x 4 b h sq sk d, halved for
- * causal) of the fast backward and of the reference (fajit_attn_bwd, kernel
- * REFERENCE) at b 4, h 16, s 4096, d 64 and 128, fp16.
+ * queries; three of each head dim's cases, and a few more, again in
+ * deterministic mode, run 3 times and required bit-identical. Then, as
+ * information, TFLOPs (2.5 x 4 b h sq sk d, halved for causal) at b 4, h 16,
+ * s 4096, fp16, d 64, 128 and 256, no mask and causal: the fast backward
+ * with the heuristic's tiles and with a few others (a sweep to tune the
+ * heuristic by), deterministic mode, and (d <= 128) the reference
+ * (fajit_attn_bwd, kernel REFERENCE).
  *
  * Usage: test_flash_bwd_gpu [--no-bench]. Exit 0 pass, 1 fail, 77 no GPU.
  */
@@ -40,7 +44,10 @@
 
 typedef struct fcase {
     attn_shape s;
+    int det; /* deterministic mode: bwd-dkdv + bwd-dq, RUNS runs bit-identical */
 } fcase;
+
+#define RUNS 3
 
 /* ---------------------------------------------------------------- the grid */
 
@@ -54,6 +61,12 @@ static fcase make_case(int dqk, int dv, int dtype, int mask, int64_t b, int64_t 
 static const int head_dims[][2] = {{32, 32}, {64, 64}, {72, 72}, {128, 128}, {200, 200}, {256, 256}, {192, 128}};
 #define N_HEAD_DIMS (sizeof head_dims / sizeof head_dims[0])
 
+/* The same case in deterministic mode. */
+static fcase det_case(fcase c) {
+    c.det = 1;
+    return c;
+}
+
 static size_t build_grid(fcase *cs, size_t cap) {
     size_t n = 0;
     for (size_t d = 0; d < N_HEAD_DIMS && n + 7 <= cap; ++d) {
@@ -66,11 +79,20 @@ static size_t build_grid(fcase *cs, size_t cap) {
         cs[n++] = make_case(dqk, dv, 1 - t, 2, 1, 256, 256, 2, 2);   /* MHA, square */
         cs[n++] = make_case(dqk, dv, t, 0, 1, 17, 1, 4, 2);          /* one key */
     }
-    if (n + 4 <= cap) {
+    for (size_t d = 0; d < N_HEAD_DIMS && n + 3 <= cap; ++d) { /* deterministic mode */
+        const size_t first = d * 7;
+        cs[n++] = det_case(cs[first]);
+        cs[n++] = det_case(cs[first + 1]);
+        cs[n++] = det_case(cs[first + 5]);
+    }
+    if (n + 8 <= cap) {
         cs[n++] = make_case(64, 64, 0, 1, 1, 1023, 1023, 4, 1);
         cs[n++] = make_case(128, 128, 1, 2, 1, 1023, 1023, 4, 1);
+        cs[n++] = det_case(make_case(256, 256, 0, 1, 1, 1023, 1023, 2, 1));
         cs[n++] = make_case(64, 64, 1, 0, 2, 5, 0, 4, 2);  /* no keys: dq = 0 */
         cs[n++] = make_case(128, 128, 0, 1, 2, 0, 7, 4, 2); /* no rows: dk = dv = 0 */
+        cs[n++] = det_case(make_case(64, 64, 1, 0, 2, 5, 0, 4, 2));
+        cs[n++] = det_case(make_case(128, 128, 0, 1, 2, 0, 7, 4, 2));
     }
     return n;
 }
@@ -242,8 +264,9 @@ static void fill_fwd_args(const attn_shape *s, const attn_problem *p, const void
 /* The backward's arguments and params as attn_bwd.c fills them: the
  * gradients laid out like q, k and v in one buffer, dO like O. */
 static void fill_bwd(const attn_shape *s, const attn_problem *p, const void *in, const void *o, const void *dout,
-                     const float *lse, void *grads, fajit_attn_bwd_args *a, struct fajit_bwd_params *bp) {
+                     const float *lse, void *grads, int det, fajit_attn_bwd_args *a, struct fajit_bwd_params *bp) {
     fajit_attn_bwd_args_init(a);
+    a->deterministic = det;
     a->q = (const uint16_t *)in + p->q_off;
     a->k = (const uint16_t *)in + p->k_off;
     a->v = (const uint16_t *)in + p->v_off;
@@ -361,7 +384,7 @@ static int run_fast_backward(fajit_ctx *ctx, const launch_env *env, const fcase 
     int rc;
     if (cuda_failed(cudaMemset(d->grads, 0xff, p->in_elems * 2 + 16), "cudaMemset", why, cap))
         return 1;
-    fill_bwd(&c->s, p, d->in, d->o, d->dout, d->lse, d->grads, &a, &params);
+    fill_bwd(&c->s, p, d->in, d->o, d->dout, d->lse, d->grads, c->det, &a, &params);
     if ((refusal = fajit__flash_bwd_refusal(&a, &params)) != NULL) {
         snprintf(why, cap, "refused: %s", refusal);
         return 1;
@@ -400,24 +423,36 @@ static int run_case(fajit_ctx *ctx, const launch_env *env, const fcase *c, uint6
     bwd_result r;
     device_buffers d = {0};
     double naive[3] = {0};
-    uint16_t *grads = NULL;
+    uint16_t *grads = NULL, *again = NULL;
+    const int runs = c->det ? RUNS : 1;
     memset(&r, 0, sizeof r);
     if (attn_problem_init(&p, s, ATTN_CONTIGUOUS, seed) != 0) {
         printf("FAIL cannot build problem (out of memory)\n");
         return 1;
     }
-    if (bwd_problem_init(&bp, &p, seed ^ 0xd0d0d0d0u) != 0 || !(grads = malloc(p.in_elems * 2 + 16))) {
+    if (bwd_problem_init(&bp, &p, seed ^ 0xd0d0d0d0u) != 0 || !(grads = malloc(p.in_elems * 2 + 16)) ||
+        !(again = malloc(p.in_elems * 2 + 16))) {
+        free(grads);
         printf("FAIL cannot build the backward problem (out of memory)\n");
         attn_problem_free(&p);
         return 1;
     }
     if (!prepare_device(&bp, lse_elems, &d, r.why, sizeof r.why) &&
         !run_forward(ctx, c, &bp, &d, lse_elems, naive, r.why, sizeof r.why) &&
-        !run_fast_backward(ctx, env, c, &p, &d, grads, r.why, sizeof r.why))
+        !run_fast_backward(ctx, env, c, &p, &d, grads, r.why, sizeof r.why)) {
         judge(&bp, grads, naive, &r);
-    printf("%s %s %-9s dqk=%-3lld dv=%-3lld b=%lld sq=%-4lld sk=%-4lld hq=%lld hkv=%lld  err/tol dq %.1e/%.1e "
+        for (int i = 1; i < runs && r.ok; ++i) {
+            r.ok = !run_fast_backward(ctx, env, c, &p, &d, again, r.why, sizeof r.why);
+            if (r.ok && memcmp(grads, again, p.in_elems * 2) != 0) {
+                r.ok = 0;
+                snprintf(r.why, sizeof r.why, "deterministic mode: run %d differs from run 0", i);
+            }
+        }
+    }
+    printf("%s %s %s %-9s dqk=%-3lld dv=%-3lld b=%lld sq=%-4lld sk=%-4lld hq=%lld hkv=%lld  err/tol dq %.1e/%.1e "
            "dk %.1e/%.1e dv %.1e/%.1e%s%s\n",
-           r.ok ? "ok  " : "FAIL", attn_dtype_name(s->dtype), attn_mask_name(s->mask), (long long)s->dqk,
+           r.ok ? "ok  " : "FAIL", c->det ? "det" : "   ", attn_dtype_name(s->dtype), attn_mask_name(s->mask),
+           (long long)s->dqk,
            (long long)s->dv, (long long)s->batch, (long long)s->seqlen_q, (long long)s->seqlen_k,
            (long long)s->nheads_q, (long long)s->nheads_kv, r.max_err[0], r.tol[0], r.max_err[1], r.tol[1],
            r.max_err[2], r.tol[2], r.ok ? "" : "\n     ", r.ok ? "" : r.why);
@@ -426,6 +461,7 @@ static int run_case(fajit_ctx *ctx, const launch_env *env, const fcase *c, uint6
             *worst = r.max_err[t] / r.tol[t];
     free_buffers(&d);
     free(grads);
+    free(again);
     bwd_problem_free(&bp);
     attn_problem_free(&p);
     return !r.ok;
@@ -456,6 +492,7 @@ static size_t precompile_grid(fajit_ctx *ctx, int arch, const fcase *cs, size_t 
         a.dv = cs[i].s.dv;
         a.dtype = cs[i].s.dtype;
         a.mask = cs[i].s.mask;
+        a.deterministic = cs[i].det;
         fajit__flash_bwd_variants(&a, arch, v);
         for (int k = 0; k < 3; ++k)
             m = add_spec(specs, m, &v[k]);
@@ -485,10 +522,64 @@ static uint16_t *random_bits(size_t n, int dtype, uint64_t seed) {
     return x;
 }
 
-/* Milliseconds of one backward: fast (fajit__flash_bwd_run) or reference
- * (fajit_attn_bwd, kernel REFERENCE), the mean of `reps` after a warm-up. */
-static double time_backward(fajit_ctx *ctx, const launch_env *env, const fajit_attn_bwd_args *a,
-                            const struct fajit_bwd_params *p, int fast, int reps) {
+/* Tile configurations timed besides the heuristic's, per head dim. */
+typedef struct tiles {
+    int bm, bn, warps, stages;
+} tiles;
+
+static const tiles sweep64[] = {{128, 128, 8, 2}, {64, 64, 8, 2}, {64, 64, 8, 1}, {64, 64, 4, 2}, {128, 64, 8, 2}};
+static const tiles sweep128[] = {{64, 128, 8, 1}, {64, 64, 8, 2}, {64, 64, 8, 1}, {64, 64, 4, 2}, {128, 64, 8, 2}};
+static const tiles sweep256[] = {{64, 64, 8, 1}, {32, 64, 8, 2}, {64, 32, 8, 2}};
+
+static size_t sweep_of(int d, const tiles **out) {
+    *out = d == 64 ? sweep64 : d == 128 ? sweep128 : sweep256;
+    return d == 64 ? sizeof sweep64 / sizeof *sweep64
+                   : d == 128 ? sizeof sweep128 / sizeof *sweep128 : sizeof sweep256 / sizeof *sweep256;
+}
+
+/* The default mode's variants with the main kernel's tiles replaced; 0 when
+ * they do not fit the arch's shared memory. */
+static int swept_variants(const fajit_attn_bwd_args *a, int arch, const tiles *t, fajit__variant v[3]) {
+    fajit__flash_bwd_variants(a, arch, v);
+    v[1].bm = t->bm;
+    v[1].bn = t->bn;
+    v[1].warps = t->warps;
+    v[1].stages = t->stages;
+    return fajit__variant_smem_bytes(&v[1]) <= fajit__arch_smem_limit(arch);
+}
+
+/* Every kernel the bench times, compiled up front on all cores. */
+static void precompile_bench(fajit_ctx *ctx, int arch) {
+    static char specs[128][FAJIT__VARIANT_TEXT_MAX];
+    const char *ptrs[128];
+    size_t m = 0;
+    for (int d = 64; d <= 256; d *= 2)
+        for (int mask = 0; mask < 2; ++mask)
+            for (int det = 0; det < 2; ++det) {
+                fajit_attn_bwd_args a;
+                fajit__variant v[3];
+                const tiles *sw;
+                const size_t ns = det ? 0 : sweep_of(d, &sw);
+                fajit_attn_bwd_args_init(&a);
+                a.dqk = a.dv = d;
+                a.mask = mask;
+                a.deterministic = det;
+                fajit__flash_bwd_variants(&a, arch, v);
+                for (int k = 0; k < 3; ++k)
+                    m = add_spec(specs, m, &v[k]);
+                for (size_t i = 0; i < ns && m + 1 < 128; ++i)
+                    if (swept_variants(&a, arch, &sw[i], v))
+                        m = add_spec(specs, m, &v[1]);
+            }
+    for (size_t i = 0; i < m; ++i)
+        ptrs[i] = specs[i];
+    precompile_variants(ctx, ptrs, m, (int)sysconf(_SC_NPROCESSORS_ONLN));
+}
+
+/* Milliseconds of one backward, the mean of `reps` after a warm-up: the fast
+ * kernels for variants v, or (v NULL) fajit_attn_bwd with a's kernel choice. */
+static double time_backward(fajit_ctx *ctx, const launch_env *env, const fajit__variant *v,
+                            const fajit_attn_bwd_args *a, const struct fajit_bwd_params *p, int reps) {
     cudaEvent_t e0, e1;
     float ms = 0.0f;
     int rc = 0;
@@ -497,7 +588,7 @@ static double time_backward(fajit_ctx *ctx, const launch_env *env, const fajit_a
     for (int i = 0; i <= reps && rc == 0; ++i) {
         if (i == 1)
             cudaEventRecord(e0, NULL);
-        rc = fast ? fajit__flash_bwd_run(ctx, env->drv, a, p, env->arch, env->cu_id, NULL) : fajit_attn_bwd(ctx, a, NULL);
+        rc = v ? fajit__flash_bwd_launch(ctx, env->drv, v, p, env->cu_id, NULL) : fajit_attn_bwd(ctx, a, NULL);
     }
     cudaEventRecord(e1, NULL);
     const int ok = rc == 0 && cudaEventSynchronize(e1) == cudaSuccess && cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess;
@@ -506,6 +597,37 @@ static double time_backward(fajit_ctx *ctx, const launch_env *env, const fajit_a
     if (!ok)
         printf("     timing failed: %s\n", rc ? fajit_last_error() : "CUDA error");
     return ok ? ms / reps : -1.0;
+}
+
+static void print_time(const char *what, const fajit__variant *v, double ms, double flops) {
+    if (v)
+        printf("     %-13s bm=%-3d bn=%-3d warps=%d stages=%d %8.3f ms %6.1f TFLOPs\n", what, v->bm, v->bn, v->warps,
+               v->stages, ms, flops / (ms * 1e9));
+    else
+        printf("     %-13s %40.3f ms %6.2f TFLOPs\n", what, ms, flops / (ms * 1e9));
+}
+
+/* Every timing of one problem: the heuristic's tiles, the sweep,
+ * deterministic mode, and (d <= 128) the reference. */
+static void bench_times(fajit_ctx *ctx, const launch_env *env, fajit_attn_bwd_args *a,
+                        const struct fajit_bwd_params *p, int d, double flops) {
+    fajit__variant v[3];
+    const tiles *sw;
+    const size_t ns = sweep_of(d, &sw);
+    fajit__flash_bwd_variants(a, env->arch, v);
+    print_time("fast", &v[1], time_backward(ctx, env, v, a, p, 10), flops);
+    for (size_t i = 0; i < ns; ++i)
+        if (swept_variants(a, env->arch, &sw[i], v))
+            print_time("  tiles", &v[1], time_backward(ctx, env, v, a, p, 10), flops);
+    a->deterministic = 1;
+    fajit__flash_bwd_variants(a, env->arch, v);
+    print_time("deterministic", &v[1], time_backward(ctx, env, v, a, p, 10), flops);
+    a->deterministic = 0;
+    if (d <= 128) {
+        a->kernel = FAJIT_KERNEL_REFERENCE;
+        print_time("reference", NULL, time_backward(ctx, env, NULL, a, p, 1), flops);
+        a->kernel = FAJIT_KERNEL_AUTO;
+    }
 }
 
 static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal) {
@@ -539,13 +661,10 @@ static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal) 
     }
     fajit_attn_bwd_args a;
     struct fajit_bwd_params p;
-    fill_bwd(&sh, &shape, dev, o, (uint16_t *)dev + 3 * n, lse, grads, &a, &p);
+    fill_bwd(&sh, &shape, dev, o, (uint16_t *)dev + 3 * n, lse, grads, 0, &a, &p);
     const double flops = 2.5 * 4.0 * (double)(b * h) * (double)s * (double)s * d / (causal ? 2.0 : 1.0);
-    const double fast_ms = time_backward(ctx, env, &a, &p, 1, 10);
-    a.kernel = FAJIT_KERNEL_REFERENCE;
-    const double ref_ms = time_backward(ctx, env, &a, &p, 0, 1);
-    printf("bench fp16 b=4 h=16 s=4096 d=%-3d %-6s fast %8.3f ms %6.1f TFLOPs   reference %9.3f ms %6.2f TFLOPs\n",
-           d, causal ? "causal" : "none", fast_ms, flops / (fast_ms * 1e9), ref_ms, flops / (ref_ms * 1e9));
+    printf("bench fp16 b=4 h=16 s=4096 d=%d %s:\n", d, causal ? "causal" : "no mask");
+    bench_times(ctx, env, &a, &p, d, flops);
 out:
     free(host);
     cudaFree(dev);
@@ -587,8 +706,8 @@ int main(int argc, char **argv) {
         fajit_destroy(ctx);
         return 1;
     }
-    static fcase cases[64];
-    const size_t n = build_grid(cases, 64);
+    static fcase cases[96];
+    const size_t n = build_grid(cases, 96);
     size_t failures = precompile_grid(ctx, env.arch, cases, n);
     double worst = 0.0;
     for (size_t i = 0; i < n; ++i) {
@@ -598,7 +717,8 @@ int main(int argc, char **argv) {
     printf("test_flash_bwd_gpu: %zu cases, %zu failed; worst gradient error %.2f of its tolerance\n", n, failures,
            worst);
     if (bench) {
-        for (int d = 64; d <= 128; d *= 2)
+        precompile_bench(ctx, env.arch);
+        for (int d = 64; d <= 256; d *= 2)
             for (int causal = 0; causal < 2; ++causal)
                 bench_one(ctx, &env, d, causal);
     }
