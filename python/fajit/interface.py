@@ -26,12 +26,16 @@ from flash_attn's (they are not meant to match). Under CUDA graph capture the
 seed drawn at capture is replayed. With return_attn_probs the third value
 (flash_attn's S_dmask, a testing aid) is always None.
 
-The backward (through fajit_attn_bwd) covers the causal mask, GQA/MQA and any
-head dim, not yet the features above: a call that uses one of them while
-autograd would record it (grad enabled and an input requiring grad) raises
-NotImplementedError("fajit backward: <feature> not supported yet") at once,
-before computing anything; under torch.no_grad() or on inputs without grad
-the forward runs. block_table (paged KV) raises NotImplementedError.
+Autograd: every function has its backward (fajit_attn_bwd) with everything
+the forward takes: causal, window_size, softcap (differentiated through the
+tanh), alibi_slopes (constants, no gradient), dropout (the backward
+regenerates the forward's mask from the seed that call drew: nothing of size
+seqlen_q x seqlen_k is kept), varlen, GQA/MQA (dk, dv summed over the query
+heads of a kv head), any head dim, and deterministic=True (bit-identical
+gradients run to run). Only q, k, v (or the packed tensors) get gradients;
+the varlen functions leave the gradients of rows past cu_seqlens[batch]
+unwritten, as their forward leaves those output rows. block_table (paged
+KV) raises NotImplementedError.
 """
 
 import ctypes
@@ -142,7 +146,9 @@ def _dropout_seed():
 
 
 class _Features:
-    """What a call asks beyond the mask: libfajit's appended fields (forward only)."""
+    """What a call asks beyond the mask: libfajit's appended fields, the same
+    in fajit_attn_args and fajit_attn_bwd_args. One object per call: it keeps
+    the call's dropout seed for the backward."""
 
     def __init__(self):
         self.window_left = self.window_right = -1
@@ -151,33 +157,25 @@ class _Features:
         self.alibi = None
         self.alibi_batch_stride = 0
         self.dropout_p = 0.0
+        self.dropout_seed = None  # drawn by the first fill (the forward's)
         self.varlen = False
 
-    def names(self):
-        """The features the backward cannot take yet, for its error."""
-        names = []
-        if (self.window_left, self.window_right) != (-1, -1):
-            names.append("sliding window (window_size=%r)" % (tuple(self.window_size),))
-        if self.softcap != 0.0:
-            names.append("softcap")
-        if self.alibi is not None:
-            names.append("ALiBi (alibi_slopes)")
-        if self.dropout_p > 0.0:
-            names.append("dropout (dropout_p > 0)")
-        if self.varlen:
-            names.append("varlen (cu_seqlens)")
-        return names
-
     def fill(self, a):
-        """Writes the fields into a fajit_attn_args (drawing the dropout seed)."""
+        """Writes the fields into a fajit_attn_args or fajit_attn_bwd_args.
+
+        The dropout seed is drawn on the first fill, the forward's, and kept:
+        the backward's fill passes the same seed and offset, so the library
+        regenerates the forward's mask."""
         a.window_left, a.window_right = self.window_left, self.window_right
         a.softcap = self.softcap
         if self.alibi is not None:
             a.alibi_slopes = self.alibi.data_ptr()
             a.alibi_batch_stride = self.alibi_batch_stride
         if self.dropout_p > 0.0:
+            if self.dropout_seed is None:
+                self.dropout_seed = _dropout_seed()
             a.dropout_p = self.dropout_p
-            a.dropout_seed, a.dropout_offset = _dropout_seed(), 0
+            a.dropout_seed, a.dropout_offset = self.dropout_seed, 0
 
 
 def _alibi(slopes, batch, nheads, device):
@@ -222,17 +220,6 @@ def _features(dropout_p, softcap, alibi_slopes, causal, window_size, batch, nhea
     if alibi_slopes is not None:
         f.alibi, f.alibi_batch_stride = _alibi(alibi_slopes, batch, nheads, device)
     return mask, f
-
-
-def _refuse_backward(feat, *tensors):
-    """Whether autograd records the call; raises if it would need an unsupported backward."""
-    is_grad = _is_grad(*tensors)
-    names = feat.names() if is_grad else ()
-    if names:
-        raise NotImplementedError(
-            "fajit backward: %s not supported yet (the forward is: call it under "
-            "torch.no_grad() or on tensors that do not require grad)" % ", ".join(names))
-    return is_grad
 
 
 def _scale(softmax_scale, dqk):
@@ -306,33 +293,50 @@ def _launch_forward(loaded, a, device):
     _lib.check(rc, "fajit_attn_fwd")
 
 
-def _backward(dout, q, k, v, out, lse, dq, dk, dv, scale, mask, deterministic):
-    """Queues fajit_attn_bwd writing dq, dk, dv (views allowed, no overlap)."""
+def _bwd_args(loaded, dout, q, k, v, out, lse, dq, dk, dv, scale, mask, feat, deterministic):
+    """A fajit_attn_bwd_args with the pointers, mask, scale and features (the
+    shape and strides are the caller's: dense and varlen lay them out apart)."""
+    a = loaded.new_args(_lib.AttnBwdArgs, "fajit_attn_bwd_args_init")
+    a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    a.grad_out, a.lse = dout.data_ptr(), lse.data_ptr()
+    a.grad_q, a.grad_k, a.grad_v = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    a.dtype, a.mask, a.softmax_scale = _dtype_code(q), mask, scale
+    a.deterministic = 1 if deterministic else 0
+    feat.fill(a)
+    return a
+
+
+def _launch_backward(loaded, a, device):
+    with _torch.cuda.device(device):
+        ctx = _lib.context(device.index)
+        rc = loaded.lib.fajit_attn_bwd(ctx, ctypes.byref(a), _stream(device))
+    _lib.check(rc, "fajit_attn_bwd")
+
+
+def _loaded_backward():
     loaded = _lib.load()
     if not loaded.has_backward:
         raise NotImplementedError("fajit backward: not in this libfajit build (%s, version %s "
                                   "has no fajit_attn_bwd)" % (loaded.path, loaded.version))
+    return loaded
+
+
+def _backward(dout, q, k, v, out, lse, dq, dk, dv, scale, mask, feat, deterministic):
+    """Queues fajit_attn_bwd writing dq, dk, dv (views allowed, no overlap)."""
+    loaded = _loaded_backward()
     b, sq, hq, dqk = q.shape
     sk = k.shape[1]
     if b * sq * hq == 0 or sk == 0:  # nothing attends: zero gradients
         for t in (dq, dk, dv):
             t.zero_()
         return
-    a = loaded.new_args(_lib.AttnBwdArgs, "fajit_attn_bwd_args_init")
-    a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
-    a.grad_out, a.lse = dout.data_ptr(), lse.data_ptr()
-    a.grad_q, a.grad_k, a.grad_v = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    a = _bwd_args(loaded, dout, q, k, v, out, lse, dq, dk, dv, scale, mask, feat, deterministic)
     a.batch, a.seqlen_q, a.seqlen_k = b, sq, sk
     a.nheads_q, a.nheads_kv, a.dqk, a.dv = hq, k.shape[2], dqk, v.shape[3]
     a.q_stride, a.k_stride, a.v_stride = _strides(q), _strides(k), _strides(v)
     a.o_stride, a.grad_out_stride = _strides(out), _strides(dout)
     a.grad_q_stride, a.grad_k_stride, a.grad_v_stride = _strides(dq), _strides(dk), _strides(dv)
-    a.dtype, a.mask, a.softmax_scale = _dtype_code(q), mask, scale
-    a.deterministic = 1 if deterministic else 0
-    with _torch.cuda.device(q.device):
-        ctx = _lib.context(q.device.index)
-        rc = loaded.lib.fajit_attn_bwd(ctx, ctypes.byref(a), _stream(q.device))
-    _lib.check(rc, "fajit_attn_bwd")
+    _launch_backward(loaded, a, q.device)
 
 
 # Tests set this: every output buffer is NaN-filled before the launch, so an
@@ -362,34 +366,38 @@ def _run_forward(q, k, v, scale, mask, feat, need_lse):
 def _make_functions():
     """The autograd.Function classes (defined once torch is imported).
 
-    Only inputs and outputs are saved for the backward; packed tensors are
-    sliced again there, and their gradient is one buffer written through
-    views, with no concatenation of dq, dk, dv."""
+    Only inputs and outputs are saved for the backward (the features object
+    rides along on ctx: its ALiBi slopes and the dropout seed the forward
+    drew); packed tensors are sliced again there, and their gradient is one
+    buffer written through views, with no concatenation of dq, dk, dv."""
     torch = _import_torch()
 
-    def save(ctx, tensors, lse, scale, mask, deterministic):
+    def save(ctx, tensors, lse, scale, mask, feat, deterministic):
         ctx.save_for_backward(*tensors, lse)
-        ctx.scale, ctx.mask, ctx.deterministic = scale, mask, deterministic
+        ctx.scale, ctx.mask, ctx.feat, ctx.deterministic = scale, mask, feat, deterministic
 
     def finish(ctx, out, lse):
         if lse is not None:
             ctx.mark_non_differentiable(lse)
         return out, lse
 
+    def dense_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv):
+        _backward(_prepare(dout), q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.mask, ctx.feat,
+                  ctx.deterministic)
+
     class AttnFunc(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, scale, mask, feat, deterministic, need_lse, is_grad):
             out, lse = _run_forward(q, k, v, scale, mask, feat, need_lse or is_grad)
             if is_grad:
-                save(ctx, (q, k, v, out), lse, scale, mask, deterministic)
+                save(ctx, (q, k, v, out), lse, scale, mask, feat, deterministic)
             return finish(ctx, out, lse)
 
         @staticmethod
         def backward(ctx, dout, _dlse):
             q, k, v, out, lse = ctx.saved_tensors
             dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
-            _backward(_prepare(dout), q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.mask,
-                      ctx.deterministic)
+            dense_backward(ctx, dout, q, k, v, out, lse, dq, dk, dv)
             return dq, dk, dv, None, None, None, None, None, None
 
     class QKVPackedFunc(torch.autograd.Function):
@@ -398,7 +406,7 @@ def _make_functions():
             q, k, v = qkv.unbind(2)
             out, lse = _run_forward(q, k, v, scale, mask, feat, need_lse or is_grad)
             if is_grad:
-                save(ctx, (qkv, out), lse, scale, mask, deterministic)
+                save(ctx, (qkv, out), lse, scale, mask, feat, deterministic)
             return finish(ctx, out, lse)
 
         @staticmethod
@@ -406,9 +414,7 @@ def _make_functions():
             qkv, out, lse = ctx.saved_tensors
             q, k, v = qkv.unbind(2)
             dqkv = _empty(qkv.shape, qkv.dtype, qkv.device)
-            dq, dk, dv = dqkv.unbind(2)
-            _backward(_prepare(dout), q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.mask,
-                      ctx.deterministic)
+            dense_backward(ctx, dout, q, k, v, out, lse, *dqkv.unbind(2))
             return dqkv, None, None, None, None, None, None
 
     class KVPackedFunc(torch.autograd.Function):
@@ -417,7 +423,7 @@ def _make_functions():
             k, v = kv.unbind(2)
             out, lse = _run_forward(q, k, v, scale, mask, feat, need_lse or is_grad)
             if is_grad:
-                save(ctx, (q, kv, out), lse, scale, mask, deterministic)
+                save(ctx, (q, kv, out), lse, scale, mask, feat, deterministic)
             return finish(ctx, out, lse)
 
         @staticmethod
@@ -426,12 +432,72 @@ def _make_functions():
             k, v = kv.unbind(2)
             dq = _empty(q.shape, q.dtype, q.device)
             dkv = _empty(kv.shape, kv.dtype, kv.device)
-            dk, dv = dkv.unbind(2)
-            _backward(_prepare(dout), q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.mask,
-                      ctx.deterministic)
+            dense_backward(ctx, dout, q, k, v, out, lse, dq, *dkv.unbind(2))
             return dq, dkv, None, None, None, None, None, None
 
-    return AttnFunc, QKVPackedFunc, KVPackedFunc
+    # Varlen: `seqs` is (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    # the prefix sums are not differentiable and are saved as plain tensors.
+    def varlen_save(ctx, tensors, lse, seqs, scale, mask, feat, deterministic):
+        save(ctx, tensors + (seqs[0], seqs[1]), lse, scale, mask, feat, deterministic)
+        ctx.max_seqlens = seqs[2:]
+
+    def varlen_backward(ctx, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv):
+        _varlen_backward(_prepare_varlen(dout), q, k, v, out, lse, dq, dk, dv,
+                         (cu_q, cu_k) + ctx.max_seqlens, ctx.scale, ctx.mask, ctx.feat,
+                         ctx.deterministic)
+
+    class VarlenFunc(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, seqs, scale, mask, feat, deterministic, need_lse, is_grad):
+            out, lse = _varlen_forward(q, k, v, seqs, scale, mask, feat, need_lse or is_grad)
+            if is_grad:
+                varlen_save(ctx, (q, k, v, out), lse, seqs, scale, mask, feat, deterministic)
+            return finish(ctx, out, lse)
+
+        @staticmethod
+        def backward(ctx, dout, _dlse):
+            q, k, v, out, cu_q, cu_k, lse = ctx.saved_tensors
+            dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
+            varlen_backward(ctx, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv)
+            return dq, dk, dv, None, None, None, None, None, None, None
+
+    class VarlenQKVPackedFunc(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, qkv, seqs, scale, mask, feat, deterministic, need_lse, is_grad):
+            q, k, v = qkv.unbind(1)
+            out, lse = _varlen_forward(q, k, v, seqs, scale, mask, feat, need_lse or is_grad)
+            if is_grad:
+                varlen_save(ctx, (qkv, out), lse, seqs, scale, mask, feat, deterministic)
+            return finish(ctx, out, lse)
+
+        @staticmethod
+        def backward(ctx, dout, _dlse):
+            qkv, out, cu_q, cu_k, lse = ctx.saved_tensors
+            q, k, v = qkv.unbind(1)
+            dqkv = _empty(qkv.shape, qkv.dtype, qkv.device)
+            varlen_backward(ctx, dout, q, k, v, out, lse, cu_q, cu_k, *dqkv.unbind(1))
+            return dqkv, None, None, None, None, None, None, None
+
+    class VarlenKVPackedFunc(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, kv, seqs, scale, mask, feat, deterministic, need_lse, is_grad):
+            k, v = kv.unbind(1)
+            out, lse = _varlen_forward(q, k, v, seqs, scale, mask, feat, need_lse or is_grad)
+            if is_grad:
+                varlen_save(ctx, (q, kv, out), lse, seqs, scale, mask, feat, deterministic)
+            return finish(ctx, out, lse)
+
+        @staticmethod
+        def backward(ctx, dout, _dlse):
+            q, kv, out, cu_q, cu_k, lse = ctx.saved_tensors
+            k, v = kv.unbind(1)
+            dq = _empty(q.shape, q.dtype, q.device)
+            dkv = _empty(kv.shape, kv.dtype, kv.device)
+            varlen_backward(ctx, dout, q, k, v, out, lse, cu_q, cu_k, dq, *dkv.unbind(1))
+            return dq, dkv, None, None, None, None, None, None, None
+
+    return (AttnFunc, QKVPackedFunc, KVPackedFunc, VarlenFunc, VarlenQKVPackedFunc,
+            VarlenKVPackedFunc)
 
 
 _functions = None
@@ -475,7 +541,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size, q.shape[0],
                            q.shape[2], k.shape[1], q.device)
     scale = _scale(softmax_scale, q.shape[-1])
-    is_grad = _refuse_backward(feat, q, k, v)
+    is_grad = _is_grad(q, k, v)
     _check_cuda("q", q)
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
     out, lse = _fn(0).apply(q, k, v, scale, mask, feat, bool(deterministic),
@@ -495,7 +561,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size, qkv.shape[0],
                            qkv.shape[3], qkv.shape[1], qkv.device)
     scale = _scale(softmax_scale, qkv.shape[-1])
-    is_grad = _refuse_backward(feat, qkv)
+    is_grad = _is_grad(qkv)
     _check_cuda("qkv", qkv)
     qkv = _prepare_packed(qkv)
     out, lse = _fn(1).apply(qkv, scale, mask, feat, bool(deterministic), bool(return_attn_probs),
@@ -517,7 +583,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size, q.shape[0],
                            q.shape[2], kv.shape[1], q.device)
     scale = _scale(softmax_scale, q.shape[-1])
-    is_grad = _refuse_backward(feat, q, kv)
+    is_grad = _is_grad(q, kv)
     _check_cuda("q", q)
     kv = _prepare_packed(kv)
     q = _prepare(q)
@@ -572,9 +638,27 @@ def _prepare_varlen(t):
     return t
 
 
-def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, mask, feat, need_lse):
+def _prepare_varlen_packed(t):
+    """A packed qkv (total, 3, nheads, dim) or kv (total, 2, nheads_k, dim):
+    last dim contiguous and no broadcast (zero) stride, so that its slices
+    are tensors _prepare_varlen would keep, and the gradient, allocated like
+    it, has slices that do not overlap."""
+    if t.stride(-1) != 1 or 0 in t.stride()[:-1]:
+        return t.contiguous()
+    return t
+
+
+def _varlen_strides(t):
+    """Under varlen the batch stride is ignored; the seq and head strides are
+    real (never both 0, see _prepare_varlen), so the triple never reads
+    "contiguous"."""
+    return (0,) + tuple(t.stride()[:2])
+
+
+def _varlen_forward(q, k, v, seqs, scale, mask, feat, need_lse):
     """out (total_q, nheads_q, dv) and, with need_lse, LSE (nheads_q, total_q)."""
     torch = _import_torch()
+    cu_q, cu_k, max_q, max_k = seqs
     total_q, hq, dqk = q.shape
     batch = cu_q.shape[0] - 1
     out = _empty((total_q, hq, v.shape[2]), q.dtype, q.device)
@@ -590,10 +674,8 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, mask, feat, need_l
     a.lse = lse.data_ptr() if lse is not None else None
     a.batch, a.seqlen_q, a.seqlen_k = batch, max_q, max_k
     a.nheads_q, a.nheads_kv, a.dqk, a.dv = hq, k.shape[1], dqk, v.shape[2]
-    # Batch strides are ignored under varlen; seq and head strides are real
-    # (never both 0, see _prepare_varlen), so the triple never reads "contiguous".
-    a.q_stride, a.k_stride = (0,) + q.stride()[:2], (0,) + k.stride()[:2]
-    a.v_stride, a.o_stride = (0,) + v.stride()[:2], (0,) + out.stride()[:2]
+    a.q_stride, a.k_stride = _varlen_strides(q), _varlen_strides(k)
+    a.v_stride, a.o_stride = _varlen_strides(v), _varlen_strides(out)
     a.dtype, a.mask, a.softmax_scale = _dtype_code(q), mask, scale
     a.cu_seqlens_q, a.cu_seqlens_k = cu_q.data_ptr(), cu_k.data_ptr()
     feat.fill(a)
@@ -601,26 +683,52 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, mask, feat, need_l
     return out, lse
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
-            softcap, alibi_slopes, return_attn_probs, grad_tensors, cuda_name):
-    """The varlen functions' common path; q, k, v are (total, nheads, dim) views."""
+def _varlen_backward(dout, q, k, v, out, lse, dq, dk, dv, seqs, scale, mask, feat, deterministic):
+    """Queues fajit_attn_bwd over packed sequences, writing dq, dk, dv (views
+    allowed, no overlap); the forward's early cases give zero gradients."""
+    cu_q, cu_k, max_q, max_k = seqs
+    total_q, hq, dqk = q.shape
+    batch = cu_q.shape[0] - 1
+    if batch == 0 or total_q * hq == 0 or max_q == 0 or max_k == 0 or k.shape[0] == 0:
+        for t in (dq, dk, dv):  # nothing attends: zero gradients
+            t.zero_()
+        return
+    loaded = _loaded_backward()
+    a = _bwd_args(loaded, dout, q, k, v, out, lse, dq, dk, dv, scale, mask, feat, deterministic)
+    a.batch, a.seqlen_q, a.seqlen_k = batch, max_q, max_k
+    a.nheads_q, a.nheads_kv, a.dqk, a.dv = hq, k.shape[1], dqk, v.shape[2]
+    a.q_stride, a.k_stride, a.v_stride = _varlen_strides(q), _varlen_strides(k), _varlen_strides(v)
+    a.o_stride, a.grad_out_stride = _varlen_strides(out), _varlen_strides(dout)
+    a.grad_q_stride, a.grad_k_stride = _varlen_strides(dq), _varlen_strides(dk)
+    a.grad_v_stride = _varlen_strides(dv)
+    a.cu_seqlens_q, a.cu_seqlens_k = cu_q.data_ptr(), cu_k.data_ptr()
+    _launch_backward(loaded, a, q.device)
+
+
+def _varlen_seqs(q, cu_q, cu_k, max_q, max_k):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), checked."""
     _check_cu_seqlens("cu_seqlens_q", cu_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_k, q.device)
     if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError("cu_seqlens_q has %d entries but cu_seqlens_k has %d: both are batch + 1"
                          % (cu_q.shape[0], cu_k.shape[0]))
-    max_q = _max_seqlen("max_seqlen_q", max_q)
-    max_k = _max_seqlen("max_seqlen_k", max_k)
+    return (cu_q, cu_k, _max_seqlen("max_seqlen_q", max_q), _max_seqlen("max_seqlen_k", max_k))
+
+
+def _varlen_call(q, seqs, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                 grad_tensors, cuda_name):
+    """(scale, mask, features, is_grad) of a varlen call, every argument checked."""
     mask, feat = _features(dropout_p, softcap, alibi_slopes, causal, window_size,
-                           cu_q.shape[0] - 1, q.shape[1], max_k, q.device)
+                           seqs[0].shape[0] - 1, q.shape[1], seqs[3], q.device)
     feat.varlen = True
     scale = _scale(softmax_scale, q.shape[-1])
-    _refuse_backward(feat, *grad_tensors)
+    is_grad = _is_grad(*grad_tensors)
     _check_cuda(cuda_name, grad_tensors[0])
-    q, k, v = _prepare_varlen(q), _prepare_varlen(k), _prepare_varlen(v)
-    out, lse = _varlen_forward(q, k, v, cu_q.contiguous(), cu_k.contiguous(), max_q, max_k,
-                               scale, mask, feat, bool(return_attn_probs))
-    return _result(out, lse, return_attn_probs)
+    return scale, mask, feat, is_grad
+
+
+def _contiguous_seqs(seqs):
+    return (seqs[0].contiguous(), seqs[1].contiguous()) + tuple(seqs[2:])
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
@@ -632,10 +740,13 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     if qkv.shape[1] != 3:
         raise ValueError("qkv must have shape (total, 3, nheads, headdim), got %s"
                          % (tuple(qkv.shape),))
-    q, k, v = qkv.unbind(1)
-    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-                   (qkv,), "qkv")
+    seqs = _varlen_seqs(qkv, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    scale, mask, feat, is_grad = _varlen_call(qkv[:, 0], seqs, dropout_p, softmax_scale, causal,
+                                              window_size, softcap, alibi_slopes, (qkv,), "qkv")
+    qkv = _prepare_varlen_packed(qkv)
+    out, lse = _fn(4).apply(qkv, _contiguous_seqs(seqs), scale, mask, feat, bool(deterministic),
+                            bool(return_attn_probs), is_grad)
+    return _result(out, lse, return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -652,9 +763,13 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                          % (tuple(kv.shape),))
     k, v = kv.unbind(1)
     _check_varlen_shapes(q, k, v, "kv", "kv")
-    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-                   (q, kv), "q")
+    seqs = _varlen_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale, mask, feat, is_grad = _varlen_call(q, seqs, dropout_p, softmax_scale, causal,
+                                              window_size, softcap, alibi_slopes, (q, kv), "q")
+    q, kv = _prepare_varlen(q), _prepare_varlen_packed(kv)
+    out, lse = _fn(5).apply(q, kv, _contiguous_seqs(seqs), scale, mask, feat, bool(deterministic),
+                            bool(return_attn_probs), is_grad)
+    return _result(out, lse, return_attn_probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -669,8 +784,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_seqlen_q/k at least every sequence's length (not checked: that would
     read the GPU). Returns out (total_q, nheads, dv), or with return_attn_probs
     (out, softmax_lse (nheads, total_q) fp32, None). Rows past
-    cu_seqlens_q[batch] are left unwritten. Forward only for now: block_table
-    (paged KV) is not supported."""
+    cu_seqlens_q[batch] are left unwritten (their gradients too, and those of
+    k, v rows past cu_seqlens_k[batch]). block_table (paged KV) is not
+    supported."""
     if block_table is not None:
         raise NotImplementedError("fajit: block_table (paged KV cache) is not in libfajit's "
                                   "C API yet")
@@ -679,6 +795,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_tensor("v", v, 3)
     _check_same(("q", "k", "v"), (q, k, v))
     _check_varlen_shapes(q, k, v)
-    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-                   (q, k, v), "q")
+    seqs = _varlen_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale, mask, feat, is_grad = _varlen_call(q, seqs, dropout_p, softmax_scale, causal,
+                                              window_size, softcap, alibi_slopes, (q, k, v), "q")
+    q, k, v = _prepare_varlen(q), _prepare_varlen(k), _prepare_varlen(v)
+    out, lse = _fn(3).apply(q, k, v, _contiguous_seqs(seqs), scale, mask, feat,
+                            bool(deterministic), bool(return_attn_probs), is_grad)
+    return _result(out, lse, return_attn_probs)

@@ -381,40 +381,37 @@ class ArgumentTest(unittest.TestCase):
         with torch.no_grad():
             return call()
 
-    def test_backward_with_features_refused(self):
+    def test_autograd_with_features_is_accepted(self):
+        # Autograd takes every feature now: with inputs requiring grad, each
+        # call gets through every check to the CUDA one (none is refused).
         q, k, v = self.t(2, 16, 4, 64), self.t(2, 16, 2, 64), self.t(2, 16, 2, 64)
         qg = q.clone().requires_grad_()
         cu = torch.tensor([0, 5, 16], dtype=torch.int32)
         cases = [
-            ("sliding window (window_size=(4, 4))",
-             lambda: fajit.flash_attn_func(qg, k, v, window_size=(4, 4))),
-            ("sliding window", lambda: fajit.flash_attn_func(qg, k, v, causal=True,
-                                                             window_size=(4, -1))),
+            ("window", lambda: fajit.flash_attn_func(qg, k, v, window_size=(4, 4))),
+            ("causal window", lambda: fajit.flash_attn_func(qg, k, v, causal=True,
+                                                            window_size=(4, -1))),
             ("softcap", lambda: fajit.flash_attn_func(qg, k, v, softcap=30.0)),
-            ("ALiBi (alibi_slopes)",
-             lambda: fajit.flash_attn_func(q, k.clone().requires_grad_(), v,
-                                           alibi_slopes=torch.ones(4))),
-            ("dropout (dropout_p > 0)",
-             lambda: fajit.flash_attn_qkvpacked_func(self.t(2, 16, 3, 4, 64).requires_grad_(),
-                                                     dropout_p=0.1)),
-            ("softcap, dropout", lambda: fajit.flash_attn_kvpacked_func(
+            ("alibi", lambda: fajit.flash_attn_func(q, k.clone().requires_grad_(), v,
+                                                    alibi_slopes=torch.ones(4))),
+            ("dropout qkvpacked", lambda: fajit.flash_attn_qkvpacked_func(
+                self.t(2, 16, 3, 4, 64).requires_grad_(), dropout_p=0.1)),
+            ("kvpacked softcap dropout", lambda: fajit.flash_attn_kvpacked_func(
                 qg, self.t(2, 16, 2, 2, 64), softcap=3.0, dropout_p=0.5)),
-            ("varlen (cu_seqlens)",
-             lambda: fajit.flash_attn_varlen_func(qg[0], k[0], v[0], cu, cu, 11, 11)),
-            ("varlen (cu_seqlens)",
-             lambda: fajit.flash_attn_varlen_qkvpacked_func(
-                 self.t(16, 3, 4, 64).requires_grad_(), cu, 11)),
-            ("varlen (cu_seqlens)",
-             lambda: fajit.flash_attn_varlen_kvpacked_func(
-                 q[0], self.t(16, 2, 2, 64).requires_grad_(), cu, cu, 11, 11)),
+            ("varlen", lambda: fajit.flash_attn_varlen_func(qg[0], k[0], v[0], cu, cu, 11, 11,
+                                                            deterministic=True)),
+            ("varlen qkvpacked", lambda: fajit.flash_attn_varlen_qkvpacked_func(
+                self.t(16, 3, 4, 64).requires_grad_(), cu, 11, dropout_p=0.2)),
+            ("varlen kvpacked", lambda: fajit.flash_attn_varlen_kvpacked_func(
+                q[0], self.t(16, 2, 2, 64).requires_grad_(), cu, cu, 11, 11, softcap=2.0,
+                alibi_slopes=torch.ones(2, 4))),
         ]
-        for text, call in cases:
-            with self.subTest(expect=text):
-                with self.assertRaises(NotImplementedError) as cm:
+        for name, call in cases:
+            with self.subTest(call=name):
+                with self.assertRaises(ValueError) as cm:
                     call()
-                self.assertIn("fajit backward: " + text, str(cm.exception))
-                self.assertIn("not supported yet", str(cm.exception))
-                print("NotImplementedError: %s" % cm.exception)
+                self.assertIn("must be on a CUDA device, got cpu", str(cm.exception))
+                print("%s with grad: accepted, then %s" % (name, cm.exception))
 
     def test_varlen_errors(self):
         q, k, v = self.t(16, 4, 64), self.t(20, 2, 64), self.t(20, 2, 32)
@@ -549,20 +546,40 @@ class FeatureMappingTest(unittest.TestCase):
                 return 0x1000
 
         f = interface._Features()
-        self.assertEqual(f.names(), [])
-        a = _lib.AttnArgs()
-        a.window_left = a.window_right = -1
-        f.fill(a)
-        self.assertEqual((a.window_left, a.window_right, a.softcap, a.alibi_slopes,
-                          a.alibi_batch_stride, a.dropout_p), (-1, -1, 0.0, None, 0, 0.0))
+        for cls in (_lib.AttnArgs, _lib.AttnBwdArgs):  # the same fields in both structs
+            a = cls()
+            a.window_left = a.window_right = -1
+            f.fill(a)
+            self.assertEqual((a.window_left, a.window_right, a.softcap, a.alibi_slopes,
+                              a.alibi_batch_stride, a.dropout_p), (-1, -1, 0.0, None, 0, 0.0))
         f.window_left, f.window_right, f.window_size = 8, 0, (8, 0)
         f.softcap, f.alibi, f.alibi_batch_stride = 30.0, Slopes(), 4
         f.fill(a)
         self.assertEqual((a.window_left, a.window_right, a.softcap, a.alibi_slopes,
                           a.alibi_batch_stride), (8, 0, 30.0, 0x1000, 4))
-        f.varlen = True
-        self.assertEqual(f.names(), ["sliding window (window_size=(8, 0))", "softcap",
-                                     "ALiBi (alibi_slopes)", "varlen (cu_seqlens)"])
+
+    def test_dropout_seed_drawn_once_per_call(self):
+        # The forward's fill draws the seed; the backward's fill passes the same
+        # one (and offset 0), so the library regenerates the forward's mask.
+        if torch is None:
+            self.skipTest("needs torch (for the seed generator)")
+        from fajit import interface
+        try:
+            interface.dropout_generator = torch.Generator().manual_seed(21)
+            f, g = interface._Features(), interface._Features()
+            f.dropout_p = g.dropout_p = 0.25
+            fwd, bwd, other = _lib.AttnArgs(), _lib.AttnBwdArgs(), _lib.AttnArgs()
+            f.fill(fwd)
+            f.fill(bwd)
+            g.fill(other)
+        finally:
+            interface.dropout_generator = None
+        self.assertEqual((bwd.dropout_p, bwd.dropout_seed, bwd.dropout_offset),
+                         (fwd.dropout_p, fwd.dropout_seed, fwd.dropout_offset))
+        self.assertAlmostEqual(fwd.dropout_p, 0.25)
+        self.assertEqual(fwd.dropout_offset, 0)
+        self.assertNotEqual(other.dropout_seed, fwd.dropout_seed, "each call draws its own seed")
+        print("dropout seed %d: forward and backward alike" % fwd.dropout_seed)
 
 
 # ---------------------------------------------------------------- DLPack

@@ -4,8 +4,10 @@ FlashAttention's rule: the reference is computed in fp32 from the same inputs;
 fajit's max error against it must be at most twice the max error of the same
 math attention computed in the input dtype, plus a small absolute slack.
 Outputs, LSE and (when the library has a working backward) gradients; the
-forward features (window, softcap, ALiBi, dropout, varlen) against the same
-math with them; every output buffer is NaN-poisoned before the launch.
+features (window, softcap, ALiBi, dropout, varlen) against the same math with
+them, outputs and gradients (dropout against the pattern a call with the same
+seed reads out, which the backward regenerates); every output buffer is
+NaN-poisoned before the launch.
 
 Skips cleanly without torch, CUDA or the library. Runs under pytest or unittest:
     FAJIT_LIBRARY=build/libfajit.so python3 -m pytest -q python/tests
@@ -397,17 +399,150 @@ class GpuTest(unittest.TestCase):
                     self.compare("kvpacked features d=%d causal=%d" % (d, causal), out, lse,
                                  q, k, v, d ** -0.5, causal, **feats)
 
-    def test_features_refuse_autograd(self):
-        q = rand(1, 64, 2, 64, dtype="float16", requires_grad=True)
-        k, v = (rand(1, 64, 2, 64, dtype="float16") for _ in range(2))
-        with self.assertRaises(NotImplementedError) as cm:
-            fajit.flash_attn_func(q, k, v, window_size=(8, 8))
-        self.assertIn("fajit backward: sliding window", str(cm.exception))
-        with torch.no_grad():
-            out = fajit.flash_attn_func(q, k, v, window_size=(8, 8))
-        self.assertFalse(out.requires_grad)
-        out = fajit.flash_attn_func(q.detach(), k, v, softcap=10.0)
-        self.assertFalse(torch.isnan(out).any().item())
+    # ------------------------------------------------------------ features: gradients
+
+    def grads_vs_ref(self, what, out, leaves, split, ref_fn):
+        """fajit's out (computed from leaves) and the gradients of out . dout
+        against the math reference, by FlashAttention's rule. split(tensors
+        like leaves) gives (q, k, v) views; ref_fn(q, k, v, upcast) is the
+        reference's output."""
+        q, k, v = split(leaves)
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        qlp, klp, vlp = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out_ref, out_pt = ref_fn(q32, k32, v32, True), ref_fn(qlp, klp, vlp, False)
+        err, pt = self.check_close(what + ": out", out, out_ref, out_pt)
+        dout = torch.randn_like(out)
+
+        def grad(o, xs, g):
+            gs = torch.autograd.grad(o, xs, g, allow_unused=True)
+            return [torch.zeros_like(x) if d is None else d for x, d in zip(xs, gs)]
+
+        got = split(grad(out, leaves, dout))
+        ref = grad(out_ref, (q32, k32, v32), dout.float())
+        low = grad(out_pt, (qlp, klp, vlp), dout)
+        notes = []
+        for name, g, r, lp in zip(("dq", "dk", "dv"), got, ref, low):
+            self.assertEqual(tuple(g.shape), tuple(r.shape), "%s: %s" % (what, name))
+            e, pe = self.check_close("%s: %s" % (what, name), g, r, lp)
+            notes.append("%s %.1e (pt %.1e)" % (name, e, pe))
+        print("%s: out %.1e (pt %.1e), %s" % (what, err, pt, ", ".join(notes)))
+
+    def dense_grads(self, what, shape, d, dtype, causal, call, ref, fn_name="func", seed=None):
+        """One dense call with grad through flash_attn_func (or the packed
+        functions), checked against attention_ref with the same features."""
+        b, sq, sk, hq, hkv = shape
+        scale = d ** -0.5
+        if fn_name == "qkvpacked":
+            leaves = (rand(b, sq, 3, hq, d, dtype=dtype, requires_grad=True),)
+
+            def split(t):
+                return tuple(t[0].unbind(2))
+
+            def run():
+                return fajit.flash_attn_qkvpacked_func(leaves[0], causal=causal, **call)
+        elif fn_name == "kvpacked":
+            leaves = (rand(b, sq, hq, d, dtype=dtype, requires_grad=True),
+                      rand(b, sk, 2, hkv, d, dtype=dtype, requires_grad=True))
+
+            def split(t):
+                return (t[0],) + tuple(t[1].unbind(2))
+
+            def run():
+                return fajit.flash_attn_kvpacked_func(*leaves, causal=causal, **call)
+        else:
+            leaves = (rand(b, sq, hq, d, dtype=dtype, requires_grad=True),
+                      rand(b, sk, hkv, d, dtype=dtype, requires_grad=True),
+                      rand(b, sk, hkv, d, dtype=dtype, requires_grad=True))
+
+            def split(t):
+                return tuple(t)
+
+            def run():
+                return fajit.flash_attn_func(*leaves, causal=causal, **call)
+        out = run() if seed is None else self.with_seed(seed, run)
+        self.grads_vs_ref(what, out, leaves, split,
+                          lambda q, k, v, up: attention_ref(q, k, v, causal, scale, up, **ref)[0])
+
+    def require_backward(self):
+        why = backward_works()
+        if why:
+            self.skipTest(why)
+
+    def test_window_grads(self):
+        self.require_backward()
+        for shape in ((1, 113, 150, 4, 2), (2, 128, 97, 4, 1)):
+            for window in ((16, 16), (32, 0), (0, 20), (-1, 8), (50, -1)):
+                for causal in (False, True):
+                    dtype = "float16" if causal else "bfloat16"
+                    with self.subTest(shape=shape, window=window, causal=causal):
+                        self.dense_grads("grads window %s causal=%d %s %s" % (window, causal, shape,
+                                                                               dtype),
+                                         shape, 64, dtype, causal, dict(window_size=window),
+                                         dict(window=window))
+
+    def test_softcap_grads(self):
+        self.require_backward()
+        for d, dtype in ((64, "float16"), (100, "bfloat16")):
+            for causal in (False, True):
+                for cap in (5.0, 30.0):
+                    with self.subTest(d=d, causal=causal, softcap=cap):
+                        self.dense_grads("grads softcap %g d=%d causal=%d" % (cap, d, causal),
+                                         (2, 97, 120, 4, 2), d, dtype, causal,
+                                         dict(softcap=cap), dict(softcap=cap))
+
+    def test_alibi_grads(self):
+        self.require_backward()
+        b, hq = 2, 6
+        per_head = torch.rand(hq, device="cuda") * 0.5 + 0.05
+        per_batch = torch.rand(b, hq, device="cuda") * 0.5 + 0.05
+        for name, slopes in (("(nheads,)", per_head), ("(batch, nheads)", per_batch)):
+            for causal in (False, True):
+                with self.subTest(slopes=name, causal=causal):
+                    self.dense_grads("grads alibi %s causal=%d" % (name, causal),
+                                     (b, 97, 150, hq, 2), 64, "bfloat16", causal,
+                                     dict(alibi_slopes=slopes), dict(alibi=slopes))
+
+    def test_dropout_grads(self):
+        self.require_backward()
+        p, seed = 0.17, 2468
+        for fn_name, shape in (("func", (2, 100, 90, 4, 2)), ("qkvpacked", (2, 96, 96, 4, 4)),
+                               ("kvpacked", (1, 70, 110, 6, 2))):
+            keep, _ = self.dropout_pattern(seed, p, *shape)
+            for causal in (False, True):
+                for dtype in DTYPES:
+                    with self.subTest(fn=fn_name, causal=causal, dtype=dtype):
+                        self.dense_grads("grads dropout %s %s causal=%d %s"
+                                         % (fn_name, shape, causal, dtype),
+                                         shape, 64, dtype, causal, dict(dropout_p=p),
+                                         dict(keep=keep, dropout_p=p), fn_name, seed=seed)
+
+    def test_features_together_grads(self):
+        self.require_backward()
+        b, s, h, p, seed = 2, 110, 4, 0.2, 1357
+        slopes = torch.rand(b, h, device="cuda") * 0.3 + 0.05
+        for fn_name, shape in (("func", (b, s, 90, h, 2)), ("qkvpacked", (b, s, s, h, h)),
+                               ("kvpacked", (b, 80, s, h, 1))):
+            keep, _ = self.dropout_pattern(seed, p, *shape)
+            call = dict(window_size=(40, 20), softcap=15.0, alibi_slopes=slopes, dropout_p=p)
+            ref = dict(window=(40, 20), softcap=15.0, alibi=slopes, keep=keep, dropout_p=p)
+            for d, causal in ((64, False), (100, True)):
+                with self.subTest(fn=fn_name, d=d, causal=causal):
+                    self.dense_grads("grads all features %s d=%d causal=%d" % (fn_name, d, causal),
+                                     shape, d, "float16", causal, call, ref, fn_name, seed=seed)
+
+    def test_deterministic_feature_grads(self):
+        self.require_backward()
+        q, k, v = (rand(2, 150, 4, 64, dtype="bfloat16", requires_grad=True) for _ in range(3))
+        dout = torch.randn(2, 150, 4, 64, device="cuda", dtype=torch.bfloat16)
+        runs = []
+        for _ in range(2):
+            out = self.with_seed(3, lambda: fajit.flash_attn_func(
+                q, k, v, dropout_p=0.3, softcap=10.0, window_size=(30, 5), deterministic=True))
+            runs.append(torch.autograd.grad(out, (q, k, v), dout))
+        for name, a, b in zip(("dq", "dk", "dv"), *runs):
+            self.assertTrue(torch.equal(a, b), "deterministic=True: %s differs between runs" % name)
+        for name, a in zip(("dq", "dk", "dv"), runs[0]):
+            self.assertTrue(torch.isfinite(a).all().item(), name)
 
     # ------------------------------------------------------------ dropout
 
@@ -602,6 +737,81 @@ class GpuTest(unittest.TestCase):
                 self.check_varlen("varlen kvpacked causal=%d" % causal, out, lse, q, k, v,
                                   lq, lk, causal, 0.125)
 
+    def varlen_grads(self, what, fn_name, lq, lk, hq, hkv, d, dtype, causal, call, ref, seed=None):
+        """One varlen call with grad, checked sequence by sequence against the math."""
+        cu_q, cu_k = self.cu(lq), self.cu(lk)
+        scale = d ** -0.5
+        if fn_name == "qkvpacked":
+            leaves = (rand(sum(lq), 3, hq, d, dtype=dtype, requires_grad=True),)
+
+            def split(t):
+                return tuple(t[0].unbind(1))
+
+            def run():
+                return fajit.flash_attn_varlen_qkvpacked_func(leaves[0], cu_q, max(lq),
+                                                              causal=causal, **call)
+        elif fn_name == "kvpacked":
+            leaves = (rand(sum(lq), hq, d, dtype=dtype, requires_grad=True),
+                      rand(sum(lk), 2, hkv, d, dtype=dtype, requires_grad=True))
+
+            def split(t):
+                return (t[0],) + tuple(t[1].unbind(1))
+
+            def run():
+                return fajit.flash_attn_varlen_kvpacked_func(*leaves, cu_q, cu_k, max(lq), max(lk),
+                                                             causal=causal, **call)
+        else:
+            leaves = (rand(sum(lq), hq, d, dtype=dtype, requires_grad=True),
+                      rand(sum(lk), hkv, d, dtype=dtype, requires_grad=True),
+                      rand(sum(lk), hkv, d, dtype=dtype, requires_grad=True))
+
+            def split(t):
+                return tuple(t)
+
+            def run():
+                return fajit.flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lq), max(lk),
+                                                    causal=causal, **call)
+        out = run() if seed is None else self.with_seed(seed, run)
+        self.grads_vs_ref(what, out, leaves, split,
+                          lambda q, k, v, up: self.varlen_ref(q, k, v, lq, lk, causal, scale, up,
+                                                              **ref)[0])
+
+    def test_varlen_grads(self):
+        self.require_backward()
+        lq, lk = self.LENS_Q, self.LENS_K
+        same = (3, 0, 77, 128, 1)
+        slopes = torch.rand(len(lq), 6, device="cuda") * 0.3 + 0.05
+        feats = (("plain", {}, {}),
+                 ("window+softcap+alibi",
+                  dict(window_size=(30, 10), softcap=20.0, alibi_slopes=slopes),
+                  dict(window=(30, 10), softcap=20.0, alibi=slopes)))
+        for causal in (False, True):
+            for name, call, ref in feats:
+                for fn_name, lens, hkv, dtype in (("func", (lq, lk), 2, "float16"),
+                                                  ("kvpacked", (lq, lk), 3, "bfloat16"),
+                                                  ("qkvpacked", (same, same), 6, "bfloat16")):
+                    if fn_name == "qkvpacked" and name != "plain":
+                        call_, ref_ = dict(call, alibi_slopes=slopes[:len(same)]), \
+                            dict(ref, alibi=slopes[:len(same)])
+                    else:
+                        call_, ref_ = call, ref
+                    with self.subTest(fn=fn_name, causal=causal, case=name):
+                        self.varlen_grads("grads varlen %s %s causal=%d" % (fn_name, name, causal),
+                                          fn_name, lens[0], lens[1], 6, hkv, 64, dtype, causal,
+                                          call_, ref_)
+
+    def test_varlen_dropout_grads(self):
+        self.require_backward()
+        lq, lk = self.LENS_Q, self.LENS_K
+        hq, hkv, p, seed = 4, 2, 0.17, 8642
+        keep, _ = self.dropout_pattern(seed, p, len(lq), max(lq), max(lk), hq, hkv)
+        for causal in (False, True):
+            for fn_name in ("func", "kvpacked"):
+                with self.subTest(fn=fn_name, causal=causal):
+                    self.varlen_grads("grads varlen dropout %s causal=%d" % (fn_name, causal),
+                                      fn_name, lq, lk, hq, hkv, 64, "float16", causal,
+                                      dict(dropout_p=p), dict(keep=keep, dropout_p=p), seed=seed)
+
     def test_varlen_strided_and_defaults(self):
         # q, k, v as head-major views (seq stride != nheads * d), and no LSE asked.
         lens = (40, 9, 70)
@@ -614,10 +824,13 @@ class GpuTest(unittest.TestCase):
         ref, _ = self.varlen_ref(q, k, v, lens, lens, True, 0.125, True)
         pt, _ = self.varlen_ref(q, k, v, lens, lens, True, 0.125, False)
         self.check_close("varlen strided", out, ref, pt)
-        qg = q.detach().requires_grad_(True)
-        with self.assertRaises(NotImplementedError) as cm:
-            fajit.flash_attn_varlen_func(qg, k, v, cu, cu, 70, 70)
-        self.assertIn("fajit backward: varlen", str(cm.exception))
+        if backward_works():
+            return
+        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))  # still strided
+        out = fajit.flash_attn_varlen_func(*leaves, cu, cu, 70, 70)
+        self.grads_vs_ref("grads varlen strided", out, leaves, tuple,
+                          lambda q_, k_, v_, up: self.varlen_ref(q_, k_, v_, lens, lens, False,
+                                                                 0.125, up)[0])
 
     # ------------------------------------------------------------ DLPack
 
