@@ -21,8 +21,9 @@ const char *fajit__flash_bwd_refusal(const fajit_attn_bwd_args *a, const struct 
 
 /* Fills the tile fields left FAJIT__UNSET of a variant of one of the fast
  * backward's ops (dqk, dv and arch set; arch FAJIT__UNSET is taken as
- * sm_90): the big kernels' (bwd, bwd-dkdv, bwd-dq) by head dim (bm 64, bn 128
- * up to 128, bn 64 above, 8 warps, 2 stages), shrunk until they fit the
+ * sm_90): the big kernels' (bwd, bwd-dkdv, bwd-dq) by head dim (8 warps, 2
+ * stages; bm 128 bn 128 up to 64 (bwd-dq bm 64), bm 64 bn 128 up to 128,
+ * bm 64 bn 64 above), shrunk until they fit the
  * arch's shared memory; pre and post fixed (bm 64, 8 warps). The runtime's
  * heuristic (fajit__heuristic_tiles) should dispatch here for these ops. */
 void fajit__flash_bwd_tiles(fajit__variant *v);

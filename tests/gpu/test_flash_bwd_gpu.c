@@ -22,11 +22,13 @@
  * deterministic mode, run 3 times and required bit-identical. Then, as
  * information, TFLOPs (2.5 x 4 b h sq sk d, halved for causal) at b 4, h 16,
  * s 4096, fp16, d 64, 128 and 256, no mask and causal: the fast backward
- * with the heuristic's tiles and with a few others (a sweep to tune the
+ * with the heuristic's tiles (with --sweep also a few others, to tune the
  * heuristic by), deterministic mode, and (d <= 128) the reference
  * (fajit_attn_bwd, kernel REFERENCE).
  *
- * Usage: test_flash_bwd_gpu [--no-bench]. Exit 0 pass, 1 fail, 77 no GPU.
+ * Usage: test_flash_bwd_gpu [--quick] [--no-bench] [--sweep]: --quick runs a
+ * few small cases and no bench (for compute-sanitizer), --sweep adds the tile
+ * sweep to the bench. Exit 0 pass, 1 fail, 77 no GPU.
  */
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -60,6 +62,22 @@ static fcase make_case(int dqk, int dv, int dtype, int mask, int64_t b, int64_t 
 
 static const int head_dims[][2] = {{32, 32}, {64, 64}, {72, 72}, {128, 128}, {200, 200}, {256, 256}, {192, 128}};
 #define N_HEAD_DIMS (sizeof head_dims / sizeof head_dims[0])
+
+/* A few small cases, every mode and kernel path, for compute-sanitizer. */
+static size_t quick_grid(fcase *cs, size_t cap) {
+    const fcase quick[] = {
+        make_case(64, 64, 0, 1, 1, 113, 256, 4, 1),
+        make_case(72, 72, 1, 2, 1, 256, 113, 2, 2),
+        {.s = {.batch = 1, .seqlen_q = 113, .seqlen_k = 256, .nheads_q = 4, .nheads_kv = 2, .dqk = 128, .dv = 128,
+               .dtype = 0, .mask = 1}, .det = 1},
+        {.s = {.batch = 1, .seqlen_q = 130, .seqlen_k = 70, .nheads_q = 2, .nheads_kv = 1, .dqk = 192, .dv = 128,
+               .dtype = 1, .mask = 2}, .det = 1},
+    };
+    size_t n = 0;
+    for (; n < sizeof quick / sizeof quick[0] && n < cap; ++n)
+        cs[n] = quick[n];
+    return n;
+}
 
 /* The same case in deterministic mode. */
 static fcase det_case(fcase c) {
@@ -549,7 +567,7 @@ static int swept_variants(const fajit_attn_bwd_args *a, int arch, const tiles *t
 }
 
 /* Every kernel the bench times, compiled up front on all cores. */
-static void precompile_bench(fajit_ctx *ctx, int arch) {
+static void precompile_bench(fajit_ctx *ctx, int arch, int sweep) {
     static char specs[128][FAJIT__VARIANT_TEXT_MAX];
     const char *ptrs[128];
     size_t m = 0;
@@ -559,7 +577,7 @@ static void precompile_bench(fajit_ctx *ctx, int arch) {
                 fajit_attn_bwd_args a;
                 fajit__variant v[3];
                 const tiles *sw;
-                const size_t ns = det ? 0 : sweep_of(d, &sw);
+                const size_t ns = det || !sweep ? 0 : sweep_of(d, &sw);
                 fajit_attn_bwd_args_init(&a);
                 a.dqk = a.dv = d;
                 a.mask = mask;
@@ -610,10 +628,10 @@ static void print_time(const char *what, const fajit__variant *v, double ms, dou
 /* Every timing of one problem: the heuristic's tiles, the sweep,
  * deterministic mode, and (d <= 128) the reference. */
 static void bench_times(fajit_ctx *ctx, const launch_env *env, fajit_attn_bwd_args *a,
-                        const struct fajit_bwd_params *p, int d, double flops) {
+                        const struct fajit_bwd_params *p, int d, double flops, int sweep) {
     fajit__variant v[3];
     const tiles *sw;
-    const size_t ns = sweep_of(d, &sw);
+    const size_t ns = sweep ? sweep_of(d, &sw) : 0;
     fajit__flash_bwd_variants(a, env->arch, v);
     print_time("fast", &v[1], time_backward(ctx, env, v, a, p, 10), flops);
     for (size_t i = 0; i < ns; ++i)
@@ -630,7 +648,7 @@ static void bench_times(fajit_ctx *ctx, const launch_env *env, fajit_attn_bwd_ar
     }
 }
 
-static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal) {
+static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal, int sweep) {
     const int64_t b = 4, h = 16, s = 4096;
     const size_t n = (size_t)(b * h * s * d);
     attn_problem shape; /* strides only */
@@ -664,7 +682,7 @@ static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal) 
     fill_bwd(&sh, &shape, dev, o, (uint16_t *)dev + 3 * n, lse, grads, 0, &a, &p);
     const double flops = 2.5 * 4.0 * (double)(b * h) * (double)s * (double)s * d / (causal ? 2.0 : 1.0);
     printf("bench fp16 b=4 h=16 s=4096 d=%d %s:\n", d, causal ? "causal" : "no mask");
-    bench_times(ctx, env, &a, &p, d, flops);
+    bench_times(ctx, env, &a, &p, d, flops, sweep);
 out:
     free(host);
     cudaFree(dev);
@@ -693,8 +711,16 @@ static int require_gpu(void) {
     return 0;
 }
 
+static int has_flag(int argc, char **argv, const char *flag) {
+    for (int i = 1; i < argc; ++i)
+        if (strcmp(argv[i], flag) == 0)
+            return 1;
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    const int bench = !(argc > 1 && strcmp(argv[1], "--no-bench") == 0);
+    const int quick = has_flag(argc, argv, "--quick"), sweep = has_flag(argc, argv, "--sweep");
+    const int bench = !quick && !has_flag(argc, argv, "--no-bench");
     const int skip = require_gpu();
     if (skip)
         return skip;
@@ -707,20 +733,20 @@ int main(int argc, char **argv) {
         return 1;
     }
     static fcase cases[96];
-    const size_t n = build_grid(cases, 96);
+    const size_t n = quick ? quick_grid(cases, 96) : build_grid(cases, 96);
     size_t failures = precompile_grid(ctx, env.arch, cases, n);
     double worst = 0.0;
     for (size_t i = 0; i < n; ++i) {
         failures += (size_t)run_case(ctx, &env, &cases[i], 0xfb0000u + i, &worst);
         fflush(stdout);
     }
-    printf("test_flash_bwd_gpu: %zu cases, %zu failed; worst gradient error %.2f of its tolerance\n", n, failures,
-           worst);
+    printf("test_flash_bwd_gpu%s: %zu cases, %zu failed; worst gradient error %.2f of its tolerance\n",
+           quick ? " (quick)" : "", n, failures, worst);
     if (bench) {
-        precompile_bench(ctx, env.arch);
+        precompile_bench(ctx, env.arch, sweep);
         for (int d = 64; d <= 256; d *= 2)
             for (int causal = 0; causal < 2; ++causal)
-                bench_one(ctx, &env, d, causal);
+                bench_one(ctx, &env, d, causal, sweep);
     }
     fajit_destroy(ctx);
     return failures ? 1 : 0;
