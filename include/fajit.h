@@ -513,7 +513,9 @@ typedef struct fajit_tuning_record {
     double median_us;
     uint32_t samples;
     uint64_t timestamp_ns; /* when it was measured, ns since the epoch */
-    int best;             /* 1: the lowest median of its (GPU, build, variant, bucket) */
+    int best;             /* 1: the record launches use for its (GPU, build, variant,
+                             bucket): the lowest median, the heuristic's tiles kept
+                             unless another is at least 3% faster */
 } fajit_tuning_record;
 
 typedef int (*fajit_tuning_fn)(void *user, const fajit_tuning_record *r);
