@@ -2,7 +2,11 @@
  * runtime/attn_bwd.c - fajit_attn_bwd: check the arguments, derive the
  * variants of the backward's kernels, launch them on the caller's stream.
  *
- * For now the backward is the reference (templates/reference_bwd.cuh): two
+ * The fast backward (templates/flash_bwd.cuh, runtime/flash_bwd.c: FA2-style
+ * tensor-core kernels, dQ through fp32 atomics in stream-ordered scratch, or
+ * without atomics in deterministic mode) takes head dims that are multiples
+ * of 8 up to 256 without window, softcap, ALiBi, dropout or varlen; the
+ * reference (templates/reference_bwd.cuh) takes everything else: two
  * kernels, ref-dq writing grad_q and ref-dkdv writing grad_k and grad_v, each
  * a warp per output row, independent of each other, needing no scratch.
  * Everything is checked before anything is launched. The features (window,
@@ -11,9 +15,11 @@
  * same mask the forward ran.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
 
+#include "runtime/flash_bwd.h"
 #include "runtime/runtime.h"
 #include "templates/bwd_params.h"
 
@@ -279,6 +285,35 @@ static int run_reference(fajit_ctx *ctx, const fajit__driver *drv, const fajit_a
     return 0;
 }
 
+/* Why the fast backward cannot take these arguments, or NULL if it can: its
+ * own rules (runtime/flash_bwd.c), then the features its template lacks. */
+static const char *fast_bwd_refusal(const fajit_attn_bwd_args *a, const struct fajit_bwd_params *p)
+{
+    const char *why = fajit__flash_bwd_refusal(a, p);
+    if (why)
+        return why;
+    if (a->window_left >= 0 || a->window_right >= 0 || a->softcap != 0.0f || a->alibi_slopes ||
+        a->dropout_p > 0.0f || a->cu_seqlens_q)
+        return "the fast backward lacks a feature asked for (window, softcap, ALiBi, dropout "
+               "or varlen)";
+    return NULL;
+}
+
+/* The fast backward where it applies, else the reference (said once per
+ * process at INFO unless the reference was asked for). */
+static int run(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_bwd_args *a,
+               struct fajit_bwd_params *p, int arch, unsigned long long cu_id, void *stream)
+{
+    static atomic_int fallback_logged;
+    const char *why = fast_bwd_refusal(a, p);
+    if (!why)
+        return fajit__flash_bwd_run(ctx, drv, a, p, arch, cu_id, stream);
+    if (a->kernel != FAJIT_KERNEL_REFERENCE && atomic_exchange(&fallback_logged, 1) == 0)
+        fajit__log(&ctx->log, FAJIT_LOG_INFO, "backward dqk=%lld dv=%lld: %s; using the "
+                   "reference kernels", (long long)a->dqk, (long long)a->dv, why);
+    return run_reference(ctx, drv, a, p, arch, cu_id, stream);
+}
+
 int fajit_attn_bwd(fajit_ctx *ctx, const fajit_attn_bwd_args *args, void *stream)
 {
     const fajit__driver *drv;
@@ -299,7 +334,7 @@ int fajit_attn_bwd(fajit_ctx *ctx, const fajit_attn_bwd_args *args, void *stream
     const unsigned long long cu_id = fajit__context_id(drv, cu);
     rc = fajit__context_arch(ctx, drv, cu_id, &arch);
     if (rc == 0)
-        rc = run_reference(ctx, drv, &a, &p, arch, cu_id, stream);
+        rc = run(ctx, drv, &a, &p, arch, cu_id, stream);
     if (pushed)
         drv->ctxPopCurrent(&cu);
     return rc;

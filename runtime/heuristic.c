@@ -2,6 +2,7 @@
  * runtime/heuristic.c - tile sizes for a variant when nobody tuned them, and
  * the arch a spec gets when it names none.
  */
+#include "runtime/flash_bwd.h"
 #include "runtime/runtime.h"
 
 static void set_if_unset(int *field, int value)
@@ -95,6 +96,13 @@ void fajit__heuristic_tiles(fajit__variant *v)
     switch (v->op) {
     case FAJIT__OP_FWD:
         fwd_tiles(v);
+        break;
+    case FAJIT__OP_BWD:
+    case FAJIT__OP_BWD_PRE:
+    case FAJIT__OP_BWD_POST:
+    case FAJIT__OP_BWD_DKDV:
+    case FAJIT__OP_BWD_DQ:
+        fajit__flash_bwd_tiles(v);
         break;
     case FAJIT__OP_REF:
     case FAJIT__OP_REF_DQ:
