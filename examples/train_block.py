@@ -9,16 +9,24 @@ initial weights on the same batches:
   math bf16  PyTorch's math attention (SDPA, MATH backend) in bf16
   math fp32  PyTorch's math attention in fp32
 
+The task: 64 random tokens, then the same 64 again; only the second half is
+scored. Predicting it needs attention by position (the token 63 places back),
+so the loss falls from ln(64) = 4.16 towards 0 only if attention, forward and
+backward, works. The positional embedding starts as large as the token one
+(std 1, not 0.02): positions as distinct as tokens make that offset
+learnable in a few dozen steps instead of a plateau of hundreds.
+
 The bf16 runs differ only by how attention rounds, so their loss curves must
 agree to within the dtype's noise, measured as the gap between the two math
 runs: each window's mean loss of fajit must lie within 2 x (largest math bf16
-vs fp32 gap) + 0.05 + 5% of math bf16's, and the loss must have fallen by a
-quarter at least.
+vs fp32 gap) + 0.05 + 5% of math bf16's. And the loss must really fall: the
+last window's mean below a tenth of the first's (the copy learned), in every
+run. About 20 s on an H100.
 
     FAJIT_LIBRARY=build/libfajit.so python3 examples/train_block.py [steps]
 
-Exit 0: curves match; 1: they do not; 77: cannot run here (no GPU, or a
-libfajit without a working backward: the message says which).
+Exit 0: curves match and the task is learned; 1: not; 77: cannot run here
+(no GPU, or a libfajit without a working backward: the message says which).
 """
 import copy
 import os
@@ -33,7 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import fajit  # noqa: E402
 
-HEADS, HEAD_DIM, VOCAB, HALF, BATCH, WINDOW = 4, 100, 64, 64, 16, 25
+HEADS, HEAD_DIM, VOCAB, HALF, BATCH, WINDOW = 4, 100, 64, 64, 16, 10
+LR, POS_STD, LEARNED = 1e-3, 1.0, 0.1
 
 
 def attn_fajit(qkv):
@@ -57,7 +66,7 @@ class Block(nn.Module):
         super().__init__()
         d = HEADS * HEAD_DIM
         self.emb = nn.Embedding(VOCAB, d)
-        self.pos = nn.Parameter(torch.randn(seqlen, d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(seqlen, d) * POS_STD)
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
@@ -83,7 +92,7 @@ def batches(steps, device):
 
 def train(model, attend, steps, device):
     model.attend = attend
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses = []
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -118,7 +127,7 @@ def backward_problem():
 
 
 def main():
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 400
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     if not torch.cuda.is_available():
         print("train_block: no CUDA GPU here, nothing to run")
         return 77
@@ -127,6 +136,7 @@ def main():
         print("train_block: cannot train with fajit yet: %s" % why)
         return 77
     device = "cuda"
+    start = time.perf_counter()
     torch.manual_seed(0)
     base = Block(2 * HALF - 1).to(device)
     runs = {}
@@ -144,11 +154,16 @@ def main():
         print("%4d-%-4d %7.4f %9.4f %10.4f %12.4f"
               % (i * WINDOW, min((i + 1) * WINDOW, steps) - 1, a, b, f, abs(a - b)))
     worst = max(abs(a - b) - 0.05 * b for a, b in zip(fa, mb))
-    learned = fa[-1] < 0.75 * fa[0]
+    # Every run must learn the copy, or matching curves prove little.
+    learned = all(w[-1] < LEARNED * w[0] for w in (fa, mb, mf))
     ok = worst <= bound and learned
     print("\nworst window gap fajit vs math bf16 (less 5%% of the loss) = %.4f; bound 2 x %.4f "
-          "(bf16 vs fp32 math) + 0.05 = %.4f; loss fell %.3f -> %.3f: %s"
-          % (worst, noise, bound, fa[0], fa[-1], "ok" if ok else "FAIL"))
+          "(bf16 vs fp32 math) + 0.05 = %.4f: %s"
+          % (worst, noise, bound, "ok" if worst <= bound else "FAIL"))
+    print("loss fell (first -> last window): fajit %.3f -> %.3f, math bf16 %.3f -> %.3f, "
+          "math fp32 %.3f -> %.3f; below %g x the first: %s"
+          % (fa[0], fa[-1], mb[0], mb[-1], mf[0], mf[-1], LEARNED, "ok" if learned else "FAIL"))
+    print("%s in %.1f s" % ("ok" if ok else "FAIL", time.perf_counter() - start))
     return 0 if ok else 1
 
 
