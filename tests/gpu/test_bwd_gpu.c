@@ -10,8 +10,8 @@
  * poisoned with 0xFF bytes (NaN) before each run. The first run is checked by
  * bwd_check (tests/gpu/bwd_check.h): kernel REFERENCE by the tight rule
  * (output rounding of max|ref| plus a 1e-4 slack), kernel AUTO by
- * FlashAttention's (2x the naive low-precision backward's error plus the
- * slack); both with exact zeros for unseen rows and keys and the poison kept
+ * FlashAttention's for gradients (3x the naive low-precision backward's error
+ * plus the slack); both with exact zeros for unseen rows and keys and the poison kept
  * in the gaps. The other two runs must be bit-identical to it where the
  * call promises it (deterministic, or the reference; the fast backward's dQ
  * otherwise sums by unordered atomics). dq, dk and dv
