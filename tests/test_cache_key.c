@@ -87,12 +87,15 @@ static void test_key_inputs(const char *dir, const char *key0)
 
 /* ---------------------------------------------------------------- a fake driver */
 
-static int loads, fail_loads;
+static int loads, fail_loads, unexpected_images;
 static char load_error[512];
+static const uint8_t *expect_image; /* non-NULL: every image loaded must be this cubin */
+static size_t expect_len;
 
 static CUresult fake_load(CUmodule *m, const void *image)
 {
-    (void)image;
+    if (expect_image && memcmp(image, expect_image, expect_len) != 0)
+        unexpected_images++;
     loads++;
     if (fail_loads > 0) {
         fail_loads--;
@@ -160,6 +163,29 @@ static int plant_wrong_arch(const char *dir, const char *key_hex)
     return rc;
 }
 
+/* Flips a byte in the middle of the cubin stored under key_hex (its checksum
+ * then fails); returns a copy of the intact cubin. */
+static uint8_t *plant_flipped_cubin(const char *dir, const char *key_hex, size_t *cubin_len)
+{
+    uint8_t key[16], *entry, *good = NULL;
+    size_t len = 0;
+    fajit__entry_view view;
+    hex_to_key(key_hex, key);
+    entry = raw_get(dir, key, &len);
+    if (entry && fajit__entry_decode(entry, len, &view, NULL) == 0 &&
+        (good = malloc(view.cubin_len))) {
+        memcpy(good, view.cubin, view.cubin_len);
+        *cubin_len = view.cubin_len;
+        entry[(size_t)(view.cubin - entry) + view.cubin_len / 2] ^= 0x10;
+        if (raw_put(dir, key, entry, len) != 0) {
+            free(good);
+            good = NULL;
+        }
+    }
+    free(entry);
+    return good;
+}
+
 static void test_load_checks(const char *dir, const char *key0)
 {
     fajit__variant v;
@@ -198,6 +224,18 @@ static void test_load_checks(const char *dir, const char *key0)
               strcmp(e.arch, "sm_80") == 0,
           "...counted as bad, and replaced by an sm_80 entry (%s)", e.arch);
     fajit_destroy(ctx);
+
+    size_t good_len = 0;
+    uint8_t *good = plant_flipped_cubin(dir, key0, &good_len);
+    expect_image = good;
+    expect_len = good_len;
+    loads = unexpected_images = 0;
+    CHECK(good && load_once(dir, &v, 6, &st) == 0 && loads == 1 && unexpected_images == 0 &&
+              st.bad_entries == bad0 + 3,
+          "a stored cubin with a flipped byte never reaches the driver: its one load gets the "
+          "recompiled, intact cubin; counted as bad");
+    expect_image = NULL;
+    free(good);
     fail_loads = 5;
     loads = 0;
     CHECK(load_once(dir, &v, 5, &st) != 0 && loads == 2,
