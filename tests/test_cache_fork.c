@@ -6,6 +6,8 @@
  * their own, fork again, and destroy the inherited context, without
  * disturbing the parent. No GPU.
  */
+#include <dirent.h>
+#include <limits.h>
 #include <sys/wait.h>
 
 #include "test_cache_util.h"
@@ -23,6 +25,33 @@ static int compiled(fajit_ctx *ctx, const char *spec, int want_cached)
 {
     fajit_compile_result r;
     return ctx && fajit_compile(ctx, spec, &r) == 0 && r.cached == want_cached;
+}
+
+/* Descriptors this process has open on dir/data.mdb: LMDB opens the file a
+ * fixed number of times per environment, so a second environment on the path
+ * (the LMDB misuse that drops a process's locks when one of them closes)
+ * shows as more. */
+static int data_fds(const char *dir)
+{
+    char want[PATH_MAX], path[PATH_MAX], got[PATH_MAX];
+    int n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    if (!d || !realpath(dir, want)) {
+        if (d)
+            closedir(d);
+        return -1;
+    }
+    strncat(want, "/data.mdb", sizeof want - strlen(want) - 1);
+    for (struct dirent *e; (e = readdir(d));) {
+        snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+        ssize_t len = readlink(path, got, sizeof got - 1);
+        if (len > 0) {
+            got[len] = '\0';
+            n += strcmp(got, want) == 0;
+        }
+    }
+    closedir(d);
+    return n;
 }
 
 /* A worker: uses the inherited context, a context of its own, a grandchild. */
@@ -53,11 +82,16 @@ int main(void)
     const char *dir = sub("cache");
     fajit_ctx *one = open_ctx(dir, FAJIT_CACHE_READWRITE, NULL);
     CHECK(compiled(one, A, 0), "the first context compiles A");
+    int fds_one = data_fds(dir);
     fajit_ctx *two = open_ctx(dir, FAJIT_CACHE_READWRITE, NULL);
     CHECK(compiled(two, A, 1) && compiled(two, B, 0), "a second context on the path hits A, stores B");
     CHECK(compiled(one, B, 1), "the first sees B");
     fajit_ctx *ro = open_ctx(dir, FAJIT_CACHE_READONLY, NULL);
     CHECK(compiled(ro, B, 1), "a read-only context on the same path hits B");
+    int fds_three = data_fds(dir);
+    CHECK(fds_one > 0 && fds_three == fds_one,
+          "one LMDB environment for the three contexts: data.mdb open %d time(s) with one "
+          "context, %d with three", fds_one, fds_three);
     fajit_destroy(two);
     fajit_destroy(ro);
     CHECK(compiled(one, A, 1) && compiled(one, C, 0) && compiled(one, C, 1),

@@ -50,19 +50,24 @@ vg="valgrind -q --leak-check=full --show-leak-kinds=definite,indirect
     --errors-for-leak-kinds=definite,indirect --error-exitcode=99
     --suppressions=$src/tests/valgrind.supp"
 
-# One line per test: NAME COMMAND ARGS... (from CTest, so that new tests are
-# checked without editing this script).
+# One line per test, tab-separated: NAME, its working directory, its CTest
+# environment (FAJIT_CACHE_DIR aside: each test gets its own scratch one),
+# COMMAND ARGS... From CTest, so that new tests are checked without editing
+# this script.
 (cd "$build" && ctest --show-only=json-v1 ${labels:+-L "$labels"}) | python3 -c '
 import json, sys
 wanted = set(sys.argv[1:])
 skip = {"test_python", "test_install"}
 for t in json.load(sys.stdin)["tests"]:
-    labels = [v for p in t.get("properties", []) if p["name"] == "LABELS" for v in p["value"]]
+    props = {p["name"]: p["value"] for p in t.get("properties", [])}
+    labels = props.get("LABELS", [])
     if wanted and t["name"] not in wanted:
         continue
     if not wanted and (t["name"] in skip or "gpu" in labels):
         continue
-    print(" ".join([t["name"]] + t["command"]))
+    env = [e for e in props.get("ENVIRONMENT", []) if not e.startswith("FAJIT_CACHE_DIR=")]
+    print("\t".join([t["name"], props.get("WORKING_DIRECTORY", "."), " ".join(env) or "-",
+                     " ".join(t["command"])]))
 ' "$@" > "$scratch/tests"
 [ -s "$scratch/tests" ] || { echo "valgrind: no test to run" >&2; exit 2; }
 
@@ -73,17 +78,18 @@ for tool in fajit fajit-prebuild; do
     chmod +x "$scratch/$tool"
 done
 
-# run_one NAME COMMAND ARGS...: prints "ok" or "FAIL" with its time.
+# run_one NAME WORKDIR ENV COMMAND ARGS...: prints "ok" or "FAIL" with its time.
 run_one() {
-    name=$1
-    shift
+    name=$1 dir=$2 env=$3
+    shift 3
+    [ "$env" = - ] && env=""
     start=$(date +%s)
     if [ "$name" = test_cli ]; then
         set -- "$1" "$scratch/fajit" "$scratch/fajit-prebuild"
     else
         set -- $vg --log-file="$scratch/$name.%p.log" "$@"
     fi
-    FAJIT_CACHE_DIR="$scratch/cache-$name" "$@" > "$scratch/$name.out" 2>&1
+    (cd "$dir" && env $env FAJIT_CACHE_DIR="$scratch/cache-$name" "$@") > "$scratch/$name.out" 2>&1
     rc=$?
     secs=$(($(date +%s) - start))
     errors=$(find "$scratch" -maxdepth 1 -name "$name.*.log" -size +0 | head -n 1)
@@ -98,12 +104,11 @@ run_one() {
 }
 
 # A pool of $jobs tests at a time.
-while read -r line; do
-    set -- $line
+while IFS=$'\t' read -r name dir env cmd; do
     while [ "$(jobs -pr | wc -l)" -ge "$jobs" ]; do
         wait -n
     done
-    run_one "$@" < /dev/null &
+    run_one "$name" "$dir" "$env" $cmd < /dev/null &
 done < "$scratch/tests"
 wait
 failed=$(cat "$scratch/failed" 2>/dev/null | wc -l)
