@@ -38,7 +38,9 @@ labels=""
 while [ $# -gt 0 ]; do
     case $1 in
     -j) jobs=$2; shift 2 ;;
+    -j?*) jobs=${1#-j}; shift ;;
     -L) labels=$2; shift 2 ;;
+    -L?*) labels=${1#-L}; shift ;;
     *) break ;;
     esac
 done
