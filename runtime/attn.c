@@ -282,16 +282,140 @@ int fajit__configure_function(const fajit__driver *drv, const fajit__variant *v,
     return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuFuncSetAttribute(max dynamic smem)");
 }
 
-static int launch(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
+static int launch_grid(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
+                       struct fajit_fwd_params *p, unsigned gx, unsigned gy, unsigned gz, unsigned smem,
+                       void *stream)
+{
+    void *kargs[] = {p};
+    CUresult r = drv->launchKernel(fn, gx, gy, gz, (unsigned)(v->warps * 32), 1, 1, smem,
+                                   (CUstream)stream, kargs, NULL);
+    return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuLaunchKernel");
+}
+
+/* ---------------------------------------------------------------- split-KV */
+
+/* How a fast-forward launch spreads few query rows over the GPU
+ * (templates/fwd_params.h): query heads of a kv head packed as one block's
+ * rows, and each block's keys split over `splits` blocks whose partial
+ * outputs a second launch merges. */
+typedef struct split_plan {
+    int splits, pack;
+    unsigned grid_x, grid_y; /* query blocks (before splitting), heads */
+} split_plan;
+
+#define MAX_SPLITS 128
+#define MIN_SPLIT_TILES 8 /* key tiles a block must have before splitting pays */
+
+/* Streaming multiprocessors of the current context's device (0 if unknown),
+ * asked once per device. */
+static int sm_count(const fajit__driver *drv)
+{
+    static atomic_int known[FAJIT__MAX_DEVICES];
+    CUdevice dev;
+    int n = 0;
+    if (drv->ctxGetDevice(&dev) != CUDA_SUCCESS || dev < 0 || dev >= FAJIT__MAX_DEVICES)
+        return 0;
+    n = atomic_load_explicit(&known[dev], memory_order_relaxed);
+    if (n == 0 && drv->deviceGetAttribute(&n, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev) == CUDA_SUCCESS)
+        atomic_store_explicit(&known[dev], n, memory_order_relaxed);
+    return n;
+}
+
+/* Blocks of v an SM runs at once: its shared memory (the opt-in limit plus
+ * the 1 KB each block reserves) and registers (the kernel runs near 255 a
+ * thread). */
+static int blocks_per_sm(const fajit__variant *v)
+{
+    size_t per_sm = fajit__arch_smem_limit(v->arch) + 1024, per_block = fajit__variant_smem_bytes(v) + 1024;
+    int by_smem = (int)(per_sm / per_block), by_regs = 65536 / (v->warps * 32 * 256);
+    int n = by_smem < by_regs ? by_smem : by_regs;
+    return n > 0 ? n : 1;
+}
+
+/* The fewest splits whose waves of blocks fill the SMs within 5% of the best
+ * filling any split count reaches (FlashAttention's flash-decoding rule, with
+ * whole waves of resident blocks). */
+static int choose_splits(int64_t blocks, int slots, int max_splits)
+{
+    double eff[MAX_SPLITS + 1], best = 0.0;
+    for (int s = 1; s <= max_splits; s++) {
+        int64_t n = blocks * s, waves = (n + slots - 1) / slots;
+        eff[s] = (double)n / (double)(waves * slots);
+        best = eff[s] > best ? eff[s] : best;
+    }
+    for (int s = 1; s <= max_splits; s++)
+        if (eff[s] >= 0.95 * best)
+            return s;
+    return 1;
+}
+
+/* Packing when each kv head's query heads fit one block's rows at seqlen_q 1
+ * (ALiBi and dropout index by a block's single head: never packed);
+ * splitting when the blocks would leave SMs idle and the keys are long. */
+static split_plan plan_split(const fajit__driver *drv, const fajit__variant *v,
+                             const struct fajit_fwd_params *p)
+{
+    split_plan s = {1, 1, (unsigned)((p->seqlen_q + v->bm - 1) / v->bm), (unsigned)p->nheads_q};
+    int group = p->nheads_q / p->nheads_kv, slots, sms, n_tiles = (p->seqlen_k + v->bn - 1) / v->bn;
+    int64_t blocks;
+    if (v->op != FAJIT__OP_FWD)
+        return s;
+    if (p->seqlen_q == 1 && group > 1 && group <= v->bm && !v->alibi && !v->dropout) {
+        s.pack = group;
+        s.grid_x = 1;
+        s.grid_y = (unsigned)p->nheads_kv;
+    }
+    blocks = (int64_t)s.grid_x * s.grid_y * p->batch;
+    if (n_tiles < MIN_SPLIT_TILES || (sms = sm_count(drv)) <= 0)
+        return s;
+    slots = sms * blocks_per_sm(v);
+    if (blocks * 5 >= (int64_t)slots * 4) /* 80% of a wave: enough blocks already */
+        return s;
+    s.splits = choose_splits(blocks, slots, n_tiles < MAX_SPLITS ? n_tiles : MAX_SPLITS);
+    return s;
+}
+
+/* The split launch: partials into stream-ordered scratch, then the same
+ * kernel in its combine role merges them into o and lse; the scratch is
+ * freed on the stream behind them. */
+static int launch_split(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
+                        struct fajit_fwd_params *p, const split_plan *s, void *stream)
+{
+    size_t rows = (size_t)p->batch * (size_t)p->nheads_q * (size_t)p->seqlen_q;
+    size_t dv_pad = ((size_t)v->dv + 7) / 8 * 8, slots = (size_t)s->splits * rows;
+    CUdeviceptr scratch;
+    int freed, rc = fajit__scratch_alloc(drv, slots * (dv_pad + 1) * sizeof(float), (CUstream)stream, &scratch,
+                                  "split-KV partials");
+    if (rc != 0)
+        return rc;
+    p->num_splits = s->splits;
+    p->pack_gqa = s->pack;
+    p->o_partial = (float *)(uintptr_t)scratch;
+    p->lse_partial = p->o_partial + slots * dv_pad;
+    p->partial_rows = (int64_t)rows;
+    rc = launch_grid(drv, fn, v, p, s->grid_x * (unsigned)s->splits, s->grid_y, (unsigned)p->batch,
+                     (unsigned)fajit__variant_smem_bytes(v), stream);
+    p->combine = 1;
+    if (rc == 0)
+        rc = launch_grid(drv, fn, v, p, (unsigned)((rows + (size_t)v->warps - 1) / (size_t)v->warps), 1, 1, 0,
+                         stream);
+    p->combine = 0;
+    freed = fajit__scratch_free(drv, scratch, (CUstream)stream);
+    return rc != 0 ? rc : freed;
+}
+
+static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
                   struct fajit_fwd_params *p, void *stream)
 {
-    unsigned grid_x = (unsigned)((p->seqlen_q + v->bm - 1) / v->bm);
-    void *kargs[] = {p};
-    CUresult r = drv->launchKernel(fn, grid_x, (unsigned)p->nheads_q, (unsigned)p->batch,
-                                   (unsigned)(v->warps * 32), 1, 1,
-                                   (unsigned)fajit__variant_smem_bytes(v), (CUstream)stream,
-                                   kargs, NULL);
-    return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuLaunchKernel");
+    split_plan s = plan_split(drv, v, p);
+    if (s.splits > 1 || s.pack > 1)
+        fajit__log(&ctx->log, FAJIT_LOG_DEBUG, "split-KV: %d splits, %d query heads a block, grid %u x %u x %d",
+                   s.splits, s.pack, s.grid_x * (unsigned)s.splits, s.grid_y, p->batch);
+    if (s.splits > 1)
+        return launch_split(drv, fn, v, p, &s, stream);
+    p->pack_gqa = s.pack;
+    return launch_grid(drv, fn, v, p, s.grid_x, s.grid_y, (unsigned)p->batch,
+                       (unsigned)fajit__variant_smem_bytes(v), stream);
 }
 
 int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
@@ -322,7 +446,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
     }
     if (rc == 0)
-        rc = launch(drv, fn, &v, &p, stream);
+        rc = launch(ctx, drv, fn, &v, &p, stream);
     if (pushed)
         drv->ctxPopCurrent(&cu);
     return rc;

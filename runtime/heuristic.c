@@ -46,8 +46,8 @@ size_t fajit__arch_smem_limit(int arch)
  * a warp (bm 128, 4 warps) halve the shared-memory traffic per mma; wider
  * heads take one tile a warp (8 warps) so the accumulators fit in registers
  * without spills. Two stages overlap the next K/V copy with this tile's math;
- * when the arch's shared memory is short, fewer stages, then narrower key
- * tiles, then fewer rows. */
+ * when the arch's shared memory is short, narrower key tiles, then fewer
+ * stages, then fewer rows. */
 static void fwd_tiles(fajit__variant *v)
 {
     /* The registers follow the padded head dims: dqk to the mma k step of 16,
@@ -57,15 +57,11 @@ static void fwd_tiles(fajit__variant *v)
     size_t limit = fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
     fajit__variant t = *v; /* fields the caller set stay as they are */
 
-    /* An odd head dim loads 2 bytes at a time, waiting on each batch of
-     * loads: one tile a warp (twice the threads) halves the batches per
-     * thread and keeps more warps in flight to cover the waits. */
-    int odd = v->dqk % 2 != 0 || v->dv % 2 != 0;
     /* Two tiles a warp hold 2 dv_pad accumulators plus the scores; past a dv
      * of 96 that leaves too few registers when the narrower Q is kept in
      * registers too (dqk_pad < dv_pad: 64/104, 72/112 and 59/100 spill), so
      * those take one tile a warp like the wide heads. */
-    set_if_unset(&t.warps, dmax < 128 && !(dv_pad > 96 && dqk_pad < dv_pad) && !odd ? 4 : 8);
+    set_if_unset(&t.warps, dmax < 128 && !(dv_pad > 96 && dqk_pad < dv_pad) ? 4 : 8);
     if (v->dropout && dmax < 128) /* see the dropout note below */
         set_if_unset(&t.bm, 16 * t.warps);
     set_if_unset(&t.bm, 128 > 16 * t.warps ? 128 : 16 * t.warps);
@@ -78,11 +74,15 @@ static void fwd_tiles(fajit__variant *v)
      * softmax and barrier cost per key halves); d64 and d256 lose with it. */
     set_if_unset(&t.bn, dmax == 128 ? 128 : 64);
     set_if_unset(&t.stages, 2);
+    /* Narrower key tiles before fewer stages: a single stage leaves the copy
+     * of the next tile unhidden, and its variants of d128 (sm_86/89) and of
+     * d256 with every feature (sm_80) spilled where two stages of half the
+     * keys did not. */
     while (fajit__variant_smem_bytes(&t) > limit) {
-        if (v->stages == FAJIT__UNSET && t.stages > 1)
-            t.stages--;
-        else if (v->bn == FAJIT__UNSET && t.bn > 32)
+        if (v->bn == FAJIT__UNSET && t.bn > 32)
             t.bn /= 2;
+        else if (v->stages == FAJIT__UNSET && t.stages > 1)
+            t.stages--;
         else if (v->bm == FAJIT__UNSET && t.bm > 16 * t.warps)
             t.bm /= 2;
         else

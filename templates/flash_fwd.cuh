@@ -45,6 +45,16 @@
  * Launch (runtime): grid (ceil(seqlen_q / FAJIT_BM), nheads_q, batch),
  * FAJIT_WARPS * 32 threads, FAJIT_SMEM_BYTES of dynamic shared memory (the
  * layout below; codegen's fajit__variant_smem_bytes computes the same number).
+ *
+ * Few query rows over long keys (decode) would leave SMs idle; the runtime
+ * then sets, per launch (fwd_params.h; no variant field):
+ *   - p.pack_gqa (seqlen_q = 1): a block's rows are the query heads of one kv
+ *     head, grid y = nheads_kv, so K and V are read once per kv head;
+ *   - p.num_splits: grid x = query blocks * splits, each block attends to one
+ *     share of its key tiles and writes O / l (fp32) and its LSE to scratch;
+ *     a second launch of the same kernel with p.combine = 1 (a warp per row)
+ *     merges the splits by their LSEs into o and lse.
+ * Warps with no row of their own (decode's mostly empty blocks) only copy.
  * Needs q and k aligned to dqk's load width (in bytes: 2 * width) with
  * strides multiples of it in elements, v and o the same for dv's width
  * (runtime/attn.c fast_fwd_refusal checks, and falls back to the reference).
@@ -82,6 +92,11 @@ __host__ __device__ constexpr int load_width(int dim) {
 }
 constexpr int kWidthQK = load_width(FAJIT_DQK);
 constexpr int kWidthV = load_width(FAJIT_DV);
+
+/* GQA packing (p.pack_gqa) gives one block rows of several query heads; ALiBi
+ * and dropout index by head per block, so their variants never pack. */
+constexpr bool kCanPack = !FAJIT_ALIBI && !FAJIT_DROPOUT;
+constexpr int kDvPad = kOTiles * 8; /* floats of a partial output row */
 constexpr int kKSteps = kDqkPad / 16;   /* k steps of Q K^T */
 constexpr int kPSteps = FAJIT_BN / 16;  /* k steps of P V */
 
@@ -231,7 +246,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 struct Heads {
     const elem_t *q, *k, *v;
     elem_t *o;
-    long long q_row, k_row, v_row, o_row; /* seq strides */
+    long long q_row, k_row, v_row, o_row; /* seq strides (packed: q's and o's head strides) */
 };
 
 /* The block's sequence: its lengths and, under varlen, where its rows start in
@@ -297,6 +312,29 @@ __device__ __forceinline__ Heads heads_of(const fajit_fwd_params &p, const Seq &
     t.v_row = p.v_stride[1];
     t.o_row = p.o_stride[1];
     return t;
+}
+
+/*
+ * The block's place in the launch. GQA packing (decode: seqlen_q = 1) makes
+ * the pack = nheads_q / nheads_kv query heads of one kv head the block's rows:
+ * row r is head h0 + r, every row at query position 0, so the Q and O row
+ * strides become the head strides and the LSE index steps by the LSE's head
+ * stride (1 dense, total_q under varlen).
+ */
+struct Block {
+    int rows;     /* rows of the block's row space: seqlen_q, or pack when packed */
+    int pack;     /* query heads packed as rows (1: not packed) */
+    int split;    /* its key split, -1 when the launch does not split */
+    int lse_step; /* index step in p.lse (and the partials) from one row to the next */
+};
+
+/* Query position of block row r (packed rows all sit at position 0). */
+__device__ __forceinline__ int pos_of(int r, const Block &blk) { return blk.pack == 1 ? r : 0; }
+
+/* Index in p.lse (and in one split's partials) of block row `row`. */
+__device__ __forceinline__ long long lse_index(const fajit_fwd_params &p, const Seq &seq, long long bh,
+                                               long long h, int row, const Block &blk) {
+    return lse_row0(p, seq, bh, h) + static_cast<long long>(row) * blk.lse_step;
 }
 
 /* Rows rows x Dim columns from src (row stride `stride`) into a smem tile of
@@ -654,11 +692,25 @@ __device__ __forceinline__ void store_zeros(elem_t *at) {
         asm volatile("st.global.u16 [%0], %1;\n" ::"l"(at), "h"(static_cast<unsigned short>(0)) : "memory");
 }
 
-/* O = acc_o / l and LSE, for this thread's rows below seqlen_q. */
+/* One row's partial (split >= 0): O / l in fp32 and its LSE, for the combine. */
+__device__ __forceinline__ void write_partial_row(const fajit_fwd_params &p, long long at, int split,
+                                                  const float (&acc_o)[kMTiles][kOTiles][4], int mt,
+                                                  int half, float inv, float lse, int lane) {
+    const long long slot = split * p.partial_rows + at;
+    float *o = p.o_partial + slot * kDvPad + (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < kOTiles; ++j)
+        *reinterpret_cast<float2 *>(o + j * 8) = float2{acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv};
+    if (lane % 4 == 0)
+        p.lse_partial[slot] = lse;
+}
+
+/* O = acc_o / l and LSE for this thread's rows of the block (or a split's
+ * partials of them). */
 __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads &t, const Seq &seq,
                                           long long bh, long long h,
                                           float (&acc_o)[kMTiles][kOTiles][4], const RowState &st,
-                                          int row0, int lane) {
+                                          int row0, int lane, const Block &blk) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -667,7 +719,7 @@ __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads
             l += __shfl_xor_sync(fajit::kFullWarp, l, 1);
             l += __shfl_xor_sync(fajit::kFullWarp, l, 2);
             const int row = row0 + mt * 16 + half * 8 + lane / 4;
-            if (row >= seq_q(p, seq))
+            if (row >= blk.rows)
                 continue;
             /* l >= 1 when any key was visible (the max contributes exp2(0)). */
             const bool any = l > 0.0f;
@@ -675,93 +727,213 @@ __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads
             float inv = any ? 1.0f / l : 0.0f;
             if constexpr (FAJIT_DROPOUT)
                 inv *= p.dropout_scale;
+            const float lse = any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
+            if (blk.split >= 0) {
+                write_partial_row(p, lse_index(p, seq, bh, h, row, blk), blk.split, acc_o, mt, half, inv, lse,
+                                  lane);
+                continue;
+            }
             elem_t *o_row = t.o + static_cast<long long>(row) * t.o_row + (lane % 4) * 2;
 #pragma unroll
             for (int j = 0; j < kOTiles; ++j)
                 store_pair(o_row + j * 8, pack2(acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv),
                            j, lane);
             if (p.lse != nullptr && lane % 4 == 0)
-                p.lse[lse_row0(p, seq, bh, h) + row] =
-                    any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
+                p.lse[lse_index(p, seq, bh, h, row, blk)] = lse;
         }
 }
 
-/* A block none of whose rows sees a key: O = 0, LSE = -inf. */
-__device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, const Seq &seq,
-                                   long long bh, long long h, int m0, int tid) {
+/* A block none of whose rows sees a key: O = 0, LSE = -inf (split: its
+ * partial LSE -inf, which the combine skips). */
+__device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, const Seq &seq, long long bh,
+                                   long long h, int m0, int tid, const Block &blk) {
+    const int n = imin(FAJIT_BM, blk.rows - m0);
+    if (blk.split >= 0) {
+        for (int r = tid; r < n; r += kThreads)
+            p.lse_partial[blk.split * p.partial_rows + lse_index(p, seq, bh, h, m0 + r, blk)] =
+                fajit::neg_infinity();
+        return;
+    }
     constexpr int kVecs = FAJIT_DV / kWidthV;
     for (int i = tid; i < FAJIT_BM * kVecs; i += kThreads) {
         const int r = i / kVecs, c = i % kVecs;
-        if (m0 + r < seq_q(p, seq))
+        if (m0 + r < blk.rows)
             store_zeros<kWidthV>(t.o + static_cast<long long>(m0 + r) * t.o_row + c * kWidthV);
     }
     if (p.lse != nullptr)
-        for (int r = tid; r < FAJIT_BM && m0 + r < seq_q(p, seq); r += kThreads)
-            p.lse[lse_row0(p, seq, bh, h) + m0 + r] = fajit::neg_infinity();
+        for (int r = tid; r < n; r += kThreads)
+            p.lse[lse_index(p, seq, bh, h, m0 + r, blk)] = fajit::neg_infinity();
 }
 
-} // namespace fajit_fa
+/* ---------------------------------------------------------------- combine */
 
-extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd(const fajit_fwd_params p) {
-    using namespace fajit_fa;
+/* Where output row `idx` (the LSE's index: (b, h, i) dense, (h, packed row)
+ * under varlen) lives in o. */
+__device__ __forceinline__ elem_t *out_row(const fajit_fwd_params &p, long long idx, long long total_q) {
+    elem_t *o = static_cast<elem_t *>(p.o);
+    if constexpr (FAJIT_VARLEN)
+        return o + (idx % total_q) * p.o_stride[1] + (idx / total_q) * p.o_stride[2];
+    const long long sq = p.seqlen_q, i = idx % sq, bh = idx / sq;
+    return o + (bh / p.nheads_q) * p.o_stride[0] + i * p.o_stride[1] + (bh % p.nheads_q) * p.o_stride[2];
+}
+
+/* The split launch's second pass: a warp per output row merges the splits'
+ * partial outputs, each weighted by exp(lse_s - lse), lse = log sum exp lse_s;
+ * a row no split saw a key of gets 0 and -inf. Lane s holds split s's weight
+ * (32 splits at a time), broadcast to the warp, so every lane's loads of
+ * several splits are in flight at once instead of one L2 round trip each. */
+__device__ void combine_partials(const fajit_fwd_params &p, int tid) {
+    constexpr int kCols = (kDvPad + 31) / 32; /* columns a lane merges */
+    constexpr float kLog2e = 1.4426950408889634f;
+    const int warp = tid / 32, lane = tid % 32, splits = p.num_splits;
+    const long long total_q = FAJIT_VARLEN ? p.cu_seqlens_q[p.batch] : 0;
+    const long long rows = FAJIT_VARLEN ? total_q * p.nheads_q : p.partial_rows;
+    const long long idx = static_cast<long long>(blockIdx.x) * FAJIT_WARPS + warp;
+    if (idx >= rows)
+        return;
+    const float *lse_s = p.lse_partial + idx;
+    const long long step = p.partial_rows;
+    float mx = fajit::neg_infinity();
+    for (int s = lane; s < splits; s += 32)
+        mx = fmaxf(mx, lse_s[s * step]);
+    mx = fajit::warp_max(mx);
+    const bool any = mx != fajit::neg_infinity();
+    float sum = 0.0f;
+    for (int s = lane; any && s < splits; s += 32)
+        sum += fast_exp2((lse_s[s * step] - mx) * kLog2e);
+    sum = fajit::warp_sum(sum);
+    const float lse = any ? mx + log2f(sum) * 0.6931471805599453f : fajit::neg_infinity();
+    float acc[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c)
+        acc[c] = 0.0f;
+    for (int s0 = 0; any && s0 < splits; s0 += 32) {
+        const float ls = s0 + lane < splits ? lse_s[(s0 + lane) * step] : fajit::neg_infinity();
+        const float w_lane = ls == fajit::neg_infinity() ? 0.0f : fast_exp2((ls - lse) * kLog2e);
+        const int n = imin(32, splits - s0);
+#pragma unroll 8
+        for (int k = 0; k < n; ++k) {
+            const float w = __shfl_sync(fajit::kFullWarp, w_lane, k);
+            if (w == 0.0f)
+                continue; /* no key in that split: its partial output was never written */
+            const float *o = p.o_partial + ((s0 + k) * step + idx) * kDvPad + lane;
+#pragma unroll
+            for (int c = 0; c < kCols; ++c)
+                if (c * 32 + lane < kDvPad)
+                    acc[c] = fmaf(w, o[c * 32], acc[c]);
+        }
+    }
+    elem_t *o = out_row(p, idx, total_q);
+#pragma unroll
+    for (int c = 0; c < kCols; ++c)
+        if (c * 32 + lane < FAJIT_DV)
+            fajit::store_from_float<FAJIT_DTYPE>(o + c * 32 + lane, acc[c]);
+    if (p.lse != nullptr && lane == 0)
+        p.lse[idx] = lse;
+}
+
+/* ---------------------------------------------------------------- the kernel */
+
+/*
+ * Where a block sits in the launch, from its block index. Computed before the
+ * main loop and again after it from fresh reads of the index (place_fresh),
+ * so none of it takes a register through the loop.
+ */
+struct Place {
+    long long b, h, bh; /* batch, (first) query head, b * nheads_q + h */
+    int m0;             /* first row of the block in its row space */
+    Seq seq;
+    Block blk;
+};
+
+__device__ __forceinline__ Place place_of(const fajit_fwd_params &p, unsigned bx, unsigned by, unsigned bz) {
+    Place w;
+    /* Split-KV: grid x is (query block, split), the split fastest. */
+    const int splits = p.num_splits > 1 ? p.num_splits : 1;
+    const int x = static_cast<int>(bx) / splits, x_blocks = static_cast<int>(gridDim.x) / splits;
+    w.blk.split = splits == 1 ? -1 : static_cast<int>(bx) % splits;
+    w.blk.pack = kCanPack && p.pack_gqa > 1 ? p.pack_gqa : 1;
+    w.b = bz;
+    w.h = by * static_cast<long long>(w.blk.pack);
+    w.bh = w.b * p.nheads_q + w.h;
+    /* Causal and windowed blocks further down see more keys: start those
+     * first (blocks are scheduled roughly in x order), so the short ones fill
+     * the tail of the grid instead of the long ones. */
+    w.m0 = (FAJIT_MASK != fajit::kMaskNone ? x_blocks - 1 - x : x) * FAJIT_BM;
+    w.seq = seq_of(p, w.b, w.h);
+    w.blk.rows = w.blk.pack == 1 ? seq_q(p, w.seq) : seq_q(p, w.seq) * w.blk.pack;
+    w.blk.lse_step = w.blk.pack == 1 || !FAJIT_VARLEN ? 1 : p.cu_seqlens_q[p.batch];
+    return w;
+}
+
+/* The block index, read anew: the compiler cannot reuse an earlier read. */
+__device__ __forceinline__ Place place_fresh(const fajit_fwd_params &p) {
+    unsigned x, y, z;
+    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(x));
+    asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(y));
+    asm volatile("mov.u32 %0, %%ctaid.z;\n" : "=r"(z));
+    return place_of(p, x, y, z);
+}
+
+/* The block's tensors; packed rows are heads, so Q's and O's row strides are
+ * their head strides. */
+__device__ __forceinline__ Heads heads_at(const fajit_fwd_params &p, const Place &w) {
+    Heads t = heads_of(p, w.seq, w.b, w.h);
+    if (w.blk.pack > 1) {
+        t.q_row = p.q_stride[2];
+        t.o_row = p.o_stride[2];
+    }
+    return t;
+}
+
+/* One block's attention: FAJIT_BM rows of one (batch, head), or of one kv
+ * head's packed query heads, over all its keys or one split of them. */
+__device__ __forceinline__ void attend(const fajit_fwd_params &p) {
     extern __shared__ __attribute__((aligned(128))) elem_t smem[];
     elem_t *const sQ = smem;
     elem_t *const sK = smem + kQElems;
     elem_t *const sV = sK + FAJIT_STAGES * kKElems;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const long long b = blockIdx.z, h = blockIdx.y, bh = b * p.nheads_q + h;
-    /* Causal and windowed blocks further down see more keys: start those
-     * first (blocks are scheduled roughly in x order), so the short ones fill
-     * the tail of the grid instead of the long ones. */
-    const int m_block = FAJIT_MASK != fajit::kMaskNone ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int m0 = m_block * FAJIT_BM;
-    const Seq seq = seq_of(p, b, h);
+    const Place w = place_of(p, blockIdx.x, blockIdx.y, blockIdx.z);
+    const long long b = w.b, h = w.h, bh = w.bh;
+    const int m0 = w.m0;
+    const Seq &seq = w.seq;
+    const Block &blk = w.blk;
     if constexpr (FAJIT_VARLEN) {
         /* The grid covers the longest sequence; shorter ones leave blocks idle. */
-        if (m0 >= seq_q(p, seq))
+        if (m0 >= blk.rows)
             return;
     }
-    const Heads t = heads_of(p, seq, b, h);
+    const Heads t = heads_at(p, w);
+    const int splits = p.num_splits > 1 ? p.num_splits : 1;
 
     /* Keys any row of the block may see: visible ranges only move right. */
-    const int last_row = imin(m0 + FAJIT_BM, seq_q(p, seq)) - 1;
+    const int last_row = imin(m0 + FAJIT_BM, blk.rows) - 1;
     const fajit::KeyRange first = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-        m0, seq_q(p, seq), seq_k(p, seq));
+        pos_of(m0, blk), seq_q(p, seq), seq_k(p, seq));
     const fajit::KeyRange last = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-        last_row, seq_q(p, seq), seq_k(p, seq));
+        pos_of(last_row, blk), seq_q(p, seq), seq_k(p, seq));
     int kb = static_cast<int>(first.begin > 0 ? first.begin : 0);
     if constexpr (FAJIT_DROPOUT)
         kb &= ~7; /* dropout_tile's word choice; the keys before begin are masked */
     const int ke = static_cast<int>(last.end < seq_k(p, seq) ? last.end : seq_k(p, seq));
-    if (ke <= kb) {
-        write_masked_block(p, t, seq, bh, h, m0, tid);
+    int n_tiles = (ke - kb + FAJIT_BN - 1) / FAJIT_BN;
+    if (splits > 1) {
+        /* This split's share of the key tiles (the last ones may get none). */
+        const int per = (n_tiles + splits - 1) / splits, first_tile = blk.split * per;
+        n_tiles = imin(per, n_tiles - first_tile);
+        kb += first_tile * FAJIT_BN;
+    }
+    if (ke <= kb || n_tiles <= 0) {
+        write_masked_block(p, t, seq, bh, h, m0, tid, blk);
         return;
     }
-    const int n_tiles = (ke - kb + FAJIT_BN - 1) / FAJIT_BN;
     /* Tiles inside [all_begin, all_end) need no per-element mask. */
     const long long all_begin = last.begin;
     const long long all_end = first.end < seq_k(p, seq) ? first.end : seq_k(p, seq);
 
-    const int warp_row0 = warp * kWarpRows;
-    RowState st;
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int row = m0 + warp_row0 + mt * 16 + half * 8 + lane / 4;
-            const fajit::KeyRange r = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-                row, seq_q(p, seq), seq_k(p, seq));
-            st.begin[mt][half] = static_cast<int>(r.begin < 0 ? 0 : (r.begin > seq_k(p, seq) ? seq_k(p, seq) : r.begin));
-            st.end[mt][half] = static_cast<int>(r.end < 0 ? 0 : r.end);
-            st.m[mt][half] = fajit::neg_infinity();
-            st.l[mt][half] = 0.0f;
-        }
-
     const unsigned aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
-    Frags f;
-    init_frags(f, aQ, aK, aV, warp_row0, lane);
-
     zero_pad<FAJIT_BM, FAJIT_DQK, kChunksQK>(sQ, tid);
 #pragma unroll
     for (int s = 0; s < FAJIT_STAGES; ++s) {
@@ -770,7 +942,7 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
     }
 
     /* Q and the first STAGES-1 K/V tiles in flight; one commit group per tile. */
-    load_tile<FAJIT_BM, FAJIT_DQK, kChunksQK>(aQ, t.q, t.q_row, m0, seq_q(p, seq), tid);
+    load_tile<FAJIT_BM, FAJIT_DQK, kChunksQK>(aQ, t.q, t.q_row, m0, blk.rows, tid);
     auto load_kv = [&](int i) {
         const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
         load_tile<FAJIT_BN, FAJIT_DQK, kChunksQK>(aK + s * kKElems * 2, t.k, t.k_row, n0, seq_k(p, seq), tid);
@@ -782,18 +954,9 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
             load_kv(i);
         cp_async_commit();
     }
-
-    float acc_o[kMTiles][kOTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int j = 0; j < kOTiles; ++j)
-            acc_o[mt][j][0] = acc_o[mt][j][1] = acc_o[mt][j][2] = acc_o[mt][j][3] = 0.0f;
-    unsigned qreg[kQInRegs ? kMTiles : 1][kQInRegs ? kKSteps : 1][4];
-    const ScoreMods mods = score_mods(p, seq, b, h, m0 + warp_row0 + lane / 4, lane);
-    const unsigned threshold = FAJIT_DROPOUT ? fajit::dropout_threshold(p.dropout_p) : 0u;
-
-    for (int i = 0; i < n_tiles; ++i) {
+    /* Tile i is in shared memory for every thread when this returns, and
+     * tile i + STAGES - 1 is on its way. */
+    auto next_tile = [&](int i) {
         if constexpr (FAJIT_STAGES == 1) {
             if (i > 0)
                 __syncthreads(); /* every warp is done with the single buffer */
@@ -809,6 +972,47 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
                 load_kv(i + FAJIT_STAGES - 1);
             cp_async_commit();
         }
+    };
+
+    const int warp_row0 = warp * kWarpRows;
+    if (FAJIT_STAGES > 1 && m0 + warp_row0 >= blk.rows) {
+        /* No row of this warp's (few query rows: decode, a last block): it
+         * only helps copy, at the same barriers. (Single-stage variants,
+         * the small-smem archs', keep the math: a second copy of their
+         * in-loop loads spilled.) */
+        for (int i = 0; i < n_tiles; ++i)
+            next_tile(i);
+        cp_async_wait<0>();
+        return;
+    }
+    RowState st;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = m0 + warp_row0 + mt * 16 + half * 8 + lane / 4;
+            const fajit::KeyRange r = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
+                pos_of(row, blk), seq_q(p, seq), seq_k(p, seq));
+            st.begin[mt][half] = static_cast<int>(r.begin < 0 ? 0 : (r.begin > seq_k(p, seq) ? seq_k(p, seq) : r.begin));
+            st.end[mt][half] = static_cast<int>(r.end < 0 ? 0 : r.end);
+            st.m[mt][half] = fajit::neg_infinity();
+            st.l[mt][half] = 0.0f;
+        }
+    Frags f;
+    init_frags(f, aQ, aK, aV, warp_row0, lane);
+
+    float acc_o[kMTiles][kOTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int j = 0; j < kOTiles; ++j)
+            acc_o[mt][j][0] = acc_o[mt][j][1] = acc_o[mt][j][2] = acc_o[mt][j][3] = 0.0f;
+    unsigned qreg[kQInRegs ? kMTiles : 1][kQInRegs ? kKSteps : 1][4];
+    const ScoreMods mods = score_mods(p, seq, b, h, m0 + warp_row0 + lane / 4, lane);
+    const unsigned threshold = FAJIT_DROPOUT ? fajit::dropout_threshold(p.dropout_p) : 0u;
+
+    for (int i = 0; i < n_tiles; ++i) {
+        next_tile(i);
         if constexpr (kQInRegs) {
             if (i == 0) {
 #pragma unroll
@@ -830,5 +1034,15 @@ extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd
         pv_tile(acc_o, x, f, s * kVElems * 2);
     }
     cp_async_wait<0>(); /* no copy may outlive the block (empty groups only, by now) */
-    write_out(p, t, seq, bh, h, acc_o, st, m0 + warp_row0, lane);
+    const Place fin = place_fresh(p);
+    write_out(p, heads_at(p, fin), fin.seq, fin.bh, fin.h, acc_o, st, fin.m0 + warp_row0, lane, fin.blk);
+}
+
+} // namespace fajit_fa
+
+extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd(const fajit_fwd_params p) {
+    if (p.combine)
+        fajit_fa::combine_partials(p, threadIdx.x);
+    else
+        fajit_fa::attend(p);
 }

@@ -31,6 +31,20 @@ struct fajit_fwd_params {
     fajit_i64 alibi_batch_stride;
     const int *cu_seqlens_q;  /* FAJIT_VARLEN: batch + 1 prefix sums */
     const int *cu_seqlens_k;
+    /* Split-KV (flash-decoding) and GQA packing, chosen per launch by
+     * runtime/attn.c (zero: neither). */
+    int num_splits; /* > 1: each block attends to 1 / num_splits of its keys and
+                       writes fp32 partials; grid x = query blocks * num_splits */
+    int pack_gqa;   /* > 1: the nheads_q / nheads_kv query heads of one kv head
+                       share a block's rows (row r: query row r / pack_gqa of
+                       head y * pack_gqa + r % pack_gqa); grid y = nheads_kv */
+    int combine;    /* 1: this launch merges the partials into o and lse: one
+                       warp per row, grid x = ceil(partial_rows / warps) */
+    int split_pad_; /* keeps the pointers below 8-byte aligned, as on the host */
+    float *o_partial;        /* num_splits * partial_rows rows of dv rounded up to 8 */
+    float *lse_partial;      /* num_splits * partial_rows; -inf: no key in that split */
+    fajit_i64 partial_rows;  /* rows of one split: batch * nheads_q * seqlen_q (its max
+                                under varlen); row index = the LSE's index of the row */
 };
 
 #endif

@@ -13,6 +13,10 @@
  *    kernel (op fwd) for every head dim up to 256, any of them (the odd ones
  *    59, 100, 111, 100/72 and their neighbours 24, 40, 200 have cases of
  *    their own with windows, softcap, ALiBi, dropout and varlen).
+ * Split-KV cases (few query rows over long keys, 1..16 rows, up to 64k keys,
+ * with causal masks, windows, softcap, ALiBi, GQA and MQA, dropout, varlen)
+ * must take the split launch (the library's DEBUG log says how many splits)
+ * and pass the same rule; decode rows with GQA also pack the query heads.
  * The CPU applies the same dropout mask (tests/gpu/philox.h), so dropout cases
  * compare exactly up to rounding. Inputs are ~N(0,1), outputs and LSE poisoned
  * with 0xFF before each launch. Varlen cases (ragged lengths including 0 and
@@ -48,9 +52,21 @@ typedef struct fcase {
     uint64_t seed, offset;
     int varlen;
     int lens_q[MAX_BATCH], lens_k[MAX_BATCH]; /* varlen only; sq/sk are their max */
+    int want_split; /* AUTO must split the keys (split-KV launch) */
 } fcase;
 
 static int failures;
+
+/* Splits of the last split-KV launch, from the library's DEBUG log. */
+static int last_splits;
+
+static void on_log(void *user, int level, const char *msg)
+{
+    int splits;
+    (void)user, (void)level;
+    if (sscanf(msg, "split-KV: %d splits", &splits) == 1)
+        last_splits = splits;
+}
 
 static void check(int ok, const char *fmt, const char *detail)
 {
@@ -456,17 +472,20 @@ static void run_case(const fcase *c, fajit_ctx *ctx, uint64_t seed)
         make_args(&p, &d, kernel, &a);
         if (fajit_attn_variant(ctx, &a, variant, sizeof variant) < 0)
             snprintf(variant, sizeof variant, "? (%s)", fajit_last_error());
+        last_splits = 0;
         if (run(&p, &d, &a, ctx, o, lse, why, sizeof why) != 0) {
             check(0, describe(c, desc, sizeof desc), why);
             break;
         }
         compare(&p, o, lse, kernel == FAJIT_KERNEL_REFERENCE, &v);
-        snprintf(line, sizeof line, "%-4s %-3.3s %s  err %.2e <= %.2e (naive %.2e) lse %.1e",
+        snprintf(line, sizeof line, "%-4s %-3.3s %s  err %.2e <= %.2e (naive %.2e) lse %.1e%s%.0d",
                  k == 0 ? "REF" : "AUTO", variant, describe(c, desc, sizeof desc), v.err, v.tol,
-                 v.naive_err, v.lse_err);
+                 v.naive_err, v.lse_err, last_splits ? "  splits " : "", last_splits);
         if (!v.why[0] && kernel == FAJIT_KERNEL_AUTO && c->dqk <= 256 && c->dv <= 256 &&
             strncmp(variant, "fwd ", 4) != 0)
             snprintf(v.why, sizeof v.why, "AUTO ran %.40s, not the fast kernel (op fwd)", variant);
+        if (!v.why[0] && kernel == FAJIT_KERNEL_AUTO && c->want_split && last_splits < 2)
+            snprintf(v.why, sizeof v.why, "AUTO did not split the keys (split-KV)");
         check(!v.why[0], line, v.why);
         if (k == 0 && c->varlen && c->p == 0.0f)
             check_dense_equivalence(&p, &d, ctx, o, lse);
@@ -621,6 +640,45 @@ static fcase varlen(fcase c, const int *lq, const int *lk, int n)
     return c;
 }
 
+/* Split-KV: few query rows over long keys, each feature in turn. */
+static size_t split_cases(fcase *cs)
+{
+    static const struct {
+        int batch, sq, sk, hq, hkv, d, mask, wl, wr;
+        float cap;
+        int alibi;
+        float p;
+    } sp[] = {
+        {1, 1, 65536, 8, 2, 128, 0, -1, -1, 0.0f, 0, 0.0f},      /* decode, GQA 4:1 packed */
+        {2, 1, 16384, 8, 1, 128, 1, -1, -1, 0.0f, 0, 0.0f},      /* MQA, causal, packed by 8 */
+        {2, 4, 20000, 8, 2, 64, 1, -1, -1, 0.0f, 0, 0.0f},       /* causal */
+        {2, 16, 4097, 8, 2, 128, 2, -1, -1, 0.0f, 0, 0.0f},      /* top-left: splits left empty */
+        {2, 3, 9000, 4, 4, 100, 1, 700, -1, 0.0f, 0, 0.0f},      /* window, dim 100 */
+        {1, 8, 12000, 8, 2, 128, 0, -1, -1, 20.0f, 0, 0.0f},     /* softcap */
+        {1, 2, 30000, 8, 2, 128, 1, -1, -1, 0.0f, ALIBI_HEAD, 0.0f}, /* ALiBi */
+        {2, 1, 8192, 8, 2, 59, 0, 300, 40, 0.0f, 0, 0.0f},       /* packed, both windows, dim 59 */
+        {1, 16, 5000, 8, 2, 64, 1, -1, -1, 0.0f, 0, 0.17f},      /* dropout */
+    };
+    static const int lq[] = {1, 0, 16, 5}, lk[] = {20000, 7, 4100, 9000};
+    static const int dq[] = {1, 1, 1, 0}, dk[] = {30000, 100, 9000, 5};
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof sp / sizeof sp[0]; i++) {
+        fcase c = base(sp[i].d, (int)i % 2, sp[i].mask, sp[i].sq, sp[i].sk);
+        c.batch = sp[i].batch, c.hq = sp[i].hq, c.hkv = sp[i].hkv;
+        c.wl = sp[i].wl, c.wr = sp[i].wr, c.softcap = sp[i].cap, c.alibi = sp[i].alibi, c.p = sp[i].p;
+        c.seed = 99 + i;
+        c.want_split = 1;
+        cs[n++] = c;
+    }
+    fcase c = varlen(base(128, 1, 1, 0, 0), lq, lk, 4); /* varlen, ragged, causal */
+    c.hq = 8, c.hkv = 2, c.want_split = 1;
+    cs[n++] = c;
+    c = varlen(base(64, 0, 0, 0, 0), dq, dk, 4); /* varlen decode, packed, softcap */
+    c.hq = 8, c.hkv = 2, c.softcap = 10.0f, c.want_split = 1;
+    cs[n++] = c;
+    return n;
+}
+
 static size_t build_cases(fcase *cs)
 {
     static const int windows[][2] = {{0, 0}, {5, -1}, {-1, 3}, {16, 7}, {0, -1}};
@@ -681,7 +739,7 @@ static size_t build_cases(fcase *cs)
                 c = varlen(c, lq, lk, 6);
             cs[n++] = c;
         }
-    return n;
+    return n + split_cases(cs + n);
 }
 
 /* ---------------------------------------------------------------- main */
@@ -730,7 +788,11 @@ int main(void)
     fajit_ctx *ctx = NULL;
     if (!gpu_present())
         return 77;
-    int rc = fajit_create(&ctx, NULL);
+    fajit_options opt;
+    fajit_options_init(&opt);
+    opt.log_level = FAJIT_LOG_DEBUG; /* split-KV launches say so (on_log) */
+    opt.log_fn = on_log;
+    int rc = fajit_create(&ctx, &opt);
     if (rc != 0) {
         printf("FAIL fajit_create: %s: %s\n", fajit_strerror(rc), fajit_last_error());
         return 1;
