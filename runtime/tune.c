@@ -202,9 +202,8 @@ const char *fajit__tune_static_refusal(const fajit__variant *v, char *buf, size_
         return refuse(buf, cap, "op %d is not fwd", v->op);
     if (!fajit__fast_fwd_supports(v))
         return refuse(buf, cap, "the fast forward lacks a feature of the variant");
-    if (v->dqk % 8 || v->dv % 8 || v->dqk > 256 || v->dv > 256 || v->dqk < 8 || v->dv < 8)
-        return refuse(buf, cap, "dqk=%d dv=%d: head dims must be multiples of 8 in 8..256",
-                      v->dqk, v->dv);
+    if (v->dqk > 256 || v->dv > 256 || v->dqk < 1 || v->dv < 1)
+        return refuse(buf, cap, "dqk=%d dv=%d: head dims must be in 1..256", v->dqk, v->dv);
     if (v->warps < 1 || v->warps > 16 || v->bm % (16 * v->warps) != 0)
         return refuse(buf, cap, "bm=%d warps=%d: bm must be a multiple of 16 * warps", v->bm,
                       v->warps);
@@ -215,7 +214,7 @@ const char *fajit__tune_static_refusal(const fajit__variant *v, char *buf, size_
     size_t smem = fajit__variant_smem_bytes(v), limit = fajit__arch_smem_limit(v->arch);
     if (smem > limit)
         return refuse(buf, cap, "shared memory %zu bytes above the arch's %zu", smem, limit);
-    int regs = v->bm / v->warps * (v->dv + v->bn) / 32;
+    int regs = v->bm / v->warps * ((v->dv + 7) / 8 * 8 + v->bn) / 32; /* dv padded as in smem */
     if (regs > MAX_ACCUMULATOR_REGS)
         return refuse(buf, cap, "accumulators need %d registers a thread (more than %d)", regs,
                       MAX_ACCUMULATOR_REGS);

@@ -273,6 +273,15 @@ static void test_candidates(void)
                  fajit__variant_smem_bytes(&c[i]) <= 227 * 1024 &&
                  fajit__variant_check(&c[i]) == 0;
     CHECK(legal, "d128 sm_90: %zu candidates, all legal by the template's rules", n);
+    for (int odd = 0; odd < 2; odd++) { /* the fast forward takes every head dim now */
+        fajit__variant ob = fwd_variant(odd ? 59 : 100, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET,
+                                        FAJIT__UNSET), oc[64];
+        size_t on = fajit__tune_candidates(&ob, oc, 64);
+        int ok = on > 0;
+        for (size_t i = 0; i < on; i++)
+            ok &= fajit__variant_check(&oc[i]) == 0;
+        CHECK(ok, "d%d (not a multiple of 8): %zu candidates, all valid variants", ob.dqk, on);
+    }
     fajit__variant bad = fwd_variant(128, 64, 64, 8, 2);
     CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) != NULL && strstr(why, "16 * warps"),
           "bm 64 with 8 warps is refused: %s", why);
