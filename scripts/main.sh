@@ -14,4 +14,5 @@ echo "== fajit prebuild (default manifest, default cache)"
 "$root/build/fajit" info
 echo "== attention on the GPU, checked against an fp64 reference"
 "$root/build/examples/fajit_example" 72    # the fast forward kernel
-"$root/build/examples/fajit_example" 100   # not a multiple of 8: the reference kernel
+"$root/build/examples/fajit_example" 100   # the fast kernel with 8-byte loads (100 is not a multiple of 8)
+"$root/build/examples/fajit_example" 320   # above 256: the reference kernel
