@@ -10,6 +10,12 @@ fajit_add_test(test_fwd_compile
   LIBS fajit_static ${CUDA_nvrtc_LIBRARY} Threads::Threads
   LABELS fwd)
 target_include_directories(test_fwd_compile SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+# The variants in two halves (every other one), each a test well under a
+# minute on two cores.
+set_property(TEST test_fwd_compile APPEND PROPERTY ENVIRONMENT "FAJIT_TEST_PART=0/2")
+add_test(NAME test_fwd_compile_b COMMAND test_fwd_compile --part 1/2)
+set_tests_properties(test_fwd_compile_b PROPERTIES LABELS fwd
+                     ENVIRONMENT "FAJIT_CACHE_DIR=${CMAKE_BINARY_DIR}/test-cache/test_fwd_compile_b")
 
 # The same program over head dims that are not multiples of 8 (narrower loads).
 add_test(NAME test_fwd_compile_odd COMMAND test_fwd_compile --odd)

@@ -232,13 +232,35 @@ static void print_job(const job *j) {
 
 int main(int argc, char **argv) {
     int major = 0, minor = 0;
-    const int odd = argc > 1 && strcmp(argv[1], "--odd") == 0;
+    int odd = 0, part = 0, parts = 1;
+    const char *part_env = getenv("FAJIT_TEST_PART"); /* K/N, as --part */
+    if (part_env && !(sscanf(part_env, "%d/%d", &part, &parts) == 2 && parts >= 1 && part >= 0 &&
+                      part < parts)) {
+        printf("FAJIT_TEST_PART=%s: expected K/N with 0 <= K < N\n", part_env);
+        return 2;
+    }
+    for (int i = 1; i < argc; ++i) {
+        if (strcmp(argv[i], "--odd") == 0)
+            odd = 1;
+        else if (!(strcmp(argv[i], "--part") == 0 && i + 1 < argc &&
+                   sscanf(argv[++i], "%d/%d", &part, &parts) == 2 && parts >= 1 && part >= 0 &&
+                   part < parts)) {
+            printf("usage: test_fwd_compile [--odd] [--part K/N]  (bad argument: %s)\n", argv[i]);
+            return 2;
+        }
+    }
     nvrtcVersion(&major, &minor);
-    printf("NVRTC %d.%d, %d threads%s\n", major, minor, COMPILE_THREADS, odd ? ", odd head dims" : "");
+    printf("NVRTC %d.%d, %d threads%s, part %d of %d\n", major, minor, COMPILE_THREADS,
+           odd ? ", odd head dims" : "", part + 1, parts);
 
     static job jobs[128];
     const size_t cap = sizeof jobs / sizeof jobs[0];
-    pool p = {.jobs = jobs, .n = odd ? build_odd_jobs(jobs, cap) : build_jobs(jobs, cap), .next = 0};
+    size_t all = odd ? build_odd_jobs(jobs, cap) : build_jobs(jobs, cap), n = 0;
+    /* Every N-th job from the K-th: each part a CTest test of its own, so
+     * each stays well under a minute on two cores. */
+    for (size_t i = (size_t)part; i < all; i += (size_t)parts)
+        jobs[n++] = jobs[i];
+    pool p = {.jobs = jobs, .n = n, .next = 0};
     pthread_mutex_init(&p.lock, NULL);
     const double t0 = now_ms();
     pthread_t threads[COMPILE_THREADS];
