@@ -80,12 +80,14 @@ else
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     # One log per tool: each program's run appends to it.
     for tool in memcheck racecheck synccheck initcheck; do
-        for prog in test_ref_gpu test_fwd_gpu test_bwd_gpu; do
+        for prog in test_ref_gpu test_fwd_gpu test_bwd_gpu test_flash_bwd_gpu test_features_gpu; do
             [ -x "$build/tests/$prog" ] || continue
-            # The fast kernel's and the backward's runs: memcheck and racecheck.
+            # The fast kernels' runs: memcheck and racecheck.
             [ "$prog" = test_ref_gpu ] || [ "$tool" = memcheck ] || [ "$tool" = racecheck ] || continue
+            args=(--quick)
+            [ "$prog" = test_features_gpu ] && args=(--split-only) # the split-KV path
             step "$tool $prog" "sanitizer-$tool-$prog.log" "$sanitizer" --tool "$tool" \
-                --error-exitcode 99 "$build/tests/$prog" --quick
+                --error-exitcode 99 "$build/tests/$prog" "${args[@]}"
             record "$tool $prog" "$(grab "sanitizer-$tool-$prog.log" 'ERROR SUMMARY|RACECHECK SUMMARY|^SKIP' | cut -c1-70)"
             cat "$out/sanitizer-$tool-$prog.log" >>"$out/sanitizer-$tool.log"
             rm -f "$out/sanitizer-$tool-$prog.log"
