@@ -93,11 +93,8 @@ static_assert(FAJIT_BM >= 16 && FAJIT_BM % 16 == 0 && 128 % FAJIT_BM == 0,
               "flash_bwd: bm must be 16, 32, 64 or 128");
 static_assert(FAJIT_BN >= 16 && FAJIT_BN % 16 == 0, "flash_bwd: bn must be a multiple of 16");
 static_assert(FAJIT_STAGES >= 1 && FAJIT_STAGES <= 2, "flash_bwd: stages must be 1 or 2");
-static_assert(FAJIT_DROPOUT == 0 && FAJIT_SOFTCAP == 0 && FAJIT_ALIBI == 0,
-              "flash_bwd: dropout, softcap and alibi are not implemented");
-static_assert(FAJIT_VARLEN == 0 && FAJIT_PAGED == 0, "flash_bwd: varlen and paged KV are not implemented");
-static_assert(FAJIT_WINDOW_LEFT == -1 && FAJIT_WINDOW_RIGHT == -1,
-              "flash_bwd: local windows are not implemented");
+static_assert(FAJIT_PAGED == 0, "flash_bwd: paged KV is not implemented");
+static_assert(FAJIT_WINDOW_LEFT >= -1 && FAJIT_WINDOW_RIGHT >= -1, "flash_bwd: window sides must be >= -1");
 
 namespace fajit_fb {
 
@@ -459,17 +456,180 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const LaneAdd
     }
 }
 
-/* ---------------------------------------------------------------- blocks and tiles */
+/* ---------------------------------------------------------------- sequences and masks */
 
-/* Key j is visible to query row i iff j <= i + diag (causal masks; none: all). */
-__device__ __forceinline__ int diag_of(const fajit_bwd_params &p) {
-    return FAJIT_MASK == fajit::kMaskCausal ? p.seqlen_k - p.seqlen_q : 0;
+/* The block's sequence: where its rows start in the packed tensors under
+ * varlen (sequence b is rows cu_seqlens_q[b] .. of q, o, dO and dq, and
+ * cu_seqlens_k[b] .. of k, v, dk and dv; batch strides are 0) and its
+ * lengths; dense: batch b, starts 0, the launch's lengths. */
+struct Seq {
+    int sq, sk;
+    long long q_start, k_start;
+};
+
+__device__ __forceinline__ Seq seq_of(const fajit_bwd_params &p, long long b) {
+    Seq s;
+    if constexpr (FAJIT_VARLEN) {
+        s.q_start = p.cu_seqlens_q[b];
+        s.k_start = p.cu_seqlens_k[b];
+        s.sq = static_cast<int>(p.cu_seqlens_q[b + 1] - s.q_start);
+        s.sk = static_cast<int>(p.cu_seqlens_k[b + 1] - s.k_start);
+    } else {
+        s.q_start = s.k_start = 0;
+        s.sq = p.seqlen_q;
+        s.sk = p.seqlen_k;
+    }
+    return s;
+}
+
+/* The sequence's lengths: read from p where dense, as the forward does. */
+__device__ __forceinline__ int seq_q(const fajit_bwd_params &p, const Seq &s) {
+    return FAJIT_VARLEN ? s.sq : p.seqlen_q;
+}
+__device__ __forceinline__ int seq_k(const fajit_bwd_params &p, const Seq &s) {
+    return FAJIT_VARLEN ? s.sk : p.seqlen_k;
+}
+
+/* Index in p.lse of row 0 of (sequence b, head h): LSE is (batch, nheads_q,
+ * seqlen_q), or (nheads_q, total_q) under varlen. */
+__device__ __forceinline__ long long lse_row0(const fajit_bwd_params &p, const Seq &s, long long b, long long h) {
+    if constexpr (FAJIT_VARLEN)
+        return h * static_cast<long long>(p.cu_seqlens_q[p.batch]) + s.q_start;
+    else
+        return (b * p.nheads_q + h) * p.seqlen_q;
+}
+
+/*
+ * The mask of common.cuh's visible_keys, spelled for tiles: key j of the
+ * sequence is visible to its query row i iff
+ *   j < sk,  j <= i + off + kReach (when kRight),  j >= i + off - kLeftW (when kLeft),
+ * off = sk - sq (diagonal at the bottom-right; also a window's without a
+ * mask) or 0 (causal-tl). A causal mask bounds the right at the diagonal
+ * itself (a right window under it adds nothing; the runtime drops it), a
+ * right window alone at diagonal + window_right. Both bounds move right as
+ * the row grows, which is what lets blocks skip the tiles no row of theirs
+ * sees.
+ */
+constexpr bool kRight = FAJIT_MASK != fajit::kMaskNone || FAJIT_WINDOW_RIGHT >= 0;
+constexpr int kReach = FAJIT_MASK != fajit::kMaskNone ? 0 : FAJIT_WINDOW_RIGHT;
+constexpr bool kLeft = FAJIT_WINDOW_LEFT >= 0;
+constexpr int kLeftW = FAJIT_WINDOW_LEFT;
+
+__device__ __forceinline__ int diag_of(int sq, int sk) {
+    return FAJIT_MASK == fajit::kMaskCausalTL ? 0 : sk - sq;
+}
+
+/* Whether key `key` is hidden from row `row` (sequence lengths sk, diagonal offset off). */
+__device__ __forceinline__ bool hidden(int key, int row, int sk, int off) {
+    return key >= sk || (kRight && key > row + off + kReach) || (kLeft && key < row + off - kLeftW);
 }
 
 /* Whether the tile of keys n0.. x rows m0.. needs a per-element test: it
- * straddles seqlen_k or the diagonal. */
-__device__ __forceinline__ bool tile_needs_mask(const fajit_bwd_params &p, int n0, int m0, int diag) {
-    return n0 + FAJIT_BN > p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && n0 + FAJIT_BN - 1 > m0 + diag);
+ * straddles sk or a bound of some row's keys. */
+__device__ __forceinline__ bool tile_needs_mask(int n0, int m0, int sk, int off) {
+    return n0 + FAJIT_BN > sk || (kRight && n0 + FAJIT_BN - 1 > m0 + off + kReach) ||
+           (kLeft && n0 < m0 + FAJIT_BM - 1 + off - kLeftW);
+}
+
+/* The query blocks (of FAJIT_BM rows) with a row seeing some key of n0 ..
+ * n0 + FAJIT_BN - 1: [first, first + count). */
+struct Blocks {
+    int first, count;
+};
+
+__device__ __forceinline__ Blocks query_blocks_of(int n0, int sq, int off) {
+    /* The first row whose right bound reaches n0 (int: n0 < sk, off = sk - sq at most). */
+    const int first_row = kRight ? imax(0, n0 - off - kReach) : 0;
+    const int first = first_row / FAJIT_BM;
+    int end = (sq + FAJIT_BM - 1) / FAJIT_BM;
+    if constexpr (kLeft) { /* the last row whose left bound reaches the block's last key */
+        const long long last = static_cast<long long>(n0) + FAJIT_BN - 1 - off + kLeftW;
+        if (last < first_row)
+            return Blocks{first, 0};
+        if (last + 1 < sq)
+            end = static_cast<int>((last + FAJIT_BM) / FAJIT_BM);
+    }
+    return Blocks{first, imax(0, end - first)};
+}
+
+/* The key tiles (of FAJIT_BN keys) some row of m0 .. m0 + FAJIT_BM - 1 sees. */
+__device__ __forceinline__ Blocks key_tiles_of(int m0, int sq, int sk, int off) {
+    int key_end = sk;
+    if constexpr (kRight) { /* the keys the block's last row may see (its right bound) */
+        const int last_row = (m0 + FAJIT_BM < sq ? m0 + FAJIT_BM : sq) - 1;
+        const long long reach = static_cast<long long>(last_row) + off + kReach + 1;
+        key_end = reach < sk ? static_cast<int>(reach > 0 ? reach : 0) : sk;
+    }
+    int first = 0;
+    if constexpr (kLeft) { /* the first key the block's first row may see */
+        const long long lo = static_cast<long long>(m0) + off - kLeftW;
+        if (lo >= key_end)
+            return Blocks{0, 0};
+        first = lo > 0 ? static_cast<int>(lo / FAJIT_BN) : 0;
+    }
+    return Blocks{first, imax(0, (key_end + FAJIT_BN - 1) / FAJIT_BN - first)};
+}
+
+/* ---------------------------------------------------------------- score modifiers */
+
+/* tanh(x) = 1 - 2 / (e^2x + 1), by two MUFU ops (flash_fwd.cuh's tanh_exp2:
+ * absolute error ~1e-6, exactly +-1 at the ends), so the backward's scores
+ * are the forward's. */
+__device__ __forceinline__ float tanh_exp2(float x) {
+    const float e = fast_exp2(x * 2.8853900817779268f); /* 2 log2(e) */
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(e + 1.0f));
+    return fmaf(-2.0f, r, 1.0f);
+}
+
+/* What one (sequence, query head) adds to q.k and to P: the score's scaling
+ * (softcap), its ALiBi slope, the dropout stream's counter. */
+struct Head {
+    float slope2;             /* ALiBi: slope * log2(e) */
+    unsigned long long philox; /* dropout: offset + ((b * nheads_q + h) << 32), common.cuh's T */
+};
+
+__device__ __forceinline__ Head head_of(const fajit_bwd_params &p, long long b, long long h) {
+    Head r{0.0f, 0ull};
+    if constexpr (FAJIT_ALIBI)
+        r.slope2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * 1.4426950408889634f;
+    if constexpr (FAJIT_DROPOUT)
+        r.philox = p.dropout_offset + (static_cast<unsigned long long>(b * p.nheads_q + h) << 32);
+    return r;
+}
+
+/*
+ * The dropout keep bits of one 16-key x 8-row tile of S^T, bit 2 half + e for
+ * this lane's element (key n0w + half 8 + lane / 4, row r0w + 2 (lane % 4) + e):
+ * common.cuh's stream, element (b, h, i, j) word j & 3 of the Philox call for
+ * (j >> 2, i). The tile needs 32 calls (4 groups of 4 keys x 8 rows): lane L
+ * makes the one for key group L / 8 and row L % 8, and four shuffle rounds
+ * hand each lane its four words. In round s, lane L (word w = (L / 4) % 4 of
+ * its key group) takes its element k = (s + w) % 4 from the lane that made
+ * that element's call, which sends word (k - s) % 4 of its result: every
+ * lane reading a given call in a round wants the same word. n0w is a multiple
+ * of 16.
+ */
+__device__ __forceinline__ unsigned keep_bits(const fajit_bwd_params &p, const Head &hd, unsigned threshold,
+                                              int n0w, int r0w, int lane) {
+    const unsigned group = static_cast<unsigned>(n0w >> 2) + static_cast<unsigned>(lane >> 3);
+    const fajit::Philox4 c{group, static_cast<unsigned>(r0w + (lane & 7)), static_cast<unsigned>(hd.philox),
+                           static_cast<unsigned>(hd.philox >> 32)};
+    const fajit::Philox4 r = fajit::philox4x32_10(c, static_cast<unsigned>(p.dropout_seed),
+                                                  static_cast<unsigned>(p.dropout_seed >> 32));
+    const int my_k = 2 * (lane >> 4) + (lane & 1); /* the element my call is to the lanes reading it */
+    const int w = (lane >> 2) & 3;
+    unsigned bits = 0u;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        const int send = (my_k - s) & 3;
+        const unsigned word = send == 0 ? r.x : send == 1 ? r.y : send == 2 ? r.z : r.w;
+        const int k = (s + w) & 3;
+        const int src = (2 * (k >> 1) + (lane >> 4)) * 8 + 2 * (lane & 3) + (k & 1);
+        const unsigned got = __shfl_sync(fajit::kFullWarp, word, src);
+        bits |= (got >= threshold ? 1u : 0u) << k;
+    }
+    return bits;
 }
 
 /* The smem tiles, as shared-space byte addresses (for ldmatrix and
@@ -515,15 +675,17 @@ __device__ __forceinline__ void zero_pad_chunks(const Tiles &t, int tid) {
 }
 
 /* Q, dO, lse2 and D of the query block at row m0 of head h into Q stage s
- * (cp.async; rows past seqlen_q zero-filled, the scratch rows are padded). */
+ * (cp.async; rows past the sequence's zero-filled, the scratch rows are
+ * padded). */
 __device__ __forceinline__ void load_query_block(const fajit_bwd_params &p, const Tiles &t, const float *stats,
-                                                 long long b, long long h, int m0, int s, int tid) {
+                                                 const Seq &seq, long long b, long long h, int m0, int s, int tid) {
     const long long bh = b * p.nheads_q + h;
-    const elem_t *q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-    const elem_t *dout =
-        static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] + h * p.grad_out_stride[2];
-    load_tile<FAJIT_BM, kLoadQK, kRowQK>(t.q + s * kQElems * 2, q, p.q_stride[1], m0, p.seqlen_q, tid);
-    load_tile<FAJIT_BM, kLoadV, kRowV>(t.dout + s * kDoElems * 2, dout, p.grad_out_stride[1], m0, p.seqlen_q,
+    const elem_t *q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + seq.q_start * p.q_stride[1] +
+                      h * p.q_stride[2];
+    const elem_t *dout = static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] +
+                         seq.q_start * p.grad_out_stride[1] + h * p.grad_out_stride[2];
+    load_tile<FAJIT_BM, kLoadQK, kRowQK>(t.q + s * kQElems * 2, q, p.q_stride[1], m0, seq_q(p, seq), tid);
+    load_tile<FAJIT_BM, kLoadV, kRowV>(t.dout + s * kDoElems * 2, dout, p.grad_out_stride[1], m0, seq_q(p, seq),
                                        tid);
     const float *lse2 = stats + bh * rows_pad(p) + m0;
     const float *d = stats + (static_cast<long long>(p.batch) * p.nheads_q + bh) * rows_pad(p) + m0;
@@ -537,12 +699,14 @@ __device__ __forceinline__ void load_query_block(const fajit_bwd_params &p, cons
 }
 
 /* K and V of the key block at n0 of kv head h_kv into K stage s. */
-__device__ __forceinline__ void load_key_block(const fajit_bwd_params &p, const Tiles &t, long long b,
-                                               long long h_kv, int n0, int s, int tid) {
-    const elem_t *k = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + h_kv * p.k_stride[2];
-    const elem_t *v = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + h_kv * p.v_stride[2];
-    load_tile<FAJIT_BN, kLoadQK, kRowQK>(t.k + s * kKElems * 2, k, p.k_stride[1], n0, p.seqlen_k, tid);
-    load_tile<FAJIT_BN, kLoadV, kRowV>(t.v + s * kVElems * 2, v, p.v_stride[1], n0, p.seqlen_k, tid);
+__device__ __forceinline__ void load_key_block(const fajit_bwd_params &p, const Tiles &t, const Seq &seq,
+                                               long long b, long long h_kv, int n0, int s, int tid) {
+    const elem_t *k = static_cast<const elem_t *>(p.k) + b * p.k_stride[0] + seq.k_start * p.k_stride[1] +
+                      h_kv * p.k_stride[2];
+    const elem_t *v = static_cast<const elem_t *>(p.v) + b * p.v_stride[0] + seq.k_start * p.v_stride[1] +
+                      h_kv * p.v_stride[2];
+    load_tile<FAJIT_BN, kLoadQK, kRowQK>(t.k + s * kKElems * 2, k, p.k_stride[1], n0, seq_k(p, seq), tid);
+    load_tile<FAJIT_BN, kLoadV, kRowV>(t.v + s * kVElems * 2, v, p.v_stride[1], n0, seq_k(p, seq), tid);
 }
 
 /* ---------------------------------------------------------------- the three phases */
@@ -554,11 +718,32 @@ struct Step {
     bool mask;  /* elements need the per-element test */
 };
 
-/* Phase 1 for this warp's kSdpKeys x kSdpRows tile: P^T (when WriteP) and
- * dS^T, rounded, into smem. */
+
+/* x, the score in the log2 domain, of q.k = a (the forward's: scaled, or
+ * capped by tanh under softcap, whose dS/dx factor 1 - tanh^2 goes to grad). */
+__device__ __forceinline__ float score_of(float a, float scale, float cap2, float &grad) {
+    if constexpr (FAJIT_SOFTCAP) {
+        const float th = tanh_exp2(a * scale);
+        grad = fmaf(-th, th, 1.0f);
+        return th * cap2;
+    } else {
+        return a * scale;
+    }
+}
+
+/*
+ * Phase 1 for this warp's kSdpKeys x kSdpRows tile: P^T (when WriteP) and
+ * dS^T, rounded, into smem. With the features (reference_bwd.cuh's formulas,
+ * in the log2 domain of the forward): x = s q.k log2(e), or under softcap
+ * c log2(e) tanh(s q.k / c) with dS/dx's factor 1 - tanh^2; ALiBi adds
+ * -slope log2(e) |i + sk - sq - j|; P = exp2(x - lse2). Dropout: P^T is
+ * stored as P Z / dropout_scale (the kept P, 0 for dropped; write_dkdv scales
+ * dV) and dS = P (Z dP - D), Z = dropout_scale or 0 as the forward kept the
+ * element.
+ */
 template <bool WriteP>
-__device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles &t, const Step &st, int diag,
-                                          int warp, int lane) {
+__device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles &t, const Step &st, const Seq &seq,
+                                          int off, const Head &hd, int warp, int lane) {
     const int key0 = (warp / kSdp.wb) * kSdpKeys, row0 = (warp % kSdp.wb) * kSdpRows;
     float acc_s[kSdpMT][kSdpNT][4], acc_dp[kSdpMT][kSdpNT][4];
     zero(acc_s);
@@ -573,33 +758,58 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
     const float *lse2 = t.at<const float>(t.lse2) + st.sq * FAJIT_BM;
     const float *dd = t.at<const float>(t.d) + st.sq * FAJIT_BM;
     elem_t *sp = t.at<elem_t>(t.p), *sds = t.at<elem_t>(t.ds);
+    const float scale = FAJIT_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale_log2;
+    const float cap2 = FAJIT_SOFTCAP ? p.softcap * 1.4426950408889634f : 0.0f;
+    const unsigned threshold = FAJIT_DROPOUT ? fajit::dropout_threshold(p.dropout_p) : 0u;
 #pragma unroll
     for (int nt = 0; nt < kSdpNT; ++nt) {
         const int col = row0 + nt * 8 + (lane % 4) * 2; /* query row within the block */
         const float l0 = lse2[col], l1 = lse2[col + 1], d0 = dd[col], d1 = dd[col + 1];
 #pragma unroll
-        for (int mt = 0; mt < kSdpMT; ++mt)
+        for (int mt = 0; mt < kSdpMT; ++mt) {
+            unsigned keep = 0xfu;
+            if constexpr (FAJIT_DROPOUT)
+                keep = keep_bits(p, hd, threshold, st.n0 + key0 + mt * 16, st.m0 + row0 + nt * 8, lane);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int key = key0 + mt * 16 + half * 8 + lane / 4; /* within the block */
-                float x0 = acc_s[mt][nt][2 * half] * p.softmax_scale_log2;
-                float x1 = acc_s[mt][nt][2 * half + 1] * p.softmax_scale_log2;
+                float g0 = 1.0f, g1 = 1.0f;
+                float x0 = score_of(acc_s[mt][nt][2 * half], scale, cap2, g0);
+                float x1 = score_of(acc_s[mt][nt][2 * half + 1], scale, cap2, g1);
+                if constexpr (FAJIT_ALIBI) {
+                    const int dist = st.m0 + col + seq_k(p, seq) - seq_q(p, seq) - (st.n0 + key);
+                    x0 = fmaf(-hd.slope2, static_cast<float>(dist < 0 ? -dist : dist), x0);
+                    x1 = fmaf(-hd.slope2, static_cast<float>(dist + 1 < 0 ? -dist - 1 : dist + 1), x1);
+                }
                 if (st.mask) {
                     const int kg = st.n0 + key, rg = st.m0 + col;
-                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + diag))
+                    if (hidden(kg, rg, seq_k(p, seq), off))
                         x0 = fajit::neg_infinity();
-                    if (kg >= p.seqlen_k || (FAJIT_MASK != fajit::kMaskNone && kg > rg + 1 + diag))
+                    if (hidden(kg, rg + 1, seq_k(p, seq), off))
                         x1 = fajit::neg_infinity();
                 }
                 /* lse2 is +inf for rows that see no key: P = 0 there. */
-                const float p0 = fast_exp2(x0 - l0), p1 = fast_exp2(x1 - l1);
-                const float ds0 = p0 * (acc_dp[mt][nt][2 * half] - d0);
-                const float ds1 = p1 * (acc_dp[mt][nt][2 * half + 1] - d1);
+                float p0 = fast_exp2(x0 - l0), p1 = fast_exp2(x1 - l1);
+                float dp0 = acc_dp[mt][nt][2 * half], dp1 = acc_dp[mt][nt][2 * half + 1];
+                if constexpr (FAJIT_DROPOUT) {
+                    dp0 = keep >> (2 * half) & 1u ? dp0 * p.dropout_scale : 0.0f;
+                    dp1 = keep >> (2 * half + 1) & 1u ? dp1 * p.dropout_scale : 0.0f;
+                }
+                float ds0 = p0 * (dp0 - d0), ds1 = p1 * (dp1 - d1);
+                if constexpr (FAJIT_SOFTCAP) {
+                    ds0 *= g0;
+                    ds1 *= g1;
+                }
+                if constexpr (FAJIT_DROPOUT) {
+                    p0 = keep >> (2 * half) & 1u ? p0 : 0.0f;
+                    p1 = keep >> (2 * half + 1) & 1u ? p1 : 0.0f;
+                }
                 const int at = smem_at<kRowP>(key, 0) + col;
                 if constexpr (WriteP)
                     *reinterpret_cast<unsigned *>(sp + at) = pack2(p0, p1);
                 *reinterpret_cast<unsigned *>(sds + at) = pack2(ds0, ds1);
             }
+        }
     }
 }
 
@@ -645,19 +855,23 @@ __device__ __forceinline__ void dq_atomics(float *dq_head, const Tiles &t, int m
         }
 }
 
-/* dK (times softmax_scale) and dV of the block's keys below seqlen_k. */
-__device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, long long b, long long h_kv, int n0,
-                                          float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
+/* dK (times softmax_scale) and dV (times dropout_scale under dropout: P^T
+ * held the kept P unscaled) of the block's keys below the sequence's end. */
+__device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, const Seq &seq, long long b, long long h_kv,
+                                          int n0, float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
                                           int warp, int lane) {
     const int key0 = (warp / kKv.wb) * kKvKeys, cb = warp % kKv.wb;
-    elem_t *gk = static_cast<elem_t *>(p.grad_k) + b * p.grad_k_stride[0] + h_kv * p.grad_k_stride[2];
-    elem_t *gv = static_cast<elem_t *>(p.grad_v) + b * p.grad_v_stride[0] + h_kv * p.grad_v_stride[2];
+    const float dv_scale = FAJIT_DROPOUT ? p.dropout_scale : 1.0f;
+    elem_t *gk = static_cast<elem_t *>(p.grad_k) + b * p.grad_k_stride[0] + seq.k_start * p.grad_k_stride[1] +
+                 h_kv * p.grad_k_stride[2];
+    elem_t *gv = static_cast<elem_t *>(p.grad_v) + b * p.grad_v_stride[0] + seq.k_start * p.grad_v_stride[1] +
+                 h_kv * p.grad_v_stride[2];
 #pragma unroll
     for (int mt = 0; mt < kKvMT; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int key = n0 + key0 + mt * 16 + half * 8 + lane / 4;
-            if (key >= p.seqlen_k)
+            if (key >= seq_k(p, seq))
                 continue;
             elem_t *rk = gk + static_cast<long long>(key) * p.grad_k_stride[1] + cb * kKvQkCols + (lane % 4) * 2;
             elem_t *rv = gv + static_cast<long long>(key) * p.grad_v_stride[1] + cb * kKvVCols + (lane % 4) * 2;
@@ -669,7 +883,8 @@ __device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, long long 
 #pragma unroll
             for (int nt = 0; nt < kKvVNT; ++nt)
                 if (cb * kKvVCols + nt * 8 < FAJIT_DV)
-                    *reinterpret_cast<unsigned *>(rv + nt * 8) = pack2(dv[mt][nt][2 * half], dv[mt][nt][2 * half + 1]);
+                    *reinterpret_cast<unsigned *>(rv + nt * 8) =
+                        pack2(dv[mt][nt][2 * half] * dv_scale, dv[mt][nt][2 * half + 1] * dv_scale);
         }
 }
 
@@ -679,73 +894,79 @@ __device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, long long 
  * bwd and bwd-dkdv: a block per FAJIT_BN keys of one (batch, kv head), dK and
  * dV in registers, walking for each query head of the group the query blocks
  * that see any of its keys (iteration i: head h_kv * group + i / nmb, block
- * mb0 + i % nmb). WithDq (bwd) adds phase 3 into dq_acc; bwd-dkdv leaves dQ
- * to the query-major kernel.
+ * mb0 + i % nmb; masks and windows skip the others). WithDq (bwd) adds phase
+ * 3 into dq_acc; bwd-dkdv leaves dQ to the query-major kernel. Under varlen
+ * the grid covers the longest sequence; blocks past their sequence's keys
+ * leave at once.
  */
 template <bool WithDq>
 __device__ __forceinline__ void flash_bwd_key_major(const fajit_bwd_params &p, float *dq_acc, const float *stats,
                                                     elem_t *smem) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const long long b = blockIdx.z, h_kv = blockIdx.y;
-    const int n0 = blockIdx.x * FAJIT_BN, group = p.nheads_q / p.nheads_kv, diag = diag_of(p);
-    /* The first row seeing key n0 (visible ranges only move right). */
-    const int first_row = FAJIT_MASK == fajit::kMaskNone ? 0 : imax(0, n0 - diag);
-    const int mb0 = first_row / FAJIT_BM, nmb = imax(0, (p.seqlen_q + FAJIT_BM - 1) / FAJIT_BM - mb0);
+    const Seq seq = seq_of(p, b);
+    const int n0 = blockIdx.x * FAJIT_BN, group = p.nheads_q / p.nheads_kv;
+    if (FAJIT_VARLEN && n0 >= seq_k(p, seq))
+        return;
+    const int off = diag_of(seq_q(p, seq), seq_k(p, seq));
+    const Blocks qb = query_blocks_of(n0, seq_q(p, seq), off);
+    const int mb0 = qb.first, nmb = qb.count;
     const int iters = group * nmb;
     const Tiles t = tiles_of(smem);
     zero_pad_chunks(t, tid);
-    load_key_block(p, t, b, h_kv, n0, 0, tid); /* K and V stay throughout */
+    load_key_block(p, t, seq, b, h_kv, n0, 0, tid); /* K and V stay throughout */
 
     float dv[kKvMT][kKvVNT][4], dk[kKvMT][kKvQkNT][4];
     zero(dv);
     zero(dk);
-    auto head_of = [&](int i) { return h_kv * group + i / nmb; };
-    auto row_of = [&](int i) { return (mb0 + i % nmb) * FAJIT_BM; };
+    auto head_at = [&](int i) { return h_kv * group + i / nmb; };
+    auto row_at = [&](int i) { return (mb0 + i % nmb) * FAJIT_BM; };
     if constexpr (FAJIT_STAGES == 2) {
         if (iters > 0)
-            load_query_block(p, t, stats, b, head_of(0), row_of(0), 0, tid);
+            load_query_block(p, t, stats, seq, b, head_at(0), row_at(0), 0, tid);
     }
     cp_async_commit();
 
     for (int i = 0; i < iters; ++i) {
-        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, m0 = row_of(i);
-        const long long h = head_of(i);
+        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, m0 = row_at(i);
+        const long long h = head_at(i);
         if constexpr (FAJIT_STAGES == 1) {
             if (i > 0)
                 __syncthreads(); /* every warp is done with the single buffer */
-            load_query_block(p, t, stats, b, h, m0, 0, tid);
+            load_query_block(p, t, stats, seq, b, h, m0, 0, tid);
             cp_async_commit();
         }
         cp_async_wait<0>();
         __syncthreads(); /* block i landed for all; everyone is past block i - 1 */
         if constexpr (FAJIT_STAGES == 2) {
             if (i + 1 < iters)
-                load_query_block(p, t, stats, b, head_of(i + 1), row_of(i + 1), (i + 1) % 2, tid);
+                load_query_block(p, t, stats, seq, b, head_at(i + 1), row_at(i + 1), (i + 1) % 2, tid);
             cp_async_commit();
         }
-        const Step st{s, 0, n0, m0, tile_needs_mask(p, n0, m0, diag)};
-        sdp_phase<true>(p, t, st, diag, warp, lane);
+        const Step st{s, 0, n0, m0, tile_needs_mask(n0, m0, seq_k(p, seq), off)};
+        sdp_phase<true>(p, t, st, seq, off, head_of(p, b, h), warp, lane);
         __syncthreads(); /* P^T and dS^T complete */
         kv_phase(dv, dk, t, s, warp, lane);
         if constexpr (WithDq)
             dq_atomics(dq_acc_of(dq_acc, p, b * p.nheads_q + h), t, m0, warp, lane);
     }
     cp_async_wait<0>(); /* no copy may outlive the block */
-    write_dkdv(p, b, h_kv, n0, dv, dk, warp, lane);
+    write_dkdv(p, seq, b, h_kv, n0, dv, dk, warp, lane);
 }
 
 /* ---------------------------------------------------------------- the query-major kernel */
 
-/* grad_q = softmax_scale * acc for the block's rows below seqlen_q. */
-__device__ __forceinline__ void write_dq(const fajit_bwd_params &p, long long b, long long h, int m0,
+/* grad_q = softmax_scale * acc for the block's rows below the sequence's end. */
+__device__ __forceinline__ void write_dq(const fajit_bwd_params &p, const Seq &seq, long long b, long long h, int m0,
                                         float (&acc)[kDqMT][kDqNT][4], int warp, int lane) {
-    elem_t *g = static_cast<elem_t *>(p.grad_q) + b * p.grad_q_stride[0] + h * p.grad_q_stride[2];
+    elem_t *g = static_cast<elem_t *>(p.grad_q) + b * p.grad_q_stride[0] + seq.q_start * p.grad_q_stride[1] +
+                h * p.grad_q_stride[2];
 #pragma unroll
     for (int mt = 0; mt < kDqMT; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int row = m0 + dq_row(warp, lane, mt, half);
-            if (row >= p.seqlen_q)
+            if (row >= seq_q(p, seq))
                 continue;
 #pragma unroll
             for (int nt = 0; nt < kDqNT; ++nt) {
@@ -767,46 +988,47 @@ __device__ __forceinline__ void write_dq(const fajit_bwd_params &p, long long b,
 __device__ __forceinline__ void flash_bwd_query_major(const fajit_bwd_params &p, const float *stats, elem_t *smem) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const long long b = blockIdx.z, h = blockIdx.y, h_kv = h / (p.nheads_q / p.nheads_kv);
-    const int m0 = blockIdx.x * FAJIT_BM, diag = diag_of(p);
-    /* Keys the block's last row may see (visible ranges only move right). */
-    const int last_row = (m0 + FAJIT_BM < p.seqlen_q ? m0 + FAJIT_BM : p.seqlen_q) - 1;
-    const int key_end = FAJIT_MASK == fajit::kMaskNone ? p.seqlen_k
-                                                       : imax(0, last_row + diag + 1 < p.seqlen_k ? last_row + diag + 1
-                                                                                                  : p.seqlen_k);
-    const int n_tiles = (key_end + FAJIT_BN - 1) / FAJIT_BN;
+    const Seq seq = seq_of(p, b);
+    const int m0 = blockIdx.x * FAJIT_BM;
+    if (FAJIT_VARLEN && m0 >= seq_q(p, seq))
+        return;
+    const int off = diag_of(seq_q(p, seq), seq_k(p, seq));
+    const Blocks kt = key_tiles_of(m0, seq_q(p, seq), seq_k(p, seq), off);
+    const int n_tiles = kt.count, nb0 = kt.first * FAJIT_BN;
+    const Head hd = head_of(p, b, h);
     const Tiles t = tiles_of(smem);
     zero_pad_chunks(t, tid);
-    load_query_block(p, t, stats, b, h, m0, 0, tid);
+    load_query_block(p, t, stats, seq, b, h, m0, 0, tid);
     if constexpr (FAJIT_STAGES == 2) {
         if (n_tiles > 0)
-            load_key_block(p, t, b, h_kv, 0, 0, tid);
+            load_key_block(p, t, seq, b, h_kv, nb0, 0, tid);
     }
     cp_async_commit();
 
     float acc[kDqMT][kDqNT][4];
     zero(acc);
     for (int i = 0; i < n_tiles; ++i) {
-        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, n0 = i * FAJIT_BN;
+        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, n0 = nb0 + i * FAJIT_BN;
         if constexpr (FAJIT_STAGES == 1) {
             if (i > 0)
                 __syncthreads(); /* every warp is done with the single K/V buffer */
-            load_key_block(p, t, b, h_kv, n0, 0, tid);
+            load_key_block(p, t, seq, b, h_kv, n0, 0, tid);
             cp_async_commit();
         }
         cp_async_wait<0>();
         __syncthreads(); /* tile i landed for all; everyone is past tile i - 1 */
         if constexpr (FAJIT_STAGES == 2) {
             if (i + 1 < n_tiles)
-                load_key_block(p, t, b, h_kv, n0 + FAJIT_BN, (i + 1) % 2, tid);
+                load_key_block(p, t, seq, b, h_kv, n0 + FAJIT_BN, (i + 1) % 2, tid);
             cp_async_commit();
         }
-        const Step st{0, s, n0, m0, tile_needs_mask(p, n0, m0, diag)};
-        sdp_phase<false>(p, t, st, diag, warp, lane);
+        const Step st{0, s, n0, m0, tile_needs_mask(n0, m0, seq_k(p, seq), off)};
+        sdp_phase<false>(p, t, st, seq, off, hd, warp, lane);
         __syncthreads(); /* dS^T complete */
         dq_phase(acc, t, s, warp, lane);
     }
     cp_async_wait<0>();
-    write_dq(p, b, h, m0, acc, warp, lane);
+    write_dq(p, seq, b, h, m0, acc, warp, lane);
 }
 
 /* ---------------------------------------------------------------- pre and post */
@@ -825,13 +1047,15 @@ __device__ __forceinline__ float dot_chunk(U4 a, U4 b) {
 __device__ __forceinline__ void flash_bwd_pre(const fajit_bwd_params &p, float *dq_acc, float *stats) {
     const int tid = threadIdx.x;
     const long long b = blockIdx.z, h = blockIdx.y, bh = b * p.nheads_q + h;
+    const Seq seq = seq_of(p, b);
     const int r0 = blockIdx.x * FAJIT_BM, row = r0 + tid / kPreLanes, part = tid % kPreLanes;
     float acc = 0.0f;
-    if (row < p.seqlen_q) {
-        const elem_t *o = static_cast<const elem_t *>(p.o) + b * p.o_stride[0] + row * p.o_stride[1] +
+    if (row < seq_q(p, seq)) {
+        const long long at = seq.q_start + row;
+        const elem_t *o = static_cast<const elem_t *>(p.o) + b * p.o_stride[0] + at * p.o_stride[1] +
                           h * p.o_stride[2];
         const elem_t *dout = static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] +
-                             row * p.grad_out_stride[1] + h * p.grad_out_stride[2];
+                             at * p.grad_out_stride[1] + h * p.grad_out_stride[2];
         for (int c = part; c < kLoadV; c += kPreLanes)
             acc += dot_chunk(ld_global_16(dout + c * 8), ld_global_16(o + c * 8));
     }
@@ -840,13 +1064,13 @@ __device__ __forceinline__ void flash_bwd_pre(const fajit_bwd_params &p, float *
         acc += __shfl_xor_sync(fajit::kFullWarp, acc, off);
     if (part == 0) {
         float lse2 = pos_infinity(); /* padding rows and rows that see no key: P = 0 */
-        if (row < p.seqlen_q) {
-            const float lse = p.lse[bh * p.seqlen_q + row];
+        if (row < seq_q(p, seq)) {
+            const float lse = p.lse[lse_row0(p, seq, b, h) + row];
             if (lse != fajit::neg_infinity())
                 lse2 = lse * 1.4426950408889634f;
         }
         lse2_of(stats, p, bh)[row] = lse2;
-        d_of(stats, p, bh)[row] = row < p.seqlen_q ? acc : 0.0f;
+        d_of(stats, p, bh)[row] = row < seq_q(p, seq) ? acc : 0.0f;
     }
     /* The block's rows of the dQ accumulator (contiguous), when there is one
      * (deterministic mode has none). */
@@ -860,12 +1084,14 @@ __device__ __forceinline__ void flash_bwd_pre(const fajit_bwd_params &p, float *
 __device__ __forceinline__ void flash_bwd_post(const fajit_bwd_params &p, const float *dq_acc) {
     const int tid = threadIdx.x;
     const long long b = blockIdx.z, h = blockIdx.y, bh = b * p.nheads_q + h;
+    const Seq seq = seq_of(p, b);
     const int r0 = blockIdx.x * FAJIT_BM;
     const float *src = dq_acc + bh * rows_pad(p) * kDqk;
-    elem_t *dst = static_cast<elem_t *>(p.grad_q) + b * p.grad_q_stride[0] + h * p.grad_q_stride[2];
+    elem_t *dst = static_cast<elem_t *>(p.grad_q) + b * p.grad_q_stride[0] + seq.q_start * p.grad_q_stride[1] +
+                  h * p.grad_q_stride[2];
     for (int i = tid; i < FAJIT_BM * kLoadQK; i += kThreads) {
         const int row = r0 + i / kLoadQK, c = i % kLoadQK;
-        if (row >= p.seqlen_q)
+        if (row >= seq_q(p, seq))
             break; /* i only grows */
         const U4 a = ld_global_16(src + static_cast<long long>(row) * kDqk + c * 8);
         const U4 e = ld_global_16(src + static_cast<long long>(row) * kDqk + c * 8 + 4);

@@ -32,7 +32,7 @@
 #include "runtime/runtime.h"
 
 #define COMPILE_THREADS 2
-#define MAX_JOBS 96
+#define MAX_JOBS 128
 
 typedef struct job {
     fajit__variant v;
@@ -76,6 +76,59 @@ static void add_job(job *jobs, size_t *n, fajit__variant v, int expect_refusal)
     ++*n;
 }
 
+/* The forward's features, one bit each. */
+enum { F_WINDOW = 1, F_SOFTCAP = 2, F_ALIBI = 4, F_DROPOUT = 8, F_VARLEN = 16, F_ALL = 31, F_COUNT = 5 };
+
+/* A variant with features: the window has both sides without a mask and the
+ * left one under a causal mask (the runtime drops a right one there); pre and
+ * post take only varlen, as fajit__flash_bwd_variants makes them. */
+static fajit__variant feature_variant(int op, int d, int dtype, int mask, int arch, int features)
+{
+    const int side = op == FAJIT__OP_BWD_PRE || op == FAJIT__OP_BWD_POST;
+    fajit__variant v;
+    fajit__variant_defaults(&v);
+    v.op = op;
+    v.dqk = v.dv = d;
+    v.dtype = dtype;
+    v.mask = side ? FAJIT_MASK_NONE : mask;
+    if ((features & F_WINDOW) && !side) {
+        v.window_left = 32;
+        v.window_right = mask == FAJIT_MASK_NONE ? 16 : -1;
+    }
+    v.softcap = !side && (features & F_SOFTCAP) != 0;
+    v.alibi = !side && (features & F_ALIBI) != 0;
+    v.dropout = !side && (features & F_DROPOUT) != 0;
+    v.varlen = (features & F_VARLEN) != 0;
+    v.arch = arch;
+    v.arch_suffix = 0;
+    fajit__flash_bwd_tiles(&v);
+    return v;
+}
+
+/* Each feature alone: bwd on sm_90 and sm_80 (head dims 64 and 128, masks
+ * in turn), deterministic mode's bwd-dkdv and bwd-dq on one arch each; every
+ * feature together for the three main kernels on both archs (d 128, and d 256
+ * for bwd on sm_90); pre and post under varlen. */
+static size_t add_feature_jobs(job *jobs, size_t n)
+{
+    for (int f = 0; f < F_COUNT; ++f) {
+        const int feature = 1 << f, d = f % 2 ? 64 : 128, mask = f % 3;
+        add_job(jobs, &n, feature_variant(FAJIT__OP_BWD, d, f % 2, mask, 90, feature), 0);
+        add_job(jobs, &n, feature_variant(FAJIT__OP_BWD, d, (f + 1) % 2, (f + 1) % 3, 80, feature), 0);
+        add_job(jobs, &n, feature_variant(FAJIT__OP_BWD_DKDV, d, f % 2, mask, f % 2 ? 80 : 90, feature), 0);
+        add_job(jobs, &n, feature_variant(FAJIT__OP_BWD_DQ, d, f % 2, mask, f % 2 ? 90 : 80, feature), 0);
+    }
+    for (int arch = 80; arch <= 90; arch += 10)
+        for (int op = FAJIT__OP_BWD_DKDV; op <= FAJIT__OP_BWD_DQ + 1; ++op) {
+            const int o = op == FAJIT__OP_BWD_DQ + 1 ? FAJIT__OP_BWD : op;
+            add_job(jobs, &n, feature_variant(o, 128, arch == 90, arch == 90 ? 1 : 0, arch, F_ALL), 0);
+        }
+    add_job(jobs, &n, feature_variant(FAJIT__OP_BWD, 256, 1, 2, 90, F_ALL), 0);
+    add_job(jobs, &n, feature_variant(FAJIT__OP_BWD_PRE, 72, 0, 0, 90, F_VARLEN), 0);
+    add_job(jobs, &n, feature_variant(FAJIT__OP_BWD_POST, 72, 1, 0, 80, F_VARLEN), 0);
+    return n;
+}
+
 /* Main-kernel head dims: each tile configuration of the heuristic, odd
  * chunk counts (d % 16 == 8), dqk != dv both ways. */
 static const int main_dims[][2] = {{8, 8},     {32, 32},   {64, 64},   {72, 72},   {128, 128},
@@ -104,8 +157,9 @@ static size_t build_jobs(job *jobs)
                     flash_variant(op, det_dims[d][0], det_dims[d][1], (int)(d % 2), (int)(d + (size_t)op) % 3,
                                   (d + (size_t)op) % 2 ? 80 : 90),
                     0);
+    n = add_feature_jobs(jobs, n);
     fajit__variant v = flash_variant(FAJIT__OP_BWD, 64, 64, 0, 0, 90);
-    v.dropout = 1; /* no dropout yet: refuse, not ignore */
+    v.paged = 1; /* no paged KV: refuse, not ignore */
     add_job(jobs, &n, v, 1);
     return n;
 }
@@ -140,7 +194,7 @@ static void run_job(job *j)
     if (j->expect_refusal) {
         j->ok = !compiled && strstr(j->why, "not implemented") != NULL;
         if (compiled)
-            snprintf(j->why, sizeof j->why, "compiled, but the fast backward has no dropout");
+            snprintf(j->why, sizeof j->why, "compiled, but the fast backward has no paged KV");
         return;
     }
     if (!compiled)
@@ -232,12 +286,77 @@ static int check_tiles_fit(void)
     return bad == 0;
 }
 
+/* fajit__flash_bwd_variants derives the main kernel's mask and window as
+ * the forward does (normalised: the forward compiled that mask), its other
+ * features from the arguments, and pre/post with varlen only. */
+static int check_variants(void)
+{
+    static const struct {
+        int mask, wl, wr, sq, sk;   /* arguments */
+        int want_mask, want_wl, want_wr;
+    } cases[] = {
+        {0, 5, 0, 100, 100, 1, 5, -1},    /* right window 0, no mask: the causal mask */
+        {1, 5, 3, 100, 100, 1, 5, -1},    /* right window under causal: implied */
+        {0, 200, 7, 100, 150, 0, -1, 7},  /* left past every key */
+        {2, 99, -1, 100, 150, 2, -1, -1}, /* top-left: the diagonal is the row */
+        {0, -1, 99, 100, 150, 0, -1, -1}, /* right past every key */
+        {0, 10, 20, 100, 120, 0, 10, 20}, /* kept */
+        {2, 10, 4, 100, 120, 2, 10, -1},
+    };
+    static const float slopes[1];
+    static const int32_t cu[2];
+    int bad = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i)
+        for (int det = 0; det < 2; ++det) {
+            fajit_attn_bwd_args a;
+            fajit__variant v[3];
+            fajit_attn_bwd_args_init(&a);
+            a.dqk = a.dv = 64;
+            a.mask = cases[i].mask;
+            a.window_left = cases[i].wl;
+            a.window_right = cases[i].wr;
+            a.seqlen_q = cases[i].sq;
+            a.seqlen_k = cases[i].sk;
+            a.deterministic = det;
+            a.softcap = i % 2 ? 5.0f : 0.0f;
+            a.alibi_slopes = i % 3 ? slopes : NULL;
+            a.dropout_p = i % 2 ? 0.0f : 0.25f;
+            a.cu_seqlens_q = a.cu_seqlens_k = i % 4 == 1 ? cu : NULL;
+            fajit__flash_bwd_variants(&a, 90, v);
+            const int varlen = a.cu_seqlens_q != NULL;
+            int ok = v[1].mask == cases[i].want_mask && v[1].window_left == cases[i].want_wl &&
+                     v[1].window_right == cases[i].want_wr && v[1].softcap == (a.softcap != 0.0f) &&
+                     v[1].alibi == (a.alibi_slopes != NULL) && v[1].dropout == (a.dropout_p > 0.0f) &&
+                     v[1].varlen == varlen && v[2].op == (det ? FAJIT__OP_BWD_DQ : FAJIT__OP_BWD_POST);
+            for (int k = 0; k < 3; k += 2) {
+                const int side = v[k].op != FAJIT__OP_BWD_DQ;
+                const fajit__variant *x = side ? &v[k] : &v[1];
+                ok = ok && x->mask == v[k].mask && x->window_left == v[k].window_left &&
+                     x->window_right == v[k].window_right && x->softcap == v[k].softcap &&
+                     x->alibi == v[k].alibi && x->dropout == v[k].dropout && v[k].varlen == varlen &&
+                     (!side || (v[k].mask == 0 && v[k].window_left == -1 && v[k].window_right == -1 &&
+                                !v[k].softcap && !v[k].alibi && !v[k].dropout));
+            }
+            if (!ok) {
+                char text[FAJIT__VARIANT_TEXT_MAX];
+                fajit__variant_format(&v[1], text, sizeof text);
+                printf("FAIL variants for mask=%d window=%d,%d sq=%d sk=%d det=%d: %s\n", cases[i].mask,
+                       cases[i].wl, cases[i].wr, cases[i].sq, cases[i].sk, det, text);
+                bad++;
+            }
+        }
+    printf("%s fajit__flash_bwd_variants: normalised mask and window, features on the main kernels, "
+           "pre/post varlen only (%zu calls, %d wrong)\n",
+           bad ? "FAIL" : "ok  ", 2 * sizeof cases / sizeof cases[0], bad);
+    return bad == 0;
+}
+
 int main(void)
 {
     int major = 0, minor = 0;
     nvrtcVersion(&major, &minor);
     printf("NVRTC %d.%d, %d threads\n", major, minor, COMPILE_THREADS);
-    size_t failures = !check_op_numbers() + !check_tiles_fit();
+    size_t failures = !check_op_numbers() + !check_tiles_fit() + !check_variants();
 
     static job jobs[MAX_JOBS];
     pool p = {.jobs = jobs, .n = build_jobs(jobs), .next = 0};

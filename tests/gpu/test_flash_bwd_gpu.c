@@ -44,24 +44,80 @@
 #include "runtime/flash_bwd.h"
 #include "runtime/runtime.h"
 
+#define MAX_SEQS 8
+
+/* The forward's features, passed alike to the forward and the backward. */
+typedef struct ffeat {
+    int wl, wr;            /* window; -1 unbounded */
+    float softcap;         /* 0: off */
+    int alibi;             /* 0 off, 1 slopes per head, 2 per batch and head */
+    float p;               /* dropout */
+    uint64_t seed, offset;
+    int nseq;              /* varlen when > 0: the attn_shape has batch 1 and the total lengths */
+    int lens_q[MAX_SEQS], lens_k[MAX_SEQS];
+} ffeat;
+
 typedef struct fcase {
     attn_shape s;
     int det; /* deterministic mode: bwd-dkdv + bwd-dq, RUNS runs bit-identical */
+    ffeat f;
 } fcase;
 
+/* Host arrays of a case's features: ALiBi slopes, varlen's prefix sums and
+ * longest sequences. */
+typedef struct case_host {
+    float slopes[MAX_SEQS * 16];
+    int32_t cu_q[MAX_SEQS + 1], cu_k[MAX_SEQS + 1];
+    int64_t max_q, max_k;
+} case_host;
+
 #define RUNS 3
+#define MAX_CASES 128
 
 /* ---------------------------------------------------------------- the grid */
 
 static fcase make_case(int dqk, int dv, int dtype, int mask, int64_t b, int64_t sq, int64_t sk, int64_t hq,
                        int64_t hkv) {
     fcase c = {.s = {.batch = b, .seqlen_q = sq, .seqlen_k = sk, .nheads_q = hq, .nheads_kv = hkv, .dqk = dqk,
-                     .dv = dv, .dtype = dtype, .mask = mask, .softmax_scale = 0.0f}};
+                     .dv = dv, .dtype = dtype, .mask = mask, .softmax_scale = 0.0f},
+               .f = {.wl = -1, .wr = -1}};
     return c;
 }
 
 static const int head_dims[][2] = {{32, 32}, {64, 64}, {72, 72}, {128, 128}, {200, 200}, {256, 256}, {192, 128}};
 #define N_HEAD_DIMS (sizeof head_dims / sizeof head_dims[0])
+
+static fcase window(fcase c, int left, int right) {
+    c.f.wl = left, c.f.wr = right;
+    return c;
+}
+
+static fcase dropout(fcase c, float p, uint64_t seed, uint64_t offset) {
+    c.f.p = p, c.f.seed = seed, c.f.offset = offset;
+    return c;
+}
+
+/* c made varlen over n sequences: batch 1 with the total lengths. */
+static fcase varlen(fcase c, const int *lq, const int *lk, int n) {
+    c.f.nseq = n;
+    c.s.batch = 1;
+    c.s.seqlen_q = c.s.seqlen_k = 0;
+    for (int b = 0; b < n; ++b) {
+        c.f.lens_q[b] = lq[b], c.f.lens_k[b] = lk[b];
+        c.s.seqlen_q += lq[b], c.s.seqlen_k += lk[b];
+    }
+    return c;
+}
+
+/* Window, softcap, ALiBi per batch and head and dropout at once. */
+static fcase all_features(fcase c, int left, int right) {
+    c = window(c, left, right);
+    c.f.softcap = 15.0f;
+    c.f.alibi = 2;
+    return dropout(c, 0.17f, 0x5eed0000u + (uint64_t)c.s.dqk, (1ull << 32) + 5);
+}
+
+static fcase det_case(fcase c);
 
 /* A few small cases, every mode and kernel path, for compute-sanitizer. */
 static size_t quick_grid(fcase *cs, size_t cap) {
@@ -71,11 +127,18 @@ static size_t quick_grid(fcase *cs, size_t cap) {
         {.s = {.batch = 1, .seqlen_q = 113, .seqlen_k = 256, .nheads_q = 4, .nheads_kv = 2, .dqk = 128, .dv = 128,
                .dtype = 0, .mask = 1}, .det = 1},
         {.s = {.batch = 1, .seqlen_q = 130, .seqlen_k = 70, .nheads_q = 2, .nheads_kv = 1, .dqk = 192, .dv = 128,
-               .dtype = 1, .mask = 2}, .det = 1},
+               .dtype = 1, .mask = 2}, .det = 1, .f = {.wl = -1, .wr = -1}},
     };
+    static const int lq[] = {0, 1, 17, 140}, lk[] = {5, 0, 33, 70};
     size_t n = 0;
     for (; n < sizeof quick / sizeof quick[0] && n < cap; ++n)
         cs[n] = quick[n];
+    if (n + 2 <= cap) { /* every feature at once, dense and varlen */
+        fcase c = all_features(make_case(64, 64, 0, 0, 1, 150, 200, 4, 2), 40, 20);
+        cs[n++] = c;
+        c = all_features(make_case(128, 128, 1, 1, 1, 0, 0, 4, 2), 30, -1);
+        cs[n++] = det_case(varlen(c, lq, lk, 4));
+    }
     return n;
 }
 
@@ -83,6 +146,46 @@ static size_t quick_grid(fcase *cs, size_t cap) {
 static fcase det_case(fcase c) {
     c.det = 1;
     return c;
+}
+
+/* Each feature with and without a causal mask, GQA/MQA, seqlen_q != seqlen_k,
+ * fp16 and bf16, some in deterministic mode; then all of them together. */
+static size_t feature_grid(fcase *cs, size_t n, size_t cap) {
+    static const int lq[] = {0, 1, 17, 113, 64, 3}, lk[] = {5, 0, 1, 150, 64, 200};
+    static const int lq2[] = {33, 0, 1, 70, 300}, lk2[] = {33, 0, 1, 70, 129};
+    const fcase f[] = {
+        window(make_case(64, 64, 0, 0, 2, 113, 256, 8, 2), 16, 7),
+        window(make_case(128, 128, 1, 1, 2, 256, 113, 4, 1), 5, -1),
+        det_case(window(make_case(72, 72, 0, 0, 1, 200, 200, 4, 2), 0, 0)), /* the causal mask + left 0 */
+        window(make_case(64, 64, 1, 0, 2, 90, 300, 4, 4), -1, 3),
+        det_case(window(make_case(128, 128, 0, 2, 1, 300, 150, 4, 2), 40, -1)),
+        window(make_case(256, 256, 1, 0, 1, 1023, 1023, 2, 1), 100, 60),
+        window(make_case(192, 128, 0, 1, 1, 700, 900, 4, 1), 130, -1),
+        {.s = {.batch = 2, .seqlen_q = 113, .seqlen_k = 256, .nheads_q = 8, .nheads_kv = 2, .dqk = 64, .dv = 64,
+               .dtype = 0, .mask = 0}, .f = {.wl = -1, .wr = -1, .softcap = 30.0f}},
+        det_case((fcase){.s = {.batch = 2, .seqlen_q = 256, .seqlen_k = 113, .nheads_q = 4, .nheads_kv = 1,
+                               .dqk = 128, .dv = 128, .dtype = 1, .mask = 1}, .f = {.wl = -1, .wr = -1, .softcap = 5.0f}}),
+        {.s = {.batch = 2, .seqlen_q = 100, .seqlen_k = 90, .nheads_q = 8, .nheads_kv = 2, .dqk = 64, .dv = 64,
+               .dtype = 1, .mask = 0}, .f = {.wl = -1, .wr = -1, .alibi = 1}},
+        det_case((fcase){.s = {.batch = 2, .seqlen_q = 90, .seqlen_k = 200, .nheads_q = 4, .nheads_kv = 1,
+                               .dqk = 128, .dv = 128, .dtype = 0, .mask = 1}, .f = {.wl = -1, .wr = -1, .alibi = 2}}),
+        {.s = {.batch = 2, .seqlen_q = 150, .seqlen_k = 120, .nheads_q = 4, .nheads_kv = 2, .dqk = 192, .dv = 128,
+               .dtype = 0, .mask = 2}, .f = {.wl = 20, .wr = 4, .alibi = 1}},
+        dropout(make_case(64, 64, 0, 0, 2, 120, 100, 8, 2), 0.17f, 0xfeedface12345678ull, (5ull << 32) + 3),
+        det_case(dropout(make_case(128, 128, 1, 1, 2, 100, 257, 4, 1), 0.5f, 42, 7)),
+        dropout(make_case(72, 72, 0, 2, 1, 256, 256, 4, 1), 0.17f, 1234, 0),
+        det_case(dropout(make_case(256, 256, 1, 0, 1, 64, 200, 2, 2), 0.1f, 99, 1ull << 33)),
+        varlen(make_case(64, 64, 0, 1, 1, 0, 0, 4, 2), lq, lk, 6),
+        det_case(varlen(make_case(128, 128, 1, 0, 1, 0, 0, 4, 1), lq, lk, 6)),
+        varlen(make_case(72, 72, 0, 2, 1, 0, 0, 2, 2), lq2, lk2, 5),
+        all_features(make_case(128, 128, 0, 0, 2, 65, 90, 4, 2), 40, 20),
+        det_case(varlen(all_features(make_case(64, 64, 1, 1, 1, 0, 0, 4, 2), 20, -1), lq, lk, 6)),
+        det_case(all_features(make_case(256, 256, 0, 2, 1, 200, 150, 2, 1), 50, -1)),
+        varlen(all_features(make_case(128, 128, 1, 0, 1, 0, 0, 8, 2), 30, 10), lq2, lk2, 5),
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0] && n < cap; ++i)
+        cs[n++] = f[i];
+    return n;
 }
 
 static size_t build_grid(fcase *cs, size_t cap) {
@@ -112,7 +215,7 @@ static size_t build_grid(fcase *cs, size_t cap) {
         cs[n++] = det_case(make_case(64, 64, 1, 0, 2, 5, 0, 4, 2));
         cs[n++] = det_case(make_case(128, 128, 0, 1, 2, 0, 7, 4, 2));
     }
-    return n;
+    return feature_grid(cs, n, cap);
 }
 
 /* ---------------------------------------------------------------- the naive backward */
@@ -221,7 +324,8 @@ out:
 
 typedef struct device_buffers {
     void *in, *o, *dout, *grads;
-    float *lse;
+    float *lse, *slopes;
+    int32_t *cu_q, *cu_k;
 } device_buffers;
 
 static void free_buffers(device_buffers *d) {
@@ -230,7 +334,73 @@ static void free_buffers(device_buffers *d) {
     cudaFree(d->dout);
     cudaFree(d->grads);
     cudaFree(d->lse);
+    cudaFree(d->slopes);
+    cudaFree(d->cu_q);
+    cudaFree(d->cu_k);
 }
+
+/* ---------------------------------------------------------------- features */
+
+static int has_features(const fcase *c) {
+    return c->f.wl >= 0 || c->f.wr >= 0 || c->f.softcap != 0.0f || c->f.alibi || c->f.p > 0.0f || c->f.nseq > 0;
+}
+
+static uint64_t next_u64(uint64_t *state) {
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* ALiBi's slopes 2^-1 .. 2^-8 at random, varlen's prefix sums and maxima. */
+static void make_case_host(const fcase *c, uint64_t seed, case_host *h) {
+    uint64_t state = seed;
+    memset(h, 0, sizeof *h);
+    for (size_t i = 0; i < sizeof h->slopes / sizeof h->slopes[0]; ++i)
+        h->slopes[i] = ldexpf(1.0f, -1 - (int)(next_u64(&state) % 8));
+    for (int b = 0; b < c->f.nseq; ++b) {
+        h->cu_q[b + 1] = h->cu_q[b] + c->f.lens_q[b];
+        h->cu_k[b + 1] = h->cu_k[b] + c->f.lens_k[b];
+        h->max_q = c->f.lens_q[b] > h->max_q ? c->f.lens_q[b] : h->max_q;
+        h->max_k = c->f.lens_k[b] > h->max_k ? c->f.lens_k[b] : h->max_k;
+    }
+}
+
+static void host_features(const fcase *c, const case_host *h, bwd_features *f) {
+    bwd_features_none(f);
+    f->window_left = c->f.wl, f->window_right = c->f.wr;
+    f->softcap = c->f.softcap;
+    if (c->f.alibi) {
+        f->alibi_slopes = h->slopes;
+        f->alibi_batch_stride = c->f.alibi == 2 ? c->s.nheads_q : 0;
+    }
+    f->dropout_p = c->f.p, f->dropout_seed = c->f.seed, f->dropout_offset = c->f.offset;
+    if (c->f.nseq > 0)
+        f->cu_seqlens_q = h->cu_q, f->cu_seqlens_k = h->cu_k, f->nseq = c->f.nseq;
+}
+
+/* The features and (varlen) the launch's shape, written into either
+ * argument struct: batch = the sequences, seqlen_q/k = the longest. */
+#define SET_FEATURES(a, c, h, d)                                                                  \
+    do {                                                                                          \
+        (a)->window_left = (c)->f.wl;                                                             \
+        (a)->window_right = (c)->f.wr;                                                            \
+        (a)->softcap = (c)->f.softcap;                                                            \
+        if ((c)->f.alibi) {                                                                       \
+            (a)->alibi_slopes = (d)->slopes;                                                      \
+            (a)->alibi_batch_stride = (c)->f.alibi == 2 ? (c)->s.nheads_q : 0;                    \
+        }                                                                                         \
+        (a)->dropout_p = (c)->f.p;                                                                \
+        (a)->dropout_seed = (c)->f.seed;                                                          \
+        (a)->dropout_offset = (c)->f.offset;                                                      \
+        if ((c)->f.nseq > 0) {                                                                    \
+            (a)->batch = (c)->f.nseq;                                                             \
+            (a)->seqlen_q = (h)->max_q;                                                           \
+            (a)->seqlen_k = (h)->max_k;                                                           \
+            (a)->cu_seqlens_q = (d)->cu_q;                                                        \
+            (a)->cu_seqlens_k = (d)->cu_k;                                                        \
+        }                                                                                         \
+    } while (0)
 
 static int cuda_failed(cudaError_t e, const char *what, char *why, size_t cap) {
     if (e == cudaSuccess)
@@ -239,10 +409,18 @@ static int cuda_failed(cudaError_t e, const char *what, char *why, size_t cap) {
     return 1;
 }
 
-static int prepare_device(const bwd_problem *bp, size_t lse_elems, device_buffers *d, char *why, size_t cap) {
+static int prepare_device(const bwd_problem *bp, const case_host *h, size_t lse_elems, device_buffers *d, char *why,
+                          size_t cap) {
     const attn_problem *p = bp->fwd;
     memset(d, 0, sizeof *d);
-    return cuda_failed(cudaMalloc(&d->in, p->in_elems * 2 + 16), "cudaMalloc", why, cap) ||
+    return cuda_failed(cudaMalloc((void **)&d->slopes, sizeof h->slopes), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMalloc((void **)&d->cu_q, sizeof h->cu_q), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMalloc((void **)&d->cu_k, sizeof h->cu_k), "cudaMalloc", why, cap) ||
+           cuda_failed(cudaMemcpy(d->slopes, h->slopes, sizeof h->slopes, cudaMemcpyHostToDevice), "cudaMemcpy", why,
+                       cap) ||
+           cuda_failed(cudaMemcpy(d->cu_q, h->cu_q, sizeof h->cu_q, cudaMemcpyHostToDevice), "cudaMemcpy", why, cap) ||
+           cuda_failed(cudaMemcpy(d->cu_k, h->cu_k, sizeof h->cu_k, cudaMemcpyHostToDevice), "cudaMemcpy", why, cap) ||
+           cuda_failed(cudaMalloc(&d->in, p->in_elems * 2 + 16), "cudaMalloc", why, cap) ||
            cuda_failed(cudaMalloc(&d->o, p->o_elems * 2 + 16), "cudaMalloc", why, cap) ||
            cuda_failed(cudaMalloc(&d->dout, p->o_elems * 2 + 16), "cudaMalloc", why, cap) ||
            cuda_failed(cudaMalloc(&d->grads, p->in_elems * 2 + 16), "cudaMalloc", why, cap) ||
@@ -340,6 +518,31 @@ static void fill_bwd(const attn_shape *s, const attn_problem *p, const void *in,
     bp->softmax_scale_log2 = bp->softmax_scale * 1.4426950408889634f;
 }
 
+/* The features into the arguments and params, as attn_bwd.c fills them
+ * (varlen: the sequences as the batch, the longest lengths, batch strides 0). */
+static void apply_features(const fcase *c, const case_host *h, const device_buffers *d, fajit_attn_bwd_args *a,
+                           struct fajit_bwd_params *bp) {
+    SET_FEATURES(a, c, h, d);
+    bp->softcap = a->softcap;
+    bp->dropout_p = a->dropout_p;
+    bp->dropout_scale = 1.0f / (1.0f - a->dropout_p);
+    bp->dropout_seed = a->dropout_seed;
+    bp->dropout_offset = a->dropout_offset;
+    bp->alibi_slopes = a->alibi_slopes;
+    bp->alibi_batch_stride = a->alibi_batch_stride;
+    bp->cu_seqlens_q = a->cu_seqlens_q;
+    bp->cu_seqlens_k = a->cu_seqlens_k;
+    if (c->f.nseq > 0) {
+        int64_t *st[8] = {bp->q_stride,        bp->k_stride,      bp->v_stride,      bp->o_stride,
+                          bp->grad_out_stride, bp->grad_q_stride, bp->grad_k_stride, bp->grad_v_stride};
+        bp->batch = (int)a->batch;
+        bp->seqlen_q = (int)a->seqlen_q;
+        bp->seqlen_k = (int)a->seqlen_k;
+        for (int i = 0; i < 8; ++i)
+            st[i][0] = 0;
+    }
+}
+
 /* The CUDA context the runtime would launch in (the caller's, made current
  * by the CUDA runtime), and its arch. */
 typedef struct launch_env {
@@ -363,8 +566,8 @@ static int get_env(fajit_ctx *ctx, launch_env *env) {
 
 /* Forward on the device, O and LSE downloaded, the fp64 backward and the
  * naive one's errors. */
-static int run_forward(fajit_ctx *ctx, const fcase *c, bwd_problem *bp, const device_buffers *d, size_t lse_elems,
-                       double naive_err[3], char *why, size_t cap) {
+static int run_forward(fajit_ctx *ctx, const fcase *c, const case_host *h, bwd_problem *bp, const device_buffers *d,
+                       size_t lse_elems, double naive_err[3], char *why, size_t cap) {
     const attn_problem *p = bp->fwd;
     uint16_t *o = malloc(p->o_elems * 2 + 16);
     float *lse = malloc(lse_elems * 4 + 16);
@@ -375,6 +578,7 @@ static int run_forward(fajit_ctx *ctx, const fcase *c, bwd_problem *bp, const de
         goto out;
     }
     fill_fwd_args(&c->s, p, d->in, d->o, d->lse, &a);
+    SET_FEATURES(&a, c, h, d);
     if ((rc = fajit_attn_fwd(ctx, &a, NULL)) != FAJIT_OK) {
         snprintf(why, cap, "fajit_attn_fwd: %s: %s", fajit_strerror(rc), fajit_last_error());
         goto out;
@@ -383,8 +587,14 @@ static int run_forward(fajit_ctx *ctx, const fcase *c, bwd_problem *bp, const de
         cuda_failed(cudaMemcpy(o, d->o, p->o_elems * 2, cudaMemcpyDeviceToHost), "cudaMemcpy", why, cap) ||
         cuda_failed(cudaMemcpy(lse, d->lse, lse_elems * 4, cudaMemcpyDeviceToHost), "cudaMemcpy", why, cap))
         goto out;
-    if (bwd_reference(bp, o, lse) != 0 || naive_errors(bp, o, lse, naive_err) != 0) {
-        snprintf(why, cap, "backward references: out of memory");
+    /* With features, bwd_check's own naive backward (which has them) sets the
+     * tolerance; this file's naive_errors knows none. */
+    if (bwd_reference(bp, o, lse) != 0 || (!has_features(c) && naive_errors(bp, o, lse, naive_err) != 0)) {
+        snprintf(why, cap, "backward references: out of memory, or cu_seqlens not fitting the problem");
+        goto out;
+    }
+    if (has_features(c) && !bp->fwd_check.ok) {
+        snprintf(why, cap, "forward vs fp64 with the features: %.200s", bp->fwd_check.why);
         goto out;
     }
     failed = 0;
@@ -394,8 +604,8 @@ out:
     return failed;
 }
 
-static int run_fast_backward(fajit_ctx *ctx, const launch_env *env, const fcase *c, const attn_problem *p,
-                             const device_buffers *d, uint16_t *grads, char *why, size_t cap) {
+static int run_fast_backward(fajit_ctx *ctx, const launch_env *env, const fcase *c, const case_host *h,
+                             const attn_problem *p, const device_buffers *d, uint16_t *grads, char *why, size_t cap) {
     fajit_attn_bwd_args a;
     struct fajit_bwd_params params;
     const char *refusal;
@@ -403,6 +613,7 @@ static int run_fast_backward(fajit_ctx *ctx, const launch_env *env, const fcase 
     if (cuda_failed(cudaMemset(d->grads, 0xff, p->in_elems * 2 + 16), "cudaMemset", why, cap))
         return 1;
     fill_bwd(&c->s, p, d->in, d->o, d->dout, d->lse, d->grads, c->det, &a, &params);
+    apply_features(c, h, d, &a, &params);
     if ((refusal = fajit__flash_bwd_refusal(&a, &params)) != NULL) {
         snprintf(why, cap, "refused: %s", refusal);
         return 1;
@@ -416,7 +627,12 @@ static int run_fast_backward(fajit_ctx *ctx, const launch_env *env, const fcase 
 }
 
 /* bwd_check's verdict with the tolerance replaced by FlashAttention's rule. */
-static void judge(const bwd_problem *bp, const uint16_t *grads, const double naive_err[3], bwd_result *r) {
+static void judge(const fcase *c, const bwd_problem *bp, const uint16_t *grads, const double naive_err[3],
+                  bwd_result *r) {
+    if (has_features(c)) { /* FlashAttention's rule against bwd_check's naive backward with the features */
+        bwd_check_rule(bp, grads, BWD_RULE_FLASH, r);
+        return;
+    }
     bwd_check(bp, grads, r);
     r->ok = r->nan_values == 0 && r->bad_zeros == 0 && r->stray_writes == 0;
     if (!r->ok)
@@ -433,6 +649,23 @@ static void judge(const bwd_problem *bp, const uint16_t *grads, const double nai
     }
 }
 
+/* " window=l,r softcap=c alibi=h dropout=p varlen=n" for the features on. */
+static const char *describe_features(const fcase *c, char *buf, size_t cap) {
+    size_t n = 0;
+    buf[0] = '\0';
+    if (c->f.wl >= 0 || c->f.wr >= 0)
+        n += (size_t)snprintf(buf + n, cap - n, " window=%d,%d", c->f.wl, c->f.wr);
+    if (c->f.softcap != 0.0f && n < cap)
+        n += (size_t)snprintf(buf + n, cap - n, " softcap=%g", (double)c->f.softcap);
+    if (c->f.alibi && n < cap)
+        n += (size_t)snprintf(buf + n, cap - n, " alibi=%s", c->f.alibi == 1 ? "h" : "bh");
+    if (c->f.p > 0.0f && n < cap)
+        n += (size_t)snprintf(buf + n, cap - n, " dropout=%g", (double)c->f.p);
+    if (c->f.nseq > 0 && n < cap)
+        snprintf(buf + n, cap - n, " varlen=%d", c->f.nseq);
+    return buf;
+}
+
 static int run_case(fajit_ctx *ctx, const launch_env *env, const fcase *c, uint64_t seed, double *worst) {
     const attn_shape *s = &c->s;
     const size_t lse_elems = (size_t)(s->batch * s->nheads_q * s->seqlen_q);
@@ -443,7 +676,12 @@ static int run_case(fajit_ctx *ctx, const launch_env *env, const fcase *c, uint6
     double naive[3] = {0};
     uint16_t *grads = NULL, *again = NULL;
     const int runs = c->det ? RUNS : 1;
+    case_host h;
+    bwd_features feat;
+    char feats[160];
     memset(&r, 0, sizeof r);
+    make_case_host(c, seed ^ 0x5109e5u, &h);
+    host_features(c, &h, &feat);
     if (attn_problem_init(&p, s, ATTN_CONTIGUOUS, seed) != 0) {
         printf("FAIL cannot build problem (out of memory)\n");
         return 1;
@@ -455,12 +693,13 @@ static int run_case(fajit_ctx *ctx, const launch_env *env, const fcase *c, uint6
         attn_problem_free(&p);
         return 1;
     }
-    if (!prepare_device(&bp, lse_elems, &d, r.why, sizeof r.why) &&
-        !run_forward(ctx, c, &bp, &d, lse_elems, naive, r.why, sizeof r.why) &&
-        !run_fast_backward(ctx, env, c, &p, &d, grads, r.why, sizeof r.why)) {
-        judge(&bp, grads, naive, &r);
+    bwd_problem_set_features(&bp, &feat);
+    if (!prepare_device(&bp, &h, lse_elems, &d, r.why, sizeof r.why) &&
+        !run_forward(ctx, c, &h, &bp, &d, lse_elems, naive, r.why, sizeof r.why) &&
+        !run_fast_backward(ctx, env, c, &h, &p, &d, grads, r.why, sizeof r.why)) {
+        judge(c, &bp, grads, naive, &r);
         for (int i = 1; i < runs && r.ok; ++i) {
-            r.ok = !run_fast_backward(ctx, env, c, &p, &d, again, r.why, sizeof r.why);
+            r.ok = !run_fast_backward(ctx, env, c, &h, &p, &d, again, r.why, sizeof r.why);
             if (r.ok && memcmp(grads, again, p.in_elems * 2) != 0) {
                 r.ok = 0;
                 snprintf(r.why, sizeof r.why, "deterministic mode: run %d differs from run 0", i);
@@ -468,12 +707,13 @@ static int run_case(fajit_ctx *ctx, const launch_env *env, const fcase *c, uint6
         }
     }
     printf("%s %s %s %-9s dqk=%-3lld dv=%-3lld b=%lld sq=%-4lld sk=%-4lld hq=%lld hkv=%lld  err/tol dq %.1e/%.1e "
-           "dk %.1e/%.1e dv %.1e/%.1e%s%s\n",
+           "dk %.1e/%.1e dv %.1e/%.1e%s%s%s\n",
            r.ok ? "ok  " : "FAIL", c->det ? "det" : "   ", attn_dtype_name(s->dtype), attn_mask_name(s->mask),
            (long long)s->dqk,
            (long long)s->dv, (long long)s->batch, (long long)s->seqlen_q, (long long)s->seqlen_k,
            (long long)s->nheads_q, (long long)s->nheads_kv, r.max_err[0], r.tol[0], r.max_err[1], r.tol[1],
-           r.max_err[2], r.tol[2], r.ok ? "" : "\n     ", r.ok ? "" : r.why);
+           r.max_err[2], r.tol[2], describe_features(c, feats, sizeof feats), r.ok ? "" : "\n     ",
+           r.ok ? "" : r.why);
     for (int t = 0; t < 3; ++t)
         if (r.tol[t] > 0 && r.max_err[t] / r.tol[t] > *worst)
             *worst = r.max_err[t] / r.tol[t];
@@ -501,21 +741,32 @@ static size_t precompile_grid(fajit_ctx *ctx, int arch, const fcase *cs, size_t 
         free(ptrs);
         return 0;
     }
+    static float fake_slopes[4];
+    static int32_t fake_cu[4];
+    const device_buffers fake = {.slopes = fake_slopes, .cu_q = fake_cu, .cu_k = fake_cu};
     for (size_t i = 0; i < n; ++i) {
         fajit_attn_bwd_args a;
         fajit__variant v[3];
-        char fwd[128];
+        case_host h;
+        char fwd[256];
         fajit_attn_bwd_args_init(&a);
         a.dqk = cs[i].s.dqk;
         a.dv = cs[i].s.dv;
         a.dtype = cs[i].s.dtype;
         a.mask = cs[i].s.mask;
+        a.seqlen_q = cs[i].s.seqlen_q;
+        a.seqlen_k = cs[i].s.seqlen_k;
         a.deterministic = cs[i].det;
+        make_case_host(&cs[i], 0, &h);
+        SET_FEATURES(&a, &cs[i], &h, &fake);
         fajit__flash_bwd_variants(&a, arch, v);
         for (int k = 0; k < 3; ++k)
             m = add_spec(specs, m, &v[k]);
-        snprintf(fwd, sizeof fwd, "fwd dqk=%lld dv=%lld dtype=%s mask=%s", (long long)a.dqk, (long long)a.dv,
-                 a.dtype ? "bf16" : "fp16", a.mask == 0 ? "none" : a.mask == 1 ? "causal" : "causal-tl");
+        /* The forward's variant: the same normalised mask and window. */
+        snprintf(fwd, sizeof fwd, "fwd dqk=%lld dv=%lld dtype=%s mask=%s window=%d,%d dropout=%d softcap=%d "
+                 "alibi=%d varlen=%d", (long long)a.dqk, (long long)a.dv, a.dtype ? "bf16" : "fp16",
+                 v[1].mask == 0 ? "none" : v[1].mask == 1 ? "causal" : "causal-tl", v[1].window_left,
+                 v[1].window_right, v[1].dropout, v[1].softcap, v[1].alibi, v[1].varlen);
         if (fajit_variant_complete(ctx, fwd, specs[m], FAJIT__VARIANT_TEXT_MAX) > 0)
             m++;
     }
@@ -732,8 +983,8 @@ int main(int argc, char **argv) {
         fajit_destroy(ctx);
         return 1;
     }
-    static fcase cases[96];
-    const size_t n = quick ? quick_grid(cases, 96) : build_grid(cases, 96);
+    static fcase cases[MAX_CASES];
+    const size_t n = quick ? quick_grid(cases, MAX_CASES) : build_grid(cases, MAX_CASES);
     size_t failures = precompile_grid(ctx, env.arch, cases, n);
     double worst = 0.0;
     for (size_t i = 0; i < n; ++i) {
