@@ -286,17 +286,12 @@ static int run_reference(fajit_ctx *ctx, const fajit__driver *drv, const fajit_a
 }
 
 /* Why the fast backward cannot take these arguments, or NULL if it can: its
- * own rules (runtime/flash_bwd.c), then the features its template lacks. */
+ * own rules (runtime/flash_bwd.c). It has every feature of the forward
+ * (window, softcap, ALiBi, dropout, varlen); fajit__flash_bwd_variants
+ * derives its variants with this file's window normalisation. */
 static const char *fast_bwd_refusal(const fajit_attn_bwd_args *a, const struct fajit_bwd_params *p)
 {
-    const char *why = fajit__flash_bwd_refusal(a, p);
-    if (why)
-        return why;
-    if (a->window_left >= 0 || a->window_right >= 0 || a->softcap != 0.0f || a->alibi_slopes ||
-        a->dropout_p > 0.0f || a->cu_seqlens_q)
-        return "the fast backward lacks a feature asked for (window, softcap, ALiBi, dropout "
-               "or varlen)";
-    return NULL;
+    return fajit__flash_bwd_refusal(a, p);
 }
 
 /* The fast backward where it applies, else the reference (said once per

@@ -102,8 +102,12 @@ static void main_tiles(fajit__variant *v)
     const size_t limit = fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
     fajit__variant t = *v;
     set_if_unset(&t.warps, 8);
-    /* bwd-dq holds dQ for its bm rows instead: bm 128 spills there on sm_80. */
-    set_if_unset(&t.bm, dmax <= 64 && v->op != FAJIT__OP_BWD_DQ ? 128 : 64);
+    /* bwd-dq holds dQ for its bm rows instead: bm 128 spills there on sm_80.
+     * Dropout's Philox words take registers beside the S and dP tiles: half
+     * the query rows (bm 128 spilled 136-308 bytes at d 64, bm 64 at d 256). */
+    set_if_unset(&t.bm, dmax <= 64 && v->op != FAJIT__OP_BWD_DQ && !v->dropout ? 128
+                        : dmax > 128 && v->dropout                              ? 32
+                                                                                : 64);
     set_if_unset(&t.bn, dmax <= 128 ? 128 : 64);
     set_if_unset(&t.stages, 2);
     while (v->warps == FAJIT__UNSET && t.warps > 1 && !layouts_exist(&t))

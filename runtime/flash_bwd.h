@@ -14,24 +14,28 @@
 /* Why the fast backward cannot take these validated arguments (a static
  * string), or NULL if it can: the reference asked for, a head dim not a
  * multiple of 8 or above 256, a tensor not 16-byte aligned, a stride (in p,
- * as filled) not a multiple of 8 elements. Features appended to the
- * arguments later (window, softcap, ALiBi, dropout, varlen) are the caller's
- * to refuse until the template has them. */
+ * as filled) not a multiple of 8 elements. Every feature of the forward
+ * (window, softcap, ALiBi, dropout, varlen) is taken. */
 const char *fajit__flash_bwd_refusal(const fajit_attn_bwd_args *a, const struct fajit_bwd_params *p);
 
 /* Fills the tile fields left FAJIT__UNSET of a variant of one of the fast
  * backward's ops (dqk, dv and arch set; arch FAJIT__UNSET is taken as
  * sm_90): the big kernels' (bwd, bwd-dkdv, bwd-dq) by head dim (8 warps, 2
  * stages; bm 128 bn 128 up to 64 (bwd-dq bm 64), bm 64 bn 128 up to 128,
- * bm 64 bn 64 above), shrunk until they fit the
+ * bm 64 bn 64 above; under dropout bm 64 up to 64 and bm 32 above 128),
+ * shrunk until they fit the
  * arch's shared memory; pre and post fixed (bm 64, 8 warps). The runtime's
  * heuristic (fajit__heuristic_tiles) should dispatch here for these ops. */
 void fajit__flash_bwd_tiles(fajit__variant *v);
 
 /* The variants of the three kernels for validated arguments on an arch, in
  * launch order: bwd-pre, bwd, bwd-post; with a->deterministic, bwd-pre,
- * bwd-dkdv, bwd-dq. Pre and post depend on head dims and dtype only (mask
- * none), so calls that differ in mask share them. */
+ * bwd-dkdv, bwd-dq. The main kernels (bwd, bwd-dkdv, bwd-dq) take the
+ * features as the forward's variant does: mask and window normalised alike
+ * (a right window of 0 becomes the causal mask, windows past every key
+ * none), softcap, ALiBi, dropout, varlen. Pre and post depend on head dims,
+ * dtype and varlen only (mask none), so calls that differ in the others
+ * share them. */
 void fajit__flash_bwd_variants(const fajit_attn_bwd_args *a, int arch, fajit__variant out[3]);
 
 /* Scratch bytes a call needs: two fp32 values a query row (lse * log2 e, and

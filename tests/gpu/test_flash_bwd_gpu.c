@@ -817,11 +817,51 @@ static int swept_variants(const fajit_attn_bwd_args *a, int arch, const tiles *t
     return fajit__variant_smem_bytes(&v[1]) <= fajit__arch_smem_limit(arch);
 }
 
+/* The features the bench times at d 128, causal, over the plain causal
+ * forward's O and LSE (their values do not change the work): each as bits
+ * 1 dropout 0.1, 2 softcap + ALiBi, 4 window left 1024, 8 varlen (the batch
+ * as 4 sequences of 4096). */
+static const struct {
+    const char *name;
+    int bits;
+} bench_feats[] = {{"dropout", 1}, {"softcap+alibi", 2}, {"window 1024", 4}, {"varlen", 8}, {"all", 15}};
+#define N_BENCH_FEATS (sizeof bench_feats / sizeof bench_feats[0])
+
+static void bench_feature_args(int bits, const float *slopes, const int32_t *cu, fajit_attn_bwd_args *a,
+                               struct fajit_bwd_params *p) {
+    a->dropout_p = p->dropout_p = bits & 1 ? 0.1f : 0.0f;
+    p->dropout_scale = 1.0f / (1.0f - p->dropout_p);
+    a->dropout_seed = p->dropout_seed = 1234;
+    a->softcap = p->softcap = bits & 2 ? 30.0f : 0.0f;
+    a->alibi_slopes = p->alibi_slopes = bits & 2 ? slopes : NULL;
+    a->alibi_batch_stride = p->alibi_batch_stride = 0;
+    a->window_left = bits & 4 ? 1024 : -1;
+    a->cu_seqlens_q = a->cu_seqlens_k = p->cu_seqlens_q = p->cu_seqlens_k = bits & 8 ? cu : NULL;
+}
+
 /* Every kernel the bench times, compiled up front on all cores. */
 static void precompile_bench(fajit_ctx *ctx, int arch, int sweep) {
-    static char specs[128][FAJIT__VARIANT_TEXT_MAX];
-    const char *ptrs[128];
+    static char specs[160][FAJIT__VARIANT_TEXT_MAX];
+    const char *ptrs[160];
+    static const float slopes[1];
+    static const int32_t cu[1];
     size_t m = 0;
+    for (size_t f = 0; f < N_BENCH_FEATS; ++f)
+        for (int det = 0; det < 2; ++det) {
+            fajit_attn_bwd_args a;
+            struct fajit_bwd_params p;
+            fajit__variant v[3];
+            fajit_attn_bwd_args_init(&a);
+            memset(&p, 0, sizeof p);
+            a.dqk = a.dv = 128;
+            a.mask = 1;
+            a.seqlen_q = a.seqlen_k = 4096;
+            a.deterministic = det;
+            bench_feature_args(bench_feats[f].bits, slopes, cu, &a, &p);
+            fajit__flash_bwd_variants(&a, arch, v);
+            for (int k = 0; k < 3; ++k)
+                m = add_spec(specs, m, &v[k]);
+        }
     for (int d = 64; d <= 256; d *= 2)
         for (int mask = 0; mask < 2; ++mask)
             for (int det = 0; det < 2; ++det) {
@@ -899,6 +939,54 @@ static void bench_times(fajit_ctx *ctx, const launch_env *env, fajit_attn_bwd_ar
     }
 }
 
+/* The features at b 4, h 16, s 4096, d 128, causal: ms and the time against
+ * the plain causal backward's, default and deterministic mode. */
+static void bench_features(fajit_ctx *ctx, const launch_env *env, fajit_attn_bwd_args *a, struct fajit_bwd_params *p,
+                           double flops) {
+    float slopes[16];
+    const int32_t cu_host[5] = {0, 4096, 8192, 12288, 16384};
+    float *d_slopes = NULL;
+    int32_t *d_cu = NULL;
+    fajit__variant v[3];
+    double plain[2];
+    for (int i = 0; i < 16; ++i)
+        slopes[i] = ldexpf(1.0f, -1 - i % 8);
+    if (cudaMalloc((void **)&d_slopes, sizeof slopes) || cudaMalloc((void **)&d_cu, sizeof cu_host) ||
+        cudaMemcpy(d_slopes, slopes, sizeof slopes, cudaMemcpyHostToDevice) ||
+        cudaMemcpy(d_cu, cu_host, sizeof cu_host, cudaMemcpyHostToDevice)) {
+        printf("     features skipped: out of memory\n");
+        goto out;
+    }
+    for (int det = 0; det < 2; ++det) {
+        a->deterministic = det;
+        fajit__flash_bwd_variants(a, env->arch, v);
+        plain[det] = time_backward(ctx, env, v, a, p, 10);
+    }
+    printf("     features (d=128 causal; TFLOPs counted as the plain causal's):\n");
+    for (size_t f = 0; f < N_BENCH_FEATS; ++f) {
+        struct fajit_bwd_params q = *p;
+        bench_feature_args(bench_feats[f].bits, d_slopes, d_cu, a, &q);
+        if (bench_feats[f].bits & 8) { /* 4 sequences of 4096, packed: batch strides 0 */
+            int64_t *st[8] = {q.q_stride, q.k_stride, q.v_stride, q.o_stride,
+                              q.grad_out_stride, q.grad_q_stride, q.grad_k_stride, q.grad_v_stride};
+            for (int i = 0; i < 8; ++i)
+                st[i][0] = 0;
+        }
+        for (int det = 0; det < 2; ++det) {
+            a->deterministic = det;
+            fajit__flash_bwd_variants(a, env->arch, v);
+            const double ms = time_backward(ctx, env, v, a, &q, 10);
+            printf("     %-13s %-13s %8.3f ms %6.1f TFLOPs  %.2fx the plain time\n", bench_feats[f].name,
+                   det ? "deterministic" : "", ms, flops / (ms * 1e9), ms / plain[det]);
+        }
+        bench_feature_args(0, NULL, NULL, a, &q);
+    }
+    a->deterministic = 0;
+out:
+    cudaFree(d_slopes);
+    cudaFree(d_cu);
+}
+
 static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal, int sweep) {
     const int64_t b = 4, h = 16, s = 4096;
     const size_t n = (size_t)(b * h * s * d);
@@ -934,6 +1022,8 @@ static void bench_one(fajit_ctx *ctx, const launch_env *env, int d, int causal, 
     const double flops = 2.5 * 4.0 * (double)(b * h) * (double)s * (double)s * d / (causal ? 2.0 : 1.0);
     printf("bench fp16 b=4 h=16 s=4096 d=%d %s:\n", d, causal ? "causal" : "no mask");
     bench_times(ctx, env, &a, &p, d, flops, sweep);
+    if (d == 128 && causal)
+        bench_features(ctx, env, &a, &p, flops);
 out:
     free(host);
     cudaFree(dev);
