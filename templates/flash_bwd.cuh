@@ -4,7 +4,14 @@
  * header for the formulas): (batch, seqlen, nheads, headdim) with any
  * batch/seq/head strides and a contiguous last dim, GQA/MQA (dK and dV summed
  * over the query heads of a kv head), causal bottom-right and top-left, rows
- * with LSE -inf (no visible key) contributing nothing, 64-bit offsets.
+ * with LSE -inf (no visible key) contributing nothing, 64-bit offsets; and
+ * every feature of the forward, each specialised by its prelude constant:
+ * local windows (FAJIT_WINDOW_LEFT/RIGHT; blocks skip the tiles no row of
+ * theirs sees, as under causal), softcap (dS through the tanh), ALiBi,
+ * dropout (the forward's Philox mask regenerated from seed and offset,
+ * nothing stored), varlen (per-sequence offsets and lengths from
+ * cu_seqlens; the grids cover the longest sequence, blocks past their
+ * sequence's end leave at once). Pre and post read only FAJIT_VARLEN.
  *
  * Five ops share this file, each variant defining every kernel (the others'
  * with an empty body, as in reference_bwd.cuh). The default mode runs

@@ -11,12 +11,18 @@
  *     dims multiples of 8, dqk != dv included), fp16 and bf16, each mask;
  *   - the pre and post kernels for a few head dims on both archs;
  *   - deterministic mode's bwd-dkdv and bwd-dq for a few head dims;
- *   - the heuristic's choice for sm_86 (99 KB of shared memory) at d 256.
+ *   - the heuristic's choice for sm_86 (99 KB of shared memory) at d 256;
+ *   - each feature alone (window, softcap, ALiBi, dropout, varlen): bwd on
+ *     sm_90 and sm_80, bwd-dkdv and bwd-dq on one arch each; all of them
+ *     together for bwd, bwd-dkdv and bwd-dq on both archs; pre and post
+ *     under varlen.
  * Every compile must succeed, define the op's entry, and warn about nothing
  * in the templates; registers and spills are printed (spills not required to
  * be 0). Without compiling: the heuristic's tiles fit each arch's shared
- * memory for every head-dim pair 8..256 (step 8), and a variant asking for
- * dropout is refused at compile time.
+ * memory for every head-dim pair 8..256 (step 8); fajit__flash_bwd_variants
+ * normalises the window as the forward does and puts the features on the
+ * main kernels only; and a variant asking for paged KV is refused at compile
+ * time.
  */
 #include <nvrtc.h>
 #include <pthread.h>
