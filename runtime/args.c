@@ -194,3 +194,24 @@ int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long 
     CUdevice dev;
     return fajit__context_device(ctx, drv, cu_id, arch, &dev);
 }
+
+/* A window that reaches past every row's keys on one side bounds nothing:
+ * -1 instead, so equivalent calls share a variant. The diagonal of row i is i
+ * (top-left) or i + seqlen_k - seqlen_q; under varlen the lengths are maxima,
+ * which bound every sequence's diagonal the same way. Under a causal mask a
+ * right window >= 0 is implied by the mask; a right window of 0 with no mask is
+ * the causal mask itself. The forward and the backward both call this, so a
+ * backward compiles the very mask its forward ran. */
+void fajit__normalize_window(int mask, int64_t seqlen_q, int64_t seqlen_k, fajit__variant *v)
+{
+    int64_t max_diag = mask == FAJIT_MASK_CAUSAL_TL ? seqlen_q - 1 : seqlen_k - 1;
+    int64_t right_enough = mask == FAJIT_MASK_CAUSAL_TL ? seqlen_k - 1 : seqlen_q - 1;
+    if (v->window_left >= max_diag)
+        v->window_left = -1;
+    if (v->mask != FAJIT_MASK_NONE || v->window_right >= right_enough)
+        v->window_right = -1;
+    else if (v->window_right == 0) {
+        v->mask = FAJIT_MASK_CAUSAL;
+        v->window_right = -1;
+    }
+}

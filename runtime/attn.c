@@ -202,26 +202,6 @@ static const char *fast_fwd_refusal(const fajit_attn_args *a, const struct fajit
     return NULL;
 }
 
-/* A window that reaches past every row's keys on one side bounds nothing:
- * -1 instead, so equivalent calls share a variant. The diagonal of row i is i
- * (top-left) or i + seqlen_k - seqlen_q; under varlen the lengths are maxima,
- * which bound every sequence's diagonal the same way. Under a causal mask a
- * right window >= 0 is implied by the mask; a right window of 0 with no mask is
- * the causal mask itself. */
-static void normalize_window(const fajit_attn_args *a, fajit__variant *v)
-{
-    int64_t max_diag = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_q - 1 : a->seqlen_k - 1;
-    int64_t right_enough = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_k - 1 : a->seqlen_q - 1;
-    if (v->window_left >= max_diag)
-        v->window_left = -1;
-    if (v->mask != FAJIT_MASK_NONE || v->window_right >= right_enough)
-        v->window_right = -1;
-    else if (v->window_right == 0) {
-        v->mask = FAJIT_MASK_CAUSAL;
-        v->window_right = -1;
-    }
-}
-
 /* Everything of the variant the arguments decide, except op, tiles and arch. */
 static void derive_features(const fajit_attn_args *a, fajit__variant *v)
 {
@@ -232,7 +212,7 @@ static void derive_features(const fajit_attn_args *a, fajit__variant *v)
     v->mask = a->mask;
     v->window_left = a->window_left;
     v->window_right = a->window_right;
-    normalize_window(a, v);
+    fajit__normalize_window(a->mask, a->seqlen_q, a->seqlen_k, v);
     v->softcap = a->softcap != 0.0f;
     v->alibi = a->alibi_slopes != NULL;
     v->dropout = a->dropout_p > 0.0f;

@@ -5,14 +5,14 @@
  * The fast backward (templates/flash_bwd.cuh, runtime/flash_bwd.c: FA2-style
  * tensor-core kernels, dQ through fp32 atomics in stream-ordered scratch, or
  * without atomics in deterministic mode) takes head dims that are multiples
- * of 8 up to 256 without window, softcap, ALiBi, dropout or varlen; the
- * reference (templates/reference_bwd.cuh) takes everything else: two
+ * of 8 up to 256, every feature included; the reference
+ * (templates/reference_bwd.cuh) takes everything else: two
  * kernels, ref-dq writing grad_q and ref-dkdv writing grad_k and grad_v, each
  * a warp per output row, independent of each other, needing no scratch.
  * Everything is checked before anything is launched. The features (window,
  * softcap, ALiBi, dropout, varlen) are checked and mapped onto the variant
- * exactly as runtime/attn.c does for the forward, so a backward compiles the
- * same mask the forward ran.
+ * exactly as runtime/attn.c does for the forward (fajit__normalize_window),
+ * so a backward compiles the same mask the forward ran.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -203,26 +203,6 @@ static int fill_params(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p)
     return 0;
 }
 
-/* The forward's window normalisation (runtime/attn.c, normalize_window),
- * repeated here because the backward must compile the very mask the forward
- * ran: a window that reaches past every row's keys on one side bounds nothing
- * (-1), a right window under a causal mask is implied by it, and a right
- * window of 0 with no mask is the causal mask. Under varlen the lengths are
- * maxima, which bound every sequence's diagonal the same way. */
-static void normalize_window(const fajit_attn_bwd_args *a, fajit__variant *v)
-{
-    int64_t max_diag = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_q - 1 : a->seqlen_k - 1;
-    int64_t right_enough = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_k - 1 : a->seqlen_q - 1;
-    if (v->window_left >= max_diag)
-        v->window_left = -1;
-    if (v->mask != FAJIT_MASK_NONE || v->window_right >= right_enough)
-        v->window_right = -1;
-    else if (v->window_right == 0) {
-        v->mask = FAJIT_MASK_CAUSAL;
-        v->window_right = -1;
-    }
-}
-
 /* The variant of one of the backward's kernels for validated arguments. The
  * reference is deterministic, so it serves either value of `deterministic`.
  * The feature fields are set as the forward sets them (derive_features in
@@ -237,7 +217,7 @@ static void derive_variant(const fajit_attn_bwd_args *a, int op, int arch, fajit
     v->mask = a->mask;
     v->window_left = a->window_left;
     v->window_right = a->window_right;
-    normalize_window(a, v);
+    fajit__normalize_window(a->mask, a->seqlen_q, a->seqlen_k, v);
     v->softcap = a->softcap != 0.0f;
     v->alibi = a->alibi_slopes != NULL;
     v->dropout = a->dropout_p > 0.0f;
@@ -285,22 +265,13 @@ static int run_reference(fajit_ctx *ctx, const fajit__driver *drv, const fajit_a
     return 0;
 }
 
-/* Why the fast backward cannot take these arguments, or NULL if it can: its
- * own rules (runtime/flash_bwd.c). It has every feature of the forward
- * (window, softcap, ALiBi, dropout, varlen); fajit__flash_bwd_variants
- * derives its variants with this file's window normalisation. */
-static const char *fast_bwd_refusal(const fajit_attn_bwd_args *a, const struct fajit_bwd_params *p)
-{
-    return fajit__flash_bwd_refusal(a, p);
-}
-
 /* The fast backward where it applies, else the reference (said once per
  * process at INFO unless the reference was asked for). */
 static int run(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_bwd_args *a,
                struct fajit_bwd_params *p, int arch, unsigned long long cu_id, void *stream)
 {
     static atomic_int fallback_logged;
-    const char *why = fast_bwd_refusal(a, p);
+    const char *why = fajit__flash_bwd_refusal(a, p);
     if (!why)
         return fajit__flash_bwd_run(ctx, drv, a, p, arch, cu_id, stream);
     if (a->kernel != FAJIT_KERNEL_REFERENCE && atomic_exchange(&fallback_logged, 1) == 0)

@@ -130,27 +130,6 @@ void fajit__flash_bwd_tiles(fajit__variant *v)
     set_if_unset(&v->stages, 1);
 }
 
-/* The forward's window normalisation (runtime/attn.c and attn_bwd.c,
- * normalize_window; keep the three alike): the backward must compile the
- * very mask the forward ran. A window reaching past every row's keys on one
- * side bounds nothing (-1); a right window under a causal mask is implied by
- * it; a right window of 0 with no mask is the causal mask. Under varlen the
- * lengths are maxima. test_flash_bwd_compile checks this against the
- * forward's variant (fajit_attn_variant). */
-static void normalize_window(const fajit_attn_bwd_args *a, fajit__variant *v)
-{
-    int64_t max_diag = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_q - 1 : a->seqlen_k - 1;
-    int64_t right_enough = a->mask == FAJIT_MASK_CAUSAL_TL ? a->seqlen_k - 1 : a->seqlen_q - 1;
-    if (v->window_left >= max_diag)
-        v->window_left = -1;
-    if (v->mask != FAJIT_MASK_NONE || v->window_right >= right_enough)
-        v->window_right = -1;
-    else if (v->window_right == 0) {
-        v->mask = FAJIT_MASK_CAUSAL;
-        v->window_right = -1;
-    }
-}
-
 /* The features of the main kernels (bwd, bwd-dkdv, bwd-dq) as the forward
  * derives them; pre and post read only varlen (their rows are the
  * sequences'; mask and scores do not concern them), so calls that differ in
@@ -163,7 +142,7 @@ static void set_features(const fajit_attn_bwd_args *a, int main_kernel, fajit__v
     v->mask = a->mask;
     v->window_left = (int)a->window_left;
     v->window_right = (int)a->window_right;
-    normalize_window(a, v);
+    fajit__normalize_window(a->mask, a->seqlen_q, a->seqlen_k, v);
     v->softcap = a->softcap != 0.0f;
     v->alibi = a->alibi_slopes != NULL;
     v->dropout = a->dropout_p > 0.0f;

@@ -165,6 +165,11 @@ unsigned long long fajit__context_id(const fajit__driver *drv, CUcontext cu);
 int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
                         int *arch);
 
+/* Window fields of v (mask and windows set from the call) made canonical:
+ * a side that bounds nothing for these lengths becomes -1, a right window of
+ * 0 without a mask becomes the causal mask (runtime/args.c). */
+void fajit__normalize_window(int mask, int64_t seqlen_q, int64_t seqlen_k, fajit__variant *v);
+
 /* The same, with the device as well. */
 int fajit__context_device(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
                           int *arch, CUdevice *dev);
