@@ -44,7 +44,8 @@ while [ $# -gt 0 ]; do
     *) break ;;
     esac
 done
-build=$(cd "${1:?usage: valgrind.sh [-j JOBS] [-L LABEL_REGEX] BUILD_DIR [TEST...]}" && pwd)
+build=$(cd "${1:?usage: valgrind.sh [-j JOBS] [-L LABEL_REGEX] BUILD_DIR [TEST...]}" && pwd) || exit 2
+[ -f "$build/CTestTestfile.cmake" ] || { echo "valgrind: $build is not a build directory" >&2; exit 2; }
 shift
 src=$(cd "$(dirname "$0")/.." && pwd)
 scratch=$(mktemp -d /tmp/fajit-valgrind-XXXXXX)
