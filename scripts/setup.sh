@@ -12,6 +12,8 @@ need_packages() {
     command -v cc >/dev/null || missing+=(gcc)
     command -v python3 >/dev/null || missing+=(python3)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
+    # scripts/test.sh's last stage (it sets FAJIT_NEED_VALGRIND=1).
+    [ "${FAJIT_NEED_VALGRIND:-0}" = 0 ] || command -v valgrind >/dev/null || missing+=(valgrind)
     [ -e /usr/include/lmdb.h ] || missing+=(liblmdb-dev)
     [ -e /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
     # The Python binding's CPU tests (tests/python.cmake): pytest and numpy

@@ -10,6 +10,7 @@ source "$root/scripts/setup.sh"
 jobs=$(nproc)
 
 mkdir -p "$root/build" "$root/build-asan"
+[ "${FAJIT_VALGRIND:-1}" = 0 ] || export FAJIT_NEED_VALGRIND=1 # setup installs it
 fajit_build "$root/build"
 (cd "$root/build" && ctest --output-on-failure -j "$jobs")
 
