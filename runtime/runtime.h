@@ -31,7 +31,9 @@ uint32_t fajit__nvrtc_version(void);
 /* The fixed NVRTC options (the arch option aside), part of the build identity. */
 const char *fajit__nvrtc_options_text(void);
 
-/* Renders and compiles a full variant to a cubin for its arch. On failure:
+/* Renders and compiles a full variant to a cubin for its arch; the cubin's
+ * buffer has FAJIT__ENTRY_ROOM spare bytes after it, so the cache entry can be
+ * built in place (a compiled kernel is never lost for want of memory). On failure:
  * FAJIT_ECOMPILE with the NVRTC log in the detail. Free with
  * fajit__compiled_free (also after a failure). */
 int fajit__compile_variant(const fajit__variant *v, fajit__compiled *out);
