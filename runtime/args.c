@@ -3,6 +3,8 @@
  * points that launch (fajit_attn_fwd, fajit_attn_bwd), so each argument is
  * judged by one rule and every error reads the same.
  */
+#include <math.h>
+
 #include "runtime/runtime.h"
 
 int fajit__check_range(const char *name, int64_t v, int64_t lo, int64_t hi)
@@ -214,4 +216,38 @@ void fajit__normalize_window(int mask, int64_t seqlen_q, int64_t seqlen_k, fajit
         v->mask = FAJIT_MASK_CAUSAL;
         v->window_right = -1;
     }
+}
+
+int fajit__check_features(const fajit__features *a)
+{
+    int64_t span;
+    int rc;
+    if ((rc = fajit__check_range("window_left", a->window_left, -1, INT32_MAX)) ||
+        (rc = fajit__check_range("window_right", a->window_right, -1, INT32_MAX)))
+        return rc;
+    if (!isfinite(a->softcap) || a->softcap < 0.0f)
+        return fajit__fail(FAJIT_EINVAL, "softcap=%g: must be finite and >= 0 (0: off)",
+                           (double)a->softcap);
+    if (!(a->dropout_p >= 0.0f && a->dropout_p < 1.0f)) /* NaN fails too */
+        return fajit__fail(FAJIT_EINVAL, "dropout_p=%g: must be in [0, 1)", (double)a->dropout_p);
+    if ((rc = fajit__check_pointer("alibi_slopes", a->alibi_slopes, 4, 0)))
+        return rc;
+    if (a->alibi_batch_stride != 0 &&
+        (a->alibi_batch_stride < a->nheads_q ||
+         (a->batch > 0 && __builtin_mul_overflow(a->batch - 1, a->alibi_batch_stride, &span))))
+        return fajit__fail(FAJIT_EINVAL,
+                           "alibi_batch_stride=%lld: must be 0 (slopes shared by every batch) "
+                           "or >= nheads_q=%lld, and (batch - 1) * stride must fit int64",
+                           (long long)a->alibi_batch_stride, (long long)a->nheads_q);
+    if (!a->cu_seqlens_q != !a->cu_seqlens_k)
+        return fajit__fail(FAJIT_EINVAL, "cu_seqlens_%s: NULL while cu_seqlens_%s is set: varlen "
+                           "needs both (or neither)", a->cu_seqlens_q ? "k" : "q",
+                           a->cu_seqlens_q ? "q" : "k");
+    if ((rc = fajit__check_pointer("cu_seqlens_q", a->cu_seqlens_q, 4, 0)) ||
+        (rc = fajit__check_pointer("cu_seqlens_k", a->cu_seqlens_k, 4, 0)))
+        return rc;
+    if (a->cu_seqlens_q && a->batch < 1)
+        return fajit__fail(FAJIT_EINVAL, "batch=%lld: varlen (cu_seqlens_q/k set) needs batch >= 1",
+                           (long long)a->batch);
+    return 0;
 }

@@ -82,40 +82,15 @@ static int check_shapes(const fajit_attn_bwd_args *a)
 
 /* The appended fields (window, softcap, ALiBi, dropout, varlen), after
  * check_shapes (their bounds depend on the shapes); the forward's rules
- * (runtime/attn.c, check_features), word for word, so one call's arguments
- * are judged alike in both directions. */
+ * (fajit__check_features), so one call's arguments are judged alike in both
+ * directions. */
 static int check_features(const fajit_attn_bwd_args *a)
 {
-    int64_t span;
-    int rc;
-    if ((rc = fajit__check_range("window_left", a->window_left, -1, INT32_MAX)) ||
-        (rc = fajit__check_range("window_right", a->window_right, -1, INT32_MAX)))
-        return rc;
-    if (!isfinite(a->softcap) || a->softcap < 0.0f)
-        return fajit__fail(FAJIT_EINVAL, "softcap=%g: must be finite and >= 0 (0: off)",
-                           (double)a->softcap);
-    if (!(a->dropout_p >= 0.0f && a->dropout_p < 1.0f)) /* NaN fails too */
-        return fajit__fail(FAJIT_EINVAL, "dropout_p=%g: must be in [0, 1)", (double)a->dropout_p);
-    if ((rc = fajit__check_pointer("alibi_slopes", a->alibi_slopes, 4, 0)))
-        return rc;
-    if (a->alibi_batch_stride != 0 &&
-        (a->alibi_batch_stride < a->nheads_q ||
-         (a->batch > 0 && __builtin_mul_overflow(a->batch - 1, a->alibi_batch_stride, &span))))
-        return fajit__fail(FAJIT_EINVAL,
-                           "alibi_batch_stride=%lld: must be 0 (slopes shared by every batch) "
-                           "or >= nheads_q=%lld, and (batch - 1) * stride must fit int64",
-                           (long long)a->alibi_batch_stride, (long long)a->nheads_q);
-    if (!a->cu_seqlens_q != !a->cu_seqlens_k)
-        return fajit__fail(FAJIT_EINVAL, "cu_seqlens_%s: NULL while cu_seqlens_%s is set: varlen "
-                           "needs both (or neither)", a->cu_seqlens_q ? "k" : "q",
-                           a->cu_seqlens_q ? "q" : "k");
-    if ((rc = fajit__check_pointer("cu_seqlens_q", a->cu_seqlens_q, 4, 0)) ||
-        (rc = fajit__check_pointer("cu_seqlens_k", a->cu_seqlens_k, 4, 0)))
-        return rc;
-    if (a->cu_seqlens_q && a->batch < 1)
-        return fajit__fail(FAJIT_EINVAL, "batch=%lld: varlen (cu_seqlens_q/k set) needs batch >= 1",
-                           (long long)a->batch);
-    return 0;
+    const fajit__features f = {a->window_left,      a->window_right,       a->softcap,
+                               a->dropout_p,        a->alibi_slopes,       a->alibi_batch_stride,
+                               a->cu_seqlens_q,     a->cu_seqlens_k,       a->batch,
+                               a->nheads_q};
+    return fajit__check_features(&f);
 }
 
 /* The query-side tensors are always named; the key-side ones may be NULL when

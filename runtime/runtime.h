@@ -167,6 +167,23 @@ unsigned long long fajit__context_id(const fajit__driver *drv, CUcontext cu);
 int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
                         int *arch);
 
+/* The feature arguments a forward and a backward share, as their structs
+ * hold them. */
+typedef struct fajit__features {
+    int window_left, window_right;
+    float softcap, dropout_p;
+    const float *alibi_slopes;
+    int64_t alibi_batch_stride;
+    const int32_t *cu_seqlens_q, *cu_seqlens_k;
+    int64_t batch, nheads_q;
+} fajit__features;
+
+/* FAJIT_EINVAL naming the bad feature argument: windows -1..INT32_MAX,
+ * softcap finite >= 0, dropout_p in [0, 1), ALiBi slopes aligned and a batch
+ * stride of 0 or >= nheads_q whose span fits int64, cu_seqlens both or
+ * neither (aligned), varlen with batch >= 1. After the shapes are checked. */
+int fajit__check_features(const fajit__features *f);
+
 /* Window fields of v (mask and windows set from the call) made canonical:
  * a side that bounds nothing for these lengths becomes -1, a right window of
  * 0 without a mask becomes the causal mask (runtime/args.c). */
