@@ -204,7 +204,7 @@ int fajit__context_arch(fajit_ctx *ctx, const fajit__driver *drv, unsigned long 
  * right window >= 0 is implied by the mask; a right window of 0 with no mask is
  * the causal mask itself. The forward and the backward both call this, so a
  * backward compiles the very mask its forward ran. */
-void fajit__normalize_window(int mask, int64_t seqlen_q, int64_t seqlen_k, fajit__variant *v)
+static void normalize_window(int mask, int64_t seqlen_q, int64_t seqlen_k, fajit__variant *v)
 {
     int64_t max_diag = mask == FAJIT_MASK_CAUSAL_TL ? seqlen_q - 1 : seqlen_k - 1;
     int64_t right_enough = mask == FAJIT_MASK_CAUSAL_TL ? seqlen_k - 1 : seqlen_q - 1;
@@ -250,4 +250,35 @@ int fajit__check_features(const fajit__features *a)
         return fajit__fail(FAJIT_EINVAL, "batch=%lld: varlen (cu_seqlens_q/k set) needs batch >= 1",
                            (long long)a->batch);
     return 0;
+}
+
+fajit__features fajit__fwd_features(const fajit_attn_args *a)
+{
+    const fajit__features f = {a->window_left,  a->window_right, a->softcap,
+                               a->dropout_p,    a->alibi_slopes, a->alibi_batch_stride,
+                               a->cu_seqlens_q, a->cu_seqlens_k, a->batch,
+                               a->nheads_q};
+    return f;
+}
+
+fajit__features fajit__bwd_features(const fajit_attn_bwd_args *a)
+{
+    const fajit__features f = {a->window_left,  a->window_right, a->softcap,
+                               a->dropout_p,    a->alibi_slopes, a->alibi_batch_stride,
+                               a->cu_seqlens_q, a->cu_seqlens_k, a->batch,
+                               a->nheads_q};
+    return f;
+}
+
+void fajit__set_variant_features(const fajit__features *f, int mask, int64_t seqlen_q,
+                                 int64_t seqlen_k, fajit__variant *v)
+{
+    v->mask = mask;
+    v->window_left = f->window_left;
+    v->window_right = f->window_right;
+    normalize_window(mask, seqlen_q, seqlen_k, v);
+    v->softcap = f->softcap != 0.0f;
+    v->alibi = f->alibi_slopes != NULL;
+    v->dropout = f->dropout_p > 0.0f;
+    v->varlen = f->cu_seqlens_q != NULL;
 }

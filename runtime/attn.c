@@ -82,10 +82,7 @@ static int check_pointers(const fajit_attn_args *a)
  * check_shapes (their bounds depend on the shapes). */
 static int check_features(const fajit_attn_args *a)
 {
-    const fajit__features f = {a->window_left,      a->window_right,       a->softcap,
-                               a->dropout_p,        a->alibi_slopes,       a->alibi_batch_stride,
-                               a->cu_seqlens_q,     a->cu_seqlens_k,       a->batch,
-                               a->nheads_q};
+    const fajit__features f = fajit__fwd_features(a);
     return fajit__check_features(&f);
 }
 
@@ -184,14 +181,8 @@ static void derive_features(const fajit_attn_args *a, fajit__variant *v)
     v->dqk = (int)a->dqk;
     v->dv = (int)a->dv;
     v->dtype = a->dtype;
-    v->mask = a->mask;
-    v->window_left = a->window_left;
-    v->window_right = a->window_right;
-    fajit__normalize_window(a->mask, a->seqlen_q, a->seqlen_k, v);
-    v->softcap = a->softcap != 0.0f;
-    v->alibi = a->alibi_slopes != NULL;
-    v->dropout = a->dropout_p > 0.0f;
-    v->varlen = a->cu_seqlens_q != NULL;
+    const fajit__features f = fajit__fwd_features(a);
+    fajit__set_variant_features(&f, a->mask, a->seqlen_q, a->seqlen_k, v);
 }
 
 /* The kernel for validated arguments: the fast forward where it applies, else

@@ -11,7 +11,7 @@
  * a warp per output row, independent of each other, needing no scratch.
  * Everything is checked before anything is launched. The features (window,
  * softcap, ALiBi, dropout, varlen) are checked and mapped onto the variant
- * exactly as runtime/attn.c does for the forward (fajit__normalize_window),
+ * exactly as runtime/attn.c does for the forward (fajit__set_variant_features),
  * so a backward compiles the same mask the forward ran.
  */
 #include <math.h>
@@ -86,10 +86,7 @@ static int check_shapes(const fajit_attn_bwd_args *a)
  * directions. */
 static int check_features(const fajit_attn_bwd_args *a)
 {
-    const fajit__features f = {a->window_left,      a->window_right,       a->softcap,
-                               a->dropout_p,        a->alibi_slopes,       a->alibi_batch_stride,
-                               a->cu_seqlens_q,     a->cu_seqlens_k,       a->batch,
-                               a->nheads_q};
+    const fajit__features f = fajit__bwd_features(a);
     return fajit__check_features(&f);
 }
 
@@ -180,8 +177,7 @@ static int fill_params(const fajit_attn_bwd_args *a, struct fajit_bwd_params *p)
 
 /* The variant of one of the backward's kernels for validated arguments. The
  * reference is deterministic, so it serves either value of `deterministic`.
- * The feature fields are set as the forward sets them (derive_features in
- * runtime/attn.c). */
+ * The feature fields are set by the forward's rule (fajit__set_variant_features). */
 static void derive_variant(const fajit_attn_bwd_args *a, int op, int arch, fajit__variant *v)
 {
     fajit__variant_defaults(v);
@@ -189,14 +185,8 @@ static void derive_variant(const fajit_attn_bwd_args *a, int op, int arch, fajit
     v->dqk = (int)a->dqk;
     v->dv = (int)a->dv;
     v->dtype = a->dtype;
-    v->mask = a->mask;
-    v->window_left = a->window_left;
-    v->window_right = a->window_right;
-    fajit__normalize_window(a->mask, a->seqlen_q, a->seqlen_k, v);
-    v->softcap = a->softcap != 0.0f;
-    v->alibi = a->alibi_slopes != NULL;
-    v->dropout = a->dropout_p > 0.0f;
-    v->varlen = a->cu_seqlens_q != NULL;
+    const fajit__features f = fajit__bwd_features(a);
+    fajit__set_variant_features(&f, a->mask, a->seqlen_q, a->seqlen_k, v);
     v->arch = arch;
     v->arch_suffix = 0;
     fajit__heuristic_tiles(v);

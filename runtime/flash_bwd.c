@@ -136,16 +136,10 @@ void fajit__flash_bwd_tiles(fajit__variant *v)
  * the others share them. */
 static void set_features(const fajit_attn_bwd_args *a, int main_kernel, fajit__variant *v)
 {
+    const fajit__features f = fajit__bwd_features(a);
     v->varlen = a->cu_seqlens_q != NULL;
-    if (!main_kernel)
-        return;
-    v->mask = a->mask;
-    v->window_left = (int)a->window_left;
-    v->window_right = (int)a->window_right;
-    fajit__normalize_window(a->mask, a->seqlen_q, a->seqlen_k, v);
-    v->softcap = a->softcap != 0.0f;
-    v->alibi = a->alibi_slopes != NULL;
-    v->dropout = a->dropout_p > 0.0f;
+    if (main_kernel)
+        fajit__set_variant_features(&f, a->mask, a->seqlen_q, a->seqlen_k, v);
 }
 
 void fajit__flash_bwd_variants(const fajit_attn_bwd_args *a, int arch, fajit__variant out[3])

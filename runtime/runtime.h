@@ -184,10 +184,15 @@ typedef struct fajit__features {
  * neither (aligned), varlen with batch >= 1. After the shapes are checked. */
 int fajit__check_features(const fajit__features *f);
 
-/* Window fields of v (mask and windows set from the call) made canonical:
- * a side that bounds nothing for these lengths becomes -1, a right window of
- * 0 without a mask becomes the causal mask (runtime/args.c). */
-void fajit__normalize_window(int mask, int64_t seqlen_q, int64_t seqlen_k, fajit__variant *v);
+/* The feature arguments of a forward's or a backward's struct. */
+fajit__features fajit__fwd_features(const fajit_attn_args *a);
+fajit__features fajit__bwd_features(const fajit_attn_bwd_args *a);
+
+/* The variant's feature fields (mask, window normalised, softcap, ALiBi,
+ * dropout, varlen) from validated arguments: one rule for the forward and
+ * every backward kernel, so a backward compiles the very mask its forward ran. */
+void fajit__set_variant_features(const fajit__features *f, int mask, int64_t seqlen_q,
+                                 int64_t seqlen_k, fajit__variant *v);
 
 /* The same, with the device as well. */
 int fajit__context_device(fajit_ctx *ctx, const fajit__driver *drv, unsigned long long cu_id,
