@@ -104,8 +104,9 @@ int fajit_compile(fajit_ctx *ctx, const char *spec, fajit_compile_result *res)
 {
     fajit__variant v;
     fajit__entry_view view;
-    uint8_t *entry = NULL, digest[16], *full_key = NULL;
-    size_t entry_len = 0, full_key_len = 0;
+    fajit__full_key key;
+    uint8_t *entry = NULL, digest[16];
+    size_t entry_len = 0;
     int cached = 0, rc = spec_to_variant(ctx, spec, &v);
 
     if (rc == 0)
@@ -113,7 +114,7 @@ int fajit_compile(fajit_ctx *ctx, const char *spec, fajit_compile_result *res)
     if (rc != 0 || !res)
         goto free_entry;
     if (fajit__entry_decode(entry, entry_len, &view, NULL) != 0 ||
-        (rc = fajit__variant_key(ctx, &v, &full_key, &full_key_len, digest)) != 0) {
+        (rc = fajit__variant_key(ctx, &v, &key, digest)) != 0) {
         rc = rc ? rc : fajit__fail(FAJIT_ECORRUPT, "entry just built does not decode");
         goto free_entry;
     }
@@ -127,7 +128,6 @@ int fajit_compile(fajit_ctx *ctx, const char *spec, fajit_compile_result *res)
     res->spill_bytes = (int)view.meta.spill_bytes;
     to_hex(digest, 16, res->key_hex);
 free_entry:
-    free(full_key);
     free(entry);
     return rc;
 }
@@ -228,8 +228,7 @@ int fajit_cache_find(fajit_ctx *ctx, const char *key, fajit_entry_info *out)
 {
     struct find_state st = {NULL, {0}, out, ctx, 0};
     fajit__variant v;
-    uint8_t *full_key = NULL;
-    size_t full_key_len;
+    fajit__full_key full_key;
     int rc;
 
     fajit__clear_error();
@@ -239,9 +238,8 @@ int fajit_cache_find(fajit_ctx *ctx, const char *key, fajit_entry_info *out)
         st.prefix = key;
     } else {
         if ((rc = spec_to_variant(ctx, key, &v)) != 0 ||
-            (rc = fajit__variant_key(ctx, &v, &full_key, &full_key_len, st.digest)) != 0)
+            (rc = fajit__variant_key(ctx, &v, &full_key, st.digest)) != 0)
             return fajit__fail_prefix(rc, "key '%s' is neither a hex digest nor a variant", key);
-        free(full_key);
     }
     if (ctx->store && (rc = fajit__store_iterate(ctx->store, find_one, &st)) != 0)
         return rc;

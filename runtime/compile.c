@@ -117,20 +117,25 @@ static void parse_entry_resources(const char *log, const char *entry, fajit__ent
 }
 
 /* NVRTC's log (*log NULL when it has none). Without memory for it the
- * compile fails: the ptxas report in it is the entry's resource usage. */
-static int program_log(nvrtcProgram prog, char **log)
+ * kernel is still good: *lost is set (the ptxas report in the log is the
+ * entry's resource usage, so such a kernel is used but not stored) and the
+ * detail says why. */
+static void program_log(nvrtcProgram prog, char **log, int *lost)
 {
     size_t n = 0;
     *log = NULL;
+    *lost = 0;
     if (nvrtcGetProgramLogSize(prog, &n) != NVRTC_SUCCESS || n == 0)
-        return 0;
+        return;
     *log = fajit__malloc(n + 1);
-    if (!*log)
-        return fajit__fail(FAJIT_ENOMEM, "NVRTC log of %zu bytes", n + 1);
+    if (!*log) {
+        *lost = 1;
+        fajit__fail(FAJIT_ENOMEM, "NVRTC log of %zu bytes", n + 1);
+        return;
+    }
     if (nvrtcGetProgramLog(prog, *log) != NVRTC_SUCCESS)
         (*log)[0] = '\0';
     (*log)[n] = '\0';
-    return 0;
 }
 
 /* The cubin, in a buffer with FAJIT__ENTRY_ROOM spare bytes after it, so
@@ -174,9 +179,7 @@ static int run_nvrtc(const char *src, const char *name, const fajit__variant *v,
     if (r != NVRTC_SUCCESS)
         return fajit__fail(FAJIT_ECOMPILE, "nvrtcCreateProgram: %s", nvrtcGetErrorString(r));
     r = nvrtcCompileProgram(prog, (int)(N_FIXED + 1), opts);
-    rc = program_log(prog, &log);
-    if (rc != 0)
-        goto destroy_program;
+    program_log(prog, &log, &out->no_report);
     if (r != NVRTC_SUCCESS) {
         fajit__variant_format(v, text, sizeof text);
         rc = fajit__fail(FAJIT_ECOMPILE, "NVRTC failed (%s) for '%s':\n%s", nvrtcGetErrorString(r),

@@ -38,22 +38,21 @@ void fajit__build_identity(uint8_t out[16])
     memcpy(out, c.digest, 16);
 }
 
-int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, uint8_t **full_key,
-                       size_t *full_key_len, uint8_t digest[16])
+int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, fajit__full_key *key,
+                       uint8_t digest[16])
 {
     size_t n = fajit__variant_serialize(v, NULL, 0);
     XXH128_canonical_t c;
-    uint8_t *buf = fajit__malloc(n + 16);
-    if (!buf)
-        return fajit__fail(FAJIT_ENOMEM, "variant key of %zu bytes", n + 16);
-    fajit__variant_serialize(v, buf, n);
-    memcpy(buf + n, ctx->build_id, 16);
-    XXH128_canonicalFromHash(&c, XXH3_128bits(buf, n + 16));
+    if (n > sizeof key->bytes - 16) /* the serialisation's size is fixed: a build error */
+        return fajit__fail(FAJIT_EUNSUPPORTED, "variant key of %zu bytes exceeds %zu", n + 16,
+                           sizeof key->bytes);
+    fajit__variant_serialize(v, key->bytes, n);
+    memcpy(key->bytes + n, ctx->build_id, 16);
+    key->len = n + 16;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(key->bytes, key->len));
     memcpy(digest, c.digest, 16);
     if (fajit__test_hooks.force_digest) /* a forced collision: the full key must catch it */
         memcpy(digest, fajit__test_hooks.digest, 16);
-    *full_key = buf;
-    *full_key_len = n + 16;
     return 0;
 }
 
@@ -67,10 +66,10 @@ int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, uint8_t **
 typedef struct lookup {
     fajit_ctx *ctx;
     const fajit__variant *v;
-    uint8_t *full_key; /* malloc'd */
-    size_t full_key_len;
+    fajit__full_key key;
     uint8_t digest[16];
     int warned;
+    int keep_in_memory; /* compiled without the report its entry needs */
 } lookup;
 
 static void degraded(lookup *lk, const char *what)
@@ -84,21 +83,21 @@ static void degraded(lookup *lk, const char *what)
  * cubin's own buffer (runtime/compile.c leaves FAJIT__ENTRY_ROOM bytes after
  * it), so once NVRTC has produced the kernel nothing can lose it for want of
  * memory: storing it is then all that may fail, and that only costs a warning. */
-static int compile_entry(const lookup *lk, uint8_t **entry, size_t *entry_len)
+static int compile_entry(lookup *lk, uint8_t **entry, size_t *entry_len)
 {
     fajit__compiled c;
     int rc = fajit__compile_variant(lk->v, &c);
-    if (rc == 0 && lk->full_key_len <= FAJIT__ENTRY_KEY_ROOM) {
+    if (rc == 0 && c.no_report) {
+        lk->keep_in_memory = 1;
+        degraded(lk, "kernel compiled without its resource report, kept in memory");
+    }
+    if (rc == 0) {
         rc = fajit__entry_encode_in_place(c.cubin, c.cubin_len + FAJIT__ENTRY_ROOM, &c.meta,
-                                          lk->full_key, lk->full_key_len, c.cubin_len,
-                                          entry_len);
+                                          lk->key.bytes, lk->key.len, c.cubin_len, entry_len);
         if (rc == 0) {
             *entry = c.cubin;
             c.cubin = NULL;
         }
-    } else if (rc == 0) { /* a key larger than the room: never with today's keys */
-        rc = fajit__entry_encode(&c.meta, lk->full_key, lk->full_key_len, c.cubin, c.cubin_len,
-                                 entry, entry_len);
     }
     fajit__compiled_free(&c);
     return rc;
@@ -106,6 +105,8 @@ static int compile_entry(const lookup *lk, uint8_t **entry, size_t *entry_len)
 
 static void store_entry(lookup *lk, const uint8_t *entry, size_t entry_len)
 {
+    if (lk->keep_in_memory)
+        return;
     if (fajit__store_put(lk->ctx->store, lk->digest, entry, entry_len) != 0)
         degraded(lk, "cache put failed, kernel kept in memory");
 }
@@ -114,7 +115,7 @@ static void store_entry(lookup *lk, const uint8_t *entry, size_t entry_len)
  * for another reason than a miss (no memory, I/O) is a degraded step. */
 static int stored_entry(lookup *lk, uint8_t **entry, size_t *entry_len)
 {
-    int rc = fajit__store_get(lk->ctx->store, lk->digest, lk->full_key, lk->full_key_len, entry,
+    int rc = fajit__store_get(lk->ctx->store, lk->digest, lk->key.bytes, lk->key.len, entry,
                               entry_len);
     if (rc != 0 && rc != FAJIT_ENOTFOUND)
         degraded(lk, "cache read failed, treated as a miss");
@@ -158,8 +159,12 @@ static int recompile_entry(lookup *lk, uint8_t **entry, size_t *entry_len)
 static int kernel_entry(fajit_ctx *ctx, const fajit__variant *v, int fresh, uint8_t **entry,
                         size_t *entry_len, int *cached)
 {
-    lookup lk = {ctx, v, NULL, 0, {0}, 0};
-    int rc = fajit__variant_key(ctx, v, &lk.full_key, &lk.full_key_len, lk.digest);
+    lookup lk;
+    int rc;
+    memset(&lk, 0, sizeof lk);
+    lk.ctx = ctx;
+    lk.v = v;
+    rc = fajit__variant_key(ctx, v, &lk.key, lk.digest);
     if (rc != 0)
         return rc;
     *cached = 0;
@@ -171,7 +176,6 @@ static int kernel_entry(fajit_ctx *ctx, const fajit__variant *v, int fresh, uint
         rc = compile_once(&lk, entry, entry_len, cached);
     else
         rc = compile_entry(&lk, entry, entry_len);
-    free(lk.full_key);
     return rc;
 }
 
@@ -247,13 +251,11 @@ static int check_loadable(const fajit__variant *v, const uint8_t *entry, size_t 
  * that the next process does not trip on it too, and count it as bad. */
 static void evict_stored(fajit_ctx *ctx, const fajit__variant *v, const char *why)
 {
-    uint8_t *full_key = NULL, digest[16];
-    size_t full_key_len = 0;
+    fajit__full_key key;
+    uint8_t digest[16];
     fajit__store_count_bad(ctx->store);
-    if (ctx->cache_mode == FAJIT_CACHE_READWRITE &&
-        fajit__variant_key(ctx, v, &full_key, &full_key_len, digest) == 0)
+    if (ctx->cache_mode == FAJIT_CACHE_READWRITE && fajit__variant_key(ctx, v, &key, digest) == 0)
         fajit__store_del(ctx->store, digest);
-    free(full_key);
     fajit__log(&ctx->log, FAJIT_LOG_WARN, "cache: stored kernel %s; evicted, compiling it again",
                why);
 }

@@ -23,6 +23,8 @@ typedef struct fajit__compiled {
     size_t cubin_len;
     fajit__entry_meta meta; /* resource usage, NVRTC version, compile time */
     char *log;              /* NVRTC's log (ptxas report, warnings), malloc'd, or NULL */
+    int no_report; /* the log could not be read (no memory): meta's resource usage is
+                      unknown (zeros), so the kernel is used but not stored */
 } fajit__compiled;
 
 /* NVRTC version of the library linked in, as major * 1000 + minor * 10. */
@@ -83,9 +85,16 @@ struct fajit_ctx {
  * the NVRTC version, the compile options and the cache format version. */
 void fajit__build_identity(uint8_t out[16]);
 
-/* Full key (serialised variant + build identity) and its XXH3-128 digest. */
-int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, uint8_t **full_key,
-                       size_t *full_key_len, uint8_t digest[16]);
+/* Full key (serialised variant + build identity) and its XXH3-128 digest.
+ * The key has a fixed size below FAJIT__ENTRY_KEY_ROOM and is made in the
+ * caller's buffer: nothing to allocate, so a lookup cannot fail for want of
+ * memory before it reaches the compiler. */
+typedef struct fajit__full_key {
+    uint8_t bytes[FAJIT__ENTRY_KEY_ROOM];
+    size_t len;
+} fajit__full_key;
+int fajit__variant_key(const fajit_ctx *ctx, const fajit__variant *v, fajit__full_key *key,
+                       uint8_t digest[16]);
 
 /* The cache entry for a full variant: from the store, else compiled (once across
  * threads and processes) and stored unless the cache is read-only or off.
