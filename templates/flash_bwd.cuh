@@ -75,6 +75,7 @@
  */
 #include "common.cuh"
 #include "bwd_params.h"
+#include "ptx.cuh"
 
 namespace fajit_fb {
 
@@ -105,6 +106,7 @@ static_assert(FAJIT_WINDOW_LEFT >= -1 && FAJIT_WINDOW_RIGHT >= -1, "flash_bwd: w
 
 namespace fajit_fb {
 
+using namespace fajit_ptx; /* ptx.cuh */
 using elem_t = unsigned short; /* raw fp16 / bf16 bits */
 
 constexpr bool kKeyMajor = FAJIT_OP == kOpBwd || FAJIT_OP == kOpDkdv; /* grid over key blocks */
@@ -188,8 +190,6 @@ constexpr int kSmemBytes = (kQStages * (kQElems + kDoElems) + kKStages * (kKElem
 static_assert(!(kKeyMajor || kQueryMajor) || kSmemBytes <= FAJIT_SMEM_BYTES,
               "flash_bwd: shared memory layout larger than FAJIT_SMEM_BYTES (codegen disagrees)");
 
-__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
-
 /* Element offset of chunk `chunk` of row `row` in a tile of Row-element rows. */
 template <int Row>
 __device__ __forceinline__ int smem_at(int row, int chunk) {
@@ -243,95 +243,7 @@ __device__ __forceinline__ LaneAddr<Row> b_trans(unsigned tile, int row0, int ch
     return a;
 }
 
-/* ---------------------------------------------------------------- PTX */
-
-__device__ __forceinline__ unsigned smem_addr(const void *p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-/* 16 bytes global -> shared, bypassing L1; zero-filled when !valid. */
-__device__ __forceinline__ void cp_async_16(unsigned dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, unsigned (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x2(unsigned addr, unsigned &r0, unsigned &r1) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r0), "=r"(r1)
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x2_trans(unsigned addr, unsigned &r0, unsigned &r1) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r0), "=r"(r1)
-                 : "r"(addr));
-}
-
-/* d += a * b, m16n8k16, row.col, fp32 accumulate. */
-__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* Two floats as one register of two 16-bit values, lo in the low half. */
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned r;
-    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    else
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-/* The two 16-bit values of a register as floats (bf16: the top half of an fp32). */
-__device__ __forceinline__ float lo_of(unsigned x) {
-    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
-        return fajit::fp16_to_float(static_cast<unsigned short>(x & 0xffffu));
-    else
-        return __uint_as_float(x << 16);
-}
-__device__ __forceinline__ float hi_of(unsigned x) {
-    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
-        return fajit::fp16_to_float(static_cast<unsigned short>(x >> 16));
-    else
-        return __uint_as_float(x & 0xffff0000u);
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
+/* ---------------------------------------------------------------- PTX beyond ptx.cuh */
 
 __device__ __forceinline__ float pos_infinity() { return __int_as_float(0x7f800000); }
 

@@ -61,6 +61,7 @@
  */
 #include "common.cuh"
 #include "fwd_params.h"
+#include "ptx.cuh"
 
 static_assert(FAJIT_OP == 1, "flash_fwd.cuh is the template of op fwd");
 static_assert(FAJIT_ARCH >= 80, "flash_fwd: needs sm_80 or newer (mma.sync bf16, cp.async)");
@@ -73,6 +74,8 @@ static_assert(FAJIT_STAGES >= 1 && FAJIT_STAGES <= 3, "flash_fwd: stages must be
 static_assert(FAJIT_PAGED == 0, "flash_fwd: paged KV is not implemented");
 
 namespace fajit_fa {
+
+using namespace fajit_ptx; /* ptx.cuh */
 
 using elem_t = unsigned short; /* raw fp16 / bf16 bits */
 
@@ -152,93 +155,6 @@ struct LaneAddr {
             return base + (r0 * row_chunks(Chunks) + c0) * 16;
     }
 };
-
-__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
-
-/* ---------------------------------------------------------------- PTX */
-
-__device__ __forceinline__ unsigned smem_addr(const void *p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-/* 16 bytes global -> shared, bypassing L1; zero-filled when !valid. */
-__device__ __forceinline__ void cp_async_16(unsigned dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
-/* Bytes = 4 or 8 global -> shared through L1 (.cg takes only 16); zero-filled
- * when !valid. */
-template <int Bytes>
-__device__ __forceinline__ void cp_async_small(unsigned dst, const void *src, bool valid) {
-    static_assert(Bytes == 4 || Bytes == 8, "cp.async.ca moves 4, 8 or 16 bytes");
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(Bytes),
-                 "r"(valid ? Bytes : 0)
-                 : "memory");
-}
-
-__device__ __forceinline__ void st_shared_u16(unsigned dst, unsigned short x) {
-    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst), "h"(x));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned addr, unsigned (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, unsigned (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x2_trans(unsigned addr, unsigned &r0, unsigned &r1) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r0), "=r"(r1)
-                 : "r"(addr));
-}
-
-/* d += a * b, m16n8k16, row.col, fp32 accumulate. */
-__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* Two floats as one register of two 16-bit values, lo in the low half. */
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned r;
-    if constexpr (FAJIT_DTYPE == fajit::kDtypeFp16)
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    else
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 /* ---------------------------------------------------------------- tiles */
 
