@@ -17,6 +17,7 @@ static const struct {
     [FAJIT__OP_BWD_POST] = {"flash_bwd.cuh", "fajit_flash_bwd_post"},
     [FAJIT__OP_BWD_DKDV] = {"flash_bwd.cuh", "fajit_flash_bwd_dkdv"},
     [FAJIT__OP_BWD_DQ] = {"flash_bwd.cuh", "fajit_flash_bwd_dq"},
+    [FAJIT__OP_REF_PROBS] = {"reference.cuh", "fajit_ref_probs_fwd"},
 };
 
 const char *fajit__variant_entry_name(const fajit__variant *v)
@@ -87,6 +88,7 @@ size_t fajit__variant_smem_bytes(const fajit__variant *v)
     case FAJIT__OP_BWD_PRE:  /* no shared memory */
     case FAJIT__OP_BWD_POST:
     case FAJIT__OP_REF:
+    case FAJIT__OP_REF_PROBS:
     case FAJIT__OP_REF_DQ:
     case FAJIT__OP_REF_DKDV:
     default:

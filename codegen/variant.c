@@ -54,7 +54,7 @@ static const struct field fields[] = {
 
 static const char *const op_words[FAJIT__OP_COUNT] = {"ref",      "fwd",      "bwd",     "ref-dq",
                                                        "ref-dkdv", "bwd-pre",  "bwd-post", "bwd-dkdv",
-                                                       "bwd-dq"};
+                                                       "bwd-dq",   "ref-probs"};
 static const char *const dtype_words[] = {"fp16", "bf16"};
 static const char *const mask_words[] = {"none", "causal", "causal-tl"};
 static const int known_archs[] = {80, 86, 87, 89, 90, 100, 103, 110, 120, 121};
@@ -189,7 +189,8 @@ static int check_variant(const fajit__variant *v, int allow_unset)
     for (size_t i = 0; i < NFIELDS; i++)
         if (check_field(v, &fields[i], allow_unset))
             return FAJIT_EINVAL;
-    if (v->op == FAJIT__OP_REF || v->op == FAJIT__OP_REF_DQ || v->op == FAJIT__OP_REF_DKDV)
+    if (v->op == FAJIT__OP_REF || v->op == FAJIT__OP_REF_DQ || v->op == FAJIT__OP_REF_DKDV ||
+        v->op == FAJIT__OP_REF_PROBS)
         return check_ref_tiles(v);
     return 0;
 }

@@ -21,6 +21,9 @@ enum fajit__op {
     FAJIT__OP_BWD_POST = 6, /* "bwd-post": the fast backward's dQ to fp16/bf16 (same file) */
     FAJIT__OP_BWD_DKDV = 7, /* "bwd-dkdv": deterministic mode's dK, dV kernel (same file) */
     FAJIT__OP_BWD_DQ = 8,   /* "bwd-dq": deterministic mode's dQ kernel (same file) */
+    FAJIT__OP_REF_PROBS = 9, /* "ref-probs": the reference forward that also writes the
+                                attention probabilities (fajit_attn_args.probs;
+                                reference.cuh's second kernel) */
     FAJIT__OP_COUNT
 };
 

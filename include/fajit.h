@@ -209,6 +209,28 @@ typedef struct fajit_attn_args {
      * are the max lengths (max_seqlen_q/k of flash_attn_varlen_func), and LSE is
      * (nheads_q, total_q). Both NULL: dense. */
     const int32_t *cu_seqlens_q, *cu_seqlens_k;
+    /* Attention probabilities, a testing aid (flash_attn's S_dmask). NULL (the
+     * default): not written. Else an fp32 device buffer, 4-byte aligned, that
+     * receives for every batch b (the sequence under varlen), query head h,
+     * query row i < seqlen_q and key j < seqlen_k (the sequence's lengths
+     * under varlen, i and j counted within it)
+     *   probs[b * probs_stride[0] + h * probs_stride[1] + i * probs_stride[2] + j]
+     *     = softmax probability of key j for row i, normalised, before dropout
+     *       (exp(s_ij - m_i) / l_i, the l of the LSE), negated where dropout
+     *       dropped (b, h, i, j) (-0.0 for a dropped 0): the sign is the mask
+     *       the output was computed with, the one every kernel and the
+     *       backward draw from (dropout_seed, dropout_offset);
+     *     = 0 for keys row i does not see (mask, window; every key of a fully
+     *       masked row).
+     * Other elements (padding, rows and keys past a varlen sequence's
+     * lengths) are left as they were. probs_stride {batch, head, row} in
+     * elements, key stride 1; all 0 means contiguous (batch, nheads_q,
+     * seqlen_q, seqlen_k). The strides are checked as the tensors' are
+     * (>= 0, offsets fit int64, no two elements at one address). A call with
+     * probs runs the reference kernel (op ref-probs) whatever `kernel` says:
+     * slower, and meant for tests. */
+    float *probs;
+    int64_t probs_stride[3];
 } fajit_attn_args;
 
 FAJIT_API void fajit_attn_args_init(fajit_attn_args *args);

@@ -5,6 +5,7 @@
  */
 #include <math.h>
 
+#include "runtime/probs.h"
 #include "runtime/runtime.h"
 
 int fajit__check_range(const char *name, int64_t v, int64_t lo, int64_t hi)
@@ -15,8 +16,17 @@ int fajit__check_range(const char *name, int64_t v, int64_t lo, int64_t hi)
     return 0;
 }
 
-/* Every tensor is fp16 or bf16. */
-#define ELEM_BYTES 2
+/* How a layout's elements are sized and its dims named in errors: every
+ * tensor is fp16 or bf16 with dims {batch, seq, head}; the probabilities
+ * (fajit_attn_args.probs) are fp32 with dims {batch, head, row}, passed here
+ * as a fajit__tensor whose "seqlen" is nheads_q and whose "heads" are rows. */
+typedef struct elem_kind {
+    int64_t bytes;
+    const char *what[3]; /* what the outer dims' elements are, plural */
+} elem_kind;
+
+static const elem_kind tensor_elems = {2, {"batches", "rows", "heads"}};
+static const elem_kind probs_elems = {4, {"batches", "heads", "rows"}};
 
 /* All zero: contiguous (seqlen, heads, dim). */
 static int contiguous_strides(const fajit__tensor *t, int64_t out[3])
@@ -52,17 +62,17 @@ static int overflow_fail(const fajit__tensor *t, const int64_t st[3], int i, int
 /* One past the largest byte offset must fit int64 (the kernels index with
  * it), and the tensor must not run past the end of the address space: such
  * strides would read or write out of bounds whatever the allocation. */
-static int check_span(const fajit__tensor *t, const int64_t st[3], int given)
+static int check_span(const fajit__tensor *t, const int64_t st[3], int given, const elem_kind *k)
 {
     const int64_t extent[3] = {t->batch, t->seqlen, t->heads};
     int64_t end = t->dim, span;
     for (int i = 2; i >= 0; i--)
         if (__builtin_mul_overflow(extent[i] - 1, st[i], &span) ||
-            __builtin_add_overflow(end, span, &end) || end > INT64_MAX / ELEM_BYTES)
+            __builtin_add_overflow(end, span, &end) || end > INT64_MAX / k->bytes)
             return overflow_fail(t, st, i, given);
-    if ((uintptr_t)t->ptr > UINTPTR_MAX - (uint64_t)end * ELEM_BYTES)
+    if ((uintptr_t)t->ptr > UINTPTR_MAX - (uint64_t)(end * k->bytes))
         return fajit__fail(FAJIT_EINVAL, "%s=%p: its %lld bytes run past the end of the address space",
-                           t->name, t->ptr, (long long)end * ELEM_BYTES);
+                           t->name, t->ptr, (long long)(end * k->bytes));
     return 0;
 }
 
@@ -70,9 +80,9 @@ static int check_span(const fajit__tensor *t, const int64_t st[3], int given)
  * them. The usual sufficient rule: the dims of extent > 1 sorted by stride,
  * each stride at least the previous dim's stride times its extent, starting
  * from the contiguous last dim (stride 1, extent dim). */
-static int check_no_overlap(const fajit__tensor *t, const int64_t st[3])
+static int check_no_overlap(const fajit__tensor *t, const int64_t st[3], const elem_kind *kind)
 {
-    static const char *const what[3] = {"batches", "rows", "heads"};
+    const char *const *what = kind->what;
     const char *extent_name[3] = {"batch", t->seqlen_name, t->heads_name};
     const int64_t extent[3] = {t->batch, t->seqlen, t->heads};
     int order[3], n = 0;
@@ -107,7 +117,7 @@ static int check_no_overlap(const fajit__tensor *t, const int64_t st[3])
     return 0;
 }
 
-int fajit__tensor_strides(const fajit__tensor *t, int64_t out[3])
+static int layout_strides(const fajit__tensor *t, int64_t out[3], const elem_kind *k)
 {
     const int64_t *in = t->stride;
     const int given = in[0] != 0 || in[1] != 0 || in[2] != 0;
@@ -122,9 +132,22 @@ int fajit__tensor_strides(const fajit__tensor *t, int64_t out[3])
     }
     if (t->batch == 0 || t->seqlen == 0)
         return 0; /* no elements: nothing is addressed */
-    if ((rc = check_span(t, out, given)) != 0)
+    if ((rc = check_span(t, out, given, k)) != 0)
         return rc;
-    return given && t->written ? check_no_overlap(t, out) : 0;
+    return given && t->written ? check_no_overlap(t, out, k) : 0;
+}
+
+int fajit__tensor_strides(const fajit__tensor *t, int64_t out[3])
+{
+    return layout_strides(t, out, &tensor_elems);
+}
+
+int fajit__probs_strides(const fajit_attn_args *a, int64_t out[3])
+{
+    const fajit__tensor t = {"probs",    a->probs,    a->probs_stride, a->batch, a->nheads_q, a->seqlen_q,
+                             a->seqlen_k, "nheads_q", "seqlen_q",      "seqlen_k", 1};
+    int rc = fajit__check_pointer("probs", a->probs, 4, 1);
+    return rc != 0 ? rc : layout_strides(&t, out, &probs_elems);
 }
 
 int fajit__check_lse(const float *lse, int64_t batch, int64_t heads, int64_t seqlen)

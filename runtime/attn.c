@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "runtime/probs.h"
 #include "runtime/runtime.h"
 #include "runtime/tune.h"
 #include "templates/fwd_params.h"
@@ -109,6 +110,34 @@ static int fill_strides(const fajit_attn_args *a, struct fajit_fwd_params *p)
     return 0;
 }
 
+/* Where op ref-probs writes the probabilities: the kernel's arguments after
+ * the params (templates/reference.cuh). ptr NULL: not asked for. */
+typedef struct probs_out {
+    float *ptr;
+    int64_t stride[3]; /* batch, head, row; elements */
+} probs_out;
+
+static int fill_probs(const fajit_attn_args *a, probs_out *out)
+{
+    memset(out, 0, sizeof *out);
+    out->ptr = a->probs;
+    return a->probs ? fajit__probs_strides(a, out->stride) : 0;
+}
+
+/* Op ref-probs: the reference's grid (no split, no packing), with the
+ * probabilities' pointer and strides as the kernel's further arguments. */
+static int launch_probs(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
+                        struct fajit_fwd_params *p, const probs_out *po, void *stream)
+{
+    float *ptr = po->ptr;
+    long long sb = po->stride[0], sh = po->stride[1], si = po->stride[2];
+    void *kargs[] = {p, &ptr, &sb, &sh, &si};
+    CUresult r = drv->launchKernel(fn, (unsigned)((p->seqlen_q + v->bm - 1) / v->bm), (unsigned)p->nheads_q,
+                                   (unsigned)p->batch, (unsigned)(v->warps * 32), 1, 1, 0, (CUstream)stream,
+                                   kargs, NULL);
+    return r == CUDA_SUCCESS ? 0 : fajit__cu_fail(r, "cuLaunchKernel");
+}
+
 static int fill_params(const fajit_attn_args *a, struct fajit_fwd_params *p)
 {
     int rc;
@@ -191,7 +220,10 @@ static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct faji
                      const fajit__variant *features)
 {
     static atomic_int fallback_logged;
-    const char *why = fast_fwd_refusal(a, p);
+    const char *why;
+    if (a->probs)
+        return FAJIT__OP_REF_PROBS; /* only the reference writes them */
+    why = fast_fwd_refusal(a, p);
     if (!why && !fajit__fast_fwd_supports(features))
         why = "the fast forward lacks a feature asked for (dropout, softcap, ALiBi or varlen)";
     if (!why)
@@ -369,6 +401,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     const fajit__driver *drv;
     struct fajit_fwd_params p;
     fajit_attn_args a;
+    probs_out po;
     fajit__variant v;
     CUfunction fn;
     CUcontext cu;
@@ -379,7 +412,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
     if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
-        (rc = check_pointers(&a)) || (rc = fill_params(&a, &p)))
+        (rc = check_pointers(&a)) || (rc = fill_params(&a, &p)) || (rc = fill_probs(&a, &po)))
         return rc;
     if (a.batch == 0 || a.seqlen_q == 0)
         return 0; /* nothing to compute */
@@ -391,7 +424,9 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
         derive_variant(ctx, drv, dev, &a, &p, arch, &v); /* checked on a table miss */
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
     }
-    if (rc == 0)
+    if (rc == 0 && v.op == FAJIT__OP_REF_PROBS)
+        rc = launch_probs(drv, fn, &v, &p, &po, stream);
+    else if (rc == 0)
         rc = launch(ctx, drv, fn, &v, &p, stream);
     if (pushed)
         drv->ctxPopCurrent(&cu);
@@ -415,13 +450,14 @@ int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, s
 {
     struct fajit_fwd_params p;
     fajit_attn_args a;
+    probs_out po;
     fajit__variant v;
     int rc;
 
     if (!ctx || !buf)
         return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "buf" : "ctx");
     if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
-        (rc = fill_params(&a, &p)))
+        (rc = fill_params(&a, &p)) || (rc = fill_probs(&a, &po)))
         return rc;
     derive_variant(ctx, NULL, -1, &a, &p, fajit__default_arch(ctx), &v);
     tuned_tiles_of_ctx_device(ctx, &a, &v);

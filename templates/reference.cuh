@@ -40,11 +40,30 @@
  * nheads_q, batch), FAJIT_WARPS * 32 threads, no dynamic shared memory. Warp w
  * of a block handles rows w, w + FAJIT_WARPS, ... of the block's FAJIT_BM rows.
  * FAJIT_STAGES is unused. Every index into a tensor is 64-bit.
+ *
+ * Two ops render this file, each with its own kernel (the other one is
+ * compiled empty, since the prelude's constants cannot choose between
+ * extern "C" definitions):
+ *   ref       (FAJIT_OP 0): fajit_ref_fwd(p), the above;
+ *   ref-probs (FAJIT_OP 9): fajit_ref_probs_fwd(p, probs, probs_stride_b,
+ *             probs_stride_h, probs_stride_i), the above and, after each row's
+ *             softmax is complete, the row's probabilities (fp32):
+ *               probs[b * stride_b + h * stride_h + i * stride_i + j]
+ *                 = exp(s_j - m) / l   for visible keys j (normalised, before
+ *                                      dropout), negated where dropout drops
+ *                                      (b, h, i, j) (-0.0 for a dropped 0),
+ *                 = 0                  for keys the row does not see,
+ *             for j < seqlen_k (the sequence's under varlen; b is then the
+ *             sequence, i and j within it). Elements past a row's keys and
+ *             rows past seqlen_q are not written. s_j is recomputed exactly as
+ *             in the main pass and the sign comes from fajit::dropout_keep,
+ *             the stream every forward and backward kernel draws from, so it is
+ *             the mask the output was computed with (flash_attn's S_dmask).
  */
 #include "common.cuh"
 #include "fwd_params.h"
 
-static_assert(FAJIT_OP == 0, "reference.cuh is the template of op ref");
+static_assert(FAJIT_OP == 0 || FAJIT_OP == 9, "reference.cuh is the template of ops ref and ref-probs");
 static_assert(FAJIT_ARCH >= 70, "reference: needs sm_70 or newer");
 static_assert(FAJIT_STAGES >= 1, "reference: stages is unused but must be >= 1");
 static_assert(FAJIT_DQK >= 1 && FAJIT_DQK <= 512, "reference: dqk must be 1..512");
@@ -58,6 +77,16 @@ namespace fajit_ref {
 
 using fajit::kWarpSize;
 using elem_t = unsigned short; /* raw fp16 / bf16 bits */
+
+/* FAJIT_OP values (enum fajit__op in codegen/variant.h, fixed there). */
+constexpr int kOpRef = 0, kOpRefProbs = 9;
+
+/* Where op ref-probs writes the probabilities (see the header); ptr is
+ * nullptr for op ref. */
+struct ProbsOut {
+    float *ptr;
+    long long stride_b, stride_h, stride_i;
+};
 
 constexpr int kKeysPerLane = FAJIT_BN / kWarpSize;                /* per step */
 constexpr int kColsPerLane = (FAJIT_DV + kWarpSize - 1) / kWarpSize; /* output columns */
@@ -109,9 +138,32 @@ __device__ __forceinline__ float score_of(const fajit_fwd_params &p, float dot, 
     return score;
 }
 
+/* The row's normalised probabilities with the dropout sign (op ref-probs),
+ * lane by lane over the row's keys, once its max m and sum l are final. */
+__device__ void write_probs(const fajit_fwd_params &p, const ProbsOut &out, long long b,
+                            long long h, long long row, const Seq &s, const fajit::KeyRange &keys,
+                            const float *q_shared, const elem_t *k_head, float slope, float row_max,
+                            float row_sum, unsigned drop_threshold, int lane) {
+    float *dst = out.ptr + b * out.stride_b + h * out.stride_h + row * out.stride_i;
+    for (long long key = lane; key < s.seqlen_k; key += kWarpSize) {
+        float prob = 0.0f; /* a key the row does not see */
+        if (key >= keys.begin && key < keys.end) {
+            const float score = score_of(p, dot_q_k(q_shared, k_head + key * p.k_stride[1]), slope,
+                                         row, key, s);
+            prob = expf(score - row_max) / row_sum;
+            if constexpr (FAJIT_DROPOUT)
+                if (!fajit::dropout_keep(p.dropout_seed, p.dropout_offset, drop_threshold, b, h,
+                                         p.nheads_q, row, key))
+                    prob = -prob;
+        }
+        dst[key] = prob;
+    }
+}
+
 /* Attention for one query row, computed by the whole warp. */
-__device__ void attend_row(const fajit_fwd_params &p, long long b, long long h, long long row,
-                           const Seq &s, float *q_shared, float *probs_shared, int lane) {
+__device__ void attend_row(const fajit_fwd_params &p, const ProbsOut &probs_out, long long b,
+                           long long h, long long row, const Seq &s, float *q_shared,
+                           float *probs_shared, int lane) {
     const long long h_kv = h / (p.nheads_q / p.nheads_kv);
     const elem_t *q_row = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] +
                           (s.q_start + row) * p.q_stride[1] + h * p.q_stride[2];
@@ -204,23 +256,40 @@ __device__ void attend_row(const fajit_fwd_params &p, long long b, long long h, 
     }
     if (p.lse != nullptr && lane == 0)
         p.lse[s.lse_base + row] = any_visible ? row_max + logf(row_sum) : fajit::neg_infinity();
+    if constexpr (FAJIT_OP == kOpRefProbs)
+        write_probs(p, probs_out, b, h, row, s, keys, q_shared, k_head, slope, row_max, row_sum,
+                    drop_threshold, lane);
     __syncwarp(); /* q_shared read by all lanes before the next row overwrites it */
+}
+
+/* The block's rows (see the launch in the header). */
+__device__ __forceinline__ void attend_block(const fajit_fwd_params &p, const ProbsOut &probs_out) {
+    __shared__ float q_rows[FAJIT_WARPS][FAJIT_DQK];
+    __shared__ float probs[FAJIT_WARPS][FAJIT_BN];
+    const int warp = threadIdx.x / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
+    const long long b = blockIdx.z;
+    const long long h = blockIdx.y;
+    const Seq s = sequence_of(p, b, h);
+    for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
+        const long long row = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
+        if (row >= s.seqlen_q || row >= p.seqlen_q)
+            break;
+        attend_row(p, probs_out, b, h, row, s, q_rows[warp], probs[warp], lane);
+    }
 }
 
 } // namespace fajit_ref
 
 extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32) fajit_ref_fwd(const fajit_fwd_params p) {
-    __shared__ float q_rows[FAJIT_WARPS][FAJIT_DQK];
-    __shared__ float probs[FAJIT_WARPS][FAJIT_BN];
-    const int warp = threadIdx.x / fajit::kWarpSize;
-    const int lane = threadIdx.x % fajit::kWarpSize;
-    const long long b = blockIdx.z;
-    const long long h = blockIdx.y;
-    const fajit_ref::Seq s = fajit_ref::sequence_of(p, b, h);
-    for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
-        const long long row = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
-        if (row >= s.seqlen_q || row >= p.seqlen_q)
-            break;
-        fajit_ref::attend_row(p, b, h, row, s, q_rows[warp], probs[warp], lane);
-    }
+    if constexpr (FAJIT_OP == fajit_ref::kOpRef)
+        fajit_ref::attend_block(p, fajit_ref::ProbsOut{nullptr, 0, 0, 0});
+}
+
+extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32)
+    fajit_ref_probs_fwd(const fajit_fwd_params p, float *probs, long long probs_stride_b,
+                        long long probs_stride_h, long long probs_stride_i) {
+    if constexpr (FAJIT_OP == fajit_ref::kOpRefProbs)
+        fajit_ref::attend_block(p, fajit_ref::ProbsOut{probs, probs_stride_b, probs_stride_h,
+                                                       probs_stride_i});
 }

@@ -25,3 +25,18 @@ if(TARGET fajit_attn_check)
     LIBS fajit fajit_attn_check CUDA::cudart m
     LABELS gpu features)
 endif()
+
+# The forward's probabilities output (fajit_attn_args.probs, op ref-probs):
+# its text, key, rendering and NVRTC compile, and the API's checks (CPU); the
+# probabilities against an fp64 softmax with the host Philox's signs (GPU).
+fajit_add_test(test_probs
+  SOURCES test_probs.c compile_check.c
+  LIBS fajit_static Threads::Threads
+  LABELS features)
+target_include_directories(test_probs SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+if(TARGET fajit_attn_check)
+  fajit_add_test(test_probs_gpu
+    SOURCES gpu/test_probs_gpu.c
+    LIBS fajit fajit_attn_check CUDA::cudart m
+    LABELS gpu features)
+endif()

@@ -63,7 +63,8 @@ static void random_variant(fajit__variant *v)
     v->varlen = rnd(2);
     v->paged = rnd(2);
     v->warps = 1 << rnd(5);
-    if (v->op == FAJIT__OP_REF || v->op == FAJIT__OP_REF_DQ || v->op == FAJIT__OP_REF_DKDV) {
+    if (v->op == FAJIT__OP_REF || v->op == FAJIT__OP_REF_DQ || v->op == FAJIT__OP_REF_DKDV ||
+        v->op == FAJIT__OP_REF_PROBS) {
         v->bm = v->warps * (1 + rnd(256 / v->warps));
         v->bn = 32 * (1 + rnd(8));
         v->stages = 1;

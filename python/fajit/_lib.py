@@ -150,6 +150,9 @@ class AttnArgs(ctypes.Structure):
         ("dropout_offset", ctypes.c_uint64),
         ("cu_seqlens_q", ctypes.c_void_p),
         ("cu_seqlens_k", ctypes.c_void_p),
+        # the probabilities output (flash_attn's S_dmask): fp32, strides batch, head, row
+        ("probs", ctypes.c_void_p),
+        ("probs_stride", _i64_3),
     ]
 
 
