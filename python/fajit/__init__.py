@@ -3,7 +3,8 @@
 A drop-in for flash_attn 2.x's functions (``import fajit as flash_attn``):
 flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func and the
 varlen ones, on torch tensors, with any head dim libfajit covers. A
-framework-neutral entry on DLPack tensors is ``fajit.dlpack.attention``.
+framework-neutral entry on DLPack tensors is ``fajit.dlpack.attention`` (and
+``fajit.dlpack.attention_backward``).
 
 Pure Python over the C library through ctypes; libfajit.so is found on first
 use (FAJIT_LIBRARY, next to this package, installed, or the build tree: see

@@ -23,8 +23,24 @@ None (the default), from torch's default CPU generator, so torch.manual_seed
 makes runs repeatable; the Philox offset is 0, so the seed alone decides the
 mask. flash_attn draws from the CUDA generator instead, so the masks differ
 from flash_attn's (they are not meant to match). Under CUDA graph capture the
-seed drawn at capture is replayed. With return_attn_probs the third value
-(flash_attn's S_dmask, a testing aid) is always None.
+seed drawn at capture is replayed.
+
+return_attn_probs=True returns (out, softmax_lse, S_dmask). S_dmask is
+flash_attn's testing aid, with its shape and dtype: (batch, nheads,
+seqlen_q_rounded, seqlen_k_rounded), the lengths rounded up to multiples of
+128 (under varlen: batch = len(cu_seqlens) - 1 and the max lengths, sequence
+b's rows and keys from 0 within it), in q's dtype. It holds the softmax
+probabilities, normalised and before dropout (flash_attn documents only
+"possibly with different scaling"; here the scale is exactly 1), negated
+where dropout dropped the element (-0.0 for a dropped 0; test the sign with
+torch.signbit): that sign is the mask the output was computed with and the
+backward regenerates. Keys a row does not see (causal, window) are 0, and so
+is the padding. With dropout_p == 0 S_dmask is an empty tensor of shape (0,)
+in q's dtype, as in flash_attn >= 2.6.3 (older 2.x returned None). Asking for
+S_dmask with dropout runs libfajit's reference kernel (op ref-probs), which
+writes the probabilities in fp32 (converted to q's dtype here): slower than
+the fast kernel, as it is meant for tests; the output is the same
+attention.
 
 Autograd: every function has its backward (fajit_attn_bwd) with everything
 the forward takes: causal, window_size, softcap (differentiated through the
@@ -159,6 +175,8 @@ class _Features:
         self.dropout_p = 0.0
         self.dropout_seed = None  # drawn by the first fill (the forward's)
         self.varlen = False
+        self.want_probs = False  # return_attn_probs with dropout: S_dmask is written
+        self.probs = None  # its fp32 buffer, from the forward until _result takes it
 
     def fill(self, a):
         """Writes the fields into a fajit_attn_args or fajit_attn_bwd_args.
@@ -263,6 +281,29 @@ def _stream(device):
 
 # ---------------------------------------------------------------- the C calls
 
+def _round128(n):
+    return (n + 127) // 128 * 128
+
+
+def _probs_buffer(feat, batch, nheads, seqlen_q, seqlen_k, device):
+    """The fp32 S_dmask buffer when the call wants one (feat.want_probs):
+    zeros of flash_attn's rounded shape, the kernel writing each row's keys.
+    Under _POISON_OUTPUTS the part a dense call writes is NaN first."""
+    if not feat.want_probs:
+        return
+    feat.probs = _torch.zeros((batch, nheads, _round128(seqlen_q), _round128(seqlen_k)),
+                              dtype=_torch.float32, device=device)
+    if _POISON_OUTPUTS and not feat.varlen:
+        feat.probs[:, :, :seqlen_q, :seqlen_k] = math.nan
+
+
+def _fill_probs(a, feat):
+    """Points a fajit_attn_args at the S_dmask buffer, if there is one."""
+    if feat.probs is not None:
+        a.probs = feat.probs.data_ptr()
+        a.probs_stride = tuple(feat.probs.stride()[:3])
+
+
 def _forward(q, k, v, out, lse, scale, mask, feat):
     """Queues fajit_attn_fwd writing out (and lse, which may be None)."""
     loaded = _lib.load()
@@ -283,6 +324,7 @@ def _forward(q, k, v, out, lse, scale, mask, feat):
     a.o_stride = _strides(out)
     a.dtype, a.mask, a.softmax_scale = _dtype_code(q), mask, scale
     feat.fill(a)
+    _fill_probs(a, feat)
     _launch_forward(loaded, a, q.device)
 
 
@@ -357,6 +399,7 @@ def _run_forward(q, k, v, scale, mask, feat, need_lse):
     b, sq, hq, _ = q.shape
     out = _empty((b, sq, hq, v.shape[3]), q.dtype, q.device)
     lse = _empty((b, hq, sq), torch.float32, q.device) if need_lse else None
+    _probs_buffer(feat, b, hq, sq, k.shape[1], q.device)
     _forward(q, k, v, out, lse, scale, mask, feat)
     return out, lse
 
@@ -514,10 +557,24 @@ def _is_grad(*tensors):
     return _torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _result(out, lse, return_attn_probs):
-    # flash_attn returns S_dmask (the dropout pattern, a testing aid) only with
-    # dropout; libfajit does not write it, so it is always None here.
-    return (out, lse, None) if return_attn_probs else out
+def _want_probs(feat, return_attn_probs):
+    """flash_attn writes S_dmask only with dropout (return_softmax = return_attn_probs
+    and dropout_p > 0)."""
+    feat.want_probs = bool(return_attn_probs) and feat.dropout_p > 0.0
+
+
+def _result(out, lse, return_attn_probs, feat, like):
+    """out, or (out, lse, S_dmask): S_dmask in like's (q's) dtype (the fp32
+    buffer the forward wrote, released from feat, which the backward keeps),
+    or, without dropout, an empty (0,) tensor as flash_attn >= 2.6.3 gives."""
+    if not return_attn_probs:
+        return out
+    probs, feat.probs = feat.probs, None
+    if probs is None:
+        s_dmask = _torch.empty((0,), dtype=like.dtype, device=like.device)
+    else:
+        s_dmask = probs.to(like.dtype)
+    return out, lse, s_dmask
 
 
 # ---------------------------------------------------------------- the flash_attn functions
@@ -532,7 +589,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     1/sqrt(d), window_size, softcap, alibi_slopes ((nheads,) or (batch,
     nheads) fp32) and dropout_p. Returns out (batch, seqlen_q, nheads, dv), or
     with return_attn_probs (out, softmax_lse (batch, nheads, seqlen_q) fp32,
-    None)."""
+    S_dmask): with dropout_p > 0, S_dmask is (batch, nheads, seqlen_q rounded
+    up to 128, seqlen_k rounded up to 128) in q's dtype, the normalised
+    softmax before dropout with dropped elements negated (0 where a row sees
+    no key, and in the padding); with dropout_p == 0 an empty (0,) tensor, as
+    flash_attn gives (see the module's documentation)."""
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
@@ -543,10 +604,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     scale = _scale(softmax_scale, q.shape[-1])
     is_grad = _is_grad(q, k, v)
     _check_cuda("q", q)
+    _want_probs(feat, return_attn_probs)
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
     out, lse = _fn(0).apply(q, k, v, scale, mask, feat, bool(deterministic),
                             bool(return_attn_probs), is_grad)
-    return _result(out, lse, return_attn_probs)
+    return _result(out, lse, return_attn_probs, feat, out)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -563,10 +625,11 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     scale = _scale(softmax_scale, qkv.shape[-1])
     is_grad = _is_grad(qkv)
     _check_cuda("qkv", qkv)
+    _want_probs(feat, return_attn_probs)
     qkv = _prepare_packed(qkv)
     out, lse = _fn(1).apply(qkv, scale, mask, feat, bool(deterministic), bool(return_attn_probs),
                             is_grad)
-    return _result(out, lse, return_attn_probs)
+    return _result(out, lse, return_attn_probs, feat, out)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -585,11 +648,12 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     scale = _scale(softmax_scale, q.shape[-1])
     is_grad = _is_grad(q, kv)
     _check_cuda("q", q)
+    _want_probs(feat, return_attn_probs)
     kv = _prepare_packed(kv)
     q = _prepare(q)
     out, lse = _fn(2).apply(q, kv, scale, mask, feat, bool(deterministic),
                             bool(return_attn_probs), is_grad)
-    return _result(out, lse, return_attn_probs)
+    return _result(out, lse, return_attn_probs, feat, out)
 
 
 # ---------------------------------------------------------------- varlen
@@ -663,6 +727,7 @@ def _varlen_forward(q, k, v, seqs, scale, mask, feat, need_lse):
     batch = cu_q.shape[0] - 1
     out = _empty((total_q, hq, v.shape[2]), q.dtype, q.device)
     lse = _empty((hq, total_q), torch.float32, q.device) if need_lse else None
+    _probs_buffer(feat, batch, hq, max_q, max_k, q.device)
     if batch == 0 or total_q * hq == 0 or max_q == 0 or max_k == 0 or k.shape[0] == 0:
         out.zero_()  # no row sees a key (or there is no row)
         if lse is not None:
@@ -679,6 +744,7 @@ def _varlen_forward(q, k, v, seqs, scale, mask, feat, need_lse):
     a.dtype, a.mask, a.softmax_scale = _dtype_code(q), mask, scale
     a.cu_seqlens_q, a.cu_seqlens_k = cu_q.data_ptr(), cu_k.data_ptr()
     feat.fill(a)
+    _fill_probs(a, feat)
     _launch_forward(loaded, a, q.device)
     return out, lse
 
@@ -743,10 +809,11 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     seqs = _varlen_seqs(qkv, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     scale, mask, feat, is_grad = _varlen_call(qkv[:, 0], seqs, dropout_p, softmax_scale, causal,
                                               window_size, softcap, alibi_slopes, (qkv,), "qkv")
+    _want_probs(feat, return_attn_probs)
     qkv = _prepare_varlen_packed(qkv)
     out, lse = _fn(4).apply(qkv, _contiguous_seqs(seqs), scale, mask, feat, bool(deterministic),
                             bool(return_attn_probs), is_grad)
-    return _result(out, lse, return_attn_probs)
+    return _result(out, lse, return_attn_probs, feat, out)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -766,10 +833,11 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     seqs = _varlen_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, mask, feat, is_grad = _varlen_call(q, seqs, dropout_p, softmax_scale, causal,
                                               window_size, softcap, alibi_slopes, (q, kv), "q")
+    _want_probs(feat, return_attn_probs)
     q, kv = _prepare_varlen(q), _prepare_varlen_packed(kv)
     out, lse = _fn(5).apply(q, kv, _contiguous_seqs(seqs), scale, mask, feat, bool(deterministic),
                             bool(return_attn_probs), is_grad)
-    return _result(out, lse, return_attn_probs)
+    return _result(out, lse, return_attn_probs, feat, out)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -783,7 +851,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     and v with cu_seqlens_k), both int32 CUDA tensors of batch + 1 prefix sums;
     max_seqlen_q/k at least every sequence's length (not checked: that would
     read the GPU). Returns out (total_q, nheads, dv), or with return_attn_probs
-    (out, softmax_lse (nheads, total_q) fp32, None). Rows past
+    (out, softmax_lse (nheads, total_q) fp32, S_dmask): with dropout_p > 0,
+    S_dmask is (batch, nheads, max_seqlen_q rounded up to 128, max_seqlen_k
+    rounded up to 128), sequence b's probabilities at [b, :, :len_q, :len_k]
+    (signs and zeros as flash_attn_func's); with dropout_p == 0 an empty (0,)
+    tensor. Rows past
     cu_seqlens_q[batch] are left unwritten (their gradients too, and those of
     k, v rows past cu_seqlens_k[batch]). block_table (paged KV) is not
     supported."""
@@ -798,7 +870,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     seqs = _varlen_seqs(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, mask, feat, is_grad = _varlen_call(q, seqs, dropout_p, softmax_scale, causal,
                                               window_size, softcap, alibi_slopes, (q, k, v), "q")
+    _want_probs(feat, return_attn_probs)
     q, k, v = _prepare_varlen(q), _prepare_varlen(k), _prepare_varlen(v)
     out, lse = _fn(3).apply(q, k, v, _contiguous_seqs(seqs), scale, mask, feat,
                             bool(deterministic), bool(return_attn_probs), is_grad)
-    return _result(out, lse, return_attn_probs)
+    return _result(out, lse, return_attn_probs, feat, out)

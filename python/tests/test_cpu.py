@@ -720,6 +720,82 @@ class DLPackValidateTest(unittest.TestCase):
                 self.assertIn(text, str(cm.exception))
                 print("%s: %s" % (exc.__name__, cm.exception))
 
+    def test_feature_errors(self):
+        q = FakeCudaTensor((2, 16, 4, 64))
+        k = FakeCudaTensor((2, 32, 2, 64))
+        v = FakeCudaTensor((2, 32, 2, 48))
+        out = FakeCudaTensor((2, 16, 4, 48))
+
+        def f32(*shape, **kw):
+            return FakeCudaTensor(shape, bits=32, **kw)
+        cases = [
+            (ValueError, "dropout_p must be in [0, 1), got 1.0", dict(dropout_p=1.0)),
+            (ValueError, "dropout_p > 0 needs dropout_seed=", dict(dropout_p=0.1)),
+            (ValueError, "dropout_seed must be an integer in [0, 2^64), got -1",
+             dict(dropout_p=0.1, dropout_seed=-1)),
+            (TypeError, "dropout_offset must be an int, got str",
+             dict(dropout_p=0.1, dropout_seed=3, dropout_offset="x")),
+            (ValueError, "softcap must be a finite number >= 0", dict(softcap=-1.0)),
+            (TypeError, "window_size must be a pair", dict(window_size=3)),
+            (TypeError, "alibi_slopes must be float32, got float16",
+             dict(alibi_slopes=FakeCudaTensor((4,)))),
+            (ValueError, "alibi_slopes must have shape (nheads_q,) = (4,) or (batch, nheads_q) = "
+             "(2, 4), got (3,)", dict(alibi_slopes=f32(3))),
+            (ValueError, "alibi_slopes is on cuda:1 but q is on cuda:0",
+             dict(alibi_slopes=f32(4, device_id=1))),
+            (ValueError, "alibi_slopes: batch stride 2 must be 0 (shared) or >= nheads_q (4)",
+             dict(alibi_slopes=f32(2, 4, strides=(2, 1)))),
+            (TypeError, "lse must be float32, got float16",
+             dict(lse=FakeCudaTensor((2, 4, 16)))),
+            (ValueError, "lse must have shape (batch, nheads_q, seqlen_q) = (2, 4, 16), got (2, 16, 4)",
+             dict(lse=f32(2, 16, 4))),
+            (ValueError, "lse must be contiguous", dict(lse=f32(2, 4, 16, strides=(128, 32, 2)))),
+        ]
+        for exc, text, kw in cases:
+            with self.subTest(expect=text):
+                with self.assertRaises(exc) as cm:
+                    self.call(q, k, v, out=out, **kw)
+                self.assertIn(text, str(cm.exception))
+                print("%s: %s" % (exc.__name__, cm.exception))
+
+    def test_backward_errors(self):
+        from fajit import dlpack
+        q = FakeCudaTensor((2, 16, 4, 64))
+        k = FakeCudaTensor((2, 32, 2, 64))
+        v = FakeCudaTensor((2, 32, 2, 48))
+        out = FakeCudaTensor((2, 16, 4, 48))
+        lse = FakeCudaTensor((2, 4, 16), bits=32)
+        grads = dict(dq=FakeCudaTensor((2, 16, 4, 64)), dk=FakeCudaTensor((2, 32, 2, 64)),
+                     dv=FakeCudaTensor((2, 32, 2, 48)))
+
+        def call(dout=out, lse_=lse, **kw):
+            args = dict(grads)
+            args.update(kw)
+            return dlpack.attention_backward(q, k, v, out, dout, lse_, **args)
+        cases = [
+            (ValueError, "dout must have shape (2, 16, 4, 48), got (2, 16, 4, 64)",
+             lambda: call(dout=FakeCudaTensor((2, 16, 4, 64)))),
+            (TypeError, "dout is bfloat16 but q is float16",
+             lambda: call(dout=FakeCudaTensor((2, 16, 4, 48), code=4))),
+            (TypeError, "lse must be float32, got float16",
+             lambda: call(lse_=FakeCudaTensor((2, 4, 16)))),
+            (ValueError, "lse must have shape (batch, nheads_q, seqlen_q) = (2, 4, 16)",
+             lambda: call(lse_=FakeCudaTensor((2, 16, 4), bits=32))),
+            (ValueError, "dk must have shape (2, 32, 2, 64), got (2, 32, 4, 64)",
+             lambda: call(dk=FakeCudaTensor((2, 32, 4, 64)))),
+            (TypeError, "dv is bfloat16 but q is float16",
+             lambda: call(dv=FakeCudaTensor((2, 32, 2, 48), code=4))),
+            (ValueError, "dropout_p > 0 needs dropout_seed=", lambda: call(dropout_p=0.2)),
+            (ValueError, "out must have a contiguous last dimension", lambda: dlpack.attention_backward(
+                q, k, v, FakeCudaTensor((2, 16, 4, 48), (6144, 384, 96, 2)), out, lse, **grads)),
+        ]
+        for exc, text, run in cases:
+            with self.subTest(expect=text):
+                with self.assertRaises(exc) as cm:
+                    run()
+                self.assertIn(text, str(cm.exception))
+                print("%s: %s" % (exc.__name__, cm.exception))
+
     def test_stream_is_passed_to_producers(self):
         q = FakeCudaTensor((1, 4, 1, 8), bits=32)  # refused after parsing, before any launch
         with self.assertRaises(TypeError):
@@ -741,6 +817,24 @@ class DLPackValidateTest(unittest.TestCase):
         self.assertEqual(cm.exception.name, "fajit_attn_fwd")
         self.assertEqual(cm.exception.code, "FAJIT_ENOGPU")
         print("through DLPack to %s: %s" % (loaded.path, cm.exception))
+        # Every feature, and the backward: past every check, to the GPU the library lacks.
+        lse = FakeCudaTensor((1, 2, 8), bits=32, data=0x20000)
+        slopes = FakeCudaTensor((1, 2), bits=32, data=0x30000)
+        feats = dict(causal=True, window_size=(4, 0), softcap=10.0, alibi_slopes=slopes,
+                     dropout_p=0.1, dropout_seed=2 ** 64 - 1, dropout_offset=7)
+        with self.assertRaises(fajit.FajitError) as cm:
+            self.call(q, k, v, out=out, lse=lse, **feats)
+        self.assertEqual(cm.exception.code, "FAJIT_ENOGPU")
+        if not loaded.has_backward:
+            return
+        from fajit import dlpack
+        grads = [FakeCudaTensor((1, 8, 2, 64), data=0x40000 + 0x10000 * i) for i in range(3)]
+        with self.assertRaises(fajit.FajitError) as cm:
+            dlpack.attention_backward(q, k, v, out, out, lse, dq=grads[0], dk=grads[1],
+                                      dv=grads[2], deterministic=True, **feats)
+        self.assertEqual(cm.exception.name, "fajit_attn_bwd")
+        self.assertEqual(cm.exception.code, "FAJIT_ENOGPU")
+        print("backward through DLPack: %s" % cm.exception)
 
 
 # ---------------------------------------------------------------- python -m fajit

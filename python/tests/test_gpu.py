@@ -9,7 +9,9 @@ small absolute slack.
 Outputs, LSE and (when the library has a working backward) gradients; the
 features (window, softcap, ALiBi, dropout, varlen) against the same math with
 them, outputs and gradients (dropout against the pattern a call with the same
-seed reads out, which the backward regenerates); every output buffer is
+seed reads out, which the backward regenerates, and S_dmask of
+return_attn_probs: its signs that pattern, its magnitudes the softmax by the
+same rule); the DLPack entry's features and backward; every output buffer is
 NaN-poisoned before the launch.
 
 Skips cleanly without torch, CUDA or the library. Runs under pytest or unittest:
@@ -61,21 +63,13 @@ def alibi_bias(slopes, b, hq, sq, sk, device):
     return -slopes.float().expand(b, hq).reshape(b, hq, 1, 1) * dist
 
 
-def attention_ref(q, k, v, causal, scale, upcast, window=(-1, -1), softcap=0.0, alibi=None,
-                  keep=None, dropout_p=0.0):
-    """Math attention with flash_attn's semantics; fp32 when upcast, else in the input dtype.
-
-    softcap: scores -> softcap * tanh(scores / softcap) after the scale; alibi:
-    slopes (hq,) or (b, hq) fp32, bias added after the softcap (in fp32, as
-    flash_attn's test, so the input-dtype run keeps fp32 scores from there); keep: a
-    (b, hq, sq, sk) bool dropout pattern, kept probabilities scaled by
-    1 / (1 - dropout_p), LSE undropped. Returns (out, lse); fully masked rows
-    give 0 and -inf, with clean (zero, not NaN) gradients through them."""
+def softmax_ref(q, k, causal, scale, upcast, window=(-1, -1), softcap=0.0, alibi=None):
+    """attention_ref's probabilities (b, hq, sq, sk) before dropout, and LSE;
+    fully masked rows give 0 and -inf."""
     if upcast:
-        q, k, v = q.float(), k.float(), v.float()
+        q, k = q.float(), k.float()
     b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
     k = k.repeat_interleave(hq // hkv, dim=2)
-    v = v.repeat_interleave(hq // hkv, dim=2)
     if upcast:
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     else:  # as flash_attn's test: scale q first, in the input dtype
@@ -90,7 +84,27 @@ def attention_ref(q, k, v, causal, scale, upcast, window=(-1, -1), softcap=0.0, 
     # Rows with no key keep finite scores (zeroed below), so no NaN anywhere.
     scores = scores.masked_fill(masked & ~empty, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
-    p = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0), lse
+
+
+def round128(n):
+    return (n + 127) // 128 * 128
+
+
+def attention_ref(q, k, v, causal, scale, upcast, window=(-1, -1), softcap=0.0, alibi=None,
+                  keep=None, dropout_p=0.0):
+    """Math attention with flash_attn's semantics; fp32 when upcast, else in the input dtype.
+
+    softcap: scores -> softcap * tanh(scores / softcap) after the scale; alibi:
+    slopes (hq,) or (b, hq) fp32, bias added after the softcap (in fp32, as
+    flash_attn's test, so the input-dtype run keeps fp32 scores from there); keep: a
+    (b, hq, sq, sk) bool dropout pattern, kept probabilities scaled by
+    1 / (1 - dropout_p), LSE undropped. Returns (out, lse); fully masked rows
+    give 0 and -inf, with clean (zero, not NaN) gradients through them."""
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    p, lse = softmax_ref(q, k, causal, scale, upcast, window, softcap, alibi)
+    v = v.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     if keep is not None:
         p = p.masked_fill(~keep, 0.0) * (1.0 / (1.0 - dropout_p))
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
@@ -165,13 +179,44 @@ class GpuTest(unittest.TestCase):
             err = (lse[finite] - lse_ref[finite]).abs().max().item()
             self.assertLessEqual(err, 1e-2, "LSE max error %.3g" % err)
 
+    def check_no_s_dmask(self, s_dmask, q):
+        """Without dropout flash_attn (>= 2.6.3) returns an empty (0,) S_dmask."""
+        self.assertIsInstance(s_dmask, torch.Tensor)
+        self.assertEqual((tuple(s_dmask.shape), s_dmask.dtype), ((0,), q.dtype))
+
+    def check_s_dmask(self, what, s_dmask, q, k, keep, causal, scale, **ref):
+        """S_dmask of a dense call: (b, hq, round128(sq), round128(sk)) in q's
+        dtype; negative (sign bit) exactly where keep is False on a visible
+        key; |S_dmask| the softmax before dropout by FlashAttention's rule
+        (against the fp32 softmax, twice the input-dtype softmax's error plus
+        the slack); invisible keys and the padding +0."""
+        b, sq, hq = q.shape[:3]
+        sk = k.shape[1]
+        self.assertEqual(tuple(s_dmask.shape), (b, hq, round128(sq), round128(sk)), what)
+        self.assertEqual(s_dmask.dtype, q.dtype, what)
+        live = s_dmask[:, :, :sq, :sk]
+        vis = visible(sq, sk, causal, ref.get("window", (-1, -1)), q.device)
+        self.assertTrue(torch.equal(torch.signbit(live), ~keep & vis),
+                        "%s: S_dmask's signs are not the dropout pattern" % what)
+        pad = s_dmask.clone()
+        pad[:, :, :sq, :sk] = 0
+        self.assertTrue(torch.equal(pad, torch.zeros_like(pad)) and not torch.signbit(pad).any(),
+                        "%s: S_dmask's padding is not +0" % what)
+        self.assertTrue(torch.equal(live.masked_fill(vis, 0), torch.zeros_like(live)) and
+                        not torch.signbit(live.masked_fill(vis, 0)).any(),
+                        "%s: keys a row does not see are not +0" % what)
+        p_ref, _ = softmax_ref(q, k, causal, scale, True, **ref)
+        p_pt, _ = softmax_ref(q, k, causal, scale, False, **ref)
+        err, pt = self.check_close(what + ": |S_dmask|", live.abs(), p_ref, p_pt)
+        return err, pt
+
     def check_attention(self, fn, make_inputs, split, shape, d, dtype, causal, grads):
         """fn(inputs) is a fajit function; split(inputs) gives q, k, v views."""
         inputs = make_inputs()
         q, k, v = split(inputs)
         scale = d ** -0.5
         out, lse, s_dmask = fn(*inputs, causal=causal, return_attn_probs=True)
-        self.assertIsNone(s_dmask)  # flash_attn gives it only with dropout
+        self.check_no_s_dmask(s_dmask, q)
         b, sq, sk, hq, hkv = shape
         self.assertEqual(tuple(out.shape), (b, sq, hq, v.shape[-1]))
         self.assertEqual(out.dtype, q.dtype)
@@ -597,9 +642,12 @@ class GpuTest(unittest.TestCase):
                             seed, lambda: fajit.flash_attn_func(q, k, v, dropout_p=p,
                                                                 causal=causal,
                                                                 return_attn_probs=True))
-                        self.assertIsNone(s_dmask)
-                        self.compare("dropout %s causal=%d %s" % (shape, causal, dtype), out,
-                                     lse, q, k, v, 0.125, causal, keep=keep, dropout_p=p)
+                        what = "dropout %s causal=%d %s" % (shape, causal, dtype)
+                        self.compare(what, out, lse, q, k, v, 0.125, causal, keep=keep,
+                                     dropout_p=p)
+                        err, pt = self.check_s_dmask(what, s_dmask, q, k, keep, causal, 0.125)
+                        print("%s: S_dmask signs == the pattern, |S_dmask| err %.2e (pt %.2e)"
+                              % (what, err, pt))
 
     def test_dropout_seeds(self):
         q, k, v = (rand(2, 100, 4, 64, dtype="bfloat16") for _ in range(3))
@@ -720,11 +768,60 @@ class GpuTest(unittest.TestCase):
             with self.subTest(causal=causal):
                 q = rand(sum(lq), hq, 64, dtype="float16")
                 k, v = (rand(sum(lk), hkv, 64, dtype="float16") for _ in range(2))
-                out, lse, _ = self.with_seed(seed, lambda: fajit.flash_attn_varlen_func(
+                out, lse, s_dmask = self.with_seed(seed, lambda: fajit.flash_attn_varlen_func(
                     q, k, v, self.cu(lq), self.cu(lk), max(lq), max(lk), dropout_p=p,
                     causal=causal, return_attn_probs=True))
                 self.check_varlen("varlen dropout causal=%d" % causal, out, lse, q, k, v, lq, lk,
                                   causal, 0.125, keep=keep, dropout_p=p)
+                self.check_varlen_s_dmask("varlen S_dmask causal=%d" % causal, s_dmask, q, k, lq,
+                                          lk, hq, keep, causal)
+
+    def check_varlen_s_dmask(self, what, s_dmask, q, k, lq, lk, hq, keep, causal):
+        """Varlen S_dmask: (batch, hq, round128(max_q), round128(max_k)); sequence
+        b at [b, :, :len_q, :len_k], checked as a dense call of its own (keep:
+        the dense pattern, sequence b's rows and keys from 0), +0 elsewhere."""
+        self.assertEqual(tuple(s_dmask.shape), (len(lq), hq, round128(max(lq)), round128(max(lk))))
+        rest = s_dmask.clone()
+        cq = ck = 0
+        for b, (nq, nk) in enumerate(zip(lq, lk)):
+            rest[b, :, :nq, :nk] = 0
+            if nq and nk:
+                self.check_s_dmask("%s seq %d" % (what, b), s_dmask[b:b + 1, :, :round128(nq),
+                                                                  :round128(nk)].contiguous(),
+                                   q[cq:cq + nq].unsqueeze(0), k[ck:ck + nk].unsqueeze(0),
+                                   keep[b:b + 1, :, :nq, :nk], causal, 0.125)
+            cq, ck = cq + nq, ck + nk
+        self.assertTrue(torch.equal(rest, torch.zeros_like(rest)) and not torch.signbit(rest).any(),
+                        "%s: outside the sequences S_dmask is not +0" % what)
+        print("%s: every sequence's signs == the pattern" % what)
+
+    def test_s_dmask_packed_and_without_dropout(self):
+        p, seed = 0.2, 2222
+        b, s, h, d = 2, 96, 4, 64
+        keep, _ = self.dropout_pattern(seed, p, b, s, s, h, h)
+        qkv = rand(b, s, 3, h, d, dtype="bfloat16")
+        q, k, v = qkv.unbind(2)
+        out, lse, s_dmask = self.with_seed(seed, lambda: fajit.flash_attn_qkvpacked_func(
+            qkv, dropout_p=p, causal=True, return_attn_probs=True))
+        self.compare("qkvpacked dropout", out, lse, q, k, v, d ** -0.5, True, keep=keep, dropout_p=p)
+        self.check_s_dmask("qkvpacked S_dmask", s_dmask, q, k, keep, True, d ** -0.5)
+        kv = qkv[:, :, 1:]
+        out, lse, s_dmask = self.with_seed(seed, lambda: fajit.flash_attn_kvpacked_func(
+            q, kv, dropout_p=p, window_size=(20, 5), return_attn_probs=True))
+        self.check_s_dmask("kvpacked S_dmask window", s_dmask, q, k, keep, False, d ** -0.5,
+                           window=(20, 5))
+        self.compare("kvpacked dropout window (ref-probs)", out, lse, q, k, v, d ** -0.5, False,
+                     window=(20, 5), keep=keep, dropout_p=p)
+        # The same call without return_attn_probs (the fast kernel): the same mask.
+        fast = self.with_seed(seed, lambda: fajit.flash_attn_kvpacked_func(
+            q, kv, dropout_p=p, window_size=(20, 5)))
+        self.compare("kvpacked dropout window (fast)", fast, None, q, k, v, d ** -0.5, False,
+                     window=(20, 5), keep=keep, dropout_p=p)
+        for name, call in (("func", lambda: fajit.flash_attn_func(q, k, v, return_attn_probs=True)),
+                           ("varlen", lambda: fajit.flash_attn_varlen_qkvpacked_func(
+                               qkv[0], self.cu((40, 56)), 56, return_attn_probs=True))):
+            with self.subTest(fn=name):
+                self.check_no_s_dmask(call()[2], q)
 
     def test_varlen_packed(self):
         lens = (3, 0, 77, 128, 1)
@@ -863,6 +960,114 @@ class GpuTest(unittest.TestCase):
                     self.assertIs(dlpack.attention(q, k, v, causal=causal, out=given, stream=s),
                                   given)
                     self.assertTrue(torch.equal(given, out))
+
+    def test_dlpack_features(self):
+        from fajit import dlpack
+        b, sq, sk, hq, hkv, d = 2, 100, 130, 4, 2, 72
+        slopes = torch.rand(b, hq, device="cuda") * 0.3 + 0.05
+        cases = (("window", dict(window_size=(30, 10)), dict(window=(30, 10))),
+                 ("softcap", dict(softcap=15.0), dict(softcap=15.0)),
+                 ("alibi (batch, nheads)", dict(alibi_slopes=slopes), dict(alibi=slopes)),
+                 ("alibi (nheads,)", dict(alibi_slopes=slopes[0]), dict(alibi=slopes[0])),
+                 ("all", dict(window_size=(40, 0), softcap=20.0, alibi_slopes=slopes),
+                  dict(window=(40, 0), softcap=20.0, alibi=slopes)))
+        for dtype in DTYPES:
+            q = rand(b, sq, hq, d, dtype=dtype)
+            k, v = (rand(b, sk, hkv, d, dtype=dtype) for _ in range(2))
+            for name, call, ref in cases:
+                for causal in (False, True):
+                    with self.subTest(dtype=dtype, case=name, causal=causal):
+                        out, lse = dlpack.attention(q, k, v, causal=causal, return_lse=True, **call)
+                        self.compare("dlpack %s causal=%d %s" % (name, causal, dtype), out, lse,
+                                     q, k, v, d ** -0.5, causal, **ref)
+
+    @staticmethod
+    def drawn_seed(seed):
+        """The dropout seed fajit.interface draws under with_seed(seed)."""
+        g = torch.Generator().manual_seed(seed)
+        return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=g).item())
+
+    def test_dlpack_dropout(self):
+        from fajit import dlpack
+        p, seed = 0.17, 1234
+        shape = (2, 128, 96, 4, 2)
+        b, sq, sk, hq, hkv = shape
+        keep, _ = self.dropout_pattern(seed, p, *shape)
+        q = rand(b, sq, hq, 64, dtype="float16")
+        k, v = (rand(b, sk, hkv, 64, dtype="float16") for _ in range(2))
+        out, lse = dlpack.attention(q, k, v, dropout_p=p, dropout_seed=self.drawn_seed(seed),
+                                    causal=True, return_lse=True)
+        self.compare("dlpack dropout", out, lse, q, k, v, 0.125, True, keep=keep, dropout_p=p)
+        torch_out = self.with_seed(seed, lambda: fajit.flash_attn_func(q, k, v, dropout_p=p,
+                                                                      causal=True))
+        self.assertTrue(torch.equal(out, torch_out), "DLPack and torch entries differ for one seed")
+        other = dlpack.attention(q, k, v, dropout_p=p, dropout_seed=self.drawn_seed(seed),
+                                 dropout_offset=1, causal=True)
+        self.assertFalse(torch.equal(out, other), "dropout_offset changed nothing")
+
+    def test_dlpack_backward(self):
+        self.require_backward()
+        b, sq, sk, hq, hkv, d = 2, 97, 150, 6, 2, 64
+        slopes = torch.rand(hq, device="cuda") * 0.3 + 0.05
+        cases = (("plain", {}, {}),
+                 ("window+softcap+alibi", dict(window_size=(40, 20), softcap=15.0,
+                                               alibi_slopes=slopes),
+                  dict(window=(40, 20), softcap=15.0, alibi=slopes)))
+        for dtype in DTYPES:
+            for name, call, ref in cases:
+                for causal in (False, True):
+                    with self.subTest(dtype=dtype, case=name, causal=causal):
+                        leaves = (rand(b, sq, hq, d, dtype=dtype, requires_grad=True),
+                                  rand(b, sk, hkv, d, dtype=dtype, requires_grad=True),
+                                  rand(b, sk, hkv, d, dtype=dtype, requires_grad=True))
+                        self.dlpack_grads("dlpack grads %s causal=%d %s" % (name, causal, dtype),
+                                          leaves, causal, call, ref)
+
+    def dlpack_grads(self, what, leaves, causal, call, ref):
+        """dlpack.attention and attention_backward against attention_ref's autograd."""
+        from fajit import dlpack
+        q, k, v = (t.detach() for t in leaves)
+        scale = q.shape[-1] ** -0.5
+        out, lse = dlpack.attention(q, k, v, causal=causal, return_lse=True, **call)
+
+        class Wrap(torch.autograd.Function):  # lets grads_vs_ref drive the DLPack backward
+            @staticmethod
+            def forward(ctx, q_, k_, v_):
+                return out.clone()
+
+            @staticmethod
+            def backward(ctx, dout):
+                given = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
+                got = dlpack.attention_backward(q, k, v, out, dout.contiguous(), lse,
+                                                causal=causal, dq=given[0], dk=given[1],
+                                                dv=given[2], **call)
+                for g, t in zip(got, given):
+                    assert g is t, "attention_backward did not return the given buffers"
+                return got
+
+        self.grads_vs_ref(what, Wrap.apply(*leaves), leaves, tuple,
+                          lambda q_, k_, v_, up: attention_ref(q_, k_, v_, causal, scale, up,
+                                                               **ref)[0])
+
+    def test_dlpack_backward_dropout_matches_torch(self):
+        self.require_backward()
+        from fajit import dlpack
+        p, seed = 0.2, 4321
+        q, k, v = (rand(2, 110, 4, 64, dtype="bfloat16", requires_grad=True) for _ in range(3))
+        dout = torch.randn(2, 110, 4, 64, device="cuda", dtype=torch.bfloat16)
+        feats = dict(dropout_p=p, softcap=10.0, window_size=(30, 5))
+        out_t = self.with_seed(seed, lambda: fajit.flash_attn_func(q, k, v, deterministic=True,
+                                                                   **feats))
+        grads_t = torch.autograd.grad(out_t, (q, k, v), dout)
+        qd, kd, vd = (t.detach() for t in (q, k, v))
+        out_d, lse = dlpack.attention(qd, kd, vd, dropout_seed=self.drawn_seed(seed),
+                                      return_lse=True, **feats)
+        self.assertTrue(torch.equal(out_d, out_t))
+        grads_d = dlpack.attention_backward(qd, kd, vd, out_d, dout, lse, deterministic=True,
+                                            dropout_seed=self.drawn_seed(seed), **feats)
+        for name, a, b in zip(("dq", "dk", "dv"), grads_d, grads_t):
+            self.assertTrue(torch.equal(a, b), "DLPack %s differs from torch autograd's" % name)
+        print("dlpack backward with dropout == torch autograd's, bit for bit")
 
     def test_dlpack_with_cupy(self):
         cupy = try_import("cupy")
