@@ -447,13 +447,18 @@ FAJIT_API int fajit_cache_import(fajit_ctx *ctx, const char *path, const char *e
 /* ---------------------------------------------------------------- autotuning */
 
 /*
- * Tuning measures the fast forward's tile candidates (block M, block N,
- * warps, stages) on this GPU and keeps every measurement in the cache, in its
- * own table keyed by the GPU (name, arch, SM count, driver version), the
- * library build, the variant without its tiles and a sequence-length bucket
- * (seqlen_k in (2^(b-1), 2^b]). Calls whose key has records run the
- * candidate with the lowest median time; others keep the heuristic. See
- * docs/tuning.md.
+ * Tuning measures tile candidates (block M, block N, warps, stages) of the
+ * fast forward and of the fast backward's main kernel on this GPU, and for
+ * forward problems where split-KV applies (few query rows over long keys:
+ * decoding) also split counts, and keeps every measurement in the cache, in
+ * its own table keyed by the GPU (name, arch, SM count, driver version), the
+ * library build, the variant without its tiles, a sequence-length bucket
+ * (seqlen_k in (2^(b-1), 2^b]) and, for split-KV problems, the split count
+ * the built-in rule gives them. Calls whose key has records run the
+ * candidate with the lowest median time (the heuristic's own config kept
+ * unless another is at least 3% faster); others keep the heuristic.
+ * FAJIT_TUNED_TILES=0 in the environment when a context is created turns
+ * tuned configs off for it. See docs/tuning.md.
  */
 
 /* What a progress callback reports (fajit_tune_event.kind). */
@@ -473,6 +478,9 @@ typedef struct fajit_tune_event {
     const char *why;      /* PRUNED / REJECTED: the reason; else "" */
     double median_us;     /* TIMED / WINNER: the candidate's median time */
     double heuristic_us;  /* TIMED / WINNER: the heuristic config's median time */
+    int splits;           /* REJECTED / TIMED / WINNER: the candidate's split-KV count, 0
+                             where the built-in rule decides (problems it does not
+                             split, and bwd) */
 } fajit_tune_event;
 
 /* Called under a lock (never concurrently), from fajit_tune's caller or, in
@@ -482,13 +490,20 @@ typedef void (*fajit_tune_progress_fn)(void *user, const fajit_tune_event *ev);
 
 typedef struct fajit_tune_options {
     uint32_t struct_size;  /* set by fajit_tune_options_init */
-    /* Problems, one a line, '#' comments: a spec of op fwd (variant fields,
-     * no tiles, no arch) plus shape words, e.g.
+    /* Problems, one a line, '#' comments: a spec of op fwd or bwd (variant
+     * fields, no tiles, no arch) plus shape words, e.g.
      *   fwd dqk=128 dtype=fp16 mask=causal batch=4 seqlen_q=4096 seqlen_k=4096 nheads_q=16 nheads_kv=16
+     *   bwd dqk=128 dtype=bf16 mask=causal batch=4 seqlen=4096 nheads=16
+     *   fwd dqk=128 dtype=bf16 batch=1 seqlen_q=1 seqlen_k=65536 nheads_q=32 nheads_kv=8
      * Shape words: batch (default 1), seqlen (both lengths) or seqlen_q and
-     * seqlen_k, nheads (both) or nheads_q and nheads_kv. NULL: FlashAttention's
-     * benchmark grid (hidden 2048, head dims 64/128/256, seqlen 512..16384 with
-     * batch * seqlen = 16384, causal and not, fp16 and bf16). */
+     * seqlen_k, nheads (both) or nheads_q and nheads_kv. op bwd tunes the
+     * fast backward's main kernel (fajit_attn_bwd, deterministic 0; head dims
+     * multiples of 8 up to 256), timing the whole backward (its three
+     * kernels); a forward line where split-KV applies (the third line) also
+     * tunes the split count. NULL: FlashAttention's benchmark grid, forward
+     * and backward (hidden 2048, head dims 64/128/256, seqlen 512..16384
+     * with batch * seqlen = 16384, causal and not, fp16 and bf16: 144
+     * problems). */
     const char *problems;
     int threads;           /* compile threads; 0: the online cores */
     int warmup;            /* launches before timing a candidate (init: 3) */
@@ -536,14 +551,17 @@ typedef struct fajit_tuning_record {
     uint32_t samples;
     uint64_t timestamp_ns; /* when it was measured, ns since the epoch */
     int best;             /* 1: the record launches use for its (GPU, build, variant,
-                             bucket): the lowest median, the heuristic's tiles kept
-                             unless another is at least 3% faster */
+                             bucket, plan_splits): the lowest median, the heuristic's
+                             config kept unless another is at least 3% faster */
+    int splits;           /* the candidate's split-KV count; 0: the built-in rule's */
+    int plan_splits;      /* the rule's split count for the problem (part of the key);
+                             0: split-KV does not apply (every bwd record) */
 } fajit_tuning_record;
 
 typedef int (*fajit_tuning_fn)(void *user, const fajit_tuning_record *r);
 
 /* Calls fn for every valid tuning record, grouped by (GPU, build, variant,
- * bucket); fn returns nonzero to stop. */
+ * bucket, plan_splits); fn returns nonzero to stop. */
 FAJIT_API int fajit_tuning_list(fajit_ctx *ctx, fajit_tuning_fn fn, void *user);
 
 /* Removes every tuning record (read-write cache). */

@@ -234,11 +234,9 @@ static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct faji
     return FAJIT__OP_REF;
 }
 
-/* The variant for validated arguments on a device of the given arch: tiles
- * tuned on that device (dev >= 0) when the store has them, else the
- * heuristic's. */
-static void derive_variant(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev,
-                           const fajit_attn_args *a, const struct fajit_fwd_params *p, int arch,
+/* The variant for validated arguments on a device of the given arch, with
+ * the heuristic's tiles (tuned_choice may replace them). */
+static void derive_variant(fajit_ctx *ctx, const fajit_attn_args *a, const struct fajit_fwd_params *p, int arch,
                            fajit__variant *v)
 {
     derive_features(a, v);
@@ -246,8 +244,6 @@ static void derive_variant(fajit_ctx *ctx, const fajit__driver *drv, CUdevice de
     v->arch = arch;
     v->arch_suffix = 0;
     fajit__heuristic_tiles(v);
-    if (drv && dev >= 0)
-        fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, v);
 }
 
 int fajit__configure_function(const fajit__driver *drv, const fajit__variant *v, CUfunction fn)
@@ -272,26 +268,13 @@ static int launch_grid(const fajit__driver *drv, CUfunction fn, const fajit__var
 
 /* ---------------------------------------------------------------- split-KV */
 
-/* How a fast-forward launch spreads few query rows over the GPU
- * (templates/fwd_params.h): query heads of a kv head packed as one block's
- * rows, and each block's keys split over `splits` blocks whose partial
- * outputs a second launch merges. */
-typedef struct split_plan {
-    int splits, pack;
-    unsigned grid_x, grid_y; /* query blocks (before splitting), heads */
-} split_plan;
-
-#define MAX_SPLITS 128
-#define MIN_SPLIT_TILES 8 /* key tiles a block must have before splitting pays */
-
-/* Streaming multiprocessors of the current context's device (0 if unknown),
- * asked once per device. */
-static int sm_count(const fajit__driver *drv)
+/* Streaming multiprocessors of device dev (0 if unknown), asked once per
+ * device. */
+static int sm_count(const fajit__driver *drv, CUdevice dev)
 {
     static atomic_int known[FAJIT__MAX_DEVICES];
-    CUdevice dev;
     int n = 0;
-    if (drv->ctxGetDevice(&dev) != CUDA_SUCCESS || dev < 0 || dev >= FAJIT__MAX_DEVICES)
+    if (!drv || dev < 0 || dev >= FAJIT__MAX_DEVICES)
         return 0;
     n = atomic_load_explicit(&known[dev], memory_order_relaxed);
     if (n == 0 && drv->deviceGetAttribute(&n, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev) == CUDA_SUCCESS)
@@ -299,65 +282,36 @@ static int sm_count(const fajit__driver *drv)
     return n;
 }
 
-/* Blocks of v an SM runs at once: its shared memory (the opt-in limit plus
- * the 1 KB each block reserves) and registers (the kernel runs near 255 a
- * thread). */
-static int blocks_per_sm(const fajit__variant *v)
+static fajit__fwd_shape shape_of(const struct fajit_fwd_params *p)
 {
-    size_t per_sm = fajit__arch_smem_limit(v->arch) + 1024, per_block = fajit__variant_smem_bytes(v) + 1024;
-    int by_smem = (int)(per_sm / per_block), by_regs = 65536 / (v->warps * 32 * 256);
-    int n = by_smem < by_regs ? by_smem : by_regs;
-    return n > 0 ? n : 1;
+    fajit__fwd_shape sh = {p->batch, p->seqlen_q, p->seqlen_k, p->nheads_q, p->nheads_kv};
+    return sh;
 }
 
-/* The fewest splits whose waves of blocks fill the SMs within 5% of the best
- * filling any split count reaches (FlashAttention's flash-decoding rule, with
- * whole waves of resident blocks). */
-static int choose_splits(int64_t blocks, int slots, int max_splits)
+/* v (heuristic tiles) takes the tuned tiles and split count of device dev
+ * where the store has them; the split count the rule gives the heuristic's
+ * tiles is part of the key (runtime/tune.h). *splits: the count to launch
+ * with, 0 for the rule (computed here once when it splits with v's tiles). */
+static void tuned_choice(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev,
+                         const struct fajit_fwd_params *p, fajit__variant *v, int *splits)
 {
-    double eff[MAX_SPLITS + 1], best = 0.0;
-    for (int s = 1; s <= max_splits; s++) {
-        int64_t n = blocks * s, waves = (n + slots - 1) / slots;
-        eff[s] = (double)n / (double)(waves * slots);
-        best = eff[s] > best ? eff[s] : best;
-    }
-    for (int s = 1; s <= max_splits; s++)
-        if (eff[s] >= 0.95 * best)
-            return s;
-    return 1;
-}
-
-/* Packing when each kv head's query heads fit one block's rows at seqlen_q 1
- * (ALiBi and dropout index by a block's single head: never packed);
- * splitting when the blocks would leave SMs idle and the keys are long. */
-static split_plan plan_split(const fajit__driver *drv, const fajit__variant *v,
-                             const struct fajit_fwd_params *p)
-{
-    split_plan s = {1, 1, (unsigned)((p->seqlen_q + v->bm - 1) / v->bm), (unsigned)p->nheads_q};
-    int group = p->nheads_q / p->nheads_kv, slots, sms, n_tiles = (p->seqlen_k + v->bn - 1) / v->bn;
-    int64_t blocks;
+    const fajit__fwd_shape sh = shape_of(p);
+    int plan = 0, tuned = 0, found = 0;
+    *splits = 0;
     if (v->op != FAJIT__OP_FWD)
-        return s;
-    if (p->seqlen_q == 1 && group > 1 && group <= v->bm && !v->alibi && !v->dropout) {
-        s.pack = group;
-        s.grid_x = 1;
-        s.grid_y = (unsigned)p->nheads_kv;
-    }
-    blocks = (int64_t)s.grid_x * s.grid_y * p->batch;
-    if (n_tiles < MIN_SPLIT_TILES || (sms = sm_count(drv)) <= 0)
-        return s;
-    slots = sms * blocks_per_sm(v);
-    if (blocks * 5 >= (int64_t)slots * 4) /* 80% of a wave: enough blocks already */
-        return s;
-    s.splits = choose_splits(blocks, slots, n_tiles < MAX_SPLITS ? n_tiles : MAX_SPLITS);
-    return s;
+        return;
+    if ((sh.seqlen_k + v->bn - 1) / v->bn >= FAJIT__MIN_SPLIT_TILES) /* else the rule never splits */
+        plan = fajit__plan_splits(v, &sh, sm_count(drv, dev));
+    if (ctx->tuned_tiles && ctx->store)
+        found = fajit__launch_tiles(ctx, drv, dev, p->seqlen_k, plan, v, &tuned);
+    *splits = found ? tuned : plan;
 }
 
 /* The split launch: partials into stream-ordered scratch, then the same
  * kernel in its combine role merges them into o and lse; the scratch is
  * freed on the stream behind them. */
 static int launch_split(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
-                        struct fajit_fwd_params *p, const split_plan *s, void *stream)
+                        struct fajit_fwd_params *p, const fajit__split_plan *s, void *stream)
 {
     size_t rows = (size_t)p->batch * (size_t)p->nheads_q * (size_t)p->seqlen_q;
     size_t dv_pad = ((size_t)v->dv + 7) / 8 * 8, slots = (size_t)s->splits * rows;
@@ -382,18 +336,27 @@ static int launch_split(const fajit__driver *drv, CUfunction fn, const fajit__va
     return rc != 0 ? rc : freed;
 }
 
-static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
-                  struct fajit_fwd_params *p, void *stream)
+int fajit__fwd_launch_plan(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
+                           struct fajit_fwd_params *p, const fajit__split_plan *s, void *stream)
 {
-    split_plan s = plan_split(drv, v, p);
+    if (s->splits > 1)
+        return launch_split(drv, fn, v, p, s, stream);
+    p->pack_gqa = s->pack;
+    return launch_grid(drv, fn, v, p, s->grid_x, s->grid_y, (unsigned)p->batch,
+                       (unsigned)fajit__variant_smem_bytes(v), stream);
+}
+
+/* splits: tuned_choice's count (0: the rule, with v's tiles). */
+static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, CUfunction fn,
+                  const fajit__variant *v, struct fajit_fwd_params *p, int tuned_splits, void *stream)
+{
+    const fajit__fwd_shape sh = shape_of(p);
+    const int few_tiles = tuned_splits == 0 && (sh.seqlen_k + v->bn - 1) / v->bn < FAJIT__MIN_SPLIT_TILES;
+    fajit__split_plan s = fajit__plan_split(v, &sh, few_tiles ? 0 : sm_count(drv, dev), tuned_splits);
     if (s.splits > 1 || s.pack > 1)
         fajit__log(&ctx->log, FAJIT_LOG_DEBUG, "split-KV: %d splits, %d query heads a block, grid %u x %u x %d",
                    s.splits, s.pack, s.grid_x * (unsigned)s.splits, s.grid_y, p->batch);
-    if (s.splits > 1)
-        return launch_split(drv, fn, v, p, &s, stream);
-    p->pack_gqa = s.pack;
-    return launch_grid(drv, fn, v, p, s.grid_x, s.grid_y, (unsigned)p->batch,
-                       (unsigned)fajit__variant_smem_bytes(v), stream);
+    return fajit__fwd_launch_plan(drv, fn, v, p, &s, stream);
 }
 
 int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
@@ -407,7 +370,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     CUcontext cu;
     CUdevice dev = -1;
     unsigned long long cu_id;
-    int rc, pushed, arch = 0;
+    int rc, pushed, arch = 0, splits = 0;
 
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
@@ -421,13 +384,14 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     cu_id = fajit__context_id(drv, cu);
     rc = fajit__context_device(ctx, drv, cu_id, &arch, &dev);
     if (rc == 0) {
-        derive_variant(ctx, drv, dev, &a, &p, arch, &v); /* checked on a table miss */
+        derive_variant(ctx, &a, &p, arch, &v); /* checked on a table miss */
+        tuned_choice(ctx, drv, dev, &p, &v, &splits);
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
     }
     if (rc == 0 && v.op == FAJIT__OP_REF_PROBS)
         rc = launch_probs(drv, fn, &v, &p, &po, stream);
     else if (rc == 0)
-        rc = launch(ctx, drv, fn, &v, &p, stream);
+        rc = launch(ctx, drv, dev, fn, &v, &p, splits, stream);
     if (pushed)
         drv->ctxPopCurrent(&cu);
     return rc;
@@ -435,14 +399,15 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
 
 /* What fajit_attn_fwd would launch on the context's device: its tuned tiles
  * when a GPU is there and the store has them (the caller's error detail kept). */
-static void tuned_tiles_of_ctx_device(fajit_ctx *ctx, const fajit_attn_args *a, fajit__variant *v)
+static void tuned_tiles_of_ctx_device(fajit_ctx *ctx, const struct fajit_fwd_params *p, fajit__variant *v)
 {
     const fajit__driver *drv;
     char saved[FAJIT__DETAIL_MAX];
     CUdevice dev;
+    int splits;
     snprintf(saved, sizeof saved, "%s", fajit__detail());
     if (fajit__driver_get(&drv) == 0 && drv->deviceGet(&dev, ctx->device) == CUDA_SUCCESS)
-        fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, v);
+        tuned_choice(ctx, drv, dev, p, v, &splits);
     fajit__fail(0, "%s", saved);
 }
 
@@ -459,8 +424,8 @@ int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, s
     if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
         (rc = fill_params(&a, &p)) || (rc = fill_probs(&a, &po)))
         return rc;
-    derive_variant(ctx, NULL, -1, &a, &p, fajit__default_arch(ctx), &v);
-    tuned_tiles_of_ctx_device(ctx, &a, &v);
+    derive_variant(ctx, &a, &p, fajit__default_arch(ctx), &v);
+    tuned_tiles_of_ctx_device(ctx, &p, &v);
     rc = fajit__variant_check(&v);
     return rc != 0 ? rc : fajit__variant_format(&v, buf, cap);
 }

@@ -9,6 +9,8 @@
  * (templates/reference_bwd.cuh) takes everything else: two
  * kernels, ref-dq writing grad_q and ref-dkdv writing grad_k and grad_v, each
  * a warp per output row, independent of each other, needing no scratch.
+ * The fast backward's main kernel takes tuned tiles where `fajit tune` left
+ * a record for the device (runtime/tune.h), else the heuristic's.
  * Everything is checked before anything is launched. The features (window,
  * softcap, ALiBi, dropout, varlen) are checked and mapped onto the variant
  * exactly as runtime/attn.c does for the forward (fajit__set_variant_features),
@@ -21,6 +23,7 @@
 
 #include "runtime/flash_bwd.h"
 #include "runtime/runtime.h"
+#include "runtime/tune.h"
 #include "templates/bwd_params.h"
 
 #define MAX_GRID_YZ 65535
@@ -230,15 +233,29 @@ static int run_reference(fajit_ctx *ctx, const fajit__driver *drv, const fajit_a
     return 0;
 }
 
+/* The fast backward's kernels, the main one (op bwd) with the tiles tuned on
+ * device dev when the store has them (deterministic mode's kernels are not
+ * tuned), then launched. */
+static int run_fast(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_bwd_args *a,
+                    const struct fajit_bwd_params *p, int arch, CUdevice dev, unsigned long long cu_id,
+                    void *stream)
+{
+    fajit__variant v[3];
+    fajit__flash_bwd_variants(a, arch, v);
+    if (!a->deterministic)
+        fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, 0, &v[1], NULL);
+    return fajit__flash_bwd_launch(ctx, drv, v, p, cu_id, stream);
+}
+
 /* The fast backward where it applies, else the reference (said once per
  * process at INFO unless the reference was asked for). */
 static int run(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_bwd_args *a,
-               struct fajit_bwd_params *p, int arch, unsigned long long cu_id, void *stream)
+               struct fajit_bwd_params *p, int arch, CUdevice dev, unsigned long long cu_id, void *stream)
 {
     static atomic_int fallback_logged;
     const char *why = fajit__flash_bwd_refusal(a, p);
     if (!why)
-        return fajit__flash_bwd_run(ctx, drv, a, p, arch, cu_id, stream);
+        return run_fast(ctx, drv, a, p, arch, dev, cu_id, stream);
     if (a->kernel != FAJIT_KERNEL_REFERENCE && atomic_exchange(&fallback_logged, 1) == 0)
         fajit__log(&ctx->log, FAJIT_LOG_INFO, "backward dqk=%lld dv=%lld: %s; using the "
                    "reference kernels", (long long)a->dqk, (long long)a->dv, why);
@@ -263,9 +280,10 @@ int fajit_attn_bwd(fajit_ctx *ctx, const fajit_attn_bwd_args *args, void *stream
     if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
         return rc;
     const unsigned long long cu_id = fajit__context_id(drv, cu);
-    rc = fajit__context_arch(ctx, drv, cu_id, &arch);
+    CUdevice dev = -1;
+    rc = fajit__context_device(ctx, drv, cu_id, &arch, &dev);
     if (rc == 0)
-        rc = run(ctx, drv, &a, &p, arch, cu_id, stream);
+        rc = run(ctx, drv, &a, &p, arch, dev, cu_id, stream);
     if (pushed)
         drv->ctxPopCurrent(&cu);
     return rc;

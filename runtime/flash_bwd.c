@@ -54,8 +54,7 @@ static int split_exists(int warps, int a, int b1, int b2, int step)
     return 0;
 }
 
-/* The main kernel's three warp layouts all exist (the template's static_assert). */
-static int layouts_exist(const fajit__variant *v)
+int fajit__flash_bwd_layouts_exist(const fajit__variant *v)
 {
     int dqk = pad16(v->dqk), dv = pad16(v->dv);
     return split_exists(v->warps, v->bn, v->bm, v->bm, 16) && split_exists(v->warps, v->bn, dqk, dv, 8) &&
@@ -82,7 +81,7 @@ static int shrink(const fajit__variant *caller, fajit__variant *t)
         t->bm /= 2;
     else
         return 0;
-    while (caller->warps == FAJIT__UNSET && t->warps > 1 && !layouts_exist(t))
+    while (caller->warps == FAJIT__UNSET && t->warps > 1 && !fajit__flash_bwd_layouts_exist(t))
         t->warps /= 2;
     return 1;
 }
@@ -110,7 +109,7 @@ static void main_tiles(fajit__variant *v)
                                                                                 : 64);
     set_if_unset(&t.bn, dmax <= 128 ? 128 : 64);
     set_if_unset(&t.stages, 2);
-    while (v->warps == FAJIT__UNSET && t.warps > 1 && !layouts_exist(&t))
+    while (v->warps == FAJIT__UNSET && t.warps > 1 && !fajit__flash_bwd_layouts_exist(&t))
         t.warps /= 2;
     while (fajit__variant_smem_bytes(&t) > limit && shrink(v, &t))
         ;

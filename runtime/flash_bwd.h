@@ -28,6 +28,10 @@ const char *fajit__flash_bwd_refusal(const fajit_attn_bwd_args *a, const struct 
  * heuristic (fajit__heuristic_tiles) should dispatch here for these ops. */
 void fajit__flash_bwd_tiles(fajit__variant *v);
 
+/* The main kernel's three warp layouts all exist for v's bm, bn, warps and
+ * padded head dims (the template's static_assert): 1, else 0. */
+int fajit__flash_bwd_layouts_exist(const fajit__variant *v);
+
 /* The variants of the three kernels for validated arguments on an arch, in
  * launch order: bwd-pre, bwd, bwd-post; with a->deterministic, bwd-pre,
  * bwd-dkdv, bwd-dq. The main kernels (bwd, bwd-dkdv, bwd-dq) take the

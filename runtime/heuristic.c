@@ -1,9 +1,11 @@
 /*
- * runtime/heuristic.c - tile sizes for a variant when nobody tuned them, and
- * the arch a spec gets when it names none.
+ * runtime/heuristic.c - tile sizes for a variant when nobody tuned them, the
+ * fast forward's split-KV plan (flash-decoding), and the arch a spec gets
+ * when it names none.
  */
 #include "runtime/flash_bwd.h"
 #include "runtime/runtime.h"
+#include "runtime/tune.h"
 
 static void set_if_unset(int *field, int value)
 {
@@ -138,4 +140,72 @@ int fajit__complete_spec(fajit_ctx *ctx, fajit__variant *v)
     }
     fajit__heuristic_tiles(v);
     return fajit__variant_check(v);
+}
+
+/* ---------------------------------------------------------------- split-KV plan */
+
+/* Blocks of v an SM runs at once: its shared memory (the opt-in limit plus
+ * the 1 KB each block reserves) and registers (the kernel runs near 255 a
+ * thread). */
+static int blocks_per_sm(const fajit__variant *v)
+{
+    size_t per_sm = fajit__arch_smem_limit(v->arch) + 1024, per_block = fajit__variant_smem_bytes(v) + 1024;
+    int by_smem = (int)(per_sm / per_block), by_regs = 65536 / (v->warps * 32 * 256);
+    int n = by_smem < by_regs ? by_smem : by_regs;
+    return n > 0 ? n : 1;
+}
+
+/* The fewest splits whose waves of blocks fill the SMs within 5% of the best
+ * filling any split count reaches (FlashAttention's flash-decoding rule, with
+ * whole waves of resident blocks). */
+static int choose_splits(int64_t blocks, int slots, int max_splits)
+{
+    double eff[FAJIT__MAX_SPLITS + 1], best = 0.0;
+    for (int s = 1; s <= max_splits; s++) {
+        int64_t n = blocks * s, waves = (n + slots - 1) / slots;
+        eff[s] = (double)n / (double)(waves * slots);
+        best = eff[s] > best ? eff[s] : best;
+    }
+    for (int s = 1; s <= max_splits; s++)
+        if (eff[s] >= 0.95 * best)
+            return s;
+    return 1;
+}
+
+/* Packing when each kv head's query heads fit one block's rows at seqlen_q 1
+ * (ALiBi and dropout index by a block's single head: never packed);
+ * splitting when the blocks would leave SMs idle and the keys are long, or
+ * as tuned. */
+fajit__split_plan fajit__plan_split(const fajit__variant *v, const fajit__fwd_shape *sh, int sms,
+                                    int tuned_splits)
+{
+    fajit__split_plan s = {1, 1, (unsigned)((sh->seqlen_q + v->bm - 1) / v->bm), (unsigned)sh->nheads_q, 0};
+    int64_t group = sh->nheads_q / sh->nheads_kv, n_tiles = (sh->seqlen_k + v->bn - 1) / v->bn, blocks;
+    int max_splits = n_tiles < FAJIT__MAX_SPLITS ? (int)n_tiles : FAJIT__MAX_SPLITS, slots;
+    if (v->op != FAJIT__OP_FWD)
+        return s;
+    if (sh->seqlen_q == 1 && group > 1 && group <= v->bm && !v->alibi && !v->dropout) {
+        s.pack = (int)group;
+        s.grid_x = 1;
+        s.grid_y = (unsigned)sh->nheads_kv;
+    }
+    if (tuned_splits > 0) { /* measured with these tiles: taken, within the keys' tiles */
+        s.splits = tuned_splits < max_splits ? tuned_splits : max_splits > 0 ? max_splits : 1;
+        return s;
+    }
+    blocks = (int64_t)s.grid_x * s.grid_y * sh->batch;
+    if (n_tiles < FAJIT__MIN_SPLIT_TILES || sms <= 0)
+        return s;
+    slots = sms * blocks_per_sm(v);
+    if (blocks * 5 >= (int64_t)slots * 4) /* 80% of a wave: enough blocks already */
+        return s;
+    s.max_splits = max_splits;
+    s.splits = choose_splits(blocks, slots, max_splits);
+    return s;
+}
+
+int fajit__plan_splits(const fajit__variant *heuristic, const fajit__fwd_shape *sh, int sms)
+{
+    fajit__split_plan s = fajit__plan_split(heuristic, sh, sms, 0);
+    return s.max_splits > 0 ? s.splits : 0;
 }

@@ -21,11 +21,19 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "templates/bwd_params.h"
 #include "templates/fwd_params.h"
 
-#define KEY_MAGIC "FJT\x01"
+#include "runtime/flash_bwd.h"
+
+/* The key's last byte is its format version: 2 added plan_splits to the
+ * problem prefix and the split count to the candidate, so records of
+ * version 1 match no prefix and decode as corrupt (ignored, not misread). */
+#define KEY_MAGIC "FJT\x02"
 #define GPU_ID_LEN 108 /* name 96, arch, SM count, driver version */
 #define TILE_FIELDS 4
+#define CHOICE_FIELDS (TILE_FIELDS + 1) /* the tiles, then the split count */
+#define PREFIX_FIXED 138                /* bytes of a prefix besides the variant */
 
 /* ---------------------------------------------------------------- little-endian helpers */
 
@@ -119,11 +127,11 @@ static size_t serialize_untiled(const fajit__variant *v, uint8_t *buf, size_t ca
 }
 
 size_t fajit__tuning_key(const fajit__gpu_identity *gpu, const uint8_t build_id[16],
-                         const fajit__variant *v, int bucket, int with_tiles, uint8_t *buf,
-                         size_t cap)
+                         const fajit__tune_choice *c, int bucket, int plan_splits, int with_tiles,
+                         uint8_t *buf, size_t cap)
 {
-    size_t ser = serialize_untiled(v, NULL, 0);
-    size_t len = 4 + GPU_ID_LEN + 16 + 2 + ser + 4 + (with_tiles ? 4 * TILE_FIELDS : 0);
+    size_t ser = serialize_untiled(&c->v, NULL, 0);
+    size_t len = PREFIX_FIXED + ser + (with_tiles ? 4 * CHOICE_FIELDS : 0);
     if (!buf || cap < len)
         return len;
     uint8_t *p = buf;
@@ -136,25 +144,29 @@ size_t fajit__tuning_key(const fajit__gpu_identity *gpu, const uint8_t build_id[
     memcpy(p + 112, build_id, 16);
     p[128] = (uint8_t)ser;
     p[129] = (uint8_t)(ser >> 8);
-    serialize_untiled(v, p + 130, ser);
+    serialize_untiled(&c->v, p + 130, ser);
     put_u32(p + 130 + ser, (uint32_t)bucket);
+    put_u32(p + 134 + ser, (uint32_t)plan_splits);
     if (with_tiles) {
-        fajit__variant t = *v;
+        fajit__variant t = c->v;
         for (int i = 0; i < TILE_FIELDS; i++)
-            put_u32(p + 134 + ser + 4 * i, (uint32_t)*tile_field(&t, i));
+            put_u32(p + PREFIX_FIXED + ser + 4 * i, (uint32_t)*tile_field(&t, i));
+        put_u32(p + PREFIX_FIXED + ser + 4 * TILE_FIELDS, (uint32_t)c->splits);
     }
     return len;
 }
 
 int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity *gpu,
-                             uint8_t build_id[16], fajit__variant *v, int *bucket)
+                             uint8_t build_id[16], fajit__tune_choice *c, int *bucket,
+                             int *plan_splits)
 {
     uint8_t ser[256];
     size_t sl;
-    if (len < 130 || memcmp(key, KEY_MAGIC, 4) != 0)
-        return fajit__fail(FAJIT_ECORRUPT, "tuning key: bad magic or %zu bytes too short", len);
+    if (len < PREFIX_FIXED || memcmp(key, KEY_MAGIC, 4) != 0)
+        return fajit__fail(FAJIT_ECORRUPT, "tuning key: bad magic or version, or %zu bytes too "
+                           "short", len);
     sl = (size_t)key[128] | (size_t)key[129] << 8;
-    if (sl > sizeof ser || len != 134 + sl + 4 * TILE_FIELDS)
+    if (sl > sizeof ser || len != PREFIX_FIXED + sl + 4 * CHOICE_FIELDS)
         return fajit__fail(FAJIT_ECORRUPT, "tuning key: %zu bytes, variant of %zu", len, sl);
     memset(gpu, 0, sizeof *gpu);
     memcpy(gpu->name, key + 4, 95);
@@ -168,22 +180,33 @@ int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity
     for (int i = 0; i < TILE_FIELDS; i++) {
         size_t at = 6 + 4 * (offsetof(fajit__variant, bm) / sizeof(int) + (size_t)i);
         if (at + 4 <= sl)
-            memcpy(ser + at, key + 134 + sl + 4 * i, 4);
+            memcpy(ser + at, key + PREFIX_FIXED + sl + 4 * i, 4);
     }
     *bucket = (int)get_u32(key + 130 + sl);
-    return fajit__variant_deserialize(ser, sl, v);
+    *plan_splits = (int)get_u32(key + 134 + sl);
+    c->splits = (int)get_u32(key + PREFIX_FIXED + sl + 4 * TILE_FIELDS);
+    return fajit__variant_deserialize(ser, sl, &c->v);
 }
 
 /* ---------------------------------------------------------------- candidates and pruning */
 
 static const int cand_bm[] = {64, 128}, cand_bn[] = {32, 64, 128}, cand_warps[] = {4, 8},
                  cand_stages[] = {1, 2, 3};
+/* The backward's main kernel: bn 32 lost badly wherever the sweep of
+ * tests/gpu/test_flash_bwd_gpu tried it (129 against 201 TFLOPs at d 256). */
+static const int bwd_bm[] = {32, 64, 128}, bwd_bn[] = {64, 128}, bwd_warps[] = {4, 8},
+                 bwd_stages[] = {1, 2};
+static const int split_counts[] = {1, 2, 4, 8, 16, 32};
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 /* A warp holds bm / warps rows of O (dv wide) and of S (bn wide) in fp32
  * registers spread over 32 lanes; past this many a thread, ptxas spills (the
  * register file gives a thread at most 255). */
 #define MAX_ACCUMULATOR_REGS 160
+/* The backward's main kernel holds its share of dK and dV (bn x (dqk + dv))
+ * and of a step's S and dP (2 x bm x bn): the heuristic's tiles reach 192
+ * (d 64: bm 128 bn 128; d 128: bm 64 bn 128) without spilling. */
+#define MAX_BWD_ACCUMULATOR_REGS 192
 
 static const char *refuse(char *buf, size_t cap, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -196,10 +219,38 @@ static const char *refuse(char *buf, size_t cap, const char *fmt, ...)
     return buf;
 }
 
+static const char *bwd_static_refusal(const fajit__variant *v, char *buf, size_t cap)
+{
+    if (v->dqk % 8 || v->dv % 8 || v->dqk < 8 || v->dv < 8 || v->dqk > 256 || v->dv > 256)
+        return refuse(buf, cap, "dqk=%d dv=%d: the fast backward takes multiples of 8 in 8..256",
+                      v->dqk, v->dv);
+    if (v->paged)
+        return refuse(buf, cap, "the fast backward lacks paged KV");
+    if (v->warps < 1 || v->warps > 16 || v->bm < 16 || v->bm > 128 || 128 % v->bm != 0)
+        return refuse(buf, cap, "bm=%d warps=%d: bm must be 16, 32, 64 or 128, warps 1..16", v->bm,
+                      v->warps);
+    if (v->bn < 16 || v->bn % 16 != 0)
+        return refuse(buf, cap, "bn=%d: must be a multiple of 16", v->bn);
+    if (v->stages < 1 || v->stages > 2)
+        return refuse(buf, cap, "stages=%d: must be 1 or 2", v->stages);
+    if (!fajit__flash_bwd_layouts_exist(v))
+        return refuse(buf, cap, "bm=%d bn=%d warps=%d: no warp layout", v->bm, v->bn, v->warps);
+    size_t smem = fajit__variant_smem_bytes(v), limit = fajit__arch_smem_limit(v->arch);
+    if (smem > limit)
+        return refuse(buf, cap, "shared memory %zu bytes above the arch's %zu", smem, limit);
+    int regs = (v->bn * (v->dqk + v->dv) + 2 * v->bm * v->bn) / (32 * v->warps);
+    if (regs > MAX_BWD_ACCUMULATOR_REGS)
+        return refuse(buf, cap, "accumulators need %d registers a thread (more than %d)", regs,
+                      MAX_BWD_ACCUMULATOR_REGS);
+    return NULL;
+}
+
 const char *fajit__tune_static_refusal(const fajit__variant *v, char *buf, size_t cap)
 {
+    if (v->op == FAJIT__OP_BWD)
+        return bwd_static_refusal(v, buf, cap);
     if (v->op != FAJIT__OP_FWD)
-        return refuse(buf, cap, "op %d is not fwd", v->op);
+        return refuse(buf, cap, "op %d is neither fwd nor bwd", v->op);
     if (!fajit__fast_fwd_supports(v))
         return refuse(buf, cap, "the fast forward lacks a feature of the variant");
     if (v->dqk > 256 || v->dv > 256 || v->dqk < 1 || v->dv < 1)
@@ -233,25 +284,68 @@ const char *fajit__tune_compiled_refusal(const fajit__variant *v, const fajit__e
     return NULL;
 }
 
+/* The tile grid of v's op: its four lists and their lengths. */
+typedef struct tile_grid {
+    const int *f[TILE_FIELDS];
+    size_t n[TILE_FIELDS];
+} tile_grid;
+
+static tile_grid grid_of(const fajit__variant *v)
+{
+    if (v->op == FAJIT__OP_BWD)
+        return (tile_grid){{bwd_bm, bwd_bn, bwd_warps, bwd_stages},
+                           {COUNT(bwd_bm), COUNT(bwd_bn), COUNT(bwd_warps), COUNT(bwd_stages)}};
+    return (tile_grid){{cand_bm, cand_bn, cand_warps, cand_stages},
+                       {COUNT(cand_bm), COUNT(cand_bn), COUNT(cand_warps), COUNT(cand_stages)}};
+}
+
+static size_t grid_size(const fajit__variant *v)
+{
+    tile_grid g = grid_of(v);
+    return g.n[0] * g.n[1] * g.n[2] * g.n[3];
+}
+
 size_t fajit__tune_candidates(const fajit__variant *v, fajit__variant *out, size_t cap)
 {
+    const tile_grid g = grid_of(v);
+    const size_t total = grid_size(v);
     size_t n = 0;
     char why[160];
-    for (size_t a = 0; a < COUNT(cand_bm); a++)
-        for (size_t b = 0; b < COUNT(cand_bn); b++)
-            for (size_t w = 0; w < COUNT(cand_warps); w++)
-                for (size_t s = 0; s < COUNT(cand_stages); s++) {
-                    fajit__variant c = *v;
-                    c.bm = cand_bm[a];
-                    c.bn = cand_bn[b];
-                    c.warps = cand_warps[w];
-                    c.stages = cand_stages[s];
-                    if (fajit__tune_static_refusal(&c, why, sizeof why))
-                        continue;
-                    if (out && n < cap)
-                        out[n] = c;
-                    n++;
-                }
+    for (size_t k = 0; k < total; k++) {
+        fajit__variant c = *v;
+        for (int i = 0, rest = (int)k; i < TILE_FIELDS; rest /= (int)g.n[i], i++)
+            *tile_field(&c, i) = g.f[i][(size_t)rest % g.n[i]];
+        if (fajit__tune_static_refusal(&c, why, sizeof why))
+            continue;
+        if (out && n < cap)
+            out[n] = c;
+        n++;
+    }
+    return n;
+}
+
+size_t fajit__tune_split_counts(const fajit__variant *c, int64_t seqlen_k, int plan_splits, int *out,
+                                size_t cap)
+{
+    int64_t tiles = c->bn > 0 ? (seqlen_k + c->bn - 1) / c->bn : 0;
+    int max = tiles < FAJIT__MAX_SPLITS ? (int)tiles : FAJIT__MAX_SPLITS, plan_listed = 0;
+    size_t n = 0;
+    if (plan_splits <= 0) {
+        if (out && cap > 0)
+            out[0] = 0;
+        return 1;
+    }
+    for (size_t i = 0; i < COUNT(split_counts) && split_counts[i] <= max; i++) {
+        plan_listed |= split_counts[i] == plan_splits;
+        if (out && n < cap)
+            out[n] = split_counts[i];
+        n++;
+    }
+    if (!plan_listed && plan_splits <= max) {
+        if (out && n < cap)
+            out[n] = plan_splits;
+        n++;
+    }
     return n;
 }
 
@@ -262,7 +356,7 @@ size_t fajit__tune_candidates(const fajit__variant *v, fajit__variant *out, size
 typedef struct memo_slot {
     uint8_t digest[16]; /* XXH3-128 of the cache directory and the key prefix */
     int used, found;
-    int tiles[TILE_FIELDS];
+    int choice[CHOICE_FIELDS]; /* tiles, then the split count */
 } memo_slot;
 
 static pthread_mutex_t memo_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -334,21 +428,28 @@ typedef struct best_search {
     size_t prefix_len;
     double best_ns;
     int found;
-    int tiles[TILE_FIELDS];
-    int heuristic[TILE_FIELDS]; /* the tiles the heuristic gives v */
+    int choice[CHOICE_FIELDS];
+    int heuristic[CHOICE_FIELDS]; /* the heuristic's tiles for v, and plan_splits */
 } best_search;
 
-/* Leaving the heuristic's tiles takes a clear win: another candidate must be
+/* Leaving the heuristic's config takes a clear win: another candidate must be
  * at least this much faster in the timings, or run-to-run noise would pick
  * configurations no better than the default (and sometimes worse). */
 #define HEURISTIC_PREFERENCE 0.97
 
-static int is_heuristic(const best_search *bs, fajit__variant *c)
+static void choice_fields(const fajit__tune_choice *c, int out[CHOICE_FIELDS])
 {
+    fajit__variant t = c->v;
     for (int i = 0; i < TILE_FIELDS; i++)
-        if (*tile_field(c, i) != bs->heuristic[i])
-            return 0;
-    return 1;
+        out[i] = *tile_field(&t, i);
+    out[TILE_FIELDS] = c->splits;
+}
+
+/* A record's split count is one tuning could have tried: 0 where the rule
+ * decides (plan_splits 0), else 1..FAJIT__MAX_SPLITS. */
+static int splits_valid(int splits, int plan_splits)
+{
+    return plan_splits == 0 ? splits == 0 : splits >= 1 && splits <= FAJIT__MAX_SPLITS;
 }
 
 static int consider_record(void *user, const uint8_t *key, size_t key_len, const uint8_t *value,
@@ -356,36 +457,52 @@ static int consider_record(void *user, const uint8_t *key, size_t key_len, const
 {
     best_search *bs = user;
     fajit__tuning_value tv;
-    fajit__variant c = *bs->v;
+    fajit__tune_choice c = {*bs->v, 0};
+    int f[CHOICE_FIELDS];
     char why[160];
-    if (key_len != bs->prefix_len + 4 * TILE_FIELDS ||
+    if (key_len != bs->prefix_len + 4 * CHOICE_FIELDS ||
         fajit__tuning_value_decode(key, key_len, value, value_len, &tv, NULL) != 0)
         return 0;
     for (int i = 0; i < TILE_FIELDS; i++)
-        *tile_field(&c, i) = (int)get_u32(key + bs->prefix_len + 4 * i);
+        *tile_field(&c.v, i) = (int)get_u32(key + bs->prefix_len + 4 * i);
+    c.splits = (int)get_u32(key + bs->prefix_len + 4 * TILE_FIELDS);
     /* Only a candidate tuning itself could have chosen. */
-    if (fajit__tune_static_refusal(&c, why, sizeof why) || fajit__variant_check(&c) != 0)
+    if (fajit__tune_static_refusal(&c.v, why, sizeof why) || fajit__variant_check(&c.v) != 0 ||
+        !splits_valid(c.splits, bs->heuristic[TILE_FIELDS]))
         return 0;
+    choice_fields(&c, f);
     double ns = (double)tv.median_ns;
-    if (is_heuristic(bs, &c))
+    if (memcmp(f, bs->heuristic, sizeof f) == 0)
         ns *= HEURISTIC_PREFERENCE;
     if (!bs->found || ns < bs->best_ns) {
         bs->found = 1;
         bs->best_ns = ns;
-        for (int i = 0; i < TILE_FIELDS; i++)
-            bs->tiles[i] = *tile_field(&c, i);
+        memcpy(bs->choice, f, sizeof f);
     }
     return 0;
 }
 
-int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucket,
-                       const fajit__gpu_identity *gpu, fajit__variant *out)
+/* The heuristic's tiles for v (whatever tiles v has). */
+static fajit__variant heuristic_of(const fajit__variant *v)
+{
+    fajit__variant h = *v;
+    for (int i = 0; i < TILE_FIELDS; i++)
+        *tile_field(&h, i) = FAJIT__UNSET;
+    fajit__heuristic_tiles(&h);
+    return h;
+}
+
+int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucket, int plan_splits,
+                       const fajit__gpu_identity *gpu, fajit__tune_choice *out)
 {
     uint8_t prefix[FAJIT__TUNING_KEY_MAX];
     memo_slot slot;
-    if (!ctx || !v || !gpu || !out || !ctx->store || v->op != FAJIT__OP_FWD)
+    if (!ctx || !v || !gpu || !out || !ctx->store ||
+        (v->op != FAJIT__OP_FWD && v->op != FAJIT__OP_BWD))
         return FAJIT_ENOTFOUND;
-    size_t n = fajit__tuning_key(gpu, ctx->build_id, v, seqlen_bucket, 0, prefix, sizeof prefix);
+    const fajit__tune_choice asked = {*v, 0};
+    size_t n = fajit__tuning_key(gpu, ctx->build_id, &asked, seqlen_bucket, plan_splits, 0, prefix,
+                                 sizeof prefix);
     if (n > sizeof prefix)
         return FAJIT_ENOTFOUND;
     memset(&slot, 0, sizeof slot);
@@ -393,71 +510,78 @@ int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucke
     if (!memo_get(slot.digest, &slot)) {
         char saved[FAJIT__DETAIL_MAX];
         best_search bs = {v, n, 0, 0, {0}, {0}};
-        fajit__variant h = *v;
-        for (int i = 0; i < TILE_FIELDS; i++)
-            *tile_field(&h, i) = FAJIT__UNSET;
-        fajit__heuristic_tiles(&h);
-        for (int i = 0; i < TILE_FIELDS; i++)
-            bs.heuristic[i] = *tile_field(&h, i);
+        const fajit__tune_choice h = {heuristic_of(v), plan_splits};
+        choice_fields(&h, bs.heuristic);
         snprintf(saved, sizeof saved, "%s", fajit__detail());
         int rc = fajit__store_tuning_iterate(ctx->store, prefix, n, consider_record, &bs);
         fajit__fail(0, "%s", saved); /* a lookup must not clobber the caller's detail */
         if (rc != 0)
             return FAJIT_ENOTFOUND; /* not remembered: the store may work next time */
         slot.found = bs.found;
-        memcpy(slot.tiles, bs.tiles, sizeof slot.tiles);
+        memcpy(slot.choice, bs.choice, sizeof slot.choice);
         memo_put(&slot);
     }
     if (!slot.found)
         return FAJIT_ENOTFOUND;
-    *out = *v;
+    out->v = *v;
     for (int i = 0; i < TILE_FIELDS; i++)
-        *tile_field(out, i) = slot.tiles[i];
+        *tile_field(&out->v, i) = slot.choice[i];
+    out->splits = slot.choice[TILE_FIELDS];
     return 0;
 }
 
 int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, int64_t seqlen_k,
-                        fajit__variant *v)
+                        int plan_splits, fajit__variant *v, int *splits)
 {
+    /* One entry per op (fwd, bwd): training alternates them. */
     static _Thread_local struct {
-        int valid, bucket, found;
+        int valid, bucket, plan, found, splits;
         unsigned generation;
         const fajit_ctx *ctx;
         CUdevice dev;
         fajit__variant in, out;
-    } last;
+    } last[2];
     char saved[FAJIT__DETAIL_MAX];
     fajit__gpu_identity id;
-    fajit__variant tuned;
-    int bucket, found = 0;
+    fajit__tune_choice tuned;
+    int bucket, found = 0, op = v->op == FAJIT__OP_BWD;
     unsigned generation;
 
-    if (v->op != FAJIT__OP_FWD || !ctx->store || !ctx->tuned_tiles)
+    if (splits)
+        *splits = 0;
+    if ((v->op != FAJIT__OP_FWD && v->op != FAJIT__OP_BWD) || !ctx->store || !ctx->tuned_tiles)
         return 0;
     bucket = fajit__seqlen_bucket(seqlen_k);
     generation = atomic_load_explicit(&memo_generation, memory_order_acquire);
-    if (last.valid && last.ctx == ctx && last.dev == dev && last.bucket == bucket &&
-        last.generation == generation && memcmp(&last.in, v, sizeof *v) == 0) {
-        *v = last.out;
-        return last.found;
+    if (last[op].valid && last[op].ctx == ctx && last[op].dev == dev && last[op].bucket == bucket &&
+        last[op].plan == plan_splits && last[op].generation == generation &&
+        memcmp(&last[op].in, v, sizeof *v) == 0) {
+        *v = last[op].out;
+        if (splits)
+            *splits = last[op].splits;
+        return last[op].found;
     }
-    last.valid = 0;
+    last[op].valid = 0;
     snprintf(saved, sizeof saved, "%s", fajit__detail());
     if (fajit__gpu_identity_get(drv, dev, &id) != 0) {
         fajit__fail(0, "%s", saved); /* not the caller's error: the heuristic's tiles, retried next call */
         return 0;
     }
-    found = fajit__tuned_tiles(ctx, v, bucket, &id, &tuned) == 0;
-    last.in = *v;
+    found = fajit__tuned_tiles(ctx, v, bucket, plan_splits, &id, &tuned) == 0;
+    last[op].in = *v;
     if (found)
-        *v = tuned;
-    last.out = *v;
-    last.ctx = ctx;
-    last.dev = dev;
-    last.bucket = bucket;
-    last.generation = generation;
-    last.found = found;
-    last.valid = 1;
+        *v = tuned.v;
+    last[op].out = *v;
+    last[op].splits = found ? tuned.splits : 0;
+    last[op].ctx = ctx;
+    last[op].dev = dev;
+    last[op].bucket = bucket;
+    last[op].plan = plan_splits;
+    last[op].generation = generation;
+    last[op].found = found;
+    last[op].valid = 1;
+    if (splits)
+        *splits = last[op].splits;
     return found;
 }
 
@@ -559,19 +683,20 @@ static int finish_problem(const shape_acc *a, const char *spec, int line, fajit_
         snprintf(detail, sizeof detail, "%s", strncmp(d, "line 1: ", 8) == 0 ? d + 8 : d);
         return fajit__fail(FAJIT_EPARSE, "line %d: %s", line, detail);
     }
-    if (p->v.op != FAJIT__OP_FWD)
-        return fajit__fail(FAJIT_EPARSE, "line %d: word '%.*s': only op fwd is tuned", line,
-                           (int)strcspn(spec, " "), spec);
+    if (p->v.op != FAJIT__OP_FWD && p->v.op != FAJIT__OP_BWD)
+        return fajit__fail(FAJIT_EPARSE, "line %d: word '%.*s': only ops fwd and bwd are tuned",
+                           line, (int)strcspn(spec, " "), spec);
     if (p->v.bm != FAJIT__UNSET || p->v.arch != FAJIT__UNSET)
         return fajit__fail(FAJIT_EPARSE, "line %d: tiles and arch are what tuning chooses", line);
+    /* Tiles every head dim takes, so only the variant's own fields can be refused. */
     fajit__variant probe = p->v;
-    probe.bm = 128;
+    probe.bm = p->v.op == FAJIT__OP_BWD ? 64 : 128;
     probe.bn = 64;
-    probe.warps = 8;
+    probe.warps = p->v.op == FAJIT__OP_BWD ? 4 : 8;
     probe.stages = 1;
     probe.arch = 90;
     if (fajit__tune_static_refusal(&probe, why, sizeof why) && strncmp(why, "acc", 3) != 0 &&
-        strncmp(why, "shared", 6) != 0)
+        strncmp(why, "shared", 6) != 0 && strncmp(why, "bm=", 3) != 0)
         return fajit__fail(FAJIT_EPARSE, "line %d: %s", line, why);
     p->batch = a->set[SH_BATCH] ? a->val[SH_BATCH] : 1;
     if ((rc = pick_pair(a, SH_SEQLEN, SH_SEQLEN_Q, SH_SEQLEN_K, line, &p->seqlen_q,
@@ -630,24 +755,26 @@ static int add_problem(fajit__tune_problem **list, size_t *n, size_t *cap,
 }
 
 /* FlashAttention's benchmark grid (benchmarks/benchmark_flash_attention.py):
- * hidden 2048, batch * seqlen = 16384. */
+ * hidden 2048, batch * seqlen = 16384, its forward and its backward. */
 static char *grid_text(void)
 {
     static const int dims[] = {64, 128, 256}, seqlens[] = {512, 1024, 2048, 4096, 8192, 16384};
-    static const char *const dtypes[] = {"fp16", "bf16"}, *const masks[] = {"none", "causal"};
-    size_t cap = 128 * COUNT(dims) * COUNT(seqlens) * 4, used = 0;
+    static const char *const dtypes[] = {"fp16", "bf16"}, *const masks[] = {"none", "causal"},
+                             *const ops[] = {"fwd", "bwd"};
+    size_t cap = 128 * COUNT(ops) * COUNT(dims) * COUNT(seqlens) * 4, used = 0;
     char *text = malloc(cap);
     if (!text)
         return NULL;
-    for (size_t d = 0; d < COUNT(dims); d++)
-        for (size_t m = 0; m < COUNT(masks); m++)
-            for (size_t t = 0; t < COUNT(dtypes); t++)
-                for (size_t s = 0; s < COUNT(seqlens); s++)
-                    used += (size_t)snprintf(text + used, cap - used,
-                                             "fwd dqk=%d dtype=%s mask=%s batch=%d seqlen=%d "
-                                             "nheads=%d\n",
-                                             dims[d], dtypes[t], masks[m], 16384 / seqlens[s],
-                                             seqlens[s], 2048 / dims[d]);
+    for (size_t o = 0; o < COUNT(ops); o++)
+        for (size_t d = 0; d < COUNT(dims); d++)
+            for (size_t m = 0; m < COUNT(masks); m++)
+                for (size_t t = 0; t < COUNT(dtypes); t++)
+                    for (size_t s = 0; s < COUNT(seqlens); s++)
+                        used += (size_t)snprintf(text + used, cap - used,
+                                                 "%s dqk=%d dtype=%s mask=%s batch=%d seqlen=%d "
+                                                 "nheads=%d\n",
+                                                 ops[o], dims[d], dtypes[t], masks[m],
+                                                 16384 / seqlens[s], seqlens[s], 2048 / dims[d]);
     return text;
 }
 
@@ -698,8 +825,8 @@ typedef struct list_state {
 } list_state;
 
 static void fill_record(const fajit_ctx *ctx, const fajit__gpu_identity *gpu,
-                        const uint8_t build[16], const fajit__variant *v, int bucket,
-                        const fajit__tuning_value *tv, fajit_tuning_record *r)
+                        const uint8_t build[16], const fajit__tune_choice *c, int bucket,
+                        int plan_splits, const fajit__tuning_value *tv, fajit_tuning_record *r)
 {
     memset(r, 0, sizeof *r);
     snprintf(r->gpu_name, sizeof r->gpu_name, "%s", gpu->name);
@@ -707,24 +834,24 @@ static void fill_record(const fajit_ctx *ctx, const fajit__gpu_identity *gpu,
     r->sm_count = gpu->sm_count;
     r->driver_version = gpu->driver_version;
     r->current_build = memcmp(build, ctx->build_id, 16) == 0;
-    fajit__variant_format(v, r->variant, sizeof r->variant);
+    fajit__variant_format(&c->v, r->variant, sizeof r->variant);
     r->seqlen_bucket = bucket;
-    r->bm = v->bm;
-    r->bn = v->bn;
-    r->warps = v->warps;
-    r->stages = v->stages;
+    r->bm = c->v.bm;
+    r->bn = c->v.bn;
+    r->warps = c->v.warps;
+    r->stages = c->v.stages;
     r->median_us = (double)tv->median_ns / 1000.0;
     r->samples = tv->samples;
     r->timestamp_ns = tv->timestamp_ns;
+    r->splits = c->splits;
+    r->plan_splits = plan_splits;
 }
 
-static int tiles_are_heuristic(const fajit__variant *v)
+/* The heuristic's config: its tiles, and the rule's split count. */
+static int is_heuristic_choice(const fajit__tune_choice *c, int plan_splits)
 {
-    fajit__variant h = *v;
-    for (int i = 0; i < TILE_FIELDS; i++)
-        *tile_field(&h, i) = FAJIT__UNSET;
-    fajit__heuristic_tiles(&h);
-    return memcmp(&h, v, sizeof h) == 0;
+    fajit__variant h = heuristic_of(&c->v);
+    return memcmp(&h, &c->v, sizeof h) == 0 && c->splits == plan_splits;
 }
 
 static int list_one(void *user, const uint8_t *key, size_t key_len, const uint8_t *value,
@@ -733,12 +860,12 @@ static int list_one(void *user, const uint8_t *key, size_t key_len, const uint8_
     list_state *st = user;
     fajit__gpu_identity gpu;
     fajit__tuning_value tv;
-    fajit__variant v;
+    fajit__tune_choice c;
     uint8_t build[16];
-    XXH128_canonical_t c;
-    int bucket;
+    XXH128_canonical_t h;
+    int bucket, plan_splits;
     if (fajit__tuning_value_decode(key, key_len, value, value_len, &tv, NULL) != 0 ||
-        fajit__tuning_key_decode(key, key_len, &gpu, build, &v, &bucket) != 0)
+        fajit__tuning_key_decode(key, key_len, &gpu, build, &c, &bucket, &plan_splits) != 0)
         return 0; /* not a record this build can read: not listed */
     if (st->n == st->cap) {
         size_t cap = st->cap ? st->cap * 2 : 64;
@@ -751,16 +878,16 @@ static int list_one(void *user, const uint8_t *key, size_t key_len, const uint8_
         st->cap = cap;
     }
     list_item *it = &st->items[st->n++];
-    fill_record(st->ctx, &gpu, build, &v, bucket, &tv, &it->rec);
-    it->rank = (double)tv.median_ns * (tiles_are_heuristic(&v) ? HEURISTIC_PREFERENCE : 1.0);
-    XXH128_canonicalFromHash(&c, XXH3_128bits(key, key_len - 4 * TILE_FIELDS));
-    memcpy(it->group, c.digest, 16);
+    fill_record(st->ctx, &gpu, build, &c, bucket, plan_splits, &tv, &it->rec);
+    it->rank = (double)tv.median_ns * (is_heuristic_choice(&c, plan_splits) ? HEURISTIC_PREFERENCE : 1.0);
+    XXH128_canonicalFromHash(&h, XXH3_128bits(key, key_len - 4 * CHOICE_FIELDS));
+    memcpy(it->group, h.digest, 16);
     return 0;
 }
 
 /* Marks the record launches use in each run of records sharing a group (the
  * lowest median, the heuristic's preferred as in fajit__tuned_tiles; records
- * of one group are adjacent: the tiles are the key's last bytes). */
+ * of one group are adjacent: the tiles and splits are the key's last bytes). */
 static void mark_best(list_item *items, size_t n)
 {
     for (size_t start = 0; start < n;) {
@@ -951,7 +1078,8 @@ typedef struct tune_run {
 } tune_run;
 
 static void emit(tune_run *r, int kind, size_t done, size_t total, const char *problem,
-                 const fajit__variant *v, const char *why, double median_us, double heur_us)
+                 const fajit__variant *v, int splits, const char *why, double median_us,
+                 double heur_us)
 {
     char text[FAJIT__VARIANT_TEXT_MAX] = "";
     if (!r->opt.progress)
@@ -959,7 +1087,7 @@ static void emit(tune_run *r, int kind, size_t done, size_t total, const char *p
     if (v)
         fajit__variant_format(v, text, sizeof text);
     fajit_tune_event ev = {kind, done, total, problem ? problem : "", text, why ? why : "",
-                           median_us, heur_us};
+                           median_us, heur_us, splits};
     r->opt.progress(r->opt.progress_user, &ev);
 }
 
@@ -967,7 +1095,7 @@ static int init_group(tune_run *r, tune_group *g, const fajit__variant *base)
 {
     fajit__variant found[64];
     size_t n = fajit__tune_candidates(base, found, COUNT(found)), total;
-    total = COUNT(cand_bm) * COUNT(cand_bn) * COUNT(cand_warps) * COUNT(cand_stages);
+    total = grid_size(base);
     g->base = *base;
     g->cands = calloc(n + 1, sizeof *g->cands);
     if (!g->cands)
@@ -1061,7 +1189,7 @@ static void *compile_worker(void *arg)
         else
             r->res.compiled++;
         emit(r, c->state == CAND_PRUNED ? FAJIT_TUNE_PRUNED : FAJIT_TUNE_COMPILED, r->jobs_done,
-             r->njobs, "", &c->v, c->state == CAND_PRUNED ? c->why : "", 0, 0);
+             r->njobs, "", &c->v, 0, c->state == CAND_PRUNED ? c->why : "", 0, 0);
         pthread_mutex_unlock(&r->lock);
     }
 }
@@ -1097,20 +1225,38 @@ static int compile_all(tune_run *r)
 
 #define MAX_SETS 8
 #define TOLERANCE 1e-2 /* max |o - o_heuristic| for unit-variance inputs */
+/* Gradients grow with the sequence (dK and dV sum over query rows) and are
+ * rounded to 16 bits after fp32 sums in another order per tile shape: the
+ * bound is relative to the largest gradient. */
+#define BWD_TOLERANCE 2e-2
+#define BWD_LSE 8.0f /* the LSE the backward is given: about ln 4096 (any finite value works) */
 
 typedef struct gpu_state {
     const fajit__driver *drv;
     CUcontext cu;
-    int pushed;
+    int pushed, any_bwd;
     unsigned long long cu_id;
     CUstream stream;
     CUevent start, stop;
-    CUdeviceptr q[MAX_SETS], k[MAX_SETS], v[MAX_SETS], o[MAX_SETS];
+    /* q, k, v, o (the backward's input O too), dO, dq, dk, dv (the last four
+     * only with a bwd problem), per set */
+    CUdeviceptr q[MAX_SETS], k[MAX_SETS], v[MAX_SETS], o[MAX_SETS], dout[MAX_SETS],
+        dq[MAX_SETS], dk[MAX_SETS], dv[MAX_SETS];
+    CUdeviceptr lse, slopes, cu_q, cu_k; /* read only: one of each */
     int sets, filled_dtype;
-    size_t qb, kb, vb, ob; /* bytes of each buffer, the largest problem's */
+    size_t qb, kb, vb, ob, lseb, heads, seqs; /* the largest problem's bytes, heads, batch */
     uint16_t *host_ref, *host_out;
     fajit__gpu_identity gpu;
 } gpu_state;
+
+/* One candidate as launched: the variant, its split count, and its kernels
+ * (fwd: fn; bwd: the three variants, the candidate's in the middle). */
+typedef struct tune_launch {
+    fajit__variant v;
+    int splits;
+    CUfunction fn;
+    fajit__variant bwd[3];
+} tune_launch;
 
 static size_t q_elems(const fajit__tune_problem *p)
 {
@@ -1129,16 +1275,26 @@ static size_t o_elems(const fajit__tune_problem *p)
     return (size_t)(p->batch * p->seqlen_q * p->nheads_q * p->v.dv);
 }
 
+static int is_bwd(const fajit__tune_problem *p)
+{
+    return p->v.op == FAJIT__OP_BWD;
+}
+
 static int cu_check(CUresult res, const char *what)
 {
     return res == CUDA_SUCCESS ? 0 : fajit__cu_fail(res, what);
+}
+
+static size_t set_bytes(const gpu_state *g)
+{
+    return g->qb + g->kb + g->vb + g->ob + (g->any_bwd ? g->ob + g->qb + g->kb + g->vb : 0);
 }
 
 /* As many buffer sets as keep two L2s' worth of data between reuses. */
 static int count_sets(gpu_state *g, CUdevice dev)
 {
     int l2 = 0;
-    size_t free_b = 0, total_b = 0, set = g->qb + g->kb + g->vb + g->ob;
+    size_t free_b = 0, total_b = 0, set = set_bytes(g);
     g->drv->deviceGetAttribute(&l2, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, dev);
     int sets = (int)((2 * (size_t)l2 + set - 1) / set) + 1;
     if (g->drv->memGetInfo(&free_b, &total_b) == CUDA_SUCCESS && set > 0 &&
@@ -1147,20 +1303,35 @@ static int count_sets(gpu_state *g, CUdevice dev)
     return sets < 1 ? 1 : sets > MAX_SETS ? MAX_SETS : sets;
 }
 
+static int alloc_one(gpu_state *g, CUdeviceptr *p, size_t bytes, const char *what)
+{
+    return bytes ? cu_check(g->drv->memAlloc(p, bytes), what) : 0;
+}
+
 static int alloc_buffers(gpu_state *g, CUdevice dev)
 {
     int rc = 0;
+    size_t bwd = g->any_bwd ? 1 : 0, host = g->ob > g->qb + g->kb + g->vb ? g->ob : g->qb + g->kb + g->vb;
     g->sets = count_sets(g, dev);
     for (int s = 0; rc == 0 && s < g->sets; s++)
-        if ((rc = cu_check(g->drv->memAlloc(&g->q[s], g->qb), "cuMemAlloc(q)")) ||
-            (rc = cu_check(g->drv->memAlloc(&g->k[s], g->kb), "cuMemAlloc(k)")) ||
-            (rc = cu_check(g->drv->memAlloc(&g->v[s], g->vb), "cuMemAlloc(v)")) ||
-            (rc = cu_check(g->drv->memAlloc(&g->o[s], g->ob), "cuMemAlloc(o)")))
+        if ((rc = alloc_one(g, &g->q[s], g->qb, "cuMemAlloc(q)")) ||
+            (rc = alloc_one(g, &g->k[s], g->kb, "cuMemAlloc(k)")) ||
+            (rc = alloc_one(g, &g->v[s], g->vb, "cuMemAlloc(v)")) ||
+            (rc = alloc_one(g, &g->o[s], g->ob, "cuMemAlloc(o)")) ||
+            (rc = alloc_one(g, &g->dout[s], bwd * g->ob, "cuMemAlloc(dout)")) ||
+            (rc = alloc_one(g, &g->dq[s], bwd * g->qb, "cuMemAlloc(dq)")) ||
+            (rc = alloc_one(g, &g->dk[s], bwd * g->kb, "cuMemAlloc(dk)")) ||
+            (rc = alloc_one(g, &g->dv[s], bwd * g->vb, "cuMemAlloc(dv)")))
             break;
-    g->host_ref = malloc(g->ob);
-    g->host_out = malloc(g->ob);
+    if (rc == 0 && ((rc = alloc_one(g, &g->lse, g->lseb, "cuMemAlloc(lse)")) ||
+                    (rc = alloc_one(g, &g->slopes, g->heads * sizeof(float), "cuMemAlloc(slopes)")) ||
+                    (rc = alloc_one(g, &g->cu_q, (g->seqs + 1) * sizeof(int32_t), "cuMemAlloc(cu_q)")) ||
+                    (rc = alloc_one(g, &g->cu_k, (g->seqs + 1) * sizeof(int32_t), "cuMemAlloc(cu_k)"))))
+        return rc;
+    g->host_ref = malloc(host);
+    g->host_out = malloc(host);
     if (rc == 0 && (!g->host_ref || !g->host_out))
-        rc = fajit__fail(FAJIT_ENOMEM, "tune: host copies of %zu bytes", g->ob);
+        rc = fajit__fail(FAJIT_ENOMEM, "tune: host copies of %zu bytes", host);
     return rc;
 }
 
@@ -1169,11 +1340,16 @@ static void gpu_teardown(gpu_state *g)
     if (!g->drv)
         return;
     for (int s = 0; s < MAX_SETS; s++) {
-        CUdeviceptr *bufs[] = {&g->q[s], &g->k[s], &g->v[s], &g->o[s]};
-        for (int b = 0; b < 4; b++)
+        CUdeviceptr *bufs[] = {&g->q[s], &g->k[s], &g->v[s], &g->o[s],
+                               &g->dout[s], &g->dq[s], &g->dk[s], &g->dv[s]};
+        for (size_t b = 0; b < COUNT(bufs); b++)
             if (*bufs[b])
                 g->drv->memFree(*bufs[b]);
     }
+    CUdeviceptr *one[] = {&g->lse, &g->slopes, &g->cu_q, &g->cu_k};
+    for (size_t b = 0; b < COUNT(one); b++)
+        if (*one[b])
+            g->drv->memFree(*one[b]);
     if (g->start)
         g->drv->eventDestroy(g->start);
     if (g->stop)
@@ -1184,6 +1360,29 @@ static void gpu_teardown(gpu_state *g)
         g->drv->ctxPopCurrent(&g->cu);
     free(g->host_ref);
     free(g->host_out);
+}
+
+static size_t max_size(size_t a, size_t b)
+{
+    return a > b ? a : b;
+}
+
+/* The largest problem's sizes, so one set of buffers serves every problem. */
+static void size_buffers(const tune_run *r, gpu_state *g)
+{
+    for (size_t i = 0; i < r->nproblems; i++) {
+        const fajit__tune_problem *p = &r->problems[i];
+        g->qb = max_size(g->qb, 2 * q_elems(p));
+        g->kb = max_size(g->kb, 2 * k_elems(p));
+        g->vb = max_size(g->vb, 2 * v_elems(p));
+        g->ob = max_size(g->ob, 2 * o_elems(p));
+        g->heads = max_size(g->heads, (size_t)p->nheads_q);
+        g->seqs = max_size(g->seqs, (size_t)p->batch);
+        if (is_bwd(p)) {
+            g->any_bwd = 1;
+            g->lseb = max_size(g->lseb, (size_t)(p->batch * p->nheads_q * p->seqlen_q) * sizeof(float));
+        }
+    }
 }
 
 static int gpu_setup(tune_run *r, gpu_state *g)
@@ -1201,13 +1400,7 @@ static int gpu_setup(tune_run *r, gpu_state *g)
     if ((rc = cu_check(g->drv->ctxGetDevice(&dev), "cuCtxGetDevice")) ||
         (rc = fajit__gpu_identity_get(g->drv, dev, &g->gpu)))
         return rc;
-    for (size_t i = 0; i < r->nproblems; i++) {
-        const fajit__tune_problem *p = &r->problems[i];
-        g->qb = g->qb > 2 * q_elems(p) ? g->qb : 2 * q_elems(p);
-        g->kb = g->kb > 2 * k_elems(p) ? g->kb : 2 * k_elems(p);
-        g->vb = g->vb > 2 * v_elems(p) ? g->vb : 2 * v_elems(p);
-        g->ob = g->ob > 2 * o_elems(p) ? g->ob : 2 * o_elems(p);
-    }
+    size_buffers(r, g);
     g->filled_dtype = -1;
     if ((rc = cu_check(g->drv->streamCreate(&g->stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate")) ||
         (rc = cu_check(g->drv->eventCreate(&g->start, CU_EVENT_DEFAULT), "cuEventCreate")) ||
@@ -1249,10 +1442,44 @@ static double from_half_bits(uint16_t h, int dtype)
     return h & 0x8000 ? -x : x;
 }
 
+/* The read-only inputs of every set: q, k, v, o and dO from one sequence. */
+static int upload_inputs(gpu_state *g, const uint16_t *h)
+{
+    const size_t at[5] = {0, g->qb, g->qb + g->kb, g->qb + g->kb + g->vb, g->qb + g->kb + g->vb + g->ob};
+    int rc = 0;
+    for (int s = 0; rc == 0 && s < g->sets; s++) {
+        const CUdeviceptr dst[5] = {g->q[s], g->k[s], g->v[s], g->o[s], g->dout[s]};
+        const size_t bytes[5] = {g->qb, g->kb, g->vb, g->ob, g->ob};
+        for (int b = 0; rc == 0 && b < 5; b++)
+            if (dst[b])
+                rc = cu_check(g->drv->memcpyHtoD(dst[b], (const char *)h + at[b], bytes[b]),
+                              "cuMemcpyHtoD(inputs)");
+    }
+    return rc;
+}
+
+/* The LSE the backward reads, and ALiBi's slopes 2^-1 .. 2^-8 by head. */
+static int upload_constants(gpu_state *g)
+{
+    size_t n = max_size(g->lseb / sizeof(float), g->heads);
+    float *f = malloc(max_size(n, 1) * sizeof(float));
+    int rc = f ? 0 : fajit__fail(FAJIT_ENOMEM, "tune: %zu floats", n);
+    for (size_t i = 0; rc == 0 && i < g->lseb / sizeof(float); i++)
+        f[i] = BWD_LSE;
+    if (rc == 0 && g->lse)
+        rc = cu_check(g->drv->memcpyHtoD(g->lse, f, g->lseb), "cuMemcpyHtoD(lse)");
+    for (size_t h = 0; rc == 0 && h < g->heads; h++)
+        f[h] = ldexpf(1.0f, -1 - (int)(h % 8));
+    if (rc == 0 && g->slopes)
+        rc = cu_check(g->drv->memcpyHtoD(g->slopes, f, g->heads * sizeof(float)), "cuMemcpyHtoD(slopes)");
+    free(f);
+    return rc;
+}
+
 /* Unit-variance inputs: uniform on [-sqrt 3, sqrt 3], a fixed sequence. */
 static int fill_inputs(gpu_state *g, int dtype)
 {
-    size_t n = (g->qb + g->kb + g->vb) / 2;
+    size_t n = (g->qb + g->kb + g->vb + 2 * g->ob) / 2;
     uint16_t *h = malloc(n * 2);
     uint64_t x = 0x9E3779B97F4A7C15ull;
     int rc = 0;
@@ -1263,35 +1490,68 @@ static int fill_inputs(gpu_state *g, int dtype)
         float u = (float)((x >> 40) * (1.0 / 16777216.0));
         h[i] = to_half_bits((2.0f * u - 1.0f) * 1.7320508f, dtype);
     }
-    for (int s = 0; rc == 0 && s < g->sets; s++)
-        if ((rc = cu_check(g->drv->memcpyHtoD(g->q[s], h, g->qb), "cuMemcpyHtoD(q)")) ||
-            (rc = cu_check(g->drv->memcpyHtoD(g->k[s], (char *)h + g->qb, g->kb), "cuMemcpyHtoD(k)")) ||
-            (rc = cu_check(g->drv->memcpyHtoD(g->v[s], (char *)h + g->qb + g->kb, g->vb),
-                           "cuMemcpyHtoD(v)")))
-            break;
+    rc = upload_inputs(g, h);
+    if (rc == 0 && g->filled_dtype == -1)
+        rc = upload_constants(g);
     free(h);
     if (rc == 0)
         g->filled_dtype = dtype;
     return rc;
 }
 
+/* Varlen problems: batch sequences of equal length, so the dense layout is
+ * the packed one (batch strides 0, sequence b at row b * seqlen). */
+static int upload_seqlens(gpu_state *g, const fajit__tune_problem *p)
+{
+    int32_t *cu = malloc(2 * ((size_t)p->batch + 1) * sizeof *cu);
+    int rc = cu ? 0 : fajit__fail(FAJIT_ENOMEM, "tune: cu_seqlens of %lld", (long long)p->batch);
+    size_t n = (size_t)p->batch + 1;
+    for (size_t b = 0; rc == 0 && b < n; b++) {
+        cu[b] = (int32_t)((int64_t)b * p->seqlen_q);
+        cu[n + b] = (int32_t)((int64_t)b * p->seqlen_k);
+    }
+    if (rc == 0)
+        rc = cu_check(g->drv->memcpyHtoD(g->cu_q, cu, n * sizeof *cu), "cuMemcpyHtoD(cu_q)");
+    if (rc == 0)
+        rc = cu_check(g->drv->memcpyHtoD(g->cu_k, cu + n, n * sizeof *cu), "cuMemcpyHtoD(cu_k)");
+    free(cu);
+    return rc;
+}
+
+static void dense_strides(int64_t seqlen, int64_t heads, int64_t d, int varlen, int64_t out[3])
+{
+    out[0] = varlen ? 0 : seqlen * heads * d;
+    out[1] = heads * d;
+    out[2] = d;
+}
+
+/* The per-call values of the variant's features: softcap 30, dropout 0.1,
+ * ALiBi's slopes by head, varlen's equal sequences. */
+#define SET_FEATURE_PARAMS(par, g, v)                                                           \
+    do {                                                                                        \
+        (par)->softcap = (v)->softcap ? 30.0f : 0.0f;                                           \
+        (par)->dropout_p = (v)->dropout ? 0.1f : 0.0f;                                          \
+        (par)->dropout_scale = 1.0f / (1.0f - (par)->dropout_p);                                \
+        (par)->dropout_seed = 1234;                                                             \
+        (par)->alibi_slopes = (v)->alibi ? (const float *)(uintptr_t)(g)->slopes : NULL;       \
+        (par)->cu_seqlens_q = (v)->varlen ? (const int *)(uintptr_t)(g)->cu_q : NULL;          \
+        (par)->cu_seqlens_k = (v)->varlen ? (const int *)(uintptr_t)(g)->cu_k : NULL;          \
+    } while (0)
+
 static void make_params(const gpu_state *g, const fajit__tune_problem *p, int set,
                         struct fajit_fwd_params *par)
 {
-    int64_t dqk = p->v.dqk, dv = p->v.dv;
+    const int64_t dqk = p->v.dqk, dv = p->v.dv;
+    const int vl = p->v.varlen;
     memset(par, 0, sizeof *par);
     par->q = (const void *)(uintptr_t)g->q[set];
     par->k = (const void *)(uintptr_t)g->k[set];
     par->v = (const void *)(uintptr_t)g->v[set];
     par->o = (void *)(uintptr_t)g->o[set];
-    int64_t qs[3] = {p->seqlen_q * p->nheads_q * dqk, p->nheads_q * dqk, dqk};
-    int64_t ks[3] = {p->seqlen_k * p->nheads_kv * dqk, p->nheads_kv * dqk, dqk};
-    int64_t vs[3] = {p->seqlen_k * p->nheads_kv * dv, p->nheads_kv * dv, dv};
-    int64_t os[3] = {p->seqlen_q * p->nheads_q * dv, p->nheads_q * dv, dv};
-    memcpy(par->q_stride, qs, sizeof qs);
-    memcpy(par->k_stride, ks, sizeof ks);
-    memcpy(par->v_stride, vs, sizeof vs);
-    memcpy(par->o_stride, os, sizeof os);
+    dense_strides(p->seqlen_q, p->nheads_q, dqk, vl, par->q_stride);
+    dense_strides(p->seqlen_k, p->nheads_kv, dqk, vl, par->k_stride);
+    dense_strides(p->seqlen_k, p->nheads_kv, dv, vl, par->v_stride);
+    dense_strides(p->seqlen_q, p->nheads_q, dv, vl, par->o_stride);
     par->batch = (int)p->batch;
     par->seqlen_q = (int)p->seqlen_q;
     par->seqlen_k = (int)p->seqlen_k;
@@ -1299,71 +1559,170 @@ static void make_params(const gpu_state *g, const fajit__tune_problem *p, int se
     par->nheads_kv = (int)p->nheads_kv;
     par->softmax_scale = 1.0f / sqrtf((float)dqk);
     par->softmax_scale_log2 = par->softmax_scale * 1.4426950408889634f;
-    par->dropout_scale = 1.0f;
+    SET_FEATURE_PARAMS(par, g, &p->v);
 }
 
-static int launch_on(gpu_state *g, CUfunction fn, const fajit__variant *v,
-                     const fajit__tune_problem *p, int set)
+static void make_bwd_params(const gpu_state *g, const fajit__tune_problem *p, int set,
+                            struct fajit_bwd_params *par)
 {
+    const int64_t dqk = p->v.dqk, dv = p->v.dv;
+    const int vl = p->v.varlen;
+    memset(par, 0, sizeof *par);
+    par->q = (const void *)(uintptr_t)g->q[set];
+    par->k = (const void *)(uintptr_t)g->k[set];
+    par->v = (const void *)(uintptr_t)g->v[set];
+    par->o = (const void *)(uintptr_t)g->o[set];
+    par->grad_out = (const void *)(uintptr_t)g->dout[set];
+    par->lse = (const float *)(uintptr_t)g->lse;
+    par->grad_q = (void *)(uintptr_t)g->dq[set];
+    par->grad_k = (void *)(uintptr_t)g->dk[set];
+    par->grad_v = (void *)(uintptr_t)g->dv[set];
+    dense_strides(p->seqlen_q, p->nheads_q, dqk, vl, par->q_stride);
+    dense_strides(p->seqlen_k, p->nheads_kv, dqk, vl, par->k_stride);
+    dense_strides(p->seqlen_k, p->nheads_kv, dv, vl, par->v_stride);
+    dense_strides(p->seqlen_q, p->nheads_q, dv, vl, par->o_stride);
+    memcpy(par->grad_out_stride, par->o_stride, sizeof par->o_stride);
+    memcpy(par->grad_q_stride, par->q_stride, sizeof par->q_stride);
+    memcpy(par->grad_k_stride, par->k_stride, sizeof par->k_stride);
+    memcpy(par->grad_v_stride, par->v_stride, sizeof par->v_stride);
+    par->batch = (int)p->batch;
+    par->seqlen_q = (int)p->seqlen_q;
+    par->seqlen_k = (int)p->seqlen_k;
+    par->nheads_q = (int)p->nheads_q;
+    par->nheads_kv = (int)p->nheads_kv;
+    par->softmax_scale = 1.0f / sqrtf((float)dqk);
+    par->softmax_scale_log2 = par->softmax_scale * 1.4426950408889634f;
+    SET_FEATURE_PARAMS(par, g, &p->v);
+}
+
+static fajit__fwd_shape problem_shape(const fajit__tune_problem *p)
+{
+    fajit__fwd_shape sh = {p->batch, p->seqlen_q, p->seqlen_k, p->nheads_q, p->nheads_kv};
+    return sh;
+}
+
+/* The candidate's kernels: fwd its function; bwd the pre and post kernels
+ * fajit_attn_bwd would run around the candidate's main kernel. */
+static int prepare_launch(tune_run *r, gpu_state *g, const fajit__tune_problem *p,
+                          const fajit__variant *v, int splits, tune_launch *l)
+{
+    l->v = *v;
+    l->splits = splits;
+    if (v->op != FAJIT__OP_BWD)
+        return fajit__kernel_function(r->ctx, g->drv, v, g->cu_id, &l->fn);
+    fajit_attn_bwd_args a;
+    fajit_attn_bwd_args_init(&a);
+    a.dqk = v->dqk;
+    a.dv = v->dv;
+    a.dtype = v->dtype;
+    a.seqlen_q = p->seqlen_q;
+    a.seqlen_k = p->seqlen_k;
+    a.cu_seqlens_q = v->varlen ? (const int32_t *)(uintptr_t)g->cu_q : NULL;
+    fajit__flash_bwd_variants(&a, v->arch, l->bwd);
+    l->bwd[1] = *v;
+    return 0;
+}
+
+/* One launch of the candidate on buffer set `set`: the forward as the launch
+ * path plans it (the candidate's split count, or the rule's for 0), or the
+ * whole fast backward. */
+static int launch_on(tune_run *r, gpu_state *g, const tune_launch *l, const fajit__tune_problem *p,
+                     int set)
+{
+    if (l->v.op == FAJIT__OP_BWD) {
+        struct fajit_bwd_params bp;
+        make_bwd_params(g, p, set, &bp);
+        return fajit__flash_bwd_launch(r->ctx, g->drv, l->bwd, &bp, g->cu_id, g->stream);
+    }
     struct fajit_fwd_params par;
-    void *kargs[] = {&par};
+    const fajit__fwd_shape sh = problem_shape(p);
+    const fajit__split_plan plan = fajit__plan_split(&l->v, &sh, g->gpu.sm_count, l->splits);
     make_params(g, p, set, &par);
-    unsigned grid_x = (unsigned)((p->seqlen_q + v->bm - 1) / v->bm);
-    return cu_check(g->drv->launchKernel(fn, grid_x, (unsigned)p->nheads_q, (unsigned)p->batch,
-                                         (unsigned)(v->warps * 32), 1, 1,
-                                         (unsigned)fajit__variant_smem_bytes(v), g->stream,
-                                         kargs, NULL),
-                    "cuLaunchKernel");
+    return fajit__fwd_launch_plan(g->drv, l->fn, &l->v, &par, &plan, g->stream);
 }
 
-/* The candidate's output on buffer set 0, copied to host. */
-static int output_of(tune_run *r, gpu_state *g, const fajit__tune_problem *p,
-                     const fajit__variant *v, uint16_t *host)
+static size_t output_elems(const fajit__tune_problem *p)
 {
-    CUfunction fn;
-    int rc = fajit__kernel_function(r->ctx, g->drv, v, g->cu_id, &fn);
+    return is_bwd(p) ? q_elems(p) + k_elems(p) + v_elems(p) : o_elems(p);
+}
+
+/* The candidate's output on buffer set 0 (bwd: dq, dk, dv), copied to host. */
+static int output_of(tune_run *r, gpu_state *g, const fajit__tune_problem *p,
+                     const fajit__variant *v, int splits, uint16_t *host)
+{
+    tune_launch l;
+    int rc = prepare_launch(r, g, p, v, splits, &l);
     if (rc == 0)
-        rc = launch_on(g, fn, v, p, 0);
+        rc = launch_on(r, g, &l, p, 0);
     if (rc == 0)
         rc = cu_check(g->drv->streamSynchronize(g->stream), "cuStreamSynchronize");
+    if (rc == 0 && !is_bwd(p))
+        return cu_check(g->drv->memcpyDtoH(host, g->o[0], o_elems(p) * 2), "cuMemcpyDtoH(o)");
     if (rc == 0)
-        rc = cu_check(g->drv->memcpyDtoH(host, g->o[0], o_elems(p) * 2), "cuMemcpyDtoH(o)");
+        rc = cu_check(g->drv->memcpyDtoH(host, g->dq[0], q_elems(p) * 2), "cuMemcpyDtoH(dq)");
+    if (rc == 0)
+        rc = cu_check(g->drv->memcpyDtoH(host + q_elems(p), g->dk[0], k_elems(p) * 2), "cuMemcpyDtoH(dk)");
+    if (rc == 0)
+        rc = cu_check(g->drv->memcpyDtoH(host + q_elems(p) + k_elems(p), g->dv[0], v_elems(p) * 2),
+                      "cuMemcpyDtoH(dv)");
     return rc;
 }
 
-static double max_abs_diff(const uint16_t *a, const uint16_t *b, size_t n, int dtype)
+/* max |a - b|, NaN counting as the worst; *scale gets max |b|. */
+static double max_abs_diff(const uint16_t *a, const uint16_t *b, size_t n, int dtype, double *scale)
 {
-    double worst = 0;
+    double worst = 0, big = 0;
     for (size_t i = 0; i < n; i++) {
-        double d = fabs(from_half_bits(a[i], dtype) - from_half_bits(b[i], dtype));
+        double y = from_half_bits(b[i], dtype), d = fabs(from_half_bits(a[i], dtype) - y);
         if (!(d <= worst)) /* NaN counts as the worst */
             worst = d == d ? d : INFINITY;
+        big = fabs(y) > big ? fabs(y) : big;
     }
+    *scale = big;
     return worst;
+}
+
+/* Why the candidate's output disagrees with the reference output in
+ * g->host_ref, into c->why; 0 if it agrees. */
+static int disagrees(tune_run *r, gpu_state *g, const fajit__tune_problem *p, const fajit__variant *v,
+                     int splits, int ref_rc, char *why, size_t cap)
+{
+    double scale = 0, diff = INFINITY, tol = TOLERANCE;
+    if (ref_rc != 0) {
+        snprintf(why, cap, "no reference output: %.200s", fajit__detail());
+        return 1;
+    }
+    if (output_of(r, g, p, v, splits, g->host_out) != 0) {
+        snprintf(why, cap, "failed to run: %.200s", fajit__detail());
+        return 1;
+    }
+    diff = max_abs_diff(g->host_out, g->host_ref, output_elems(p), p->v.dtype, &scale);
+    if (is_bwd(p))
+        tol = BWD_TOLERANCE * (scale > 1 ? scale : 1);
+    if (diff <= tol)
+        return 0;
+    snprintf(why, cap, "max |%s - heuristic's| = %g above %g", is_bwd(p) ? "grad" : "o", diff, tol);
+    return 1;
+}
+
+static void reject(tune_run *r, const fajit__tune_problem *p, tune_cand *c, int splits)
+{
+    if (splits <= 0) /* a tile shape wrong for every split count: never timed again */
+        c->state = CAND_REJECTED;
+    r->res.rejected++;
+    emit(r, FAJIT_TUNE_REJECTED, 0, 0, p->text, &c->v, splits, c->why, 0, 0);
 }
 
 /* Every candidate's output against the heuristic config's, on the group's
  * first problem; those that disagree are dropped for good. */
 static void check_group(tune_run *r, gpu_state *g, const fajit__tune_problem *p, tune_group *grp)
 {
-    int rc = output_of(r, g, p, &grp->cands[0].v, g->host_ref);
+    int rc = output_of(r, g, p, &grp->cands[0].v, 0, g->host_ref);
     grp->checked = 1;
     for (size_t i = 1; i < grp->n; i++) {
         tune_cand *c = &grp->cands[i];
-        if (c->state != CAND_KEPT)
-            continue;
-        double diff = INFINITY;
-        if (rc != 0)
-            snprintf(c->why, sizeof c->why, "no reference output: %.200s", fajit__detail());
-        else if (output_of(r, g, p, &c->v, g->host_out) != 0)
-            snprintf(c->why, sizeof c->why, "failed to run: %.200s", fajit__detail());
-        else if ((diff = max_abs_diff(g->host_ref, g->host_out, o_elems(p), p->v.dtype)) > TOLERANCE)
-            snprintf(c->why, sizeof c->why, "max |o - o_heuristic| = %g above %g", diff, TOLERANCE);
-        if (diff > TOLERANCE) {
-            c->state = CAND_REJECTED;
-            r->res.rejected++;
-            emit(r, FAJIT_TUNE_REJECTED, i, grp->n, p->text, &c->v, c->why, 0, 0);
-        }
+        if (c->state == CAND_KEPT && disagrees(r, g, p, &c->v, 0, rc, c->why, sizeof c->why))
+            reject(r, p, c, 0);
     }
 }
 
@@ -1375,17 +1734,17 @@ static int cmp_float(const void *a, const void *b)
 
 /* Median of opt.repeat timed launches after opt.warmup, rotating buffer sets. */
 static int time_candidate(tune_run *r, gpu_state *g, const fajit__tune_problem *p,
-                          const fajit__variant *v, uint64_t *median_ns)
+                          const fajit__variant *v, int splits, uint64_t *median_ns)
 {
-    CUfunction fn;
+    tune_launch l;
     float ms[1000];
-    int n = r->opt.repeat, rc = fajit__kernel_function(r->ctx, g->drv, v, g->cu_id, &fn);
+    int n = r->opt.repeat, rc = prepare_launch(r, g, p, v, splits, &l);
     for (int i = 0; rc == 0 && i < r->opt.warmup; i++)
-        rc = launch_on(g, fn, v, p, i % g->sets);
+        rc = launch_on(r, g, &l, p, i % g->sets);
     for (int i = 0; rc == 0 && i < n; i++) {
         const fajit__driver *d = g->drv;
         if ((rc = cu_check(d->eventRecord(g->start, g->stream), "cuEventRecord")) ||
-            (rc = launch_on(g, fn, v, p, (r->opt.warmup + i) % g->sets)) ||
+            (rc = launch_on(r, g, &l, p, (r->opt.warmup + i) % g->sets)) ||
             (rc = cu_check(d->eventRecord(g->stop, g->stream), "cuEventRecord")) ||
             (rc = cu_check(d->eventSynchronize(g->stop), "cuEventSynchronize")) ||
             (rc = cu_check(d->eventElapsedTime(&ms[i], g->start, g->stop), "cuEventElapsedTime")))
@@ -1399,56 +1758,87 @@ static int time_candidate(tune_run *r, gpu_state *g, const fajit__tune_problem *
 }
 
 static int record_timing(tune_run *r, gpu_state *g, const fajit__tune_problem *p,
-                         const fajit__variant *v, uint64_t median_ns)
+                         const fajit__variant *v, int splits, int plan_splits, uint64_t median_ns)
 {
     uint8_t key[FAJIT__TUNING_KEY_MAX];
-    size_t n = fajit__tuning_key(&g->gpu, r->ctx->build_id, v, fajit__seqlen_bucket(p->seqlen_k),
-                                 1, key, sizeof key);
+    const fajit__tune_choice c = {*v, splits};
+    size_t n = fajit__tuning_key(&g->gpu, r->ctx->build_id, &c, fajit__seqlen_bucket(p->seqlen_k),
+                                 plan_splits, 1, key, sizeof key);
     fajit__tuning_value tv = {median_ns, now_realtime_ns(), (uint32_t)r->opt.repeat};
     if (n > sizeof key)
         return fajit__fail(FAJIT_EINVAL, "tune: tuning key of %zu bytes", n);
     return fajit__store_tuning_put(r->ctx->store, key, n, &tv);
 }
 
+/* The best (candidate, splits) of one problem so far, and the heuristic's. */
+typedef struct problem_best {
+    uint64_t best_ns, heur_ns;
+    size_t best;
+    int best_splits;
+} problem_best;
+
+/* Times candidate i of the group with each split count it takes on p
+ * (split-KV problems: each checked against the heuristic config's output
+ * first), recording every timing. */
+static int time_splits(tune_run *r, gpu_state *g, const fajit__tune_problem *p, tune_group *grp,
+                       size_t i, int plan_splits, int ref_rc, problem_best *pb)
+{
+    tune_cand *c = &grp->cands[i];
+    int counts[8], rc = 0;
+    size_t nc = fajit__tune_split_counts(&c->v, p->seqlen_k, plan_splits, counts, COUNT(counts));
+    uint64_t t;
+    for (size_t k = 0; rc == 0 && k < nc && k < COUNT(counts) && c->state == CAND_KEPT; k++) {
+        const int is_heur = c->is_heuristic && counts[k] == plan_splits;
+        if (plan_splits > 0 && !is_heur &&
+            disagrees(r, g, p, &c->v, counts[k], ref_rc, c->why, sizeof c->why)) {
+            reject(r, p, c, counts[k]);
+            continue;
+        }
+        if ((rc = time_candidate(r, g, p, &c->v, counts[k], &t)) != 0 ||
+            (rc = record_timing(r, g, p, &c->v, counts[k], plan_splits, t)) != 0)
+            return rc; /* a launch that fails after the check means a broken context */
+        if (is_heur)
+            pb->heur_ns = t;
+        if (t < pb->best_ns) {
+            pb->best_ns = t;
+            pb->best = i;
+            pb->best_splits = counts[k];
+        }
+        r->res.timed++;
+        emit(r, FAJIT_TUNE_TIMED, i + 1, grp->n, p->text, &c->v, counts[k], "", t / 1e3,
+             pb->heur_ns ? pb->heur_ns / 1e3 : 0);
+    }
+    return rc;
+}
+
 static int tune_problem(tune_run *r, gpu_state *g, size_t index)
 {
     const fajit__tune_problem *p = &r->problems[index];
     tune_group *grp = &r->groups[r->group_of[index]];
-    uint64_t heur_ns = 0, best_ns = UINT64_MAX, t;
-    size_t best = 0, heur = 0;
-    int rc = g->filled_dtype == p->v.dtype ? 0 : fill_inputs(g, p->v.dtype);
+    const fajit__fwd_shape sh = problem_shape(p);
+    const int plan_splits = fajit__plan_splits(&grp->cands[0].v, &sh, g->gpu.sm_count);
+    problem_best pb = {UINT64_MAX, 0, 0, 0};
+    int ref_rc = 0, rc = g->filled_dtype == p->v.dtype ? 0 : fill_inputs(g, p->v.dtype);
+    if (rc == 0 && p->v.varlen)
+        rc = upload_seqlens(g, p);
     if (rc)
         return rc;
     if (!grp->checked)
         check_group(r, g, p, grp);
-    for (size_t i = 0; i < grp->n; i++) {
-        tune_cand *c = &grp->cands[i];
-        if (c->state != CAND_KEPT)
-            continue;
-        if ((rc = time_candidate(r, g, p, &c->v, &t)) != 0 ||
-            (rc = record_timing(r, g, p, &c->v, t)) != 0)
-            return rc; /* a launch that fails after the check means a broken context */
-        if (c->is_heuristic) {
-            heur_ns = t;
-            heur = i;
-        }
-        if (t < best_ns) {
-            best_ns = t;
-            best = i;
-        }
-        r->res.timed++;
-        emit(r, FAJIT_TUNE_TIMED, i + 1, grp->n, p->text, &c->v, "", t / 1e3,
-             heur_ns ? heur_ns / 1e3 : 0);
+    if (plan_splits > 0) /* split counts are checked per problem, against the rule's */
+        ref_rc = output_of(r, g, p, &grp->cands[0].v, plan_splits, g->host_ref);
+    for (size_t i = 0; rc == 0 && i < grp->n; i++)
+        rc = time_splits(r, g, p, grp, i, plan_splits, ref_rc, &pb);
+    if (rc != 0 || pb.best_ns == UINT64_MAX)
+        return rc;
+    if (pb.heur_ns && (double)pb.best_ns > (double)pb.heur_ns * HEURISTIC_PREFERENCE) {
+        pb.best = 0; /* what the launch path will choose (fajit__tuned_tiles) */
+        pb.best_splits = plan_splits;
+        pb.best_ns = pb.heur_ns;
     }
-    if (best_ns == UINT64_MAX)
-        return 0;
-    if (heur_ns && (double)best_ns > (double)heur_ns * HEURISTIC_PREFERENCE) {
-        best = heur; /* what the launch path will choose (fajit__tuned_tiles) */
-        best_ns = heur_ns;
-    }
-    r->res.improved += best_ns < heur_ns;
-    emit(r, FAJIT_TUNE_WINNER, index + 1, r->nproblems, p->text, &grp->cands[best].v, "",
-         best_ns / 1e3, heur_ns / 1e3);
+    r->res.improved += pb.best_ns < pb.heur_ns;
+    emit(r, FAJIT_TUNE_WINNER, index + 1, r->nproblems, p->text, &grp->cands[pb.best].v,
+         pb.best_splits, "", pb.best_ns / 1e3, pb.heur_ns / 1e3);
     return 0;
 }
 

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "runtime/flash_bwd.h"
 #include "runtime/tune.h"
 
 static int failures;
@@ -77,13 +78,23 @@ static fajit__variant fwd_variant(int d, int bm, int bn, int warps, int stages)
     return v;
 }
 
+/* A record of candidate v with split count `splits` under plan_splits. */
+static int put_split_record(fajit_ctx *ctx, const fajit__gpu_identity *g, const uint8_t build[16],
+                            const fajit__variant *v, int splits, int bucket, int plan_splits,
+                            uint64_t ns)
+{
+    uint8_t key[FAJIT__TUNING_KEY_MAX];
+    const fajit__tune_choice c = {*v, splits};
+    size_t n = fajit__tuning_key(g, build, &c, bucket, plan_splits, 1, key, sizeof key);
+    fajit__tuning_value tv = {ns, 1700000000000000000ull, 10};
+    return fajit__store_tuning_put(ctx->store, key, n, &tv);
+}
+
+/* A record where split-KV does not apply (the rule decides). */
 static int put_record(fajit_ctx *ctx, const fajit__gpu_identity *g, const uint8_t build[16],
                       const fajit__variant *v, int bucket, uint64_t ns)
 {
-    uint8_t key[FAJIT__TUNING_KEY_MAX];
-    size_t n = fajit__tuning_key(g, build, v, bucket, 1, key, sizeof key);
-    fajit__tuning_value tv = {ns, 1700000000000000000ull, 10};
-    return fajit__store_tuning_put(ctx->store, key, n, &tv);
+    return put_split_record(ctx, g, build, v, 0, bucket, 0, ns);
 }
 
 static int count_cb(void *user, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
@@ -93,15 +104,30 @@ static int count_cb(void *user, const uint8_t *k, size_t kl, const uint8_t *v, s
     return 0;
 }
 
+typedef struct seen_split {
+    int n, best_splits, plan;
+} seen_split;
+
+static int seen_split_cb(void *user, const fajit_tuning_record *r)
+{
+    seen_split *s = user;
+    s->n++;
+    s->plan = r->plan_splits;
+    if (r->best)
+        s->best_splits = r->splits;
+    return 0;
+}
+
 static void test_records(void)
 {
     char dir[1024];
     fajit_ctx *ctx = open_ctx(cache_dir("records", dir, sizeof dir));
     fajit__gpu_identity g = gpu_a(), g2 = gpu_a();
     uint8_t key[FAJIT__TUNING_KEY_MAX], other_build[16];
-    fajit__variant v = fwd_variant(128, 128, 64, 8, 2), back;
+    fajit__variant v = fwd_variant(128, 128, 64, 8, 2);
+    fajit__tune_choice back, vc = {v, 0};
     fajit__tuning_value tv = {123456, 42, 10}, got;
-    size_t n = fajit__tuning_key(&g, ctx->build_id, &v, 12, 1, key, sizeof key);
+    size_t n = fajit__tuning_key(&g, ctx->build_id, &vc, 12, 0, 1, key, sizeof key);
     CHECK(n <= FAJIT__TUNING_KEY_MAX, "record key is %zu bytes (limit %d)", n,
           FAJIT__TUNING_KEY_MAX);
     CHECK(fajit__store_tuning_put(ctx->store, key, n, &tv) == 0, "put a record");
@@ -110,11 +136,24 @@ static void test_records(void)
           "get returns what was put");
     fajit__gpu_identity dg;
     uint8_t db[16];
-    int bucket = 0;
-    CHECK(fajit__tuning_key_decode(key, n, &dg, db, &back, &bucket) == 0 &&
-              memcmp(&back, &v, sizeof v) == 0 && bucket == 12 && dg.sm_count == 132 &&
-              strcmp(dg.name, g.name) == 0 && memcmp(db, ctx->build_id, 16) == 0,
-          "key decodes to GPU, build, variant with tiles and bucket");
+    int bucket = 0, plan = -1;
+    CHECK(fajit__tuning_key_decode(key, n, &dg, db, &back, &bucket, &plan) == 0 &&
+              memcmp(&back.v, &v, sizeof v) == 0 && back.splits == 0 && bucket == 12 &&
+              plan == 0 && dg.sm_count == 132 && strcmp(dg.name, g.name) == 0 &&
+              memcmp(db, ctx->build_id, 16) == 0,
+          "key decodes to GPU, build, variant with tiles, bucket and no split count");
+    {
+        uint8_t sk[FAJIT__TUNING_KEY_MAX];
+        const fajit__tune_choice sc = {v, 16};
+        size_t sn = fajit__tuning_key(&g, ctx->build_id, &sc, 16, 31, 1, sk, sizeof sk);
+        CHECK(sn == n && fajit__tuning_key_decode(sk, sn, &dg, db, &back, &bucket, &plan) == 0 &&
+                  back.splits == 16 && plan == 31 && bucket == 16 &&
+                  memcmp(&back.v, &v, sizeof v) == 0,
+              "a split-KV record round-trips: splits 16 under the rule's 31");
+        sk[3] = 1; /* the format version before split counts */
+        CHECK(fajit__tuning_key_decode(sk, sn, &dg, db, &back, &bucket, &plan) == FAJIT_ECORRUPT,
+              "a key of format version 1 is refused, not misread: %s", fajit_last_error());
+    }
 
     /* Independence: another GPU, bucket, build or candidate is another record. */
     g2.sm_count = 114;
@@ -130,7 +169,7 @@ static void test_records(void)
           "the first record is untouched by the others");
     int all = 0, group = 0;
     uint8_t prefix[FAJIT__TUNING_KEY_MAX];
-    size_t pn = fajit__tuning_key(&g, ctx->build_id, &v, 12, 0, prefix, sizeof prefix);
+    size_t pn = fajit__tuning_key(&g, ctx->build_id, &vc, 12, 0, 0, prefix, sizeof prefix);
     fajit__store_tuning_iterate(ctx->store, NULL, 0, count_cb, &all);
     fajit__store_tuning_iterate(ctx->store, prefix, pn, count_cb, &group);
     CHECK(all == 5 && group == 2, "iterate: 5 records in all, 2 under one problem's prefix "
@@ -149,18 +188,35 @@ static void test_records(void)
 
     /* Best of: the lowest median wins; the memo answers after the first lookup. */
     fajit__variant asked = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET,
-                                       FAJIT__UNSET), out;
+                                       FAJIT__UNSET);
+    fajit__tune_choice out;
     fajit__tuned_forget();
-    CHECK(fajit__tuned_tiles(ctx, &asked, 12, &g, &out) == 0 && out.bm == 64 && out.warps == 4,
-          "tuned tiles: the candidate with the lowest median (bm=%d warps=%d)", out.bm, out.warps);
-    CHECK(fajit__tuned_tiles(ctx, &asked, 14, &g, &out) == FAJIT_ENOTFOUND,
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 64 &&
+              out.v.warps == 4 && out.splits == 0,
+          "tuned tiles: the candidate with the lowest median (bm=%d warps=%d)", out.v.bm,
+          out.v.warps);
+    CHECK(fajit__tuned_tiles(ctx, &asked, 14, 0, &g, &out) == FAJIT_ENOTFOUND,
           "tuned tiles: nothing for an untuned bucket");
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 7, &g, &out) == FAJIT_ENOTFOUND,
+          "tuned tiles: nothing for another rule's split count");
     CHECK(put_record(ctx, &g, ctx->build_id, &v, 12, 0) == 0 &&
-              fajit__tuned_tiles(ctx, &asked, 12, &g, &out) == 0 && out.bm == 64,
+              fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 64,
           "the memo answers without reading the store again");
     fajit__tuned_forget();
-    CHECK(fajit__tuned_tiles(ctx, &asked, 12, &g, &out) == 0 && out.bm == 128,
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 128,
           "after forgetting, the new best is found");
+    {   /* a record of the previous format version is ignored */
+        uint8_t old_key[FAJIT__TUNING_KEY_MAX];
+        const fajit__tune_choice oc = {fwd_variant(128, 64, 32, 4, 1), 0};
+        size_t on = fajit__tuning_key(&g, ctx->build_id, &oc, 12, 0, 1, old_key, sizeof old_key);
+        fajit__tuning_value fast = {1, 42, 10};
+        old_key[3] = 1;
+        fajit__tuned_forget();
+        CHECK(fajit__store_tuning_put(ctx->store, old_key, on, &fast) == 0 &&
+                  fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 128,
+              "a faster record under a version-1 key is ignored (bm=%d)", out.v.bm);
+        fajit__store_tuning_del(ctx->store, old_key, on, NULL);
+    }
 
     uint64_t removed = 0;
     CHECK(fajit__store_tuning_del(ctx->store, prefix, pn, &removed) == 0 && removed == 2,
@@ -212,7 +268,7 @@ static void test_launch_tiles(void)
           other.bn, other.warps, other.stages);
 
     fajit__tuned_forget();
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 &&
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 &&
               memcmp(&v, &heur, sizeof v) == 0,
           "no record: the heuristic's tiles (bm=%d bn=%d warps=%d stages=%d)", v.bm, v.bn,
           v.warps, v.stages);
@@ -221,44 +277,249 @@ static void test_launch_tiles(void)
           "records: heuristic 1000 ns, other 990 ns");
     fajit__tuned_forget(); /* what tuning does after storing */
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 1 && memcmp(&v, &heur, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 1 && memcmp(&v, &heur, sizeof v) == 0,
           "a 1%% win does not leave the heuristic's tiles (bm=%d)", v.bm);
     CHECK(put_record(ctx, &g, ctx->build_id, &other, fajit__seqlen_bucket(2048), 900) == 0,
           "record: other 900 ns");
     fajit__tuned_forget();
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 1 && v.bm == other.bm &&
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 1 && v.bm == other.bm &&
               v.warps == other.warps && v.stages == other.stages,
           "a 10%% win takes the tuned tiles (bm=%d warps=%d stages=%d)", v.bm, v.warps,
           v.stages);
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 1 && v.bm == other.bm,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 1 && v.bm == other.bm,
           "the repeat of the last lookup answers the same");
     setenv("FAJIT_TUNED_TILES", "0", 1);
     fajit_ctx *off = open_ctx(dir);
     unsetenv("FAJIT_TUNED_TILES");
     v = heur;
-    CHECK(fajit__launch_tiles(off, &drv, dev, 2048, &v) == 0 && memcmp(&v, &heur, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(off, &drv, dev, 2048, 0, &v, NULL) == 0 && memcmp(&v, &heur, sizeof v) == 0,
           "FAJIT_TUNED_TILES=0: the heuristic's tiles despite the record");
     fajit_destroy(off);
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 64 * 1024, &v) == 0 && v.bm == heur.bm,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 64 * 1024, 0, &v, NULL) == 0 && v.bm == heur.bm,
           "another length bucket was not tuned: the heuristic's");
     v = heur;
     v.mask = FAJIT_MASK_CAUSAL;
     fajit__variant causal = v;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 && memcmp(&v, &causal, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 && memcmp(&v, &causal, sizeof v) == 0,
           "another variant (causal) was not tuned: the heuristic's");
     CHECK(fajit_tuning_clear(ctx) == 0, "clear the tuning records");
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 && v.bm == heur.bm,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 && v.bm == heur.bm,
           "after clearing, the heuristic's again (the per-thread memo saw the change)");
     fajit__variant ref = heur;
     ref.op = FAJIT__OP_REF;
     v = ref;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, &v) == 0 && memcmp(&v, &ref, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 && memcmp(&v, &ref, sizeof v) == 0,
           "the reference op is never tuned");
     fajit_destroy(ctx);
+}
+
+static fajit__driver fake_driver(void)
+{
+    fajit__driver drv;
+    memset(&drv, 0, sizeof drv);
+    drv.deviceGetName = fake_name;
+    drv.deviceGetAttribute = fake_attribute;
+    drv.version = gpu_a().driver_version;
+    return drv;
+}
+
+/* The split-KV plan: the rule splits decode rows over long keys on an H100
+ * (132 SMs), never a training shape; a tuned count is taken as measured,
+ * bounded by the key tiles. */
+static void test_split_plan(void)
+{
+    fajit__variant h = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET);
+    fajit__heuristic_tiles(&h);
+    const fajit__fwd_shape decode = {1, 1, 65536, 32, 8}, train = {4, 4096, 4096, 16, 16},
+                           short_keys = {1, 1, 256, 32, 8};
+    int plan = fajit__plan_splits(&h, &decode, 132);
+    fajit__split_plan s = fajit__plan_split(&h, &decode, 132, 0);
+    CHECK(plan > 1 && s.splits == plan && s.pack == 4 && s.max_splits > 0,
+          "decode 1x64k, 32/8 heads: the rule splits %d ways, 4 query heads a block", plan);
+    CHECK(fajit__plan_splits(&h, &train, 132) == 0 && fajit__plan_splits(&h, &short_keys, 132) == 0 &&
+              fajit__plan_splits(&h, &decode, 0) == 0,
+          "no split for a training shape, 256 keys, or an unknown SM count");
+    fajit__variant bwd = h;
+    bwd.op = FAJIT__OP_BWD;
+    CHECK(fajit__plan_splits(&bwd, &decode, 132) == 0, "no split for the backward");
+    s = fajit__plan_split(&h, &decode, 132, 4);
+    CHECK(s.splits == 4 && s.pack == 4, "a tuned count of 4 is taken");
+    const fajit__fwd_shape few = {1, 1, 300, 32, 8};
+    s = fajit__plan_split(&h, &few, 132, 32);
+    CHECK(s.splits == (300 + h.bn - 1) / h.bn, "a tuned 32 is bounded by the %d key tiles of 300 keys",
+          s.splits);
+
+    int counts[8];
+    size_t n = fajit__tune_split_counts(&h, 65536, plan, counts, 8), has_plan = 0, ok = n >= 6;
+    for (size_t i = 0; i < n; i++) {
+        has_plan |= counts[i] == plan;
+        ok &= counts[i] >= 1 && counts[i] <= FAJIT__MAX_SPLITS;
+    }
+    CHECK(ok && has_plan && n == (plan == 1 || plan == 2 || plan == 4 || plan == 8 || plan == 16 ||
+                                  plan == 32 ? 6u : 7u),
+          "split candidates: 1..32 and the rule's %d (%zu counts)", plan, n);
+    fajit__variant wide = h;
+    wide.bn = 128;
+    n = fajit__tune_split_counts(&wide, 1000, 3, counts, 8);
+    CHECK(n == 5 && counts[0] == 1 && counts[3] == 8 && counts[4] == 3,
+          "1000 keys in tiles of 128: 1, 2, 4, 8 and the rule's 3 (%zu counts)", n);
+    n = fajit__tune_split_counts(&h, 65536, 0, counts, 8);
+    CHECK(n == 1 && counts[0] == 0, "no split-KV: the single count 0, the rule's");
+}
+
+/* Tuned split counts through the launch path: the record's count where it
+ * beats the rule's by 3%, the rule's otherwise, nothing with
+ * FAJIT_TUNED_TILES=0, and nothing for another rule's count. */
+static void test_split_launch(void)
+{
+    char dir[1024];
+    fajit_ctx *ctx = open_ctx(cache_dir("split", dir, sizeof dir));
+    fajit__gpu_identity g = gpu_a();
+    fajit__driver drv = fake_driver();
+    const CUdevice dev = FAJIT__MAX_DEVICES - 1;
+    fajit__variant h = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET), v;
+    fajit__heuristic_tiles(&h);
+    const fajit__fwd_shape decode = {1, 1, 65536, 32, 8};
+    const int plan = fajit__plan_splits(&h, &decode, 132), bucket = fajit__seqlen_bucket(65536);
+    const int alt1 = plan == 16 ? 32 : 16, alt2 = plan == 8 ? 4 : 8; /* not the rule's */
+    int splits = -1;
+    CHECK(put_split_record(ctx, &g, ctx->build_id, &h, plan, bucket, plan, 1000) == 0 &&
+              put_split_record(ctx, &g, ctx->build_id, &h, alt1, bucket, plan, 980) == 0,
+          "records: the rule's %d splits 1000 ns, %d splits 980 ns", plan, alt1);
+    fajit__tuned_forget();
+    v = h;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, &v, &splits) == 1 && splits == plan &&
+              memcmp(&v, &h, sizeof v) == 0,
+          "a 2%% win keeps the rule's count (%d)", splits);
+    CHECK(put_split_record(ctx, &g, ctx->build_id, &h, alt2, bucket, plan, 900) == 0,
+          "record: %d splits 900 ns", alt2);
+    fajit__tuned_forget();
+    v = h;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, &v, &splits) == 1 && splits == alt2,
+          "a 10%% win takes the tuned count (%d)", splits);
+    v = h;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan + 1, &v, &splits) == 0 && splits == 0,
+          "another rule's count was not tuned: the rule decides");
+    fajit__variant other = h;
+    other.bm = 64;
+    other.warps = 4;
+    CHECK(put_split_record(ctx, &g, ctx->build_id, &other, 2, bucket, plan, 500) == 0, "record: bm 64 with 2 splits 500 ns");
+    fajit__tuned_forget();
+    v = h;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, &v, &splits) == 1 && splits == 2 && v.bm == 64 &&
+              v.warps == 4,
+          "tiles and split count are chosen together (bm=%d, %d splits)", v.bm, splits);
+    setenv("FAJIT_TUNED_TILES", "0", 1);
+    fajit_ctx *off = open_ctx(dir);
+    unsetenv("FAJIT_TUNED_TILES");
+    v = h;
+    CHECK(fajit__launch_tiles(off, &drv, dev, 65536, plan, &v, &splits) == 0 && splits == 0 &&
+              memcmp(&v, &h, sizeof v) == 0,
+          "FAJIT_TUNED_TILES=0: the heuristic's tiles and the rule's count despite the records");
+    fajit_destroy(off);
+
+    seen_split st = {0};
+    CHECK(fajit_tuning_list(ctx, seen_split_cb, &st) == 0 && st.n == 4 && st.best_splits == 2 &&
+              st.plan == plan,
+          "list: 4 records of the rule's %d, the best has 2 splits", plan);
+    fajit_destroy(ctx);
+}
+
+/* Backward records: the fast backward's main kernel takes tuned tiles as the
+ * forward does; the per-thread memo keeps one answer per op. */
+static void test_bwd_launch(void)
+{
+    char dir[1024];
+    fajit_ctx *ctx = open_ctx(cache_dir("bwd", dir, sizeof dir));
+    fajit__gpu_identity g = gpu_a();
+    fajit__driver drv = fake_driver();
+    const CUdevice dev = FAJIT__MAX_DEVICES - 1;
+    fajit__variant hb = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET), v;
+    hb.op = FAJIT__OP_BWD;
+    fajit__heuristic_tiles(&hb);
+    fajit__variant ob = hb, hf = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET);
+    fajit__heuristic_tiles(&hf);
+    ob.bm = hb.bm == 64 ? 32 : 64;
+    ob.stages = 1;
+    char why[200];
+    CHECK(fajit__tune_static_refusal(&ob, why, sizeof why) == NULL, "bwd candidate bm=%d bn=%d warps=%d "
+          "stages=%d is one tuning tries", ob.bm, ob.bn, ob.warps, ob.stages);
+    const int bucket = fajit__seqlen_bucket(4096);
+    CHECK(put_record(ctx, &g, ctx->build_id, &hb, bucket, 1000) == 0 &&
+              put_record(ctx, &g, ctx->build_id, &ob, bucket, 800) == 0,
+          "bwd records: heuristic 1000 ns, other 800 ns");
+    fajit__tuned_forget();
+    int splits = -1;
+    v = hb;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, &splits) == 1 && v.bm == ob.bm &&
+              v.stages == 1 && splits == 0,
+          "the backward takes the tuned tiles (bm=%d stages=%d)", v.bm, v.stages);
+    v = hf;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, NULL) == 0 && memcmp(&v, &hf, sizeof v) == 0,
+          "the forward of the same shape was not tuned: the heuristic's");
+    v = hb;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, NULL) == 1 && v.bm == ob.bm,
+          "after a forward lookup the backward's is still remembered");
+    fajit__variant det = hb;
+    det.op = FAJIT__OP_BWD_DKDV;
+    v = det;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, NULL) == 0 && memcmp(&v, &det, sizeof v) == 0,
+          "deterministic mode's kernels are not tuned");
+    fajit_destroy(ctx);
+}
+
+static void test_bwd_candidates(void)
+{
+    static const int dims[][2] = {{64, 64}, {128, 128}, {256, 256}, {192, 128}};
+    for (size_t d = 0; d < sizeof dims / sizeof dims[0]; d++) {
+        fajit__variant b = fwd_variant(dims[d][0], FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET),
+                       c[64], h;
+        b.op = FAJIT__OP_BWD;
+        b.dv = dims[d][1];
+        h = b;
+        fajit__heuristic_tiles(&h);
+        size_t n = fajit__tune_candidates(&b, c, 64);
+        int legal = n > 0 && n <= 24, has_heur = 0;
+        for (size_t i = 0; i < n && i < 64; i++) {
+            legal &= fajit__flash_bwd_layouts_exist(&c[i]) && c[i].stages <= 2 &&
+                     fajit__variant_smem_bytes(&c[i]) <= 227 * 1024 && fajit__variant_check(&c[i]) == 0;
+            has_heur |= memcmp(&c[i], &h, sizeof h) == 0;
+        }
+        CHECK(legal && has_heur, "bwd d%d/%d sm_90: %zu candidates, all legal, the heuristic's among them",
+              dims[d][0], dims[d][1], n);
+    }
+    char why[200];
+    fajit__variant bad = fwd_variant(100, 64, 64, 4, 1);
+    bad.op = FAJIT__OP_BWD;
+    CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) && strstr(why, "multiples of 8"),
+          "bwd d100 is refused: %s", why);
+    bad = fwd_variant(128, 64, 64, 4, 3);
+    bad.op = FAJIT__OP_BWD;
+    CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) && strstr(why, "stages"),
+          "bwd stages 3 is refused: %s", why);
+    bad = fwd_variant(256, 128, 128, 4, 2);
+    bad.op = FAJIT__OP_BWD;
+    CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) != NULL, "bwd d256 bm128 bn128 is refused: %s", why);
+    /* The heaviest bwd survivor at d 128 compiles without spills. */
+    fajit__variant b = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET), s[64];
+    b.op = FAJIT__OP_BWD;
+    size_t k = fajit__tune_candidates(&b, s, 64), pick = 0;
+    for (size_t i = 1; i < k; i++)
+        if ((s[i].bn * 256 + 2 * s[i].bm * s[i].bn) / s[i].warps >
+            (s[pick].bn * 256 + 2 * s[pick].bm * s[pick].bn) / s[pick].warps)
+            pick = i;
+    fajit__compiled cc;
+    int rc = k ? fajit__compile_variant(&s[pick], &cc) : -1;
+    CHECK(rc == 0 && fajit__tune_compiled_refusal(&s[pick], &cc.meta, why, sizeof why) == NULL,
+          "bwd d128: heaviest survivor bm=%d bn=%d warps=%d stages=%d compiles, %u registers, %u spill bytes",
+          s[pick].bm, s[pick].bn, s[pick].warps, s[pick].stages, rc == 0 ? cc.meta.registers : 0,
+          rc == 0 ? cc.meta.spill_bytes : 0);
+    if (rc == 0)
+        fajit__compiled_free(&cc);
 }
 
 static void test_candidates(void)
@@ -353,10 +614,24 @@ static void test_parser(void)
           "seqlen and nheads set both; batch defaults to 1");
     free(p);
     rc = fajit__tune_parse_problems(NULL, &p, &n);
-    CHECK(rc == 0 && n == 72 && p[0].batch * p[0].seqlen_q == 16384 &&
-              p[0].nheads_q * p[0].v.dqk == 2048,
-          "the default grid: %zu problems, batch * seqlen 16384, hidden 2048", n);
+    int fwd = 0, bwd = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        fwd += p[i].v.op == FAJIT__OP_FWD;
+        bwd += p[i].v.op == FAJIT__OP_BWD;
+    }
+    CHECK(rc == 0 && n == 144 && fwd == 72 && bwd == 72 && p[0].batch * p[0].seqlen_q == 16384 &&
+              p[0].nheads_q * p[0].v.dqk == 2048 && p[143].batch * p[143].seqlen_k == 16384,
+          "the default grid: %zu problems (%d fwd, %d bwd), batch * seqlen 16384, hidden 2048", n, fwd, bwd);
     free(p);
+    rc = fajit__tune_parse_problems("bwd dqk=128 dtype=bf16 mask=causal batch=2 seqlen=2048 nheads=16\n"
+                                    "fwd dqk=128 dtype=bf16 seqlen_q=1 seqlen_k=65536 nheads_q=32 nheads_kv=8\n",
+                                    &p, &n);
+    CHECK(rc == 0 && n == 2 && p[0].v.op == FAJIT__OP_BWD && p[0].v.mask == FAJIT_MASK_CAUSAL &&
+              p[0].batch == 2 && p[0].seqlen_k == 2048 && p[1].seqlen_q == 1 && p[1].nheads_kv == 8,
+          "a bwd problem and a decode problem parse");
+    free(p);
+    expect_parse_error("bwd dqk=100 seqlen=8 nheads=1", "multiples of 8");
+    expect_parse_error("bwd-dkdv dqk=64 seqlen=8 nheads=1", "bwd-dkdv");
     expect_parse_error("fwd dqk=64 seqlen=x nheads=1", "seqlen=x");
     expect_parse_error("fwd dqk=64 bm=64 seqlen=8 nheads=1", "bm=64");
     expect_parse_error("fwd dqk=64 bogus=3 seqlen=8 nheads=1", "bogus");
@@ -448,6 +723,8 @@ static void test_cli(void)
     fajit__variant v1 = fwd_variant(64, 128, 64, 4, 2), v2 = fwd_variant(64, 64, 32, 4, 1);
     put_record(ctx, &g, ctx->build_id, &v1, 11, 250000);
     put_record(ctx, &g, ctx->build_id, &v2, 11, 150000);
+    fajit__variant v3 = fwd_variant(128, 128, 128, 8, 2);
+    put_split_record(ctx, &g, ctx->build_id, &v3, 8, 16, 31, 50000);
     fajit_info info;
     memset(&info, 0, sizeof info);
     info.struct_size = sizeof info;
@@ -456,12 +733,17 @@ static void test_cli(void)
 
     snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls --tuning > '%s/ls.txt'", tool, dir, dir);
     int rc = run(cmd);
-    snprintf(cmd, sizeof cmd, "grep -q 'NVIDIA H100 80GB HBM3.*sm_90.*132.*2048.*64/32 */4/1.*"
+    snprintf(cmd, sizeof cmd, "grep -q 'NVIDIA H100 80GB HBM3.*sm_90.*132.*2048.*64/32 */4/1 *- .*"
              "150.00 \\*' '%s/ls.txt' && grep -c 'fwd dqk=64' '%s/ls.txt' | grep -qx 2", dir, dir);
     CHECK(rc == 0 && run(cmd) == 0, "ls --tuning lists both records, the faster marked *");
+    snprintf(cmd, sizeof cmd, "grep -q '128/128/8/2 *8/31 .*50.00 \\* fwd dqk=128' '%s/ls.txt'", dir);
+    CHECK(run(cmd) == 0, "ls --tuning shows a split-KV record's count and the rule's (8/31)");
     snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls --tuning --json | grep -c "
-             "'\"best\":true' | grep -qx 1", tool, dir);
-    CHECK(run(cmd) == 0, "ls --tuning --json marks one best");
+             "'\"best\":true' | grep -qx 2", tool, dir);
+    CHECK(run(cmd) == 0, "ls --tuning --json marks one best a problem");
+    snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls --tuning --json | grep -q "
+             "'\"splits\":8,\"plan_splits\":31'", tool, dir);
+    CHECK(run(cmd) == 0, "ls --tuning --json gives splits and plan_splits");
     snprintf(cmd, sizeof cmd, "%s/fajit-prebuild --cache-dir '%s' --from-tuning --dry-run | "
              "grep -x '%s' >/dev/null", FAJIT_BINARY_DIR, dir,
              "fwd dqk=64 dv=64 dtype=fp16 mask=none window=-1,-1 dropout=0 softcap=0 alibi=0 "
@@ -492,8 +774,12 @@ int main(void)
 {
     test_records();
     test_launch_tiles();
+    test_split_plan();
+    test_split_launch();
+    test_bwd_launch();
     test_parser();
     test_candidates();
+    test_bwd_candidates();
     test_bundle();
     test_cli();
     printf("%s\n", failures ? "FAILED" : "all passed");

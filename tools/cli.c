@@ -228,14 +228,18 @@ static int tuning_row(void *user, const fajit_tuning_record *r)
                r->gpu_arch, r->sm_count, r->driver_version);
         fajit__cli_json_string(stdout, r->variant);
         printf(",\"seqlen_bucket\":%d,\"bm\":%d,\"bn\":%d,\"warps\":%d,\"stages\":%d,"
-               "\"median_us\":", r->seqlen_bucket, r->bm, r->bn, r->warps, r->stages);
+               "\"splits\":%d,\"plan_splits\":%d,\"median_us\":", r->seqlen_bucket, r->bm, r->bn,
+               r->warps, r->stages, r->splits, r->plan_splits);
         fajit__cli_json_number(stdout, r->median_us);
         printf(",\"samples\":%u,\"best\":%s,\"current_build\":%s}", r->samples,
                r->best ? "true" : "false", r->current_build ? "true" : "false");
     } else {
-        printf("%-24.24s %-6s %4d  %-8lld %3d/%-3d/%d/%d %10.2f %s %s%s\n", r->gpu_name,
+        char split[24] = "-"; /* the rule's, where split-KV does not apply */
+        if (r->plan_splits > 0)
+            snprintf(split, sizeof split, "%d/%d", r->splits, r->plan_splits);
+        printf("%-24.24s %-6s %4d  %-8lld %3d/%-3d/%d/%d %-7s %10.2f %s %s%s\n", r->gpu_name,
                r->gpu_arch, r->sm_count, 1LL << r->seqlen_bucket, r->bm, r->bn, r->warps,
-               r->stages, r->median_us, r->best ? "*" : " ", r->variant,
+               r->stages, split, r->median_us, r->best ? "*" : " ", r->variant,
                r->current_build ? "" : "  [other build]");
     }
     st->shown++;
@@ -247,8 +251,8 @@ static int cmd_ls_tuning(const fajit__cli_global *g, fajit_ctx *ctx, ls_state *s
     if (st->json)
         fputc('[', stdout);
     else
-        printf("%-24s %-6s %4s  %-8s %-13s %10s %s %s\n", "GPU", "ARCH", "SMS", "SEQ<=",
-               "BM/BN/W/S", "MEDIAN_US", "B", "VARIANT");
+        printf("%-24s %-6s %4s  %-8s %-13s %-7s %10s %s %s\n", "GPU", "ARCH", "SMS", "SEQ<=",
+               "BM/BN/W/S", "SPLITS", "MEDIAN_US", "B", "VARIANT");
     int rc = fajit_tuning_list(ctx, tuning_row, st);
     if (st->json)
         fputs(st->shown ? "\n]\n" : "]\n", stdout);
@@ -553,7 +557,7 @@ static const cli_cmd commands[] = {
     {"prebuild", NULL, 0, 0, 1, "prebuild [MANIFEST|-] [-j N] [--dry-run] [--json]",
      "compile a manifest's variants into the cache", NULL},
     {"tune", NULL, 0, 0, 1, "tune [MANIFEST|-] [-j N] [--json]",
-     "time tile candidates on this GPU and keep the best", NULL},
+     "time tile (and split-KV) candidates on this GPU and keep the best", NULL},
     {"ls", cmd_ls, ARG_JSON | ARG_ALL | ARG_TUNING, 0, 0, "ls [--all] [--tuning] [--json]",
      "list cache entries (or tuning records)",
      "Columns: key (first 12 hex digits), arch, cubin size in bytes, registers per\n"
@@ -561,9 +565,11 @@ static const cli_cmd commands[] = {
      "Only entries this build can reach are listed; --all adds other builds' entries\n"
      "(marked [other build]) and undecodable ones (marked [bad: ...]).\n"
      "With --tuning: the tuning records, one per (GPU, variant, seqlen bucket,\n"
-     "candidate): GPU, arch, SM count, the bucket's largest seqlen_k, tiles\n"
-     "bm/bn/warps/stages, median time in microseconds, '*' on the best of its\n"
-     "group (the one calls use), and the candidate's variant text.\n"},
+     "rule's split count, candidate): GPU, arch, SM count, the bucket's largest\n"
+     "seqlen_k, tiles bm/bn/warps/stages, split-KV count as candidate/rule's ('-'\n"
+     "where split-KV does not apply: the rule decides), median time in\n"
+     "microseconds, '*' on the best of its group (the one calls use), and the\n"
+     "candidate's variant text (op fwd, or bwd: the backward's main kernel).\n"},
     {"show", cmd_show, ARG_JSON, 1, -1, "show KEY [--json]", "print every field of one entry",
      NULL},
     {"source", cmd_source, 0, 1, -1, "source KEY|SPEC",

@@ -542,26 +542,32 @@ void fajit__cli_tune_help(const fajit__cli_global *g, FILE *f)
 {
     fprintf(f, "usage: %s tune [MANIFEST|-] [-j N] [--warmup N] [--repeat N] [--json]\n\n",
             g->prog);
-    fputs("Times the fast forward's tile candidates (bm, bn, warps, stages) on this GPU\n"
-          "for each problem and keeps every timing in the cache; later calls of the same\n"
-          "variant and sequence-length bucket use the fastest. Candidates are pruned by\n"
+    fputs("Times tile candidates (bm, bn, warps, stages) of the fast forward and of the\n"
+          "fast backward's main kernel on this GPU for each problem, and split-KV counts\n"
+          "for forward problems the built-in rule would split (decoding), and keeps\n"
+          "every timing in the cache; later calls of the same variant, sequence-length\n"
+          "bucket (and rule's split count) use the fastest. Candidates are pruned by\n"
           "the template's rules, shared memory and the ptxas report, compiled on N\n"
           "threads (into the kernel cache), checked against the heuristic config's\n"
           "output, then timed with CUDA events.\n"
           "\n"
-          "  MANIFEST       problems, one a line: a fwd spec plus shape words, e.g.\n"
+          "  MANIFEST       problems, one a line: a fwd or bwd spec plus shape words, e.g.\n"
           "                   fwd dqk=128 dtype=fp16 mask=causal batch=4 seqlen=4096 nheads=16\n"
+          "                   bwd dqk=128 dtype=bf16 mask=causal batch=4 seqlen=4096 nheads=16\n"
+          "                   fwd dqk=128 dtype=bf16 seqlen_q=1 seqlen_k=65536 nheads_q=32 nheads_kv=8\n"
           "                 (seqlen_q/seqlen_k, nheads_q/nheads_kv separately; batch\n"
           "                 defaults to 1); '-' reads stdin; none: FlashAttention's\n"
-          "                 benchmark grid (d 64/128/256, seqlen 512..16k, fp16/bf16)\n"
+          "                 benchmark grid, forward and backward (d 64/128/256, seqlen\n"
+          "                 512..16k, fp16/bf16, causal and not: 144 problems)\n"
           "  -j, --jobs N   compile on N threads (default: the online cores)\n"
           "  --warmup N     launches before timing a candidate (default 3)\n"
           "  --repeat N     timed launches, the median is kept (default 10)\n"
           "  --json         winners as a JSON array on stdout\n"
           "\n"
-          "Progress goes to stderr, one line per event; winners to stdout. Exit 4 when\n"
-          "there is no GPU: candidates were pruned and compiled (the cache is warm) but\n"
-          "nothing was timed.\n",
+          "Progress goes to stderr, one line per event; winners to stdout (with\n"
+          "splits=N where a split count was tuned). Exit 4 when there is no GPU:\n"
+          "candidates were pruned and compiled (the cache is warm) but nothing was\n"
+          "timed.\n",
           f);
 }
 
@@ -629,17 +635,30 @@ static void print_winner(tune_cli *t, const fajit_tune_event *ev)
         fajit__cli_json_number(stdout, ev->median_us);
         fputs(",\"heuristic_us\":", stdout);
         fajit__cli_json_number(stdout, ev->heuristic_us);
-        fputc('}', stdout);
+        printf(",\"splits\":%d}", ev->splits);
     } else {
-        printf("%s\n  -> %s\n     %.2f us (heuristic %.2f us, %+.1f%%)\n", ev->problem,
-               ev->variant, ev->median_us, ev->heuristic_us, 100.0 * gain);
+        char split[32] = "";
+        if (ev->splits > 0)
+            snprintf(split, sizeof split, " splits=%d", ev->splits);
+        printf("%s\n  -> %s%s\n     %.2f us (heuristic %.2f us, %+.1f%%)\n", ev->problem,
+               ev->variant, split, ev->median_us, ev->heuristic_us, 100.0 * gain);
     }
     fflush(stdout);
     t->winners++;
 }
 
+/* " splits=N" for a tuned split count, else "". */
+static const char *splits_word(int splits, char *buf, size_t cap)
+{
+    buf[0] = '\0';
+    if (splits > 0)
+        snprintf(buf, cap, " splits=%d", splits);
+    return buf;
+}
+
 static void tune_progress(void *user, const fajit_tune_event *ev)
 {
+    char word[32];
     switch (ev->kind) {
     case FAJIT_TUNE_PRUNED:
         fprintf(stderr, "[%zu/%zu] pruned    %s: %s\n", ev->done, ev->total, ev->variant,
@@ -649,10 +668,12 @@ static void tune_progress(void *user, const fajit_tune_event *ev)
         fprintf(stderr, "[%zu/%zu] compiled  %s\n", ev->done, ev->total, ev->variant);
         break;
     case FAJIT_TUNE_REJECTED:
-        fprintf(stderr, "rejected  %s: %s\n", ev->variant, ev->why);
+        fprintf(stderr, "rejected  %s%s: %s\n", ev->variant, splits_word(ev->splits, word, sizeof word),
+                ev->why);
         break;
     case FAJIT_TUNE_TIMED:
-        fprintf(stderr, "timed     %9.2f us  %s\n", ev->median_us, ev->variant);
+        fprintf(stderr, "timed     %9.2f us  %s%s\n", ev->median_us, ev->variant,
+                splits_word(ev->splits, word, sizeof word));
         break;
     case FAJIT_TUNE_WINNER:
         fprintf(stderr, "[%zu/%zu] problem done: %s\n", ev->done, ev->total, ev->problem);
