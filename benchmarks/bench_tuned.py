@@ -10,14 +10,14 @@ FAJIT_TUNED_TILES=0 (the heuristic's tiles and split counts), one default
   seqlen 512..16k, batch * seqlen = 16k, causal and not, fp16 and bf16): both
   tile configurations and, where they differ, both speeds; where they are the
   same kernel the gain is 0 by construction and nothing is timed;
-- backward (fajit_attn_bwd), the same grid: both always timed (which tiles the
-  backward's main kernel takes is not visible through the API);
 - decode (split-KV; bench_decode.py's shapes: seqlen_q 1, 32 query / 8 kv
   heads, d 128, bf16, batch 1 and 8, seqlen_k 4k..128k): both always timed
-  (the split count is not visible through the API either).
+  (the split count is not visible through the API);
+- backward (fajit_attn_bwd), the same grid as the forward: both always timed
+  (which tiles the backward's main kernel takes is not visible either).
 
-Timed alternately (ROUNDS rounds of triton's do_bench median each, the median
-of those kept) so drift hits both alike.
+Timed alternately (ROUNDS rounds of triton's do_bench median each, ROUNDS_ALWAYS
+in the tables timed always, the median of those kept) so drift hits both alike.
 
 It also checks what a fresh process does with tuned configurations: the cache
 counters before and after the first call of every cell must show no compile
@@ -36,7 +36,8 @@ import sys
 import torch
 import triton.testing
 
-ROUNDS = 5
+ROUNDS = 5        # forward cells whose tiles differ
+ROUNDS_ALWAYS = 3  # backward and decode cells, timed whether or not the configs differ
 DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 
@@ -130,10 +131,10 @@ def tflops(b, h, s, d, causal, ms):
     return 4 * b * h * s * s * d / (2 if causal else 1) / (ms * 1e-3) / 1e12
 
 
-def alternate(run_h, run_t):
+def alternate(run_h, run_t, rounds=ROUNDS):
     """Median ms of each, timed alternately."""
     th, tt = [], []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         th.append(triton.testing.do_bench(run_h, return_mode="median"))
         tt.append(triton.testing.do_bench(run_t, return_mode="median"))
     return statistics.median(th), statistics.median(tt)
@@ -157,7 +158,7 @@ def bwd_cell(lib, heur_ctx, tuned_ctx, dtype, d, s, causal):
     torch.cuda.synchronize()
     maxdiff = max((x.float() - y.float()).abs().max().item() / max(1.0, x.float().abs().max().item())
                   for x, y in zip(grads[0], grads[1]))
-    ms_h, ms_t = alternate(run_h, run_t)
+    ms_h, ms_t = alternate(run_h, run_t, ROUNDS_ALWAYS)
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
     row = {"dtype": str(dtype).split(".")[-1], "d": d, "s": s, "causal": causal, "maxdiff": maxdiff,
            "tf_heur": flops / (ms_h * 1e-3) / 1e12, "tf_tuned": flops / (ms_t * 1e-3) / 1e12}
@@ -175,7 +176,7 @@ def decode_cell(lib, heur_ctx, tuned_ctx, b, sk, hq=32, hkv=8, d=128, dtype=torc
     run_h()
     run_t()
     torch.cuda.synchronize()
-    ms_h, ms_t = alternate(run_h, run_t)
+    ms_h, ms_t = alternate(run_h, run_t, ROUNDS_ALWAYS)
     gb = (k.numel() + v.numel()) * k.element_size() / 1e9
     row = {"b": b, "sk": sk, "heur": lib.tiles(heur_ctx, a_h), "tuned": lib.tiles(tuned_ctx, a_t),
            "us_heur": ms_h * 1e3, "us_tuned": ms_t * 1e3, "gbs_heur": gb / (ms_h * 1e-3),
@@ -241,6 +242,21 @@ def main():
           f"median {100 * statistics.median(gains) if gains else 0:+.1f}%, max {100 * max(gains, default=0):+.1f}%")
     dims = [int(x) for x in args.dims.split(",")]
     seqlens = [int(x) for x in args.seqlens.split(",")]
+    if not args.no_decode:
+        print("\ndecode (split-KV): seqlen_q 1, 32 query / 8 kv heads, d 128, bf16; GB/s of K and V")
+        print(f"{'b':>3} {'seqlen_k':>8} {'heuristic tiles':>30} {'tuned tiles':>30} {'heur us':>8} {'tuned us':>8} "
+              f"{'heur GB/s':>9} {'tuned GB/s':>10} {'gain':>7}  maxdiff")
+        drows = []
+        for b in (1, 8):
+            for sk in (4096, 16384, 65536, 131072):
+                r = decode_cell(lib, heur_ctx, tuned_ctx, b, sk)
+                drows.append(r)
+                print(f"{b:>3} {sk:>8} {r['heur']:>30} {r['tuned']:>30} {r['us_heur']:8.1f} {r['us_tuned']:8.1f} "
+                      f"{r['gbs_heur']:9.0f} {r['gbs_tuned']:10.0f} {100 * (r['us_heur'] / r['us_tuned'] - 1):+6.1f}%  "
+                      f"{r['maxdiff']:.1e}", flush=True)
+        dg = [r["us_heur"] / r["us_tuned"] - 1 for r in drows]
+        print(f"decode: {len(drows)} cells; gain min {100 * min(dg):+.1f}%, median {100 * statistics.median(dg):+.1f}%, "
+              f"max {100 * max(dg):+.1f}%")
     if not args.no_bwd:
         print("\nbackward (fajit_attn_bwd, FLOPs 2.5x the forward's)")
         print(f"{'dtype':>8} {'d':>4} {'seqlen':>6} {'causal':>6} {'heur TF':>8} {'tuned TF':>8} {'gain':>7}  maxdiff/max")
@@ -258,21 +274,6 @@ def main():
         print(f"backward: {len(brows)} cells; gain min {100 * min(bg):+.1f}%, median "
               f"{100 * statistics.median(bg):+.1f}%, max {100 * max(bg):+.1f}%; cells above +3%: "
               f"{sum(g > 0.03 for g in bg)}, below -3%: {sum(g < -0.03 for g in bg)}")
-    if not args.no_decode:
-        print("\ndecode (split-KV): seqlen_q 1, 32 query / 8 kv heads, d 128, bf16; GB/s of K and V")
-        print(f"{'b':>3} {'seqlen_k':>8} {'heuristic tiles':>30} {'tuned tiles':>30} {'heur us':>8} {'tuned us':>8} "
-              f"{'heur GB/s':>9} {'tuned GB/s':>10} {'gain':>7}  maxdiff")
-        drows = []
-        for b in (1, 8):
-            for sk in (4096, 16384, 65536, 131072):
-                r = decode_cell(lib, heur_ctx, tuned_ctx, b, sk)
-                drows.append(r)
-                print(f"{b:>3} {sk:>8} {r['heur']:>30} {r['tuned']:>30} {r['us_heur']:8.1f} {r['us_tuned']:8.1f} "
-                      f"{r['gbs_heur']:9.0f} {r['gbs_tuned']:10.0f} {100 * (r['us_heur'] / r['us_tuned'] - 1):+6.1f}%  "
-                      f"{r['maxdiff']:.1e}", flush=True)
-        dg = [r["us_heur"] / r["us_tuned"] - 1 for r in drows]
-        print(f"decode: {len(drows)} cells; gain min {100 * min(dg):+.1f}%, median {100 * statistics.median(dg):+.1f}%, "
-              f"max {100 * max(dg):+.1f}%")
     after = lib.stats(tuned_ctx)
     print(f"\nfresh process: compiles during the run {after.compiles - before.compiles}, "
           f"cache misses {after.misses - before.misses}, hits {after.hits - before.hits}")
