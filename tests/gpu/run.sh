@@ -67,7 +67,7 @@ else
     # This area's tests: CTest's verdict and the test's own last line (-V
     # prefixes each output line with the test's number).
     for name in test_ref_compile test_ref_gpu test_cache_gpu test_fwd_compile test_fwd_compile_b test_fwd_compile_odd test_fwd_gpu \
-                test_features_gpu test_large_gpu test_bwd_compile test_bwd_gpu test_flash_bwd_compile test_flash_bwd_gpu test_tune test_tuned_gpu test_python; do
+                test_features_gpu test_large_gpu test_bwd_compile test_bwd_gpu test_flash_bwd_compile test_flash_bwd_gpu test_probs_gpu test_tune test_tuned_gpu test_python; do
         line=$(grep -E -m1 "Test +#[0-9]+: $name " "$out/ctest.log")
         num=$(sed -E 's/.*Test +#([0-9]+):.*/\1/' <<<"$line")
         verdict=$(sed -E 's/.* \.+ *//; s/ +/ /g' <<<"$line")
