@@ -55,6 +55,7 @@ static const struct field fields[] = {
 static const char *const op_words[FAJIT__OP_COUNT] = {"ref",      "fwd",      "bwd",     "ref-dq",
                                                        "ref-dkdv", "bwd-pre",  "bwd-post", "bwd-dkdv",
                                                        "bwd-dq",   "ref-probs"};
+#define OP_WORDS_TEXT "ref, fwd, bwd, ref-dq, ref-dkdv, bwd-pre, bwd-post, bwd-dkdv, bwd-dq or ref-probs"
 static const char *const dtype_words[] = {"fp16", "bf16"};
 static const char *const mask_words[] = {"none", "causal", "causal-tl"};
 static const int known_archs[] = {80, 86, 87, 89, 90, 100, 103, 110, 120, 121};
@@ -185,7 +186,7 @@ static int check_ref_tiles(const fajit__variant *v)
 static int check_variant(const fajit__variant *v, int allow_unset)
 {
     if (v->op < 0 || v->op >= FAJIT__OP_COUNT)
-        return fajit__fail(FAJIT_EINVAL, "op=%d: unknown op (expected ref, fwd or bwd)", v->op);
+        return fajit__fail(FAJIT_EINVAL, "op=%d: unknown op (expected " OP_WORDS_TEXT ")", v->op);
     for (size_t i = 0; i < NFIELDS; i++)
         if (check_field(v, &fields[i], allow_unset))
             return FAJIT_EINVAL;
@@ -342,7 +343,7 @@ static int parse_op(const char *s, size_t n, int *op)
 {
     if ((*op = word_index(op_words, FAJIT__OP_COUNT, s, n)) >= 0)
         return 0;
-    return fajit__fail(FAJIT_EPARSE, "op '%.*s%s': unknown op (expected ref, fwd or bwd)",
+    return fajit__fail(FAJIT_EPARSE, "op '%.*s%s': unknown op (expected " OP_WORDS_TEXT ")",
                        (int)(n > ECHO_MAX ? ECHO_MAX : n), s, n > ECHO_MAX ? "..." : "");
 }
 

@@ -176,17 +176,28 @@ __device__ __forceinline__ unsigned dropout_threshold(float p) {
     return __float2uint_rn(p * 4294967296.0f); /* exact scaling, then round */
 }
 
+/* The high half of the counter of (b, h)'s stream (kernels that walk one
+ * head compute it once). */
+__device__ __forceinline__ unsigned long long dropout_stream(unsigned long long offset, long long b,
+                                                             long long h, long long nheads_q) {
+    return offset + (static_cast<unsigned long long>(b * nheads_q + h) << 32);
+}
+
+/* Philox words for key group g (keys 4 g .. 4 g + 3) of row i in stream t. */
+__device__ __forceinline__ Philox4 dropout_words_at(unsigned long long seed, unsigned long long t,
+                                                    unsigned g, unsigned i) {
+    const Philox4 c{g, i, static_cast<unsigned>(t), static_cast<unsigned>(t >> 32)};
+    return philox4x32_10(c, static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32));
+}
+
 /* Philox words for keys 4 * (j >> 2) .. + 3 of row i of (b, h). */
 __device__ __forceinline__ Philox4 dropout_words(unsigned long long seed,
                                                  unsigned long long offset, long long b,
                                                  long long h, long long nheads_q, long long i,
                                                  long long j) {
-    const unsigned long long t =
-        offset + (static_cast<unsigned long long>(b * nheads_q + h) << 32);
-    const Philox4 c{static_cast<unsigned>(static_cast<unsigned long long>(j) >> 2),
-                    static_cast<unsigned>(i), static_cast<unsigned>(t),
-                    static_cast<unsigned>(t >> 32)};
-    return philox4x32_10(c, static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32));
+    return dropout_words_at(seed, dropout_stream(offset, b, h, nheads_q),
+                            static_cast<unsigned>(static_cast<unsigned long long>(j) >> 2),
+                            static_cast<unsigned>(i));
 }
 
 /* Word (j & 3) of a dropout_words result. */

@@ -513,7 +513,7 @@ __device__ __forceinline__ Head head_of(const fajit_bwd_params &p, long long b, 
     if constexpr (FAJIT_ALIBI)
         r.slope2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * 1.4426950408889634f;
     if constexpr (FAJIT_DROPOUT)
-        r.philox = p.dropout_offset + (static_cast<unsigned long long>(b * p.nheads_q + h) << 32);
+        r.philox = fajit::dropout_stream(p.dropout_offset, b, h, p.nheads_q);
     return r;
 }
 
@@ -532,10 +532,8 @@ __device__ __forceinline__ Head head_of(const fajit_bwd_params &p, long long b, 
 __device__ __forceinline__ unsigned keep_bits(const fajit_bwd_params &p, const Head &hd, unsigned threshold,
                                               int n0w, int r0w, int lane) {
     const unsigned group = static_cast<unsigned>(n0w >> 2) + static_cast<unsigned>(lane >> 3);
-    const fajit::Philox4 c{group, static_cast<unsigned>(r0w + (lane & 7)), static_cast<unsigned>(hd.philox),
-                           static_cast<unsigned>(hd.philox >> 32)};
-    const fajit::Philox4 r = fajit::philox4x32_10(c, static_cast<unsigned>(p.dropout_seed),
-                                                  static_cast<unsigned>(p.dropout_seed >> 32));
+    const fajit::Philox4 r =
+        fajit::dropout_words_at(p.dropout_seed, hd.philox, group, static_cast<unsigned>(r0w + (lane & 7)));
     const int my_k = 2 * (lane >> 4) + (lane & 1); /* the element my call is to the lanes reading it */
     const int w = (lane >> 2) & 3;
     unsigned bits = 0u;

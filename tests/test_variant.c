@@ -223,7 +223,7 @@ static const struct {
     {"arch=sm_90", "arch=sm_090", "arch=sm_090: expected sm_NN"},
     {"arch=sm_90", "arch=sm_90b", "arch=sm_90b: expected sm_NN"},
     {"arch=sm_90", "arch=compute_90", "arch=compute_90: expected sm_NN"},
-    {"ref", "xyz", "op 'xyz': unknown op (expected ref, fwd or bwd)"},
+    {"ref", "xyz", "op 'xyz': unknown op (expected ref, fwd, bwd, ref-dq, ref-dkdv, bwd-pre, bwd-post, bwd-dkdv, bwd-dq or ref-probs)"},
     {"ref", "REF", "op 'REF': unknown op"},
     {"dv=72 dtype", "dv=72\tdtype", "character 0x09 at offset"},
     {"dv=72 dtype", "dv=72  dtype", "double space at offset 16"},
