@@ -4,9 +4,12 @@
 #include "runtime/driver.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "runtime/error.h"
@@ -82,6 +85,16 @@ static const struct {
     SYM(memFreeAsync, "cuMemFreeAsync"),
     SYM(memsetD32Async, "cuMemsetD32Async"),
 };
+
+/* All or nothing too: see memPoolCreate in driver.h. */
+static const struct {
+    const char *name;
+    size_t offset;
+} pools[] = {
+    SYM(memPoolCreate, "cuMemPoolCreate"),
+    SYM(memPoolSetAttribute, "cuMemPoolSetAttribute"),
+    SYM(memAllocFromPoolAsync, "cuMemAllocFromPoolAsync"),
+};
 #undef SYM
 
 static void load_async_alloc_symbols(void *lib)
@@ -91,6 +104,9 @@ static void load_async_alloc_symbols(void *lib)
         if (load_symbol(lib, async_alloc[i].name, (char *)&drv + async_alloc[i].offset,
                         sizeof drv.init) != 0)
             drv.has_async_alloc = 0;
+    for (size_t i = 0; i < sizeof pools / sizeof pools[0]; i++)
+        if (load_symbol(lib, pools[i].name, (char *)&drv + pools[i].offset, sizeof drv.init) != 0)
+            drv.memPoolCreate = NULL;
 }
 
 static void load_timing_symbols(void *lib)
@@ -175,15 +191,78 @@ int fajit__cu_fail(CUresult r, const char *what)
                        "%s: %s: %s", what, name ? name : "?", text ? text : "?");
 }
 
+/* ---------------------------------------------------------------- scratch pools */
+
+#define MAX_POOL_DEVICES 64
+#define DEFAULT_KEEP_BYTES ((uint64_t)256 << 20)
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static CUmemoryPool scratch_pools[MAX_POOL_DEVICES]; /* never destroyed: see driver.h */
+static int pool_failed[MAX_POOL_DEVICES];            /* made once, or tried once */
+
+/* FAJIT_SCRATCH_KEEP_BYTES: a decimal byte count; anything else (or unset)
+ * gives the default. */
+static uint64_t keep_bytes(void)
+{
+    const char *e = getenv("FAJIT_SCRATCH_KEEP_BYTES");
+    char *end = NULL;
+    unsigned long long n;
+    if (!e || !*e)
+        return DEFAULT_KEEP_BYTES;
+    errno = 0;
+    n = strtoull(e, &end, 10);
+    return errno || *end || e[0] == '-' ? DEFAULT_KEEP_BYTES : (uint64_t)n;
+}
+
+static CUmemoryPool make_pool(const fajit__driver *d, CUdevice dev)
+{
+    CUmemPoolProps props;
+    CUmemoryPool pool = NULL;
+    uint64_t keep = keep_bytes();
+    memset(&props, 0, sizeof props);
+    props.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+    props.handleTypes = CU_MEM_HANDLE_TYPE_NONE;
+    props.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    props.location.id = dev;
+    if (d->memPoolCreate(&pool, &props) != CUDA_SUCCESS)
+        return NULL;
+    d->memPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &keep); /* best effort */
+    return pool;
+}
+
+/* The current device's scratch pool; NULL where the driver or device has
+ * none (the default pool serves then). */
+static CUmemoryPool scratch_pool(const fajit__driver *d)
+{
+    CUdevice dev = 0;
+    CUmemoryPool pool = NULL;
+    if (!d->memPoolCreate || d->ctxGetDevice(&dev) != CUDA_SUCCESS || dev < 0 ||
+        dev >= MAX_POOL_DEVICES)
+        return NULL;
+    pthread_mutex_lock(&pool_lock);
+    if (!scratch_pools[dev] && !pool_failed[dev]) {
+        scratch_pools[dev] = make_pool(d, dev);
+        pool_failed[dev] = scratch_pools[dev] == NULL;
+    }
+    pool = scratch_pools[dev];
+    pthread_mutex_unlock(&pool_lock);
+    return pool;
+}
+
 int fajit__scratch_alloc(const fajit__driver *d, size_t bytes, CUstream stream, CUdeviceptr *out,
                          const char *what)
 {
     CUresult r;
+    CUmemoryPool pool;
     *out = 0;
     if (!d->has_async_alloc)
         return fajit__fail(FAJIT_ECUDA, "%s needs %zu bytes of scratch, and this driver lacks "
                            "cuMemAllocAsync (CUDA 11.2 or later)", what, bytes);
-    r = d->memAllocAsync(out, bytes ? bytes : 1, stream);
+    pool = scratch_pool(d);
+    if (pool)
+        r = d->memAllocFromPoolAsync(out, bytes ? bytes : 1, pool, stream);
+    else
+        r = d->memAllocAsync(out, bytes ? bytes : 1, stream);
     if (r != CUDA_SUCCESS) {
         *out = 0;
         return fajit__cu_fail(r, what);

@@ -57,6 +57,11 @@ typedef struct fajit__driver {
     CUresult (*memAllocAsync)(CUdeviceptr *, size_t, CUstream);
     CUresult (*memFreeAsync)(CUdeviceptr, CUstream);
     CUresult (*memsetD32Async)(CUdeviceptr, unsigned int, size_t, CUstream);
+    /* The library's own pools (same CUDA version; NULL if any is missing:
+     * scratch then comes from the device's default pool). */
+    CUresult (*memPoolCreate)(CUmemoryPool *, const CUmemPoolProps *);
+    CUresult (*memPoolSetAttribute)(CUmemoryPool, CUmemPool_attribute, void *);
+    CUresult (*memAllocFromPoolAsync)(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
 } fajit__driver;
 
 /* The driver table, loaded and cuInit'ed once per process. FAJIT_ENOGPU with a
@@ -71,7 +76,16 @@ int fajit__cu_fail(CUresult r, const char *what);
 /* Stream-ordered scratch: `bytes` (at least 1) on `stream`, freed with
  * fajit__scratch_free on the same stream after the last kernel using it is
  * enqueued. FAJIT_ECUDA naming `what` when the driver lacks the calls or the
- * allocation fails (*out is 0 then). */
+ * allocation fails (*out is 0 then). Needs a current context (the stream's).
+ *
+ * It comes from a memory pool the library makes per device, once per
+ * process, that keeps up to FAJIT_SCRATCH_KEEP_BYTES (environment, read
+ * when the pool is made; default 256 MiB) of freed scratch across
+ * synchronisations. The default pool's release threshold is 0: every
+ * synchronisation of the caller's stream handed the scratch back to the
+ * driver, and the next split-KV or backward call paid ~50 us to map it
+ * again. Owning the pool leaves the process's default pool, which the host
+ * application may use and tune, as it was. */
 int fajit__scratch_alloc(const fajit__driver *d, size_t bytes, CUstream stream, CUdeviceptr *out,
                          const char *what);
 int fajit__scratch_free(const fajit__driver *d, CUdeviceptr p, CUstream stream);
