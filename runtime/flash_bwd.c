@@ -95,11 +95,27 @@ static int shrink(const fajit__variant *caller, fajit__variant *t)
  * bm 128 bn 128 222 TFLOPs (causal 205) against 214 (178) with bm 64; d 128
  * bm 64 bn 128 265 (223), ahead of bn 64 (183-197) and of one stage (241);
  * d 256 bm 64 bn 64 201 (191), ahead of bm 32 (181) and bn 32 (129). */
+/* Tuning FlashAttention's grid on the H100 (third session, all 6 seqlens,
+ * fp16 and bf16; benchmarks/RESULTS.md) found bm 32 bn 128 with 4 warps the
+ * fastest backward at d 64 without a mask: 2-9% ahead of bm 128 with 8
+ * warps, which spilled 88 bytes there. With a causal mask bm 128 stays ahead
+ * from 2k on, and the features' registers were not measured with 4 warps. */
+static int plain_narrow_head(const fajit__variant *v, int dmax)
+{
+    return v->op == FAJIT__OP_BWD && dmax <= 64 && v->mask == FAJIT_MASK_NONE &&
+           v->window_left == -1 && v->window_right == -1 && !v->dropout && !v->softcap &&
+           !v->alibi;
+}
+
 static void main_tiles(fajit__variant *v)
 {
     const int dmax = pad16(v->dqk) > pad16(v->dv) ? pad16(v->dqk) : pad16(v->dv);
     const size_t limit = fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
     fajit__variant t = *v;
+    if (plain_narrow_head(v, dmax)) {
+        set_if_unset(&t.warps, 4);
+        set_if_unset(&t.bm, 32);
+    }
     set_if_unset(&t.warps, 8);
     /* bwd-dq holds dQ for its bm rows instead: bm 128 spills there on sm_80.
      * Dropout's Philox words take registers beside the S and dP tiles: half
