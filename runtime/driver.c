@@ -30,11 +30,14 @@ static int load_symbol(void *lib, const char *name, void *field, size_t size)
     return 0;
 }
 
-#define SYM(field, name) {name, offsetof(fajit__driver, field)}
-static const struct {
+/* A driver entry point and the table field it goes into. */
+typedef struct sym_entry {
     const char *name;
     size_t offset;
-} required[] = {
+} sym_entry;
+
+#define SYM(field, name) {name, offsetof(fajit__driver, field)}
+static const sym_entry required[] = {
     SYM(init, "cuInit"),
     SYM(driverGetVersion, "cuDriverGetVersion"),
     SYM(deviceGet, "cuDeviceGet"),
@@ -57,10 +60,7 @@ static const struct {
 };
 
 /* All or nothing: see has_timing in driver.h. */
-static const struct {
-    const char *name;
-    size_t offset;
-} timing[] = {
+static const sym_entry timing[] = {
     SYM(memAlloc, "cuMemAlloc_v2"),
     SYM(memFree, "cuMemFree_v2"),
     SYM(memcpyHtoD, "cuMemcpyHtoD_v2"),
@@ -77,63 +77,48 @@ static const struct {
 };
 
 /* All or nothing: see has_async_alloc in driver.h. */
-static const struct {
-    const char *name;
-    size_t offset;
-} async_alloc[] = {
+static const sym_entry async_alloc[] = {
     SYM(memAllocAsync, "cuMemAllocAsync"),
     SYM(memFreeAsync, "cuMemFreeAsync"),
     SYM(memsetD32Async, "cuMemsetD32Async"),
 };
 
 /* All or nothing too: see memPoolCreate in driver.h. */
-static const struct {
-    const char *name;
-    size_t offset;
-} pools[] = {
+static const sym_entry pools[] = {
     SYM(memPoolCreate, "cuMemPoolCreate"),
     SYM(memPoolSetAttribute, "cuMemPoolSetAttribute"),
     SYM(memAllocFromPoolAsync, "cuMemAllocFromPoolAsync"),
 };
 #undef SYM
 
-static void load_async_alloc_symbols(void *lib)
+/* Loads every entry of a group into drv; the name of the first one missing,
+ * or NULL when all are there. */
+static const char *load_group(void *lib, const sym_entry *group, size_t n)
 {
-    drv.has_async_alloc = 1;
-    for (size_t i = 0; i < sizeof async_alloc / sizeof async_alloc[0]; i++)
-        if (load_symbol(lib, async_alloc[i].name, (char *)&drv + async_alloc[i].offset,
-                        sizeof drv.init) != 0)
-            drv.has_async_alloc = 0;
-    for (size_t i = 0; i < sizeof pools / sizeof pools[0]; i++)
-        if (load_symbol(lib, pools[i].name, (char *)&drv + pools[i].offset, sizeof drv.init) != 0)
-            drv.memPoolCreate = NULL;
+    const char *missing = NULL;
+    for (size_t i = 0; i < n; i++)
+        if (load_symbol(lib, group[i].name, (char *)&drv + group[i].offset, sizeof drv.init) != 0 &&
+            !missing)
+            missing = group[i].name;
+    return missing;
 }
-
-static void load_timing_symbols(void *lib)
-{
-    drv.has_timing = 1;
-    for (size_t i = 0; i < sizeof timing / sizeof timing[0]; i++)
-        if (load_symbol(lib, timing[i].name, (char *)&drv + timing[i].offset,
-                        sizeof drv.init) != 0)
-            drv.has_timing = 0;
-}
+#define LOAD_GROUP(lib, group) load_group(lib, group, sizeof group / sizeof group[0])
 
 static int load_symbols(void *lib)
 {
-    for (size_t i = 0; i < sizeof required / sizeof required[0]; i++) {
-        if (load_symbol(lib, required[i].name, (char *)&drv + required[i].offset,
-                        sizeof drv.init) != 0) {
-            snprintf(drv_reason, sizeof drv_reason, "libcuda.so.1 lacks %s: driver too old",
-                     required[i].name);
-            return FAJIT_ENOGPU;
-        }
+    const char *missing = LOAD_GROUP(lib, required);
+    if (missing) {
+        snprintf(drv_reason, sizeof drv_reason, "libcuda.so.1 lacks %s: driver too old", missing);
+        return FAJIT_ENOGPU;
     }
     /* Optional: a unique id per context (a destroyed context's address can be
      * reused by a new one, so the address alone is not a safe cache key). */
     if (load_symbol(lib, "cuCtxGetId", &drv.ctxGetId, sizeof drv.ctxGetId) != 0)
         drv.ctxGetId = NULL;
-    load_timing_symbols(lib);
-    load_async_alloc_symbols(lib);
+    drv.has_timing = LOAD_GROUP(lib, timing) == NULL;
+    drv.has_async_alloc = LOAD_GROUP(lib, async_alloc) == NULL;
+    if (LOAD_GROUP(lib, pools) != NULL)
+        drv.memPoolCreate = NULL;
     return 0;
 }
 
