@@ -213,6 +213,73 @@ __device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned l
     return dropout_word(dropout_words(seed, offset, b, h, nheads_q, i, j), j) >= threshold;
 }
 
+/* ---------------------------------------------------------------- sequences */
+
+/* A (batch, head)'s sequence as the tensor-core kernels see it: its lengths
+ * and, under varlen (FAJIT_VARLEN), where its rows start in the packed tensors
+ * (sequence b is rows cu_seqlens_q[b] .. of the query-side tensors and
+ * cu_seqlens_k[b] .. of the key-side ones; batch strides are 0); dense: batch
+ * b, starts 0, the launch's lengths. Params is fajit_fwd_params or
+ * fajit_bwd_params (the same field names). */
+struct Seq {
+    int sq, sk;                 /* query and key rows of this sequence */
+    long long q_start, k_start; /* varlen: first packed row of the sequence */
+};
+
+template <typename Params>
+__device__ __forceinline__ Seq seq_of(const Params &p, long long b) {
+    Seq s;
+    if constexpr (FAJIT_VARLEN) {
+        s.q_start = p.cu_seqlens_q[b];
+        s.k_start = p.cu_seqlens_k[b];
+        s.sq = static_cast<int>(p.cu_seqlens_q[b + 1] - s.q_start);
+        s.sk = static_cast<int>(p.cu_seqlens_k[b + 1] - s.k_start);
+    } else {
+        s.q_start = s.k_start = 0;
+        s.sq = p.seqlen_q;
+        s.sk = p.seqlen_k;
+    }
+    return s;
+}
+
+/* The sequence's lengths: read from p where dense, so the plain kernels read
+ * their constant bank (a copy in a register changes their code). */
+template <typename Params>
+__device__ __forceinline__ int seq_q(const Params &p, const Seq &s) {
+    return FAJIT_VARLEN ? s.sq : p.seqlen_q;
+}
+template <typename Params>
+__device__ __forceinline__ int seq_k(const Params &p, const Seq &s) {
+    return FAJIT_VARLEN ? s.sk : p.seqlen_k;
+}
+
+/* The reference kernels' view of the same: 64-bit lengths and the LSE index
+ * of row 0 (LSE is (batch, nheads_q, seqlen_q), or (nheads_q, total_q) under
+ * varlen). */
+struct RefSeq {
+    long long q_start, k_start; /* first packed row (varlen), else 0 */
+    long long seqlen_q, seqlen_k;
+    long long lse_base; /* LSE index of row 0 */
+};
+
+template <typename Params>
+__device__ __forceinline__ RefSeq ref_sequence_of(const Params &p, long long b, long long h) {
+    RefSeq s;
+    if constexpr (FAJIT_VARLEN) {
+        s.q_start = p.cu_seqlens_q[b];
+        s.k_start = p.cu_seqlens_k[b];
+        s.seqlen_q = p.cu_seqlens_q[b + 1] - s.q_start;
+        s.seqlen_k = p.cu_seqlens_k[b + 1] - s.k_start;
+        s.lse_base = h * static_cast<long long>(p.cu_seqlens_q[p.batch]) + s.q_start;
+    } else {
+        s.q_start = s.k_start = 0;
+        s.seqlen_q = p.seqlen_q;
+        s.seqlen_k = p.seqlen_k;
+        s.lse_base = (b * p.nheads_q + h) * p.seqlen_q;
+    }
+    return s;
+}
+
 /* ---------------------------------------------------------------- score modifiers */
 
 /* Softcap (FlashAttention 2.6): an already scaled score s becomes cap * tanh(s / cap). */

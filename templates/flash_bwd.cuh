@@ -377,37 +377,10 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const LaneAdd
 
 /* ---------------------------------------------------------------- sequences and masks */
 
-/* The block's sequence: where its rows start in the packed tensors under
- * varlen (sequence b is rows cu_seqlens_q[b] .. of q, o, dO and dq, and
- * cu_seqlens_k[b] .. of k, v, dk and dv; batch strides are 0) and its
- * lengths; dense: batch b, starts 0, the launch's lengths. */
-struct Seq {
-    int sq, sk;
-    long long q_start, k_start;
-};
-
-__device__ __forceinline__ Seq seq_of(const fajit_bwd_params &p, long long b) {
-    Seq s;
-    if constexpr (FAJIT_VARLEN) {
-        s.q_start = p.cu_seqlens_q[b];
-        s.k_start = p.cu_seqlens_k[b];
-        s.sq = static_cast<int>(p.cu_seqlens_q[b + 1] - s.q_start);
-        s.sk = static_cast<int>(p.cu_seqlens_k[b + 1] - s.k_start);
-    } else {
-        s.q_start = s.k_start = 0;
-        s.sq = p.seqlen_q;
-        s.sk = p.seqlen_k;
-    }
-    return s;
-}
-
-/* The sequence's lengths: read from p where dense, as the forward does. */
-__device__ __forceinline__ int seq_q(const fajit_bwd_params &p, const Seq &s) {
-    return FAJIT_VARLEN ? s.sq : p.seqlen_q;
-}
-__device__ __forceinline__ int seq_k(const fajit_bwd_params &p, const Seq &s) {
-    return FAJIT_VARLEN ? s.sk : p.seqlen_k;
-}
+using fajit::Seq; /* common.cuh: seq_of, seq_q, seq_k */
+using fajit::seq_of;
+using fajit::seq_q;
+using fajit::seq_k;
 
 /* Index in p.lse of row 0 of (sequence b, head h): LSE is (batch, nheads_q,
  * seqlen_q), or (nheads_q, total_q) under varlen. */

@@ -165,36 +165,10 @@ struct Heads {
     long long q_row, k_row, v_row, o_row; /* seq strides (packed: q's and o's head strides) */
 };
 
-/* The block's sequence: its lengths and, under varlen, where its rows start in
- * the packed tensors (dense: batch b of every tensor). */
-struct Seq {
-    int sq, sk;                 /* query and key rows of this sequence */
-    long long q_start, k_start; /* varlen: first packed row of the sequence */
-};
-
-__device__ __forceinline__ Seq seq_of(const fajit_fwd_params &p, long long b, long long h) {
-    Seq s;
-    if constexpr (FAJIT_VARLEN) {
-        s.q_start = p.cu_seqlens_q[b];
-        s.k_start = p.cu_seqlens_k[b];
-        s.sq = static_cast<int>(p.cu_seqlens_q[b + 1] - s.q_start);
-        s.sk = static_cast<int>(p.cu_seqlens_k[b + 1] - s.k_start);
-    } else {
-        s.q_start = s.k_start = 0;
-        s.sq = p.seqlen_q;
-        s.sk = p.seqlen_k;
-    }
-    return s;
-}
-
-/* The sequence's lengths: read from p where dense, so the plain kernel reads
- * its constant bank as before (a copy in a register changes its code). */
-__device__ __forceinline__ int seq_q(const fajit_fwd_params &p, const Seq &s) {
-    return FAJIT_VARLEN ? s.sq : p.seqlen_q;
-}
-__device__ __forceinline__ int seq_k(const fajit_fwd_params &p, const Seq &s) {
-    return FAJIT_VARLEN ? s.sk : p.seqlen_k;
-}
+using fajit::Seq; /* common.cuh: seq_of, seq_q, seq_k */
+using fajit::seq_of;
+using fajit::seq_q;
+using fajit::seq_k;
 
 /* Index in p.lse of row 0 of (sequence b, head h): LSE is (batch, nheads_q,
  * seqlen_q), or (nheads_q, total_q) under varlen (fajit.h). Computed where it
@@ -776,7 +750,7 @@ __device__ __forceinline__ Place place_of(const fajit_fwd_params &p, unsigned bx
      * first (blocks are scheduled roughly in x order), so the short ones fill
      * the tail of the grid instead of the long ones. */
     w.m0 = (FAJIT_MASK != fajit::kMaskNone ? x_blocks - 1 - x : x) * FAJIT_BM;
-    w.seq = seq_of(p, w.b, w.h);
+    w.seq = seq_of(p, w.b);
     w.blk.rows = w.blk.pack == 1 ? seq_q(p, w.seq) : seq_q(p, w.seq) * w.blk.pack;
     w.blk.lse_step = w.blk.pack == 1 || !FAJIT_VARLEN ? 1 : p.cu_seqlens_q[p.batch];
     return w;

@@ -103,29 +103,8 @@ __device__ __forceinline__ float dot_q_k(const float *q_shared, const elem_t *k_
     return acc;
 }
 
-/* Where one (batch, head)'s sequence lies: dense, or a varlen sequence. */
-struct Seq {
-    long long q_start, k_start; /* first packed row (varlen), else 0 */
-    long long seqlen_q, seqlen_k;
-    long long lse_base; /* LSE index of row 0 */
-};
-
-__device__ __forceinline__ Seq sequence_of(const fajit_fwd_params &p, long long b, long long h) {
-    Seq s;
-    if constexpr (FAJIT_VARLEN) {
-        s.q_start = p.cu_seqlens_q[b];
-        s.k_start = p.cu_seqlens_k[b];
-        s.seqlen_q = p.cu_seqlens_q[b + 1] - s.q_start;
-        s.seqlen_k = p.cu_seqlens_k[b + 1] - s.k_start;
-        s.lse_base = h * static_cast<long long>(p.cu_seqlens_q[p.batch]) + s.q_start;
-    } else {
-        s.q_start = s.k_start = 0;
-        s.seqlen_q = p.seqlen_q;
-        s.seqlen_k = p.seqlen_k;
-        s.lse_base = (b * p.nheads_q + h) * p.seqlen_q;
-    }
-    return s;
-}
+/* Where one (batch, head)'s sequence lies (common.cuh). */
+using Seq = fajit::RefSeq;
 
 /* The score of one visible key: scaled, softcapped, ALiBi-biased. */
 __device__ __forceinline__ float score_of(const fajit_fwd_params &p, float dot, float slope,
@@ -270,7 +249,7 @@ __device__ __forceinline__ void attend_block(const fajit_fwd_params &p, const Pr
     const int lane = threadIdx.x % kWarpSize;
     const long long b = blockIdx.z;
     const long long h = blockIdx.y;
-    const Seq s = sequence_of(p, b, h);
+    const Seq s = fajit::ref_sequence_of(p, b, h);
     for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
         const long long row = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
         if (row >= s.seqlen_q || row >= p.seqlen_q)

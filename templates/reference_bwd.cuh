@@ -121,30 +121,8 @@ __device__ __forceinline__ float dot_global(const elem_t *x, const elem_t *y) {
     return acc;
 }
 
-/* Where one (batch, head)'s sequence lies: dense, or a varlen sequence (the
- * forward reference's sequence_of, for the backward's params). */
-struct Seq {
-    long long q_start, k_start; /* first packed row (varlen), else 0 */
-    long long seqlen_q, seqlen_k;
-    long long lse_base; /* LSE index of row 0 */
-};
-
-__device__ __forceinline__ Seq sequence_of(const fajit_bwd_params &p, long long b, long long h) {
-    Seq s;
-    if constexpr (FAJIT_VARLEN) {
-        s.q_start = p.cu_seqlens_q[b];
-        s.k_start = p.cu_seqlens_k[b];
-        s.seqlen_q = p.cu_seqlens_q[b + 1] - s.q_start;
-        s.seqlen_k = p.cu_seqlens_k[b + 1] - s.k_start;
-        s.lse_base = h * static_cast<long long>(p.cu_seqlens_q[p.batch]) + s.q_start;
-    } else {
-        s.q_start = s.k_start = 0;
-        s.seqlen_q = p.seqlen_q;
-        s.seqlen_k = p.seqlen_k;
-        s.lse_base = (b * p.nheads_q + h) * p.seqlen_q;
-    }
-    return s;
-}
+/* Where one (batch, head)'s sequence lies (common.cuh). */
+using Seq = fajit::RefSeq;
 
 __device__ __forceinline__ fajit::KeyRange keys_of(long long row, const Seq &s) {
     return fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(row, s.seqlen_q,
@@ -379,7 +357,7 @@ __device__ void dkdv_row(const fajit_bwd_params &p, long long b, long long h_kv,
                          float *k_shared, float *v_shared, float *p_shared, float *ds_shared,
                          int lane) {
     const long long group = p.nheads_q / p.nheads_kv;
-    const long long packed_key = sequence_of(p, b, 0).k_start + key;
+    const long long packed_key = fajit::ref_sequence_of(p, b, 0).k_start + key;
     const elem_t *k_row = row_of(static_cast<const elem_t *>(p.k), p.k_stride, b, packed_key, h_kv);
     const elem_t *v_row = row_of(static_cast<const elem_t *>(p.v), p.v_stride, b, packed_key, h_kv);
     for (int d = lane; d < FAJIT_DQK; d += kWarpSize)
@@ -396,7 +374,7 @@ __device__ void dkdv_row(const fajit_bwd_params &p, long long b, long long h_kv,
     for (int c = 0; c < kVColsPerLane; ++c)
         g.dv[c] = 0.0f;
     for (long long h = h_kv * group; h < (h_kv + 1) * group; ++h) {
-        const HeadView hv{b, h, sequence_of(p, b, h), slope_of(p, b, h)};
+        const HeadView hv{b, h, fajit::ref_sequence_of(p, b, h), slope_of(p, b, h)};
         dkdv_from_head(p, hv, key, k_shared, v_shared, p_shared, ds_shared, g, lane);
     }
 
@@ -418,7 +396,7 @@ extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32) fajit_ref_bwd_dq(
         const int lane = threadIdx.x % fajit::kWarpSize;
         const long long b = blockIdx.z;
         const long long h = blockIdx.y;
-        const fajit_ref_bwd::Seq s = fajit_ref_bwd::sequence_of(p, b, h);
+        const fajit_ref_bwd::Seq s = fajit::ref_sequence_of(p, b, h);
         for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
             const long long row = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
             if (row >= s.seqlen_q || row >= p.seqlen_q)
@@ -438,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(FAJIT_WARPS * 32) fajit_ref_bwd_dkd
         const int lane = threadIdx.x % fajit::kWarpSize;
         const long long b = blockIdx.z;
         const long long h_kv = blockIdx.y;
-        const long long seqlen_k = fajit_ref_bwd::sequence_of(p, b, 0).seqlen_k;
+        const long long seqlen_k = fajit::ref_sequence_of(p, b, 0).seqlen_k;
         for (int r = warp; r < FAJIT_BM; r += FAJIT_WARPS) {
             const long long key = static_cast<long long>(blockIdx.x) * FAJIT_BM + r;
             if (key >= seqlen_k || key >= p.seqlen_k)
