@@ -275,21 +275,22 @@ int fajit__check_features(const fajit__features *a)
     return 0;
 }
 
+/* The forward's and the backward's args name their feature fields alike. */
+#define FEATURES_OF(a)                                                                          \
+    {(a)->window_left,  (a)->window_right, (a)->softcap,                                        \
+     (a)->dropout_p,    (a)->alibi_slopes, (a)->alibi_batch_stride,                             \
+     (a)->cu_seqlens_q, (a)->cu_seqlens_k, (a)->batch,                                          \
+     (a)->nheads_q}
+
 fajit__features fajit__fwd_features(const fajit_attn_args *a)
 {
-    const fajit__features f = {a->window_left,  a->window_right, a->softcap,
-                               a->dropout_p,    a->alibi_slopes, a->alibi_batch_stride,
-                               a->cu_seqlens_q, a->cu_seqlens_k, a->batch,
-                               a->nheads_q};
+    const fajit__features f = FEATURES_OF(a);
     return f;
 }
 
 fajit__features fajit__bwd_features(const fajit_attn_bwd_args *a)
 {
-    const fajit__features f = {a->window_left,  a->window_right, a->softcap,
-                               a->dropout_p,    a->alibi_slopes, a->alibi_batch_stride,
-                               a->cu_seqlens_q, a->cu_seqlens_k, a->batch,
-                               a->nheads_q};
+    const fajit__features f = FEATURES_OF(a);
     return f;
 }
 

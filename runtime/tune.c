@@ -1535,74 +1535,60 @@ static void dense_strides(int64_t seqlen, int64_t heads, int64_t d, int varlen, 
     out[2] = d;
 }
 
-/* The per-call values of the variant's features: softcap 30, dropout 0.1,
- * ALiBi's slopes by head, varlen's equal sequences. */
-#define SET_FEATURE_PARAMS(par, g, v)                                                           \
+/* What the forward's and the backward's params share (the same field names):
+ * buffer set `set`'s q, k, v, o, dense strides (0 batch strides under
+ * varlen), the problem's shape, the scale, and the per-call values of the
+ * variant's features: softcap 30, dropout 0.1, ALiBi's slopes by head,
+ * varlen's equal sequences. */
+#define SET_COMMON_PARAMS(par, g, p, set)                                                       \
     do {                                                                                        \
-        (par)->softcap = (v)->softcap ? 30.0f : 0.0f;                                           \
-        (par)->dropout_p = (v)->dropout ? 0.1f : 0.0f;                                          \
+        const int64_t dqk_ = (p)->v.dqk, dv_ = (p)->v.dv;                                       \
+        const int vl_ = (p)->v.varlen;                                                          \
+        (par)->q = (const void *)(uintptr_t)(g)->q[set];                                        \
+        (par)->k = (const void *)(uintptr_t)(g)->k[set];                                        \
+        (par)->v = (const void *)(uintptr_t)(g)->v[set];                                        \
+        (par)->o = (void *)(uintptr_t)(g)->o[set];                                              \
+        dense_strides((p)->seqlen_q, (p)->nheads_q, dqk_, vl_, (par)->q_stride);                \
+        dense_strides((p)->seqlen_k, (p)->nheads_kv, dqk_, vl_, (par)->k_stride);               \
+        dense_strides((p)->seqlen_k, (p)->nheads_kv, dv_, vl_, (par)->v_stride);                \
+        dense_strides((p)->seqlen_q, (p)->nheads_q, dv_, vl_, (par)->o_stride);                 \
+        (par)->batch = (int)(p)->batch;                                                         \
+        (par)->seqlen_q = (int)(p)->seqlen_q;                                                   \
+        (par)->seqlen_k = (int)(p)->seqlen_k;                                                   \
+        (par)->nheads_q = (int)(p)->nheads_q;                                                   \
+        (par)->nheads_kv = (int)(p)->nheads_kv;                                                 \
+        (par)->softmax_scale = 1.0f / sqrtf((float)dqk_);                                       \
+        (par)->softmax_scale_log2 = (par)->softmax_scale * 1.4426950408889634f;                 \
+        (par)->softcap = (p)->v.softcap ? 30.0f : 0.0f;                                         \
+        (par)->dropout_p = (p)->v.dropout ? 0.1f : 0.0f;                                        \
         (par)->dropout_scale = 1.0f / (1.0f - (par)->dropout_p);                                \
         (par)->dropout_seed = 1234;                                                             \
-        (par)->alibi_slopes = (v)->alibi ? (const float *)(uintptr_t)(g)->slopes : NULL;       \
-        (par)->cu_seqlens_q = (v)->varlen ? (const int *)(uintptr_t)(g)->cu_q : NULL;          \
-        (par)->cu_seqlens_k = (v)->varlen ? (const int *)(uintptr_t)(g)->cu_k : NULL;          \
+        (par)->alibi_slopes = (p)->v.alibi ? (const float *)(uintptr_t)(g)->slopes : NULL;      \
+        (par)->cu_seqlens_q = vl_ ? (const int *)(uintptr_t)(g)->cu_q : NULL;                   \
+        (par)->cu_seqlens_k = vl_ ? (const int *)(uintptr_t)(g)->cu_k : NULL;                   \
     } while (0)
 
 static void make_params(const gpu_state *g, const fajit__tune_problem *p, int set,
                         struct fajit_fwd_params *par)
 {
-    const int64_t dqk = p->v.dqk, dv = p->v.dv;
-    const int vl = p->v.varlen;
     memset(par, 0, sizeof *par);
-    par->q = (const void *)(uintptr_t)g->q[set];
-    par->k = (const void *)(uintptr_t)g->k[set];
-    par->v = (const void *)(uintptr_t)g->v[set];
-    par->o = (void *)(uintptr_t)g->o[set];
-    dense_strides(p->seqlen_q, p->nheads_q, dqk, vl, par->q_stride);
-    dense_strides(p->seqlen_k, p->nheads_kv, dqk, vl, par->k_stride);
-    dense_strides(p->seqlen_k, p->nheads_kv, dv, vl, par->v_stride);
-    dense_strides(p->seqlen_q, p->nheads_q, dv, vl, par->o_stride);
-    par->batch = (int)p->batch;
-    par->seqlen_q = (int)p->seqlen_q;
-    par->seqlen_k = (int)p->seqlen_k;
-    par->nheads_q = (int)p->nheads_q;
-    par->nheads_kv = (int)p->nheads_kv;
-    par->softmax_scale = 1.0f / sqrtf((float)dqk);
-    par->softmax_scale_log2 = par->softmax_scale * 1.4426950408889634f;
-    SET_FEATURE_PARAMS(par, g, &p->v);
+    SET_COMMON_PARAMS(par, g, p, set);
 }
 
 static void make_bwd_params(const gpu_state *g, const fajit__tune_problem *p, int set,
                             struct fajit_bwd_params *par)
 {
-    const int64_t dqk = p->v.dqk, dv = p->v.dv;
-    const int vl = p->v.varlen;
     memset(par, 0, sizeof *par);
-    par->q = (const void *)(uintptr_t)g->q[set];
-    par->k = (const void *)(uintptr_t)g->k[set];
-    par->v = (const void *)(uintptr_t)g->v[set];
-    par->o = (const void *)(uintptr_t)g->o[set];
+    SET_COMMON_PARAMS(par, g, p, set);
     par->grad_out = (const void *)(uintptr_t)g->dout[set];
     par->lse = (const float *)(uintptr_t)g->lse;
     par->grad_q = (void *)(uintptr_t)g->dq[set];
     par->grad_k = (void *)(uintptr_t)g->dk[set];
     par->grad_v = (void *)(uintptr_t)g->dv[set];
-    dense_strides(p->seqlen_q, p->nheads_q, dqk, vl, par->q_stride);
-    dense_strides(p->seqlen_k, p->nheads_kv, dqk, vl, par->k_stride);
-    dense_strides(p->seqlen_k, p->nheads_kv, dv, vl, par->v_stride);
-    dense_strides(p->seqlen_q, p->nheads_q, dv, vl, par->o_stride);
     memcpy(par->grad_out_stride, par->o_stride, sizeof par->o_stride);
     memcpy(par->grad_q_stride, par->q_stride, sizeof par->q_stride);
     memcpy(par->grad_k_stride, par->k_stride, sizeof par->k_stride);
     memcpy(par->grad_v_stride, par->v_stride, sizeof par->v_stride);
-    par->batch = (int)p->batch;
-    par->seqlen_q = (int)p->seqlen_q;
-    par->seqlen_k = (int)p->seqlen_k;
-    par->nheads_q = (int)p->nheads_q;
-    par->nheads_kv = (int)p->nheads_kv;
-    par->softmax_scale = 1.0f / sqrtf((float)dqk);
-    par->softmax_scale_log2 = par->softmax_scale * 1.4426950408889634f;
-    SET_FEATURE_PARAMS(par, g, &p->v);
 }
 
 static fajit__fwd_shape problem_shape(const fajit__tune_problem *p)
