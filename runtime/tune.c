@@ -201,8 +201,11 @@ static const int split_counts[] = {1, 2, 4, 8, 16, 32};
 
 /* A warp holds bm / warps rows of O (dv wide) and of S (bn wide) in fp32
  * registers spread over 32 lanes; past this many a thread, ptxas spills (the
- * register file gives a thread at most 255). */
-#define MAX_ACCUMULATOR_REGS 160
+ * register file gives a thread at most 255). 192 admits FlashAttention-2's
+ * own d 128 tile (bm 128 bn 64, 4 warps), which compiles without spills
+ * since the forward's softmax folds its scale and rescales lazily; anything
+ * that does spill is pruned after compiling (fajit__tune_compiled_refusal). */
+#define MAX_ACCUMULATOR_REGS 192
 /* The backward's main kernel holds its share of dK and dV (bn x (dqk + dv))
  * and of a step's S and dP (2 x bm x bn): the heuristic's tiles reach 192
  * (d 64: bm 128 bn 128; d 128: bm 64 bn 128) without spilling. */

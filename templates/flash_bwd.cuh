@@ -648,7 +648,7 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
     const float *lse2 = t.at<const float>(t.lse2) + st.sq * FAJIT_BM;
     const float *dd = t.at<const float>(t.d) + st.sq * FAJIT_BM;
     elem_t *sp = t.at<elem_t>(t.p), *sds = t.at<elem_t>(t.ds);
-    const float scale = FAJIT_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale_log2;
+    const float scale = FAJIT_SOFTCAP ? __fdividef(p.softmax_scale, p.softcap) : p.softmax_scale_log2; /* as the forward */
     const float cap2 = FAJIT_SOFTCAP ? p.softcap * 1.4426950408889634f : 0.0f;
     const unsigned threshold = FAJIT_DROPOUT ? fajit::dropout_threshold(p.dropout_p) : 0u;
 #pragma unroll

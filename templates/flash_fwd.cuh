@@ -233,37 +233,58 @@ __device__ __forceinline__ long long lse_index(const fajit_fwd_params &p, const 
 template <int Rows, int Dim, int Chunks>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t *src, long long stride,
                                           int first, int valid, int tid) {
-    if constexpr (Dim % 8 == 0) {
-        constexpr int LoadChunks = Dim / 8;
-        if constexpr (kThreads % LoadChunks == 0) {
-            /* Each thread copies one chunk column, every kRowStep-th row. */
-            constexpr int kRowStep = kThreads / LoadChunks;
-            const int c = tid % LoadChunks, r0 = tid / LoadChunks;
-            const elem_t *g = src + static_cast<long long>(first + r0) * stride + c * 8;
+    constexpr int Width = load_width(Dim), kVecs = Dim / Width;
+    if constexpr (Width > 1 && kVecs <= kThreads) {
+        /* Threads as (kThreads / kVecs) rows of kVecs vector columns (16
+         * bytes a vector for a multiple of 8, else 8 or 4; the leftover
+         * threads of a count that does not divide kThreads copy nothing);
+         * each copies its column every kRowStep-th row: a fixed trip count,
+         * unrolled whole, one pointer a thread. Every tile but a last
+         * partial one has every row in range (a block-uniform test), so the
+         * common case has no per-row selects. */
+        constexpr int kRowStep = kThreads / kVecs;
+        constexpr int kSteps = (Rows + kRowStep - 1) / kRowStep;
+        constexpr bool kWhole = Rows % kRowStep == 0; /* no step past Rows */
+        const int c = tid % kVecs, r0 = tid / kVecs, e = c * Width;
+        if (kThreads % kVecs != 0 && r0 >= kRowStep)
+            return;
+        auto copy = [&](int r, const elem_t *from, bool ok) {
+            const unsigned to = dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2;
+            if constexpr (Width == 8)
+                cp_async_16(to, from, ok);
+            else
+                cp_async_small<Width * 2>(to, from, ok);
+        };
+        const elem_t *g = src + static_cast<long long>(first + r0) * stride + e;
+        if (first + Rows <= valid) {
 #pragma unroll
-            for (int r = r0; r < Rows; r += kRowStep) {
-                const bool ok = first + r < valid;
-                cp_async_16(dst + smem_at<Chunks>(r, c) * 2, ok ? g : src, ok);
+            for (int k = 0; k < kSteps; ++k) {
+                const int r = r0 + k * kRowStep;
+                if (kWhole || r < Rows)
+                    copy(r, g, true);
                 g += kRowStep * stride;
             }
-        } else {
-#pragma unroll
-            for (int i = tid; i < Rows * LoadChunks; i += kThreads) {
-                const int r = i / LoadChunks, c = i % LoadChunks;
-                const bool ok = first + r < valid;
-                const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + c * 8 : src;
-                cp_async_16(dst + smem_at<Chunks>(r, c) * 2, g, ok);
-            }
+            return;
         }
-    } else if constexpr (load_width(Dim) > 1) {
-        /* Narrower vectors: Width elements, never crossing a chunk. */
-        constexpr int Width = load_width(Dim), kVecs = Dim / Width;
+#pragma unroll
+        for (int k = 0; k < kSteps; ++k) {
+            const int r = r0 + k * kRowStep;
+            const bool ok = first + r < valid;
+            if (kWhole || r < Rows)
+                copy(r, ok ? g : src, ok);
+            g += kRowStep * stride;
+        }
+    } else if constexpr (Width > 1) {
+        /* More vectors a row than threads (a one-warp block): a flat loop. */
 #pragma unroll 1
         for (int i = tid; i < Rows * kVecs; i += kThreads) {
             const int r = i / kVecs, e = (i % kVecs) * Width;
             const bool ok = first + r < valid;
             const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + e : src;
-            cp_async_small<Width * 2>(dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2, g, ok);
+            if constexpr (Width == 8)
+                cp_async_16(dst + smem_at<Chunks>(r, e / 8) * 2, g, ok);
+            else
+                cp_async_small<Width * 2>(dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2, g, ok);
         }
     } else {
         /* Odd: 2-byte loads, kBatch in flight before their stores wait. */
@@ -312,8 +333,25 @@ __device__ __forceinline__ void zero_pad(elem_t *tile, int tid) {
 struct RowState {
     float m[kMTiles][2]; /* running max of x = s * scale_log2, -inf before any key */
     float l[kMTiles][2]; /* this lane's partial sum of exp2(x - m) */
-    int begin[kMTiles][2], end[kMTiles][2]; /* visible keys */
+    /* Visible keys, affine in the row (common.cuh visible_keys): the lane's
+     * row mt * 16 + half * 8 past its first has diagonal diag0 + that offset
+     * times row_step (0 when packed rows all sit at query position 0). Three
+     * registers instead of a begin and an end per row. */
+    int diag0, row_step, seqlen_k;
 };
+
+/* Whether key `key` is outside the visible range of the lane's row (mt, half). */
+__device__ __forceinline__ bool key_hidden(const RowState &st, int mt, int half, int key) {
+    const int diag = st.diag0 + (mt * 16 + half * 8) * st.row_step;
+    bool hidden = key >= st.seqlen_k;
+    if constexpr (FAJIT_MASK != fajit::kMaskNone)
+        hidden = hidden || key > diag;
+    if constexpr (FAJIT_WINDOW_LEFT >= 0)
+        hidden = hidden || key < diag - FAJIT_WINDOW_LEFT;
+    if constexpr (FAJIT_WINDOW_RIGHT >= 0)
+        hidden = hidden || key > diag + FAJIT_WINDOW_RIGHT;
+    return hidden;
+}
 
 /* ---------------------------------------------------------------- scores */
 
@@ -332,9 +370,18 @@ __device__ __forceinline__ float tanh_exp2(float x) {
     return fmaf(-2.0f, fast_rcp(e + 1.0f), 1.0f);
 }
 
+/* Without softcap and ALiBi the scale is folded into the softmax's
+ * exponent: exp2(s * scale - m), one FFMA an element instead of a multiply
+ * and a subtraction, and the row max taken over the raw scores. A negative
+ * softmax_scale (allowed, if odd) negates the scores first, so the max and
+ * the -inf of masked keys keep their meaning and the scale is |scale|. */
+constexpr bool kFoldScale = !FAJIT_SOFTCAP && !FAJIT_ALIBI;
+
 /* What turns q.k into x, the score in the log2 domain, for this block. */
 struct ScoreMods {
-    float scale; /* softcap: softmax_scale / softcap; else softmax_scale * log2(e) */
+    float scale; /* softcap: softmax_scale / softcap; folded: |softmax_scale| * log2(e);
+                    else softmax_scale * log2(e) */
+    bool negate; /* folded with a negative softmax_scale: scores negated first */
     float cap;   /* softcap: softcap * log2(e) */
     float slope; /* ALiBi: the (batch, head)'s slope * log2(e) */
     int alibi_row; /* ALiBi: this lane's first row + seqlen_k - seqlen_q, minus its first column offset */
@@ -343,7 +390,11 @@ struct ScoreMods {
 __device__ __forceinline__ ScoreMods score_mods(const fajit_fwd_params &p, const Seq &seq, long long b,
                                                 long long h, int lane_row0, int lane) {
     ScoreMods m;
-    m.scale = FAJIT_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale_log2;
+    /* __fdividef: no slow-path call (the backward computes the same) */
+    m.scale = FAJIT_SOFTCAP ? __fdividef(p.softmax_scale, p.softcap) : p.softmax_scale_log2;
+    m.negate = kFoldScale && m.scale < 0.0f;
+    if (m.negate)
+        m.scale = -m.scale;
     m.cap = FAJIT_SOFTCAP ? p.softcap * 1.4426950408889634f : 0.0f;
     m.slope = 0.0f;
     m.alibi_row = 0;
@@ -359,24 +410,37 @@ __device__ __forceinline__ ScoreMods score_mods(const fajit_fwd_params &p, const
  * result by -slope * |row + sk - sq - key| (common.cuh, FlashAttention's order). */
 __device__ __forceinline__ void scale_scores(float (&x)[kMTiles][kNTiles][4], const ScoreMods &m,
                                              int n0) {
+    if constexpr (kFoldScale) {
+        /* the softmax scales; only a negative scale's sign is applied here */
+        if (m.negate) {
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
+            for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int j = 0; j < kNTiles; ++j)
+                for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float v = x[mt][j][e];
-                if constexpr (FAJIT_SOFTCAP)
-                    v = tanh_exp2(v * m.scale) * m.cap;
-                else
-                    v *= m.scale;
-                if constexpr (FAJIT_ALIBI) {
-                    int d = m.alibi_row - n0 + (mt * 16 + (e / 2) * 8) - (j * 8 + e % 2);
-                    d = d < 0 ? -d : d;
-                    v = fmaf(-m.slope, static_cast<float>(d), v);
+                    for (int e = 0; e < 4; ++e)
+                        x[mt][j][e] = -x[mt][j][e];
+        }
+    } else {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float v = x[mt][j][e];
+                    if constexpr (FAJIT_SOFTCAP)
+                        v = tanh_exp2(v * m.scale) * m.cap;
+                    else
+                        v *= m.scale;
+                    if constexpr (FAJIT_ALIBI) {
+                        int d = m.alibi_row - n0 + (mt * 16 + (e / 2) * 8) - (j * 8 + e % 2);
+                        d = d < 0 ? -d : d;
+                        v = fmaf(-m.slope, static_cast<float>(d), v);
+                    }
+                    x[mt][j][e] = v;
                 }
-                x[mt][j][e] = v;
-            }
+    }
 }
 
 /* Masks tile elements outside each row's visible keys (tiles straddling a bound). */
@@ -390,42 +454,73 @@ __device__ __forceinline__ void mask_tile(float (&x)[kMTiles][kNTiles][4], const
             for (int e = 0; e < 4; ++e) {
                 const int half = e / 2;
                 const int key = n0 + j * 8 + (lane % 4) * 2 + (e % 2);
-                if (key < st.begin[mt][half] || key >= st.end[mt][half])
+                if (key_hidden(st, mt, half, key))
                     x[mt][j][e] = fajit::neg_infinity();
             }
 }
 
-/* x (scaled scores) -> probabilities in place; rescales the state and acc_o. */
+/* The running max moves only when a row's new max passes it by more than
+ * this (log2 units): below that the stale max is kept, the probabilities
+ * exp2(x - m) stay under 2^kRescaleSlack (exact in fp16/bf16 as relative
+ * values, far from overflow in the fp32 sums), and the accumulator needs no
+ * rescaling. The output O = acc / l and LSE = m + log2(l) are the same
+ * whichever max was used. The decision is the warp's, so acc_o is rescaled by
+ * a whole warp or not at all (a warp-uniform branch). */
+constexpr float kRescaleSlack = 8.0f;
+
+/* x (raw scores when kFoldScale, else scaled ones) -> probabilities in place;
+ * moves the running max when it must and then rescales l and acc_o. scale:
+ * the folded scale (1 when not folded). */
 __device__ __forceinline__ void online_softmax(float (&x)[kMTiles][kNTiles][4], RowState &st,
-                                               float (&acc_o)[kMTiles][kOTiles][4]) {
+                                               float (&acc_o)[kMTiles][kOTiles][4], float scale) {
+    float mx[kMTiles][2];
+    bool move = false;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            float mx = st.m[mt][half];
+            float r = x[mt][0][2 * half];
 #pragma unroll
             for (int j = 0; j < kNTiles; ++j)
-                mx = fmaxf(mx, fmaxf(x[mt][j][2 * half], x[mt][j][2 * half + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(fajit::kFullWarp, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(fajit::kFullWarp, mx, 2));
+                r = fmaxf(r, fmaxf(x[mt][j][2 * half], x[mt][j][2 * half + 1]));
+            r = fmaxf(r, __shfl_xor_sync(fajit::kFullWarp, r, 1));
+            r = fmaxf(r, __shfl_xor_sync(fajit::kFullWarp, r, 2));
+            mx[mt][half] = r * scale; /* -inf stays -inf: scale > 0 */
+            /* -inf + slack is -inf: the first visible key always moves it */
+            move = move || mx[mt][half] > st.m[mt][half] + kRescaleSlack;
+        }
+    if (__any_sync(fajit::kFullWarp, move)) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const float m_new = fmaxf(st.m[mt][half], mx[mt][half]);
+                /* exp2(-inf - finite) = 0: nothing accumulated yet; both -inf: no key yet */
+                const float corr = m_new == fajit::neg_infinity() ? 1.0f : fast_exp2(st.m[mt][half] - m_new);
+                st.m[mt][half] = m_new;
+                st.l[mt][half] *= corr;
+#pragma unroll
+                for (int j = 0; j < kOTiles; ++j) {
+                    acc_o[mt][j][2 * half] *= corr;
+                    acc_o[mt][j][2 * half + 1] *= corr;
+                }
+            }
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
             /* No visible key yet: subtract 0, so exp2(-inf) = 0 everywhere. */
-            const float use = mx == fajit::neg_infinity() ? 0.0f : mx;
-            const float corr = fast_exp2(st.m[mt][half] - use);
-            st.m[mt][half] = mx;
+            const float use = st.m[mt][half] == fajit::neg_infinity() ? 0.0f : st.m[mt][half];
             float sum = 0.0f;
 #pragma unroll
             for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
                 for (int e = 2 * half; e < 2 * half + 2; ++e) {
-                    x[mt][j][e] = fast_exp2(x[mt][j][e] - use);
+                    x[mt][j][e] = fast_exp2(fmaf(x[mt][j][e], scale, -use));
                     sum += x[mt][j][e];
                 }
-            st.l[mt][half] = st.l[mt][half] * corr + sum;
-#pragma unroll
-            for (int j = 0; j < kOTiles; ++j) {
-                acc_o[mt][j][2 * half] *= corr;
-                acc_o[mt][j][2 * half + 1] *= corr;
-            }
+            st.l[mt][half] += sum;
         }
 }
 
@@ -614,7 +709,7 @@ __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads
             /* l >= 1 when any key was visible (the max contributes exp2(0)). */
             const bool any = l > 0.0f;
             /* Dropout: P V summed kept probabilities only; scale them here. */
-            float inv = any ? 1.0f / l : 0.0f;
+            float inv = any ? fast_rcp(l) : 0.0f; /* l >= 1: no slow path (and no call) */
             if constexpr (FAJIT_DROPOUT)
                 inv *= p.dropout_scale;
             const float lse = any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
@@ -820,8 +915,8 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
         return;
     }
     /* Tiles inside [all_begin, all_end) need no per-element mask. */
-    const long long all_begin = last.begin;
-    const long long all_end = first.end < seq_k(p, seq) ? first.end : seq_k(p, seq);
+    const int all_begin = static_cast<int>(last.begin);
+    const int all_end = static_cast<int>(first.end < seq_k(p, seq) ? first.end : seq_k(p, seq));
 
     const unsigned aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
     zero_pad<FAJIT_BM, FAJIT_DQK, kChunksQK>(sQ, tid);
@@ -831,7 +926,10 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
         zero_pad<FAJIT_BN, FAJIT_DV, kChunksV>(sV + s * kVElems, tid);
     }
 
-    /* Q and the first STAGES-1 K/V tiles in flight; one commit group per tile. */
+    /* Q and the first STAGES-1 K/V tiles in flight; one commit group per tile.
+     * (Giving tile 0's V a group of its own, so the first Q K^T waits only
+     * for Q and K, measured 4% faster at d 128 but 5% slower at d 64 and 256
+     * on H100: not done.) */
     load_tile<FAJIT_BM, FAJIT_DQK, kChunksQK>(aQ, t.q, t.q_row, m0, blk.rows, tid);
     auto load_kv = [&](int i) {
         const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
@@ -876,15 +974,17 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
         return;
     }
     RowState st;
+    {
+        /* visible_keys' diagonal of the lane's first row (causal-tl: the row) */
+        const int pos0 = pos_of(m0 + warp_row0 + lane / 4, blk);
+        st.diag0 = FAJIT_MASK == fajit::kMaskCausalTL ? pos0 : pos0 + seq_k(p, seq) - seq_q(p, seq);
+        st.row_step = blk.pack == 1 ? 1 : 0;
+        st.seqlen_k = seq_k(p, seq);
+    }
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int row = m0 + warp_row0 + mt * 16 + half * 8 + lane / 4;
-            const fajit::KeyRange r = fajit::visible_keys<FAJIT_MASK, FAJIT_WINDOW_LEFT, FAJIT_WINDOW_RIGHT>(
-                pos_of(row, blk), seq_q(p, seq), seq_k(p, seq));
-            st.begin[mt][half] = static_cast<int>(r.begin < 0 ? 0 : (r.begin > seq_k(p, seq) ? seq_k(p, seq) : r.begin));
-            st.end[mt][half] = static_cast<int>(r.end < 0 ? 0 : r.end);
             st.m[mt][half] = fajit::neg_infinity();
             st.l[mt][half] = 0.0f;
         }
@@ -918,7 +1018,7 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
         scale_scores(x, mods, n0);
         if (n0 < all_begin || n0 + FAJIT_BN > all_end)
             mask_tile(x, st, n0, lane);
-        online_softmax(x, st, acc_o);
+        online_softmax(x, st, acc_o, kFoldScale ? mods.scale : 1.0f);
         if constexpr (FAJIT_DROPOUT)
             dropout_tile(x, p, b, h, threshold, m0 + warp_row0 + lane / 4, n0, lane);
         pv_tile(acc_o, x, f, s * kVElems * 2);

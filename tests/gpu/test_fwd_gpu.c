@@ -49,6 +49,7 @@ typedef struct fcase {
     int64_t batch, sq, sk, hq, hkv;
     int strided, want_lse; /* strided: DENSE, STRIDED or QKV_PACKED */
     int misalign;          /* q and v start this many elements past an aligned address */
+    float scale_mul;       /* softmax_scale = scale_mul / sqrt(dqk); 0: the default scale */
 } fcase;
 
 /* One problem on the host: inputs (raw 16-bit), strides, references. */
@@ -244,7 +245,7 @@ static int packed_init(problem *p, uint64_t *seed) {
 static int problem_init(problem *p, const fcase *c, uint64_t seed) {
     memset(p, 0, sizeof *p);
     p->c = *c;
-    p->scale = 1.0f / sqrtf((float)c->dqk);
+    p->scale = (c->scale_mul != 0.0f ? c->scale_mul : 1.0f) / sqrtf((float)c->dqk);
     if (c->strided == QKV_PACKED) {
         if (c->sq != c->sk || c->hq != c->hkv || c->dqk != c->dv || packed_init(p, &seed) != 0)
             return -1;
@@ -369,6 +370,7 @@ static void fill_args(const problem *p, void *q, void *k, void *v, void *o, floa
     a->dv = c->dv;
     a->dtype = c->dtype;
     a->mask = c->mask;
+    a->softmax_scale = c->scale_mul != 0.0f ? p->scale : 0.0f;
     a->kernel = FAJIT_KERNEL_AUTO;
     if (c->strided != DENSE) {
         memcpy(a->q_stride, p->qs, sizeof p->qs);
@@ -477,7 +479,10 @@ static int run_case(fajit_ctx *ctx, const fcase *c, uint64_t seed, double *worst
     const char *tiles = strstr(variant, "bm=");
     static const char *const layouts[] = {"dense  ", "strided", "qkvpack"};
     char layout[32];
-    snprintf(layout, sizeof layout, c->misalign ? "%s+%d" : "%s", layouts[c->strided], c->misalign);
+    if (c->scale_mul != 0.0f)
+        snprintf(layout, sizeof layout, "%s scale*%g", layouts[c->strided], (double)c->scale_mul);
+    else
+        snprintf(layout, sizeof layout, c->misalign ? "%s+%d" : "%s", layouts[c->strided], c->misalign);
     printf("%s %s %-9s dqk=%-3d dv=%-3d b=%lld sq=%-4lld sk=%-4lld hq=%lld hkv=%lld %s lse=%d  "
            "err %.2e <= %.2e (naive %.2e)  lse %.1e  [%.3s %.40s]%s%s\n",
            failed ? "FAIL" : "ok  ", attn_dtype_name(c->dtype), attn_mask_name(c->mask), c->dqk, c->dv,
@@ -502,7 +507,7 @@ static const int dims[][2] = {{8, 8},     {24, 24},   {32, 32},   {40, 40},   {6
 
 static fcase mk(int dqk, int dv, int dtype, int mask, int64_t sq, int64_t sk, int64_t hq, int64_t hkv,
                 int strided, int want_lse) {
-    fcase c = {dqk, dv, dtype, mask, 2, sq, sk, hq, hkv, strided, want_lse, 0};
+    fcase c = {dqk, dv, dtype, mask, 2, sq, sk, hq, hkv, strided, want_lse, 0, 0.0f};
     return c;
 }
 
@@ -544,6 +549,17 @@ static size_t build_grid(fcase *cs, size_t cap, int quick) {
         for (int l = 0; l < 3 && n < cap; ++l)
             cs[n++] = mk(long_dims[d][0], long_dims[d][1], (int)((d + (size_t)l) % 2), l,
                          long_lens[l][0], long_lens[l][1], 2, 1, l == 1, 1);
+    /* Scores far from the default scale's: a large one moves the running
+     * max by more than the kernel's rescale slack many times along the keys
+     * (both branches of its lazy rescaling), a negative one flips the order
+     * of the scores (the kernel negates them before its folded scale). */
+    static const float scale_muls[] = {12.0f, -1.0f, -6.0f};
+    static const int scale_dims[] = {64, 128, 256};
+    for (size_t d = 0; d < 3; ++d)
+        for (size_t m = 0; m < 3 && n < cap; ++m) {
+            cs[n] = mk(scale_dims[d], scale_dims[d], (int)((d + m) % 2), (int)m, 1023, 2049, 2, 1, DENSE, 1);
+            cs[n++].scale_mul = scale_muls[m];
+        }
     return n;
 }
 
