@@ -332,12 +332,13 @@ static void check_gaps(const attn_problem *p, const uint16_t *o, attn_result *r)
         fail_once(r, "%lld output-buffer gap elements were written", (long long)r->stray_writes);
 }
 
-void attn_check(const attn_problem *p, const uint16_t *o, const float *lse, attn_result *r) {
+static void check_within(const attn_problem *p, const uint16_t *o, const float *lse, attn_result *r,
+                         double steps) {
     const attn_shape *s = &p->s;
     memset(r, 0, sizeof *r);
     r->ok = 1;
     const double rounding = s->dtype == 0 ? 1.0 / 2048.0 : 1.0 / 256.0;
-    r->tol = rounding * p->max_abs_ref_o + 1e-4;
+    r->tol = steps * rounding * p->max_abs_ref_o + 1e-4;
     for (int64_t b = 0; b < s->batch; ++b)
         for (int64_t i = 0; i < s->seqlen_q; ++i)
             for (int64_t h = 0; h < s->nheads_q; ++h)
@@ -345,4 +346,18 @@ void attn_check(const attn_problem *p, const uint16_t *o, const float *lse, attn
     check_gaps(p, o, r);
     if (r->nan_values > 0)
         fail_once(r, "%lld NaN values", (long long)r->nan_values);
+}
+
+void attn_check(const attn_problem *p, const uint16_t *o, const float *lse, attn_result *r) {
+    check_within(p, o, lse, r, 1.0);
+}
+
+/* Two rounding steps: the output's own, and the fp16/bf16 rounding of the
+ * probabilities before P V in the tensor-core kernels (FlashAttention-2's
+ * too), which can carry a value across a rounding boundary of the output
+ * (seen: 1.00027 stored as 1.00098, the step above 1.0 being twice the one
+ * below). A wrong tile, split or layout misses by orders of magnitude more;
+ * the FlashAttention rule (2x the naive error) is test_fwd_gpu's. */
+void attn_check_fast(const attn_problem *p, const uint16_t *o, const float *lse, attn_result *r) {
+    check_within(p, o, lse, r, 2.0);
 }

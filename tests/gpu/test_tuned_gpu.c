@@ -7,7 +7,7 @@
  * fajit__tune_candidates is made the tuned winner by a tuning record in the
  * context's store (as `fajit tune` would leave it); the test then checks that
  * fajit_attn_variant reports those tiles (the launch path takes the record)
- * and that fajit_attn_fwd's output and LSE pass attn_check against the fp64
+ * and that fajit_attn_fwd's output and LSE pass attn_check_fast (two output rounding steps) against the fp64
  * reference, outputs NaN-poisoned before every launch. Split-KV: decode-like
  * problems (few query rows over long keys, GQA) where the rule splits; every
  * (tile candidate, split count of fajit__tune_split_counts) is made the
@@ -134,7 +134,7 @@ static void launch_and_check(fajit_ctx *ctx, const attn_problem *p, const device
                      r->why, sizeof r->why) &&
         !cuda_failed(cudaMemcpy(lse, d->lse, lse_elems * 4, cudaMemcpyDeviceToHost), "cudaMemcpy",
                      r->why, sizeof r->why))
-        attn_check(p, o, lse, r);
+        attn_check_fast(p, o, lse, r);
 }
 
 /* The variant fajit would launch for the problem, parsed. */
