@@ -297,41 +297,16 @@ __device__ __forceinline__ float *dq_acc_of(float *dq_acc, const fajit_bwd_param
 
 /* Rows rows x LoadChunks chunks from src (row stride `stride`, rows first..)
  * into a smem tile of Row-element rows; rows at or past `valid` zero-filled. */
-/* Threads as (kThreads / LoadChunks) rows of LoadChunks chunk columns (the
- * leftover threads of a chunk count that does not divide kThreads copy
- * nothing), each copying its column every kRowStep-th row: a fixed trip
- * count, unrolled whole, one pointer a thread; a tile whose rows are all in
- * range (a block-uniform test, every tile but a sequence's last) has no
- * per-row selects. As flash_fwd.cuh's load_tile. */
+/* Rows rows x LoadChunks chunks from src (row stride `stride`, rows first..)
+ * into a smem tile of Row-element rows; rows at or past `valid` zero-filled
+ * (ptx.cuh's load_rows: fixed unrolled trip count, no per-row selects on
+ * full tiles). */
 template <int Rows, int LoadChunks, int Row>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t *src, long long stride, int first,
                                           int valid, int tid) {
-    static_assert(LoadChunks <= kThreads, "flash_bwd: a row's chunks outnumber the threads");
-    constexpr int kRowStep = kThreads / LoadChunks;
-    constexpr int kSteps = (Rows + kRowStep - 1) / kRowStep;
-    constexpr bool kWhole = Rows % kRowStep == 0; /* no step past Rows */
-    const int c = tid % LoadChunks, r0 = tid / LoadChunks;
-    if (kThreads % LoadChunks != 0 && r0 >= kRowStep)
-        return;
-    const elem_t *g = src + static_cast<long long>(first + r0) * stride + c * 8;
-    if (first + Rows <= valid) {
-#pragma unroll
-        for (int k = 0; k < kSteps; ++k) {
-            const int r = r0 + k * kRowStep;
-            if (kWhole || r < Rows)
-                cp_async_16(dst + smem_at<Row>(r, c) * 2, g, true);
-            g += kRowStep * stride;
-        }
-        return;
-    }
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-        const int r = r0 + k * kRowStep;
-        const bool ok = first + r < valid;
-        if (kWhole || r < Rows)
-            cp_async_16(dst + smem_at<Row>(r, c) * 2, ok ? g : src, ok);
-        g += kRowStep * stride;
-    }
+    load_rows<kThreads, Rows, LoadChunks, 8>(src, stride, first, valid, tid, [&](int r, int c) {
+        return dst + static_cast<unsigned>(smem_at<Row>(r, c) * 2);
+    });
 }
 
 /* The pad chunk of rows whose head dim is an odd number of chunks (dim % 16

@@ -235,45 +235,12 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t *src, long 
                                           int first, int valid, int tid) {
     constexpr int Width = load_width(Dim), kVecs = Dim / Width;
     if constexpr (Width > 1 && kVecs <= kThreads) {
-        /* Threads as (kThreads / kVecs) rows of kVecs vector columns (16
-         * bytes a vector for a multiple of 8, else 8 or 4; the leftover
-         * threads of a count that does not divide kThreads copy nothing);
-         * each copies its column every kRowStep-th row: a fixed trip count,
-         * unrolled whole, one pointer a thread. Every tile but a last
-         * partial one has every row in range (a block-uniform test), so the
-         * common case has no per-row selects. */
-        constexpr int kRowStep = kThreads / kVecs;
-        constexpr int kSteps = (Rows + kRowStep - 1) / kRowStep;
-        constexpr bool kWhole = Rows % kRowStep == 0; /* no step past Rows */
-        const int c = tid % kVecs, r0 = tid / kVecs, e = c * Width;
-        if (kThreads % kVecs != 0 && r0 >= kRowStep)
-            return;
-        auto copy = [&](int r, const elem_t *from, bool ok) {
-            const unsigned to = dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2;
-            if constexpr (Width == 8)
-                cp_async_16(to, from, ok);
-            else
-                cp_async_small<Width * 2>(to, from, ok);
-        };
-        const elem_t *g = src + static_cast<long long>(first + r0) * stride + e;
-        if (first + Rows <= valid) {
-#pragma unroll
-            for (int k = 0; k < kSteps; ++k) {
-                const int r = r0 + k * kRowStep;
-                if (kWhole || r < Rows)
-                    copy(r, g, true);
-                g += kRowStep * stride;
-            }
-            return;
-        }
-#pragma unroll
-        for (int k = 0; k < kSteps; ++k) {
-            const int r = r0 + k * kRowStep;
-            const bool ok = first + r < valid;
-            if (kWhole || r < Rows)
-                copy(r, ok ? g : src, ok);
-            g += kRowStep * stride;
-        }
+        /* ptx.cuh's load_rows: a fixed unrolled trip count, no per-row
+         * selects on full tiles. */
+        load_rows<kThreads, Rows, kVecs, Width>(src, stride, first, valid, tid, [&](int r, int c) {
+            const int e = c * Width;
+            return dst + static_cast<unsigned>((smem_at<Chunks>(r, e / 8) + e % 8) * 2);
+        });
     } else if constexpr (Width > 1) {
         /* More vectors a row than threads (a one-warp block): a flat loop. */
 #pragma unroll 1

@@ -118,6 +118,54 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+/* Rows x Vecs vectors of Width 16-bit elements (Width 8: 16 bytes by
+ * cp.async.cg; 4 or 2: 8 or 4 bytes by cp.async.ca) from global rows first..
+ * of src (row stride `stride` elements) into shared memory at at(r, c), the
+ * byte address of row r's vector c; rows at or past `valid` are zero-filled.
+ * Threads as (Threads / Vecs) rows of Vecs vector columns (the leftover
+ * threads of a count that does not divide Threads copy nothing), each
+ * copying its column every kRowStep-th row: a fixed trip count, unrolled
+ * whole, one pointer a thread; a tile whose rows are all in range (a
+ * block-uniform test: every tile but a sequence's last) has no per-row
+ * selects. The forward's and the backward's tile loads. */
+template <int Threads, int Rows, int Vecs, int Width, typename At>
+__device__ __forceinline__ void load_rows(const unsigned short *src, long long stride, int first, int valid,
+                                          int tid, At at) {
+    static_assert(Vecs <= Threads, "load_rows: a row's vectors outnumber the threads");
+    static_assert(Width == 8 || Width == 4 || Width == 2, "load_rows: 16, 8 or 4 bytes a vector");
+    constexpr int kRowStep = Threads / Vecs;
+    constexpr int kSteps = (Rows + kRowStep - 1) / kRowStep;
+    constexpr bool kWhole = Rows % kRowStep == 0; /* no step past Rows */
+    const int c = tid % Vecs, r0 = tid / Vecs;
+    if (Threads % Vecs != 0 && r0 >= kRowStep)
+        return;
+    auto copy = [&](int r, const unsigned short *from, bool ok) {
+        if constexpr (Width == 8)
+            cp_async_16(at(r, c), from, ok);
+        else
+            cp_async_small<Width * 2>(at(r, c), from, ok);
+    };
+    const unsigned short *g = src + static_cast<long long>(first + r0) * stride + c * Width;
+    if (first + Rows <= valid) {
+#pragma unroll
+        for (int k = 0; k < kSteps; ++k) {
+            const int r = r0 + k * kRowStep;
+            if (kWhole || r < Rows)
+                copy(r, g, true);
+            g += kRowStep * stride;
+        }
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+        const int r = r0 + k * kRowStep;
+        const bool ok = first + r < valid;
+        if (kWhole || r < Rows)
+            copy(r, ok ? g : src, ok);
+        g += kRowStep * stride;
+    }
+}
+
 } // namespace fajit_ptx
 
 #endif
