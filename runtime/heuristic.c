@@ -56,15 +56,13 @@ static void fwd_tiles(fajit__variant *v)
      * dv to whole n tiles of 8 (a dv not a multiple of 8 computes its tail). */
     int dqk_pad = (v->dqk + 15) / 16 * 16, dv_pad = (v->dv + 7) / 8 * 8;
     int dmax = dqk_pad > dv_pad ? dqk_pad : dv_pad;
-    size_t limit = fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch);
+    const int arch = v->arch == FAJIT__UNSET ? 90 : v->arch;
+    const int masked = v->mask != FAJIT_MASK_NONE || v->window_left >= 0 || v->window_right >= 0;
+    size_t limit = fajit__arch_smem_limit(arch);
     fajit__variant t = *v; /* fields the caller set stay as they are */
 
-    /* Two tiles a warp hold 2 dv_pad accumulators plus the scores; past a dv
-     * of 96 that leaves too few registers when the narrower Q is kept in
-     * registers too (dqk_pad < dv_pad: 64/104, 72/112 and 59/100 spill), so
-     * those take one tile a warp like the wide heads. */
     /* d 128 without dropout, softcap or ALiBi takes FlashAttention-2's own
-     * tile too (bm 128 bn 64, 4 warps: two blocks an SM): measured on H100
+     * tile (bm 128 bn 64, 4 warps: two blocks an SM): measured on H100
      * (fp16, `fajit tune`, 1k-16k) 12-30% ahead of one tile a warp at bn
      * 128, once the softmax folded its scale and rescaled lazily made it fit
      * in registers. It sits at the register file's edge: unmasked it does
@@ -72,21 +70,23 @@ static void fwd_tiles(fajit__variant *v)
      * fastest of the rest under causal) on sm_90 without varlen; windows,
      * and causal on other archs or with varlen, spilled (16-68 bytes), so
      * those keep one tile a warp. */
-    const int arch = v->arch == FAJIT__UNSET ? 90 : v->arch;
     const int windowed = v->window_left >= 0 || v->window_right >= 0;
-    const int fa2_128 = dmax == 128 && dqk_pad == dv_pad && !v->dropout && !v->softcap && !v->alibi &&
-                        !windowed && (v->mask == FAJIT_MASK_NONE || (arch == 90 && !v->varlen));
-    if (fa2_128) {
+    if (dmax == 128 && dqk_pad == dv_pad && !v->dropout && !v->softcap && !v->alibi && !windowed &&
+        (!masked || (arch == 90 && !v->varlen))) {
         set_if_unset(&t.warps, 4);
         set_if_unset(&t.bn, 64);
-        if (v->mask != FAJIT_MASK_NONE)
+        if (masked)
             set_if_unset(&t.stages, 1);
     }
-    /* Masked (causal, windows) square heads of 112 and 120 spill at 4 warps
-     * (16-32 bytes, sm_80 and sm_90, one stage or two): one tile a warp. */
-    const int masked_edge = (v->mask != FAJIT_MASK_NONE || windowed) && dqk_pad == dv_pad && dmax > 104 &&
-                            dmax < 128;
-    set_if_unset(&t.warps, dmax < 128 && !(dv_pad > 96 && dqk_pad < dv_pad) && !masked_edge ? 4 : 8);
+    /* Two tiles a warp hold 2 dv_pad accumulators plus the scores; past a dv
+     * of 96 that leaves too few registers when the narrower Q is kept in
+     * registers too (dqk_pad < dv_pad: 64/104, 72/112 and 59/100 spill), and
+     * masked heads padded to 112 both ways spill too (16-32 bytes, sm_80 and
+     * sm_90, one stage or two), so those take one tile a warp like the wide
+     * heads. */
+    const int narrow_q = dv_pad > 96 && dqk_pad < dv_pad;
+    const int masked_112 = masked && dqk_pad == dv_pad && dmax == 112;
+    set_if_unset(&t.warps, dmax < 128 && !narrow_q && !masked_112 ? 4 : 8);
     if (v->dropout && dmax < 128) /* see the dropout note below */
         set_if_unset(&t.bm, 16 * t.warps);
     set_if_unset(&t.bm, 128 > 16 * t.warps ? 128 : 16 * t.warps);

@@ -242,16 +242,15 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t *src, long 
             return dst + static_cast<unsigned>((smem_at<Chunks>(r, e / 8) + e % 8) * 2);
         });
     } else if constexpr (Width > 1) {
-        /* More vectors a row than threads (a one-warp block): a flat loop. */
+        /* More vectors a row than threads (a one-warp block of 2- or 4-wide
+         * vectors; 16-byte ones number at most 32): a flat loop. */
+        static_assert(Width < 8, "flash_fwd: 16-byte rows always fit load_rows");
 #pragma unroll 1
         for (int i = tid; i < Rows * kVecs; i += kThreads) {
             const int r = i / kVecs, e = (i % kVecs) * Width;
             const bool ok = first + r < valid;
             const elem_t *g = ok ? src + static_cast<long long>(first + r) * stride + e : src;
-            if constexpr (Width == 8)
-                cp_async_16(dst + smem_at<Chunks>(r, e / 8) * 2, g, ok);
-            else
-                cp_async_small<Width * 2>(dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2, g, ok);
+            cp_async_small<Width * 2>(dst + (smem_at<Chunks>(r, e / 8) + e % 8) * 2, g, ok);
         }
     } else {
         /* Odd: 2-byte loads, kBatch in flight before their stores wait. */
