@@ -247,6 +247,14 @@ __device__ __forceinline__ LaneAddr<Row> b_trans(unsigned tile, int row0, int ch
 
 __device__ __forceinline__ float pos_infinity() { return __int_as_float(0x7f800000); }
 
+/* threadIdx.x by a volatile read: the compiler keeps no value derived from
+ * an earlier read alive up to this one. */
+__device__ __forceinline__ int fresh_tid() {
+    int t;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+    return t;
+}
+
 /* 16-byte global accesses (no vector types without headers). */
 struct U4 {
     unsigned x, y, z, w;
@@ -564,27 +572,64 @@ __device__ __forceinline__ void zero_pad_chunks(const Tiles &t, int tid) {
     }
 }
 
+/*
+ * Where a block's query blocks come from, worked out once per block: the Q
+ * and dO rows of head 0 of the block's sequence, the per-head strides, and
+ * this thread's share of the lse2 / D copies (a 16-byte chunk of either, by
+ * the first BM / 2 threads), so that each query block costs an add per
+ * pointer instead of the 64-bit products of the full offsets.
+ */
+struct QuerySrc {
+    const elem_t *q, *dout;     /* (batch b, head 0, sequence row 0) */
+    long long q_head, dout_head; /* elements between heads */
+    long long q_row, dout_row;   /* elements between rows */
+    const float *stats;          /* lse2 of (bh = b * nheads_q, row 0) */
+    long long stats_head;        /* floats between heads: rows_pad */
+    long long stats_d;           /* floats from an lse2 row to its D row */
+    int valid;                   /* rows in the sequence */
+};
+
+/* The lse2 and D rows of a query block: 16-byte chunks, lse2's first. */
+constexpr int kStatChunks = 2 * (FAJIT_BM / 4);
+
+__device__ __forceinline__ QuerySrc query_src_of(const fajit_bwd_params &p, const float *stats, const Seq &seq,
+                                                 long long b) {
+    QuerySrc r;
+    r.q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + seq.q_start * p.q_stride[1];
+    r.dout = static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] +
+             seq.q_start * p.grad_out_stride[1];
+    r.q_head = p.q_stride[2];
+    r.dout_head = p.grad_out_stride[2];
+    r.q_row = p.q_stride[1];
+    r.dout_row = p.grad_out_stride[1];
+    r.stats_head = rows_pad(p);
+    r.stats_d = static_cast<long long>(p.batch) * p.nheads_q * r.stats_head;
+    r.stats = stats + b * p.nheads_q * r.stats_head;
+    r.valid = seq_q(p, seq);
+    return r;
+}
+
 /* Q, dO, lse2 and D of the query block at row m0 of head h into Q stage s
  * (cp.async; rows past the sequence's zero-filled, the scratch rows are
- * padded). */
-__device__ __forceinline__ void load_query_block(const fajit_bwd_params &p, const Tiles &t, const float *stats,
-                                                 const Seq &seq, long long b, long long h, int m0, int s, int tid) {
-    const long long bh = b * p.nheads_q + h;
-    const elem_t *q = static_cast<const elem_t *>(p.q) + b * p.q_stride[0] + seq.q_start * p.q_stride[1] +
-                      h * p.q_stride[2];
-    const elem_t *dout = static_cast<const elem_t *>(p.grad_out) + b * p.grad_out_stride[0] +
-                         seq.q_start * p.grad_out_stride[1] + h * p.grad_out_stride[2];
-    load_tile<FAJIT_BM, kLoadQK, kRowQK>(t.q + s * kQElems * 2, q, p.q_stride[1], m0, seq_q(p, seq), tid);
-    load_tile<FAJIT_BM, kLoadV, kRowV>(t.dout + s * kDoElems * 2, dout, p.grad_out_stride[1], m0, seq_q(p, seq),
-                                       tid);
-    const float *lse2 = stats + bh * rows_pad(p) + m0;
-    const float *d = stats + (static_cast<long long>(p.batch) * p.nheads_q + bh) * rows_pad(p) + m0;
-    for (int i = tid; i < 2 * (FAJIT_BM / 4); i += kThreads) {
-        const int c = i % (FAJIT_BM / 4);
-        if (i < FAJIT_BM / 4)
-            cp_async_16(t.lse2 + (s * FAJIT_BM + c * 4) * 4, lse2 + c * 4, true);
-        else
-            cp_async_16(t.d + (s * FAJIT_BM + c * 4) * 4, d + c * 4, true);
+ * padded). Chunk j of lse2/D is thread j's (and j + kThreads's ...): with
+ * kStatChunks <= kThreads its offsets depend on tid alone, which the
+ * compiler keeps out of the caller's loop. */
+__device__ __forceinline__ void load_query_block(const QuerySrc &src, const Tiles &t, int h, int m0, int s,
+                                                 int tid) {
+    load_tile<FAJIT_BM, kLoadQK, kRowQK>(t.q + s * kQElems * 2, src.q + h * src.q_head, src.q_row, m0, src.valid,
+                                         tid);
+    load_tile<FAJIT_BM, kLoadV, kRowV>(t.dout + s * kDoElems * 2, src.dout + h * src.dout_head, src.dout_row, m0,
+                                       src.valid, tid);
+    const float *rows = src.stats + h * src.stats_head + m0;
+#pragma unroll
+    for (int k = 0; k < (kStatChunks + kThreads - 1) / kThreads; ++k) {
+        const int j = tid + k * kThreads;
+        if (kStatChunks % kThreads == 0 || j < kStatChunks) {
+            const bool is_d = j >= FAJIT_BM / 4;
+            const int c = is_d ? j - FAJIT_BM / 4 : j;
+            cp_async_16((is_d ? t.d : t.lse2) + (s * FAJIT_BM + c * 4) * 4, rows + (is_d ? src.stats_d : 0) + c * 4,
+                        true);
+        }
     }
 }
 
@@ -608,6 +653,10 @@ struct Step {
     bool mask;  /* elements need the per-element test */
 };
 
+
+/* Without softcap and ALiBi the score is q.k times a constant: its scale
+ * and the row's lse2 go into one FFMA (the forward's folding). */
+constexpr bool kFoldScale = !FAJIT_SOFTCAP && !FAJIT_ALIBI;
 
 /* x, the score in the log2 domain, of q.k = a (the forward's: scaled, or
  * capped by tanh under softcap, whose dS/dx factor 1 - tanh^2 goes to grad). */
@@ -663,13 +712,22 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int key = key0 + mt * 16 + half * 8 + lane / 4; /* within the block */
-                float g0 = 1.0f, g1 = 1.0f;
-                float x0 = score_of(acc_s[mt][nt][2 * half], scale, cap2, g0);
-                float x1 = score_of(acc_s[mt][nt][2 * half + 1], scale, cap2, g1);
-                if constexpr (FAJIT_ALIBI) {
-                    const int dist = st.m0 + col + seq_k(p, seq) - seq_q(p, seq) - (st.n0 + key);
-                    x0 = fmaf(-hd.slope2, static_cast<float>(dist < 0 ? -dist : dist), x0);
-                    x1 = fmaf(-hd.slope2, static_cast<float>(dist + 1 < 0 ? -dist - 1 : dist + 1), x1);
+                /* x - lse2: one FFMA when nothing else changes the score
+                 * (lse2 is +inf for rows that see no key: P = 0 there). */
+                float g0 = 1.0f, g1 = 1.0f, x0, x1;
+                if constexpr (kFoldScale) {
+                    x0 = fmaf(acc_s[mt][nt][2 * half], scale, -l0);
+                    x1 = fmaf(acc_s[mt][nt][2 * half + 1], scale, -l1);
+                } else {
+                    x0 = score_of(acc_s[mt][nt][2 * half], scale, cap2, g0);
+                    x1 = score_of(acc_s[mt][nt][2 * half + 1], scale, cap2, g1);
+                    if constexpr (FAJIT_ALIBI) {
+                        const int dist = st.m0 + col + seq_k(p, seq) - seq_q(p, seq) - (st.n0 + key);
+                        x0 = fmaf(-hd.slope2, static_cast<float>(dist < 0 ? -dist : dist), x0);
+                        x1 = fmaf(-hd.slope2, static_cast<float>(dist + 1 < 0 ? -dist - 1 : dist + 1), x1);
+                    }
+                    x0 -= l0;
+                    x1 -= l1;
                 }
                 if (st.mask) {
                     const int kg = st.n0 + key, rg = st.m0 + col;
@@ -678,8 +736,7 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
                     if (hidden(kg, rg + 1, seq_k(p, seq), off))
                         x1 = fajit::neg_infinity();
                 }
-                /* lse2 is +inf for rows that see no key: P = 0 there. */
-                float p0 = fast_exp2(x0 - l0), p1 = fast_exp2(x1 - l1);
+                float p0 = fast_exp2(x0), p1 = fast_exp2(x1);
                 float dp0 = acc_dp[mt][nt][2 * half], dp1 = acc_dp[mt][nt][2 * half + 1];
                 if constexpr (FAJIT_DROPOUT) {
                     dp0 = keep >> (2 * half) & 1u ? dp0 * p.dropout_scale : 0.0f;
@@ -728,21 +785,21 @@ __device__ __forceinline__ int dq_col(int warp, int lane, int nt) {
     return (warp % kDq.wb) * kDqCols + nt * 8 + (lane % 4) * 2;
 }
 
-/* The key-major kernel's dQ: phase 3's tile added into dq_acc (fp32 atomics). */
-__device__ __forceinline__ void dq_atomics(float *dq_head, const Tiles &t, int m0, int warp, int lane) {
+/* The key-major kernel's dQ: phase 3's tile added into dq_acc (fp32
+ * atomics); dq_rows is this lane's first element of the query block's rows
+ * (dq_row(.., 0, 0), dq_col(.., 0)), every other one a constant away. */
+__device__ __forceinline__ void dq_atomics(float *dq_rows, const Tiles &t, int warp, int lane) {
     float acc[kDqMT][kDqNT][4];
     zero(acc);
     dq_phase(acc, t, 0, warp, lane);
 #pragma unroll
     for (int mt = 0; mt < kDqMT; ++mt)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const long long row = m0 + dq_row(warp, lane, mt, half);
+        for (int half = 0; half < 2; ++half)
 #pragma unroll
             for (int nt = 0; nt < kDqNT; ++nt)
-                red_add2(dq_head + row * kDqk + dq_col(warp, lane, nt), acc[mt][nt][2 * half],
+                red_add2(dq_rows + (mt * 16 + half * 8) * kDqk + nt * 8, acc[mt][nt][2 * half],
                          acc[mt][nt][2 * half + 1]);
-        }
 }
 
 /* dK (times softmax_scale) and dV (times dropout_scale under dropout: P^T
@@ -809,28 +866,44 @@ __device__ __forceinline__ void flash_bwd_key_major(const fajit_bwd_params &p, f
     float dv[kKvMT][kKvVNT][4], dk[kKvMT][kKvQkNT][4];
     zero(dv);
     zero(dk);
-    auto head_at = [&](int i) { return h_kv * group + i / nmb; };
-    auto row_at = [&](int i) { return (mb0 + i % nmb) * FAJIT_BM; };
+    const QuerySrc src = query_src_of(p, stats, seq, b);
+    /* dQ of head 0 (bwd only; the same for the whole block, so it may live
+     * in a uniform register) and this lane's first element of a query block. */
+    float *const dq_head0 = WithDq ? dq_acc_of(dq_acc, p, b * p.nheads_q) : nullptr;
+    const int dq_lane = dq_row(warp, lane, 0, 0) * kDqk + dq_col(warp, lane, 0);
+    /* Iteration i's query head and block, and the next iteration's, stepped
+     * (block first) instead of divided out of i. */
+    int h = static_cast<int>(h_kv) * group;
+    int m0 = mb0 * FAJIT_BM;
+    int h_next = h;
+    int m_next = m0;
+    auto step = [&] {
+        m_next += FAJIT_BM;
+        if (m_next == (mb0 + nmb) * FAJIT_BM) {
+            m_next = mb0 * FAJIT_BM;
+            ++h_next;
+        }
+    };
     if constexpr (FAJIT_STAGES == 2) {
         if (iters > 0)
-            load_query_block(p, t, stats, seq, b, head_at(0), row_at(0), 0, tid);
+            load_query_block(src, t, h, m0, 0, tid);
     }
     cp_async_commit();
+    step();
 
     for (int i = 0; i < iters; ++i) {
-        const int s = FAJIT_STAGES == 2 ? i % 2 : 0, m0 = row_at(i);
-        const long long h = head_at(i);
+        const int s = FAJIT_STAGES == 2 ? i % 2 : 0;
         if constexpr (FAJIT_STAGES == 1) {
             if (i > 0)
                 __syncthreads(); /* every warp is done with the single buffer */
-            load_query_block(p, t, stats, seq, b, h, m0, 0, tid);
+            load_query_block(src, t, h, m0, 0, tid);
             cp_async_commit();
         }
         cp_async_wait<0>();
         __syncthreads(); /* block i landed for all; everyone is past block i - 1 */
         if constexpr (FAJIT_STAGES == 2) {
             if (i + 1 < iters)
-                load_query_block(p, t, stats, seq, b, head_at(i + 1), row_at(i + 1), (i + 1) % 2, tid);
+                load_query_block(src, t, h_next, m_next, (i + 1) % 2, tid);
             cp_async_commit();
         }
         const Step st{s, 0, n0, m0, tile_needs_mask(n0, m0, seq_k(p, seq), off)};
@@ -838,10 +911,17 @@ __device__ __forceinline__ void flash_bwd_key_major(const fajit_bwd_params &p, f
         __syncthreads(); /* P^T and dS^T complete */
         kv_phase(dv, dk, t, s, warp, lane);
         if constexpr (WithDq)
-            dq_atomics(dq_acc_of(dq_acc, p, b * p.nheads_q + h), t, m0, warp, lane);
+            dq_atomics(dq_head0 + (static_cast<long long>(h) * src.stats_head + m0) * kDqk + dq_lane, t, warp, lane);
+        h = h_next;
+        m0 = m_next;
+        step();
     }
     cp_async_wait<0>(); /* no copy may outlive the block */
-    write_dkdv(p, seq, b, h_kv, n0, dv, dk, warp, lane);
+    /* The thread index read afresh (volatile: not merged with the one
+     * before the loop), so that no lane offset lives across the loop: at
+     * d 128 that one register was a spill. */
+    const int tid_end = fresh_tid();
+    write_dkdv(p, seq, b, h_kv, n0, dv, dk, tid_end / 32, tid_end % 32);
 }
 
 /* ---------------------------------------------------------------- the query-major kernel */
@@ -888,7 +968,7 @@ __device__ __forceinline__ void flash_bwd_query_major(const fajit_bwd_params &p,
     const Head hd = head_of(p, b, h);
     const Tiles t = tiles_of(smem);
     zero_pad_chunks(t, tid);
-    load_query_block(p, t, stats, seq, b, h, m0, 0, tid);
+    load_query_block(query_src_of(p, stats, seq, b), t, h, m0, 0, tid);
     if constexpr (FAJIT_STAGES == 2) {
         if (n_tiles > 0)
             load_key_block(p, t, seq, b, h_kv, nb0, 0, tid);
