@@ -39,7 +39,8 @@
  * Scratch (allocated by the runtime, runtime/flash_bwd.c): per (batch, query
  * head) bh, rows_pad = seqlen_q rounded up to kRowPad rows,
  *   dq_acc[bh][rows_pad][kDqk]   fp32 (kDqk = dqk rounded up to 16; not in
- *                                deterministic mode)
+ *                                deterministic mode), in mma-tile order:
+ *                                dq_at() below
  *   stats[bh][rows_pad]          lse2; stats[batch * nheads_q + bh][...] D.
  * Padding rows get lse2 = +inf and D = 0, so they contribute exactly 0.
  *
@@ -299,6 +300,21 @@ __device__ __forceinline__ float *d_of(float *stats, const fajit_bwd_params &p, 
 }
 __device__ __forceinline__ float *dq_acc_of(float *dq_acc, const fajit_bwd_params &p, long long bh) {
     return dq_acc + bh * rows_pad(p) * kDqk;
+}
+
+/*
+ * Where element (row, col) of a head's dQ accumulator lives: in mma-tile
+ * order, each 16-row x 8-column tile of an m16n8 accumulator 128 floats in
+ * a row, its top 8 rows first, each of those rows' 8 columns together:
+ *   ((row / 16) (kDqk / 8) + col / 8) 128 + (row % 16 / 8) 64 + (row % 8) 8 + col % 8.
+ * A warp's red.v2 of one tile half (lane l: row l / 4, columns 2 (l % 4)
+ * and + 1) then covers 256 contiguous bytes instead of 32 bytes of 8 rows
+ * (8 cache lines), and the post kernel still reads a row's 8 columns as 32
+ * contiguous bytes. Blocks of 16 rows stay contiguous, so zeroing whole
+ * query blocks is unchanged.
+ */
+__device__ __forceinline__ long long dq_at(long long row, int col) {
+    return ((row / 16) * (kDqk / 8) + col / 8) * 128 + (row % 16 / 8) * 64 + (row % 8) * 8 + col % 8;
 }
 
 /* ---------------------------------------------------------------- tiles */
@@ -786,8 +802,9 @@ __device__ __forceinline__ int dq_col(int warp, int lane, int nt) {
 }
 
 /* The key-major kernel's dQ: phase 3's tile added into dq_acc (fp32
- * atomics); dq_rows is this lane's first element of the query block's rows
- * (dq_row(.., 0, 0), dq_col(.., 0)), every other one a constant away. */
+ * atomics); dq_rows is this lane's first element of the query block's
+ * (dq_at(dq_row(.., 0, 0), dq_col(.., 0)) for row 0 of the block), every
+ * other one a constant away. */
 __device__ __forceinline__ void dq_atomics(float *dq_rows, const Tiles &t, int warp, int lane) {
     float acc[kDqMT][kDqNT][4];
     zero(acc);
@@ -798,7 +815,7 @@ __device__ __forceinline__ void dq_atomics(float *dq_rows, const Tiles &t, int w
         for (int half = 0; half < 2; ++half)
 #pragma unroll
             for (int nt = 0; nt < kDqNT; ++nt)
-                red_add2(dq_rows + (mt * 16 + half * 8) * kDqk + nt * 8, acc[mt][nt][2 * half],
+                red_add2(dq_rows + (mt * (kDqk / 8) + nt) * 128 + half * 64, acc[mt][nt][2 * half],
                          acc[mt][nt][2 * half + 1]);
 }
 
@@ -870,7 +887,7 @@ __device__ __forceinline__ void flash_bwd_key_major(const fajit_bwd_params &p, f
     /* dQ of head 0 (bwd only; the same for the whole block, so it may live
      * in a uniform register) and this lane's first element of a query block. */
     float *const dq_head0 = WithDq ? dq_acc_of(dq_acc, p, b * p.nheads_q) : nullptr;
-    const int dq_lane = dq_row(warp, lane, 0, 0) * kDqk + dq_col(warp, lane, 0);
+    const int dq_lane = static_cast<int>(dq_at(dq_row(warp, lane, 0, 0), dq_col(warp, lane, 0)));
     /* Iteration i's query head and block, and the next iteration's, stepped
      * (block first) instead of divided out of i. */
     int h = static_cast<int>(h_kv) * group;
@@ -911,7 +928,8 @@ __device__ __forceinline__ void flash_bwd_key_major(const fajit_bwd_params &p, f
         __syncthreads(); /* P^T and dS^T complete */
         kv_phase(dv, dk, t, s, warp, lane);
         if constexpr (WithDq)
-            dq_atomics(dq_head0 + (static_cast<long long>(h) * src.stats_head + m0) * kDqk + dq_lane, t, warp, lane);
+            dq_atomics(dq_head0 + (static_cast<long long>(h) * src.stats_head + m0) * kDqk + dq_lane, t, warp,
+                       lane); /* m0 % 16 == 0: the block's rows start a tile row */
         h = h_next;
         m0 = m_next;
         step();
@@ -1063,8 +1081,9 @@ __device__ __forceinline__ void flash_bwd_post(const fajit_bwd_params &p, const 
         const int row = r0 + i / kLoadQK, c = i % kLoadQK;
         if (row >= seq_q(p, seq))
             break; /* i only grows */
-        const U4 a = ld_global_16(src + static_cast<long long>(row) * kDqk + c * 8);
-        const U4 e = ld_global_16(src + static_cast<long long>(row) * kDqk + c * 8 + 4);
+        const float *at = src + dq_at(row, c * 8); /* the row's 8 columns, together */
+        const U4 a = ld_global_16(at);
+        const U4 e = ld_global_16(at + 4);
         const float sc = p.softmax_scale;
         const U4 out{pack2(__uint_as_float(a.x) * sc, __uint_as_float(a.y) * sc),
                      pack2(__uint_as_float(a.z) * sc, __uint_as_float(a.w) * sc),
