@@ -551,17 +551,19 @@ typedef struct fajit_tuning_record {
     uint32_t samples;
     uint64_t timestamp_ns; /* when it was measured, ns since the epoch */
     int best;             /* 1: the record launches use for its (GPU, build, variant,
-                             bucket, plan_splits): the lowest median, the heuristic's
-                             config kept unless another is at least 3% faster */
+                             bucket, plan_splits, few_rows): the lowest median, the
+                             heuristic's config kept unless another is at least 3% faster */
     int splits;           /* the candidate's split-KV count; 0: the built-in rule's */
     int plan_splits;      /* the rule's split count for the problem (part of the key);
                              0: split-KV does not apply (every bwd record) */
+    int few_rows;         /* 1: a problem with few query rows a block (decoding), whose
+                             heuristic tiles are the few-rows rule's (part of the key) */
 } fajit_tuning_record;
 
 typedef int (*fajit_tuning_fn)(void *user, const fajit_tuning_record *r);
 
 /* Calls fn for every valid tuning record, grouped by (GPU, build, variant,
- * bucket, plan_splits); fn returns nonzero to stop. */
+ * bucket, plan_splits, few_rows); fn returns nonzero to stop. */
 FAJIT_API int fajit_tuning_list(fajit_ctx *ctx, fajit_tuning_fn fn, void *user);
 
 /* Removes every tuning record (read-write cache). */

@@ -234,16 +234,25 @@ static int choose_op(fajit_ctx *ctx, const fajit_attn_args *a, const struct faji
     return FAJIT__OP_REF;
 }
 
-/* The variant for validated arguments on a device of the given arch, with
- * the heuristic's tiles (tuned_choice may replace them). */
-static void derive_variant(fajit_ctx *ctx, const fajit_attn_args *a, const struct fajit_fwd_params *p, int arch,
-                           fajit__variant *v)
+static fajit__fwd_shape shape_of(const struct fajit_fwd_params *p)
 {
+    fajit__fwd_shape sh = {p->batch, p->seqlen_q, p->seqlen_k, p->nheads_q, p->nheads_kv};
+    return sh;
+}
+
+/* The variant for validated arguments on a device of the given arch, with
+ * the heuristic's tiles for the call's shape (tuned_choice may replace them).
+ * Returns 1 where the few-rows rule chose them (decoding): part of the
+ * tuning key, as the tuner keys its records (runtime/tune.h). */
+static int derive_variant(fajit_ctx *ctx, const fajit_attn_args *a, const struct fajit_fwd_params *p, int arch,
+                          fajit__variant *v)
+{
+    const fajit__fwd_shape sh = shape_of(p);
     derive_features(a, v);
     v->op = choose_op(ctx, a, p, v);
     v->arch = arch;
     v->arch_suffix = 0;
-    fajit__heuristic_tiles(v);
+    return fajit__heuristic_tiles_for(v, &sh);
 }
 
 int fajit__configure_function(const fajit__driver *drv, const fajit__variant *v, CUfunction fn)
@@ -282,18 +291,13 @@ static int sm_count(const fajit__driver *drv, CUdevice dev)
     return n;
 }
 
-static fajit__fwd_shape shape_of(const struct fajit_fwd_params *p)
-{
-    fajit__fwd_shape sh = {p->batch, p->seqlen_q, p->seqlen_k, p->nheads_q, p->nheads_kv};
-    return sh;
-}
-
 /* v (heuristic tiles) takes the tuned tiles and split count of device dev
  * where the store has them; the split count the rule gives the heuristic's
- * tiles is part of the key (runtime/tune.h). *splits: the count to launch
- * with, 0 for the rule (computed here once when it splits with v's tiles). */
+ * tiles and few_rows (derive_variant's answer) are part of the key
+ * (runtime/tune.h). *splits: the count to launch with, 0 for the rule
+ * (computed here once when it splits with v's tiles). */
 static void tuned_choice(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev,
-                         const struct fajit_fwd_params *p, fajit__variant *v, int *splits)
+                         const struct fajit_fwd_params *p, int few_rows, fajit__variant *v, int *splits)
 {
     const fajit__fwd_shape sh = shape_of(p);
     int plan = 0, tuned = 0, found = 0;
@@ -303,7 +307,7 @@ static void tuned_choice(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev,
     if ((sh.seqlen_k + v->bn - 1) / v->bn >= FAJIT__MIN_SPLIT_TILES) /* else the rule never splits */
         plan = fajit__plan_splits(v, &sh, sm_count(drv, dev));
     if (ctx->tuned_tiles && ctx->store)
-        found = fajit__launch_tiles(ctx, drv, dev, p->seqlen_k, plan, v, &tuned);
+        found = fajit__launch_tiles(ctx, drv, dev, p->seqlen_k, plan, few_rows, v, &tuned);
     *splits = found ? tuned : plan;
 }
 
@@ -370,7 +374,7 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     CUcontext cu;
     CUdevice dev = -1;
     unsigned long long cu_id;
-    int rc, pushed, arch = 0, splits = 0;
+    int rc, pushed, arch = 0, splits = 0, few_rows;
 
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
@@ -384,8 +388,8 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     cu_id = fajit__context_id(drv, cu);
     rc = fajit__context_device(ctx, drv, cu_id, &arch, &dev);
     if (rc == 0) {
-        derive_variant(ctx, &a, &p, arch, &v); /* checked on a table miss */
-        tuned_choice(ctx, drv, dev, &p, &v, &splits);
+        few_rows = derive_variant(ctx, &a, &p, arch, &v); /* checked on a table miss */
+        tuned_choice(ctx, drv, dev, &p, few_rows, &v, &splits);
         rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
     }
     if (rc == 0 && v.op == FAJIT__OP_REF_PROBS)
@@ -399,7 +403,8 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
 
 /* What fajit_attn_fwd would launch on the context's device: its tuned tiles
  * when a GPU is there and the store has them (the caller's error detail kept). */
-static void tuned_tiles_of_ctx_device(fajit_ctx *ctx, const struct fajit_fwd_params *p, fajit__variant *v)
+static void tuned_tiles_of_ctx_device(fajit_ctx *ctx, const struct fajit_fwd_params *p, int few_rows,
+                                      fajit__variant *v)
 {
     const fajit__driver *drv;
     char saved[FAJIT__DETAIL_MAX];
@@ -407,7 +412,7 @@ static void tuned_tiles_of_ctx_device(fajit_ctx *ctx, const struct fajit_fwd_par
     int splits;
     snprintf(saved, sizeof saved, "%s", fajit__detail());
     if (fajit__driver_get(&drv) == 0 && drv->deviceGet(&dev, ctx->device) == CUDA_SUCCESS)
-        tuned_choice(ctx, drv, dev, p, v, &splits);
+        tuned_choice(ctx, drv, dev, p, few_rows, v, &splits);
     fajit__fail(0, "%s", saved);
 }
 
@@ -417,15 +422,15 @@ int fajit_attn_variant(fajit_ctx *ctx, const fajit_attn_args *args, char *buf, s
     fajit_attn_args a;
     probs_out po;
     fajit__variant v;
-    int rc;
+    int rc, few_rows;
 
     if (!ctx || !buf)
         return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "buf" : "ctx");
     if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
         (rc = fill_params(&a, &p)) || (rc = fill_probs(&a, &po)))
         return rc;
-    derive_variant(ctx, &a, &p, fajit__default_arch(ctx), &v);
-    tuned_tiles_of_ctx_device(ctx, &p, &v);
+    few_rows = derive_variant(ctx, &a, &p, fajit__default_arch(ctx), &v);
+    tuned_tiles_of_ctx_device(ctx, &p, few_rows, &v);
     rc = fajit__variant_check(&v);
     return rc != 0 ? rc : fajit__variant_format(&v, buf, cap);
 }

@@ -243,7 +243,7 @@ static int run_fast(fajit_ctx *ctx, const fajit__driver *drv, const fajit_attn_b
     fajit__variant v[3];
     fajit__flash_bwd_variants(a, arch, v);
     if (!a->deterministic)
-        fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, 0, &v[1], NULL);
+        fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, 0, 0, &v[1], NULL);
     return fajit__flash_bwd_launch(ctx, drv, v, p, cu_id, stream);
 }
 

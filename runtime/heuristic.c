@@ -1,7 +1,7 @@
 /*
- * runtime/heuristic.c - tile sizes for a variant when nobody tuned them, the
- * fast forward's split-KV plan (flash-decoding), and the arch a spec gets
- * when it names none.
+ * runtime/heuristic.c - tile sizes for a variant when nobody tuned them (and
+ * for a call's shape: the fast forward's few-rows rule), the fast forward's
+ * split-KV plan (flash-decoding), and the arch a spec gets when it names none.
  */
 #include "runtime/flash_bwd.h"
 #include "runtime/runtime.h"
@@ -42,6 +42,25 @@ size_t fajit__arch_smem_limit(int arch)
     }
 }
 
+/* t (the tiles chosen for asked) shrunk until its shared memory fits the
+ * arch's limit, only in the fields asked left unset. Narrower key tiles before
+ * fewer stages: a single stage leaves the copy of the next tile unhidden, and
+ * its variants of d128 (sm_86/89) and of d256 with every feature (sm_80)
+ * spilled where two stages of half the keys did not. */
+static void fit_smem(const fajit__variant *asked, fajit__variant *t, size_t limit)
+{
+    while (fajit__variant_smem_bytes(t) > limit) {
+        if (asked->bn == FAJIT__UNSET && t->bn > 32)
+            t->bn /= 2;
+        else if (asked->stages == FAJIT__UNSET && t->stages > 1)
+            t->stages--;
+        else if (asked->bm == FAJIT__UNSET && t->bm > 16 * t->warps)
+            t->bm /= 2;
+        else
+            break; /* the template's static_assert says why */
+    }
+}
+
 /* The fast forward (templates/flash_fwd.cuh). A warp owns 16 * (bm / 16 /
  * warps) query rows; its registers hold that many rows of the output (dv wide)
  * and of the scores (bn wide). Below a padded head dim of 128 two 16-row tiles
@@ -49,7 +68,7 @@ size_t fajit__arch_smem_limit(int arch)
  * heads take one tile a warp (8 warps) so the accumulators fit in registers
  * without spills. Two stages overlap the next K/V copy with this tile's math;
  * when the arch's shared memory is short, narrower key tiles, then fewer
- * stages, then fewer rows. */
+ * stages, then fewer rows (fit_smem). */
 static void fwd_tiles(fajit__variant *v)
 {
     /* The registers follow the padded head dims: dqk to the mma k step of 16,
@@ -99,21 +118,88 @@ static void fwd_tiles(fajit__variant *v)
      * softmax and barrier cost per key halves); d64 and d256 lose with it. */
     set_if_unset(&t.bn, dmax == 128 ? 128 : 64);
     set_if_unset(&t.stages, 2);
-    /* Narrower key tiles before fewer stages: a single stage leaves the copy
-     * of the next tile unhidden, and its variants of d128 (sm_86/89) and of
-     * d256 with every feature (sm_80) spilled where two stages of half the
-     * keys did not. */
-    while (fajit__variant_smem_bytes(&t) > limit) {
-        if (v->bn == FAJIT__UNSET && t.bn > 32)
-            t.bn /= 2;
-        else if (v->stages == FAJIT__UNSET && t.stages > 1)
-            t.stages--;
-        else if (v->bm == FAJIT__UNSET && t.bm > 16 * t.warps)
-            t.bm /= 2;
-        else
-            break; /* the template's static_assert says why */
-    }
+    fit_smem(v, &t, limit);
     *v = t;
+}
+
+/* ---------------------------------------------------------------- few query rows a block */
+
+/* Whether a fast-forward block of bm query rows of shape sh holds a kv
+ * head's whole group of query heads (seqlen_q 1; ALiBi and dropout index by
+ * a block's single head: never packed). fajit__plan_split packs exactly when
+ * this says so; the few-rows rule asks it of the tile it is about to take. */
+static int packs_group(const fajit__variant *v, int bm, const fajit__fwd_shape *sh, int64_t group)
+{
+    return sh->seqlen_q == 1 && group > 1 && group <= bm && !v->alibi && !v->dropout;
+}
+
+/* A block whose real query rows all fit one warp's 16-row mma tile (a decode
+ * step: seqlen_q 1, a kv head's query heads packed into one block, its keys
+ * split over blocks) does its math on one warp whatever the tile; the other
+ * warps only copy K and V tiles in (cp.async), and over long keys those
+ * copies are the whole cost. So such calls take more copying warps and wider
+ * key tiles than fwd_tiles gives prefill: bf16 d128 decode (32/8 heads,
+ * batch 1, H100) reached 80% of the copy bandwidth at 64k keys with bm 128
+ * bn 128, 8 warps, 2 stages, and 76% with fwd_tiles' bm 128 bn 64, 4 warps
+ * (benchmarks/RESULTS.md, third and fourth sessions). One 16-row tile a warp
+ * keeps the accumulators of head dims up to 128 in registers (it is the tile
+ * fwd_tiles gives masked d128 off sm_90); unequal head dims, other widths,
+ * dropout, softcap and ALiBi keep fwd_tiles' choice (not measured). These
+ * are starting values, to be tuned on the GPU. */
+#define FEW_ROWS_MAX 16 /* real query rows a block: one warp's mma tile holds them */
+#define FEW_ROWS_DMIN 64 /* head dims (dqk == dv) the rule covers */
+#define FEW_ROWS_DMAX 128
+#define FEW_ROWS_BM 128
+#define FEW_ROWS_BN 128
+#define FEW_ROWS_WARPS 8
+#define FEW_ROWS_STAGES 2
+
+static int few_rows_tile_fits(const fajit__variant *v)
+{
+    return v->op == FAJIT__OP_FWD && v->dqk == v->dv && v->dqk >= FEW_ROWS_DMIN && v->dqk <= FEW_ROWS_DMAX &&
+           !v->dropout && !v->softcap && !v->alibi;
+}
+
+/* The few-rows tile for v (fields the caller set kept), shrunk as fwd_tiles
+ * shrinks its own where the arch's shared memory is short. */
+static void few_rows_tiles(fajit__variant *v)
+{
+    fajit__variant t = *v;
+    set_if_unset(&t.warps, FEW_ROWS_WARPS);
+    set_if_unset(&t.bm, FEW_ROWS_BM > 16 * t.warps ? FEW_ROWS_BM : 16 * t.warps);
+    set_if_unset(&t.bn, FEW_ROWS_BN);
+    set_if_unset(&t.stages, FEW_ROWS_STAGES);
+    fit_smem(v, &t, fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch));
+    *v = t;
+}
+
+/* Real query rows in one block of v (tiles set) for shape sh. */
+static int64_t rows_a_block(const fajit__variant *v, const fajit__fwd_shape *sh)
+{
+    int64_t group = sh->nheads_kv > 0 ? sh->nheads_q / sh->nheads_kv : 1;
+    return packs_group(v, v->bm, sh, group) ? sh->seqlen_q * group : sh->seqlen_q;
+}
+
+int fajit__heuristic_tiles_for(fajit__variant *v, const fajit__fwd_shape *sh)
+{
+    if (sh && few_rows_tile_fits(v)) {
+        fajit__variant t = *v;
+        few_rows_tiles(&t); /* whether the call packs depends on the bm it takes */
+        if (rows_a_block(&t, sh) <= FEW_ROWS_MAX) {
+            *v = t;
+            return 1;
+        }
+    }
+    fajit__heuristic_tiles(v);
+    return 0;
+}
+
+void fajit__few_rows_tiles(fajit__variant *v)
+{
+    if (few_rows_tile_fits(v))
+        few_rows_tiles(v);
+    else
+        fajit__heuristic_tiles(v);
 }
 
 void fajit__heuristic_tiles(fajit__variant *v)
@@ -196,9 +282,8 @@ static int choose_splits(int64_t blocks, int slots, int max_splits)
 }
 
 /* Packing when each kv head's query heads fit one block's rows at seqlen_q 1
- * (ALiBi and dropout index by a block's single head: never packed);
- * splitting when the blocks would leave SMs idle and the keys are long, or
- * as tuned. */
+ * (packs_group); splitting when the blocks would leave SMs idle and the keys
+ * are long, or as tuned. */
 fajit__split_plan fajit__plan_split(const fajit__variant *v, const fajit__fwd_shape *sh, int sms,
                                     int tuned_splits)
 {
@@ -207,7 +292,7 @@ fajit__split_plan fajit__plan_split(const fajit__variant *v, const fajit__fwd_sh
     int max_splits = n_tiles < FAJIT__MAX_SPLITS ? (int)n_tiles : FAJIT__MAX_SPLITS, slots;
     if (v->op != FAJIT__OP_FWD)
         return s;
-    if (sh->seqlen_q == 1 && group > 1 && group <= v->bm && !v->alibi && !v->dropout) {
+    if (packs_group(v, v->bm, sh, group)) {
         s.pack = (int)group;
         s.grid_x = 1;
         s.grid_y = (unsigned)sh->nheads_kv;

@@ -27,13 +27,14 @@
 #include "runtime/flash_bwd.h"
 
 /* The key's last byte is its format version: 2 added plan_splits to the
- * problem prefix and the split count to the candidate, so records of
- * version 1 match no prefix and decode as corrupt (ignored, not misread). */
-#define KEY_MAGIC "FJT\x02"
+ * problem prefix and the split count to the candidate; 3 added few_rows to
+ * the prefix (the heuristic's tiles depend on it). Records of older versions
+ * match no prefix and decode as corrupt (ignored, not misread). */
+#define KEY_MAGIC "FJT\x03"
 #define GPU_ID_LEN 108 /* name 96, arch, SM count, driver version */
 #define TILE_FIELDS 4
 #define CHOICE_FIELDS (TILE_FIELDS + 1) /* the tiles, then the split count */
-#define PREFIX_FIXED 138                /* bytes of a prefix besides the variant */
+#define PREFIX_FIXED 142                /* bytes of a prefix besides the variant */
 
 /* ---------------------------------------------------------------- little-endian helpers */
 
@@ -127,8 +128,8 @@ static size_t serialize_untiled(const fajit__variant *v, uint8_t *buf, size_t ca
 }
 
 size_t fajit__tuning_key(const fajit__gpu_identity *gpu, const uint8_t build_id[16],
-                         const fajit__tune_choice *c, int bucket, int plan_splits, int with_tiles,
-                         uint8_t *buf, size_t cap)
+                         const fajit__tune_choice *c, int bucket, int plan_splits, int few_rows,
+                         int with_tiles, uint8_t *buf, size_t cap)
 {
     size_t ser = serialize_untiled(&c->v, NULL, 0);
     size_t len = PREFIX_FIXED + ser + (with_tiles ? 4 * CHOICE_FIELDS : 0);
@@ -147,6 +148,7 @@ size_t fajit__tuning_key(const fajit__gpu_identity *gpu, const uint8_t build_id[
     serialize_untiled(&c->v, p + 130, ser);
     put_u32(p + 130 + ser, (uint32_t)bucket);
     put_u32(p + 134 + ser, (uint32_t)plan_splits);
+    put_u32(p + 138 + ser, few_rows ? 1u : 0u);
     if (with_tiles) {
         fajit__variant t = c->v;
         for (int i = 0; i < TILE_FIELDS; i++)
@@ -158,7 +160,7 @@ size_t fajit__tuning_key(const fajit__gpu_identity *gpu, const uint8_t build_id[
 
 int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity *gpu,
                              uint8_t build_id[16], fajit__tune_choice *c, int *bucket,
-                             int *plan_splits)
+                             int *plan_splits, int *few_rows)
 {
     uint8_t ser[256];
     size_t sl;
@@ -184,6 +186,7 @@ int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity
     }
     *bucket = (int)get_u32(key + 130 + sl);
     *plan_splits = (int)get_u32(key + 134 + sl);
+    *few_rows = get_u32(key + 138 + sl) != 0;
     c->splits = (int)get_u32(key + PREFIX_FIXED + sl + 4 * TILE_FIELDS);
     return fajit__variant_deserialize(ser, sl, &c->v);
 }
@@ -432,7 +435,7 @@ typedef struct best_search {
     double best_ns;
     int found;
     int choice[CHOICE_FIELDS];
-    int heuristic[CHOICE_FIELDS]; /* the heuristic's tiles for v, and plan_splits */
+    int heuristic[CHOICE_FIELDS]; /* the heuristic's tiles for v (and few_rows), and plan_splits */
 } best_search;
 
 /* Leaving the heuristic's config takes a clear win: another candidate must be
@@ -485,18 +488,23 @@ static int consider_record(void *user, const uint8_t *key, size_t key_len, const
     return 0;
 }
 
-/* The heuristic's tiles for v (whatever tiles v has). */
-static fajit__variant heuristic_of(const fajit__variant *v)
+/* The heuristic's tiles for v (whatever tiles v has) in a problem of the
+ * few-rows class few_rows (fajit__heuristic_tiles_for's answer for its
+ * shape): what the launch path runs untuned. */
+static fajit__variant heuristic_of(const fajit__variant *v, int few_rows)
 {
     fajit__variant h = *v;
     for (int i = 0; i < TILE_FIELDS; i++)
         *tile_field(&h, i) = FAJIT__UNSET;
-    fajit__heuristic_tiles(&h);
+    if (few_rows)
+        fajit__few_rows_tiles(&h);
+    else
+        fajit__heuristic_tiles(&h);
     return h;
 }
 
 int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucket, int plan_splits,
-                       const fajit__gpu_identity *gpu, fajit__tune_choice *out)
+                       int few_rows, const fajit__gpu_identity *gpu, fajit__tune_choice *out)
 {
     uint8_t prefix[FAJIT__TUNING_KEY_MAX];
     memo_slot slot;
@@ -504,8 +512,8 @@ int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucke
         (v->op != FAJIT__OP_FWD && v->op != FAJIT__OP_BWD))
         return FAJIT_ENOTFOUND;
     const fajit__tune_choice asked = {*v, 0};
-    size_t n = fajit__tuning_key(gpu, ctx->build_id, &asked, seqlen_bucket, plan_splits, 0, prefix,
-                                 sizeof prefix);
+    size_t n = fajit__tuning_key(gpu, ctx->build_id, &asked, seqlen_bucket, plan_splits, few_rows, 0,
+                                 prefix, sizeof prefix);
     if (n > sizeof prefix)
         return FAJIT_ENOTFOUND;
     memset(&slot, 0, sizeof slot);
@@ -513,7 +521,7 @@ int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucke
     if (!memo_get(slot.digest, &slot)) {
         char saved[FAJIT__DETAIL_MAX];
         best_search bs = {v, n, 0, 0, {0}, {0}};
-        const fajit__tune_choice h = {heuristic_of(v), plan_splits};
+        const fajit__tune_choice h = {heuristic_of(v, few_rows), plan_splits};
         choice_fields(&h, bs.heuristic);
         snprintf(saved, sizeof saved, "%s", fajit__detail());
         int rc = fajit__store_tuning_iterate(ctx->store, prefix, n, consider_record, &bs);
@@ -534,11 +542,11 @@ int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucke
 }
 
 int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, int64_t seqlen_k,
-                        int plan_splits, fajit__variant *v, int *splits)
+                        int plan_splits, int few_rows, fajit__variant *v, int *splits)
 {
     /* One entry per op (fwd, bwd): training alternates them. */
     static _Thread_local struct {
-        int valid, bucket, plan, found, splits;
+        int valid, bucket, plan, few_rows, found, splits;
         unsigned generation;
         const fajit_ctx *ctx;
         CUdevice dev;
@@ -557,7 +565,7 @@ int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, 
     bucket = fajit__seqlen_bucket(seqlen_k);
     generation = atomic_load_explicit(&memo_generation, memory_order_acquire);
     if (last[op].valid && last[op].ctx == ctx && last[op].dev == dev && last[op].bucket == bucket &&
-        last[op].plan == plan_splits && last[op].generation == generation &&
+        last[op].plan == plan_splits && last[op].few_rows == few_rows && last[op].generation == generation &&
         memcmp(&last[op].in, v, sizeof *v) == 0) {
         *v = last[op].out;
         if (splits)
@@ -570,7 +578,7 @@ int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, 
         fajit__fail(0, "%s", saved); /* not the caller's error: the heuristic's tiles, retried next call */
         return 0;
     }
-    found = fajit__tuned_tiles(ctx, v, bucket, plan_splits, &id, &tuned) == 0;
+    found = fajit__tuned_tiles(ctx, v, bucket, plan_splits, few_rows, &id, &tuned) == 0;
     last[op].in = *v;
     if (found)
         *v = tuned.v;
@@ -580,6 +588,7 @@ int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, 
     last[op].dev = dev;
     last[op].bucket = bucket;
     last[op].plan = plan_splits;
+    last[op].few_rows = few_rows;
     last[op].generation = generation;
     last[op].found = found;
     last[op].valid = 1;
@@ -829,7 +838,8 @@ typedef struct list_state {
 
 static void fill_record(const fajit_ctx *ctx, const fajit__gpu_identity *gpu,
                         const uint8_t build[16], const fajit__tune_choice *c, int bucket,
-                        int plan_splits, const fajit__tuning_value *tv, fajit_tuning_record *r)
+                        int plan_splits, int few_rows, const fajit__tuning_value *tv,
+                        fajit_tuning_record *r)
 {
     memset(r, 0, sizeof *r);
     snprintf(r->gpu_name, sizeof r->gpu_name, "%s", gpu->name);
@@ -848,12 +858,13 @@ static void fill_record(const fajit_ctx *ctx, const fajit__gpu_identity *gpu,
     r->timestamp_ns = tv->timestamp_ns;
     r->splits = c->splits;
     r->plan_splits = plan_splits;
+    r->few_rows = few_rows;
 }
 
 /* The heuristic's config: its tiles, and the rule's split count. */
-static int is_heuristic_choice(const fajit__tune_choice *c, int plan_splits)
+static int is_heuristic_choice(const fajit__tune_choice *c, int plan_splits, int few_rows)
 {
-    fajit__variant h = heuristic_of(&c->v);
+    fajit__variant h = heuristic_of(&c->v, few_rows);
     return memcmp(&h, &c->v, sizeof h) == 0 && c->splits == plan_splits;
 }
 
@@ -866,9 +877,9 @@ static int list_one(void *user, const uint8_t *key, size_t key_len, const uint8_
     fajit__tune_choice c;
     uint8_t build[16];
     XXH128_canonical_t h;
-    int bucket, plan_splits;
+    int bucket, plan_splits, few_rows;
     if (fajit__tuning_value_decode(key, key_len, value, value_len, &tv, NULL) != 0 ||
-        fajit__tuning_key_decode(key, key_len, &gpu, build, &c, &bucket, &plan_splits) != 0)
+        fajit__tuning_key_decode(key, key_len, &gpu, build, &c, &bucket, &plan_splits, &few_rows) != 0)
         return 0; /* not a record this build can read: not listed */
     if (st->n == st->cap) {
         size_t cap = st->cap ? st->cap * 2 : 64;
@@ -881,8 +892,9 @@ static int list_one(void *user, const uint8_t *key, size_t key_len, const uint8_
         st->cap = cap;
     }
     list_item *it = &st->items[st->n++];
-    fill_record(st->ctx, &gpu, build, &c, bucket, plan_splits, &tv, &it->rec);
-    it->rank = (double)tv.median_ns * (is_heuristic_choice(&c, plan_splits) ? HEURISTIC_PREFERENCE : 1.0);
+    fill_record(st->ctx, &gpu, build, &c, bucket, plan_splits, few_rows, &tv, &it->rec);
+    it->rank = (double)tv.median_ns *
+               (is_heuristic_choice(&c, plan_splits, few_rows) ? HEURISTIC_PREFERENCE : 1.0);
     XXH128_canonicalFromHash(&h, XXH3_128bits(key, key_len - 4 * CHOICE_FIELDS));
     memcpy(it->group, h.digest, 16);
     return 0;
@@ -1061,6 +1073,7 @@ typedef struct tune_cand {
 
 typedef struct tune_group {
     fajit__variant base; /* tiles unset, arch set */
+    int few_rows;        /* the problems' few-rows class: it picks the heuristic's tiles */
     tune_cand *cands;    /* the heuristic config first */
     size_t n;
     int checked;         /* outputs compared on this group's first problem */
@@ -1094,17 +1107,33 @@ static void emit(tune_run *r, int kind, size_t done, size_t total, const char *p
     r->opt.progress(r->opt.progress_user, &ev);
 }
 
-static int init_group(tune_run *r, tune_group *g, const fajit__variant *base)
+static fajit__fwd_shape problem_shape(const fajit__tune_problem *p)
+{
+    fajit__fwd_shape sh = {p->batch, p->seqlen_q, p->seqlen_k, p->nheads_q, p->nheads_kv};
+    return sh;
+}
+
+int fajit__tune_heuristic(const fajit__tune_problem *p, fajit__variant *out)
+{
+    const fajit__fwd_shape sh = problem_shape(p);
+    *out = p->v;
+    return fajit__heuristic_tiles_for(out, &sh);
+}
+
+/* The group of the problems sharing base and few_rows: their heuristic
+ * config (fajit__tune_heuristic), then the other candidates. */
+static int init_group(tune_run *r, tune_group *g, const fajit__variant *base, const fajit__variant *heuristic,
+                      int few_rows)
 {
     fajit__variant found[64];
     size_t n = fajit__tune_candidates(base, found, COUNT(found)), total;
     total = grid_size(base);
     g->base = *base;
+    g->few_rows = few_rows;
     g->cands = calloc(n + 1, sizeof *g->cands);
     if (!g->cands)
         return fajit__fail(FAJIT_ENOMEM, "tune: %zu candidates", n + 1);
-    g->cands[0].v = *base;
-    fajit__heuristic_tiles(&g->cands[0].v);
+    g->cands[0].v = *heuristic;
     g->cands[0].is_heuristic = 1;
     g->n = 1;
     for (size_t i = 0; i < n && i < COUNT(found); i++)
@@ -1122,14 +1151,18 @@ static int build_groups(tune_run *r, int arch)
     if (!r->group_of || !r->groups)
         return fajit__fail(FAJIT_ENOMEM, "tune: %zu problems", r->nproblems);
     for (size_t i = 0; i < r->nproblems; i++) {
-        fajit__variant *v = &r->problems[i].v;
+        fajit__variant *v = &r->problems[i].v, h;
         size_t g = 0;
         v->arch = arch;
         v->arch_suffix = 0;
-        while (g < r->ngroups && memcmp(&r->groups[g].base, v, sizeof *v) != 0)
+        /* Problems of one variant whose shapes get other heuristic tiles
+         * (decoding, prefill) are tuned against their own baselines. */
+        const int few_rows = fajit__tune_heuristic(&r->problems[i], &h);
+        while (g < r->ngroups &&
+               (memcmp(&r->groups[g].base, v, sizeof *v) != 0 || r->groups[g].few_rows != few_rows))
             g++;
         if (g == r->ngroups) {
-            int rc = init_group(r, &r->groups[g], v);
+            int rc = init_group(r, &r->groups[g], v, &h, few_rows);
             if (rc)
                 return rc;
             r->ngroups++;
@@ -1594,12 +1627,6 @@ static void make_bwd_params(const gpu_state *g, const fajit__tune_problem *p, in
     memcpy(par->grad_v_stride, par->v_stride, sizeof par->v_stride);
 }
 
-static fajit__fwd_shape problem_shape(const fajit__tune_problem *p)
-{
-    fajit__fwd_shape sh = {p->batch, p->seqlen_q, p->seqlen_k, p->nheads_q, p->nheads_kv};
-    return sh;
-}
-
 /* The candidate's kernels: fwd its function; bwd the pre and post kernels
  * fajit_attn_bwd would run around the candidate's main kernel. */
 static int prepare_launch(tune_run *r, gpu_state *g, const fajit__tune_problem *p,
@@ -1765,12 +1792,13 @@ static int time_candidate(tune_run *r, gpu_state *g, const fajit__tune_problem *
 }
 
 static int record_timing(tune_run *r, gpu_state *g, const fajit__tune_problem *p,
-                         const fajit__variant *v, int splits, int plan_splits, uint64_t median_ns)
+                         const tune_group *grp, const fajit__variant *v, int splits, int plan_splits,
+                         uint64_t median_ns)
 {
     uint8_t key[FAJIT__TUNING_KEY_MAX];
     const fajit__tune_choice c = {*v, splits};
     size_t n = fajit__tuning_key(&g->gpu, r->ctx->build_id, &c, fajit__seqlen_bucket(p->seqlen_k),
-                                 plan_splits, 1, key, sizeof key);
+                                 plan_splits, grp->few_rows, 1, key, sizeof key);
     fajit__tuning_value tv = {median_ns, now_realtime_ns(), (uint32_t)r->opt.repeat};
     if (n > sizeof key)
         return fajit__fail(FAJIT_EINVAL, "tune: tuning key of %zu bytes", n);
@@ -1802,7 +1830,7 @@ static int time_splits(tune_run *r, gpu_state *g, const fajit__tune_problem *p, 
             continue;
         }
         if ((rc = time_candidate(r, g, p, &c->v, counts[k], &t)) != 0 ||
-            (rc = record_timing(r, g, p, &c->v, counts[k], plan_splits, t)) != 0)
+            (rc = record_timing(r, g, p, grp, &c->v, counts[k], plan_splits, t)) != 0)
             return rc; /* a launch that fails after the check means a broken context */
         if (is_heur)
             pb->heur_ns = t;

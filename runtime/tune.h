@@ -42,6 +42,21 @@ typedef struct fajit__fwd_shape {
     int64_t batch, seqlen_q, seqlen_k, nheads_q, nheads_kv;
 } fajit__fwd_shape;
 
+/* The heuristic's tiles for a call of shape sh (fields v has set are kept):
+ * for the fast forward with few real query rows a block (seqlen_q times the
+ * GQA group where the call packs a kv head's query heads into one block, else
+ * seqlen_q; at most one warp's 16-row mma tile: decoding) the few-rows rule's,
+ * for head dims it covers; else, and for sh NULL, fajit__heuristic_tiles(v).
+ * Returns 1 when the few-rows rule chose them: tuning keys its records by
+ * that answer (runtime/tune.c), so the launch path and the tuner compare
+ * against the same heuristic config. */
+int fajit__heuristic_tiles_for(fajit__variant *v, const fajit__fwd_shape *sh);
+
+/* The tiles fajit__heuristic_tiles_for gives v for a call it answered 1 for
+ * (where only that answer is known, not the shape: a tuning record's key);
+ * fajit__heuristic_tiles(v) for a variant the few-rows rule does not cover. */
+void fajit__few_rows_tiles(fajit__variant *v);
+
 typedef struct fajit__split_plan {
     int splits, pack;
     unsigned grid_x, grid_y; /* query blocks (before splitting), heads (kv heads when packed) */
@@ -88,43 +103,47 @@ typedef struct fajit__tune_choice {
 
 /* A record key (with_tiles 1: c's tiles and splits appended) or the prefix
  * every candidate of one problem shares (with_tiles 0: GPU, build, variant
- * without tiles, bucket, plan_splits). Returns the length, or the length
- * needed when cap is too small (buf may be NULL). */
+ * without tiles, bucket, plan_splits, few_rows). few_rows: what
+ * fajit__heuristic_tiles_for answered for the problem's shape (0 for bwd).
+ * Returns the length, or the length needed when cap is too small (buf may
+ * be NULL). */
 size_t fajit__tuning_key(const fajit__gpu_identity *gpu, const uint8_t build_id[16],
-                         const fajit__tune_choice *c, int bucket, int plan_splits, int with_tiles,
-                         uint8_t *buf, size_t cap);
+                         const fajit__tune_choice *c, int bucket, int plan_splits, int few_rows,
+                         int with_tiles, uint8_t *buf, size_t cap);
 
 /* Inverse of fajit__tuning_key (with tiles): 0, or FAJIT_ECORRUPT with a
  * detail (keys of another format version included). c->v is the full
  * candidate variant. */
 int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity *gpu,
                              uint8_t build_id[16], fajit__tune_choice *c, int *bucket,
-                             int *plan_splits);
+                             int *plan_splits, int *few_rows);
 
 /* The tuned choice for v (op fwd or bwd; its tile fields are ignored) on gpu
- * in seqlen_bucket and plan_splits: *out = v with the tiles and split count
- * of the record with the lowest median, the heuristic's config (its tiles,
- * splits == plan_splits) preferred unless another is at least 3% faster.
+ * in seqlen_bucket, plan_splits and few_rows: *out = v with the tiles and
+ * split count of the record with the lowest median, the heuristic's config
+ * (its tiles for few_rows, splits == plan_splits) preferred unless another
+ * is at least 3% faster.
  * FAJIT_ENOTFOUND (no detail recorded: this is the common case) when nothing
  * was tuned for that key, the op is neither or the cache is off. The answer,
  * found or not, is remembered per (cache directory, key) for the process, so
  * after the first call for a key the store is not read again. */
 int fajit__tuned_tiles(fajit_ctx *ctx, const fajit__variant *v, int seqlen_bucket, int plan_splits,
-                       const fajit__gpu_identity *gpu, fajit__tune_choice *out);
+                       int few_rows, const fajit__gpu_identity *gpu, fajit__tune_choice *out);
 
 /* Forgets the remembered answers (tuning stored or cleared records, records
  * were imported, or a context was destroyed). */
 void fajit__tuned_forget(void);
 
 /* The launch path's tiles: v (full, op fwd or bwd, tiles by the heuristic)
- * takes the tuned tiles for the device `dev`, seqlen_k's bucket and
- * plan_splits (0 for bwd) when the store has a record, else keeps the
- * heuristic's; *splits (may be NULL) gets the tuned split count, 0 for the
- * rule. Returns 1 if a record was found. Never fails (no record, no GPU
+ * takes the tuned tiles for the device `dev`, seqlen_k's bucket,
+ * plan_splits and few_rows (fajit__heuristic_tiles_for's answer; both 0 for
+ * bwd) when the store has a record, else keeps the heuristic's; *splits
+ * (may be NULL) gets the tuned split count, 0 for the rule. Returns 1 if a
+ * record was found. Never fails (no record, no GPU
  * identity or no store all mean the heuristic); a repeat of the thread's
  * last lookup of the same op costs a compare. */
 int fajit__launch_tiles(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, int64_t seqlen_k,
-                        int plan_splits, fajit__variant *v, int *splits);
+                        int plan_splits, int few_rows, fajit__variant *v, int *splits);
 
 /* The candidates tuning tries for v: op fwd, bm {64, 128} x bn {32, 64,
  * 128} x warps {4, 8} x stages {1, 2, 3}; op bwd (the fast backward's main
@@ -156,6 +175,12 @@ typedef struct fajit__tune_problem {
     int line;
     char text[FAJIT__TUNE_LINE_MAX]; /* the line, words separated by single spaces */
 } fajit__tune_problem;
+
+/* The tuner's heuristic config for problem p (arch set): p->v with the
+ * tiles fajit_attn_fwd (or fajit_attn_bwd) launches untuned for its shape,
+ * into *out. Returns few_rows (fajit__heuristic_tiles_for), the problem's
+ * class in the record keys. */
+int fajit__tune_heuristic(const fajit__tune_problem *p, fajit__variant *out);
 
 /* Parses a problem manifest (syntax in fajit.h, fajit_tune_options), or the
  * benchmark grid (forward and backward problems) for text NULL. *out is malloc'd. FAJIT_EPARSE with

@@ -1,7 +1,8 @@
 /*
  * tests/test_api.c - the public API without a GPU: options and environment,
  * cache modes, compile and cache queries, argument validation of
- * fajit_attn_fwd (every bad value named, nothing launched), FAJIT_ENOGPU.
+ * fajit_attn_fwd (every bad value named, nothing launched), FAJIT_ENOGPU, and
+ * the tiles fajit_attn_variant reports for a decode and a prefill shape.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -346,6 +347,29 @@ static void test_attn_validation(void)
     fajit_destroy(ctx);
 }
 
+/* fajit_attn_variant reports the tiles for the call's shape: a decode step
+ * (seqlen_q 1, 32/8 heads, d128 bf16) gets the few-rows rule's 8 warps, the
+ * same variant at prefill the usual 4 (runtime/heuristic.c). Cache off: no
+ * tuning record can change them. */
+static void test_decode_tiles(void)
+{
+    fajit_ctx *ctx = make_ctx("/nonexistent", FAJIT_CACHE_OFF);
+    fajit_attn_args a;
+    char text[400] = "";
+    valid_args(&a);
+    a.batch = 1, a.seqlen_q = 1, a.seqlen_k = 65536, a.nheads_q = 32, a.nheads_kv = 8;
+    a.dqk = a.dv = 128, a.dtype = FAJIT_DTYPE_BF16;
+    check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0 && strncmp(text, "fwd dqk=128", 11) == 0 &&
+              strstr(text, " bm=128 ") && strstr(text, " warps=8 "),
+          "decode: the few-rows tile");
+    printf("     %s\n", text);
+    a.seqlen_q = a.seqlen_k = 1024;
+    check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0 && strstr(text, " bm=128 bn=64 warps=4 "),
+          "prefill of the same variant: the usual tile");
+    printf("     %s\n", text);
+    fajit_destroy(ctx);
+}
+
 int main(void)
 {
     snprintf(tmp, sizeof tmp, "/tmp/fajit-test-api-XXXXXX");
@@ -357,6 +381,7 @@ int main(void)
     test_cache_modes();
     test_variants();
     test_attn_validation();
+    test_decode_tiles();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     if (system(cmd) != 0)

@@ -10,6 +10,8 @@
  *   - sm_80: a subset (2 cores, CI time);
  *   - features (softcap, ALiBi, varlen, dropout, and all of them, also with a window) on
  *     head dims 64, 72, 96, 128, 192/128, 256, sm_80 and sm_90.
+ *   - decode's few-rows tile (fajit__heuristic_tiles_for, seqlen_q 1, 32/8 heads)
+ *     on head dims 64..128, sm_80 and sm_90, with a mask, a window and varlen, and sm_86;
  * With --odd (ctest test_fwd_compile_odd), head dims that are not multiples of
  * 8 instead, whose loads are narrower (templates/flash_fwd.cuh, "Loads"):
  *   - dqk = dv in {1, 8, 24, 40, 59, 72, 100, 111, 200} and (59, 100), (100, 72),
@@ -32,6 +34,7 @@
 #include "fajit.h"
 #include "runtime/error.h"
 #include "runtime/runtime.h"
+#include "runtime/tune.h"
 
 #define COMPILE_THREADS 2
 
@@ -68,6 +71,25 @@ static fajit__variant fwd_variant(int dqk, int dv, int dtype, int mask, int arch
     v.arch = arch;
     v.arch_suffix = 0;
     fajit__heuristic_tiles(&v);
+    return v;
+}
+
+/* What fajit_attn_fwd launches for a decode step (seqlen_q 1, 32 query / 8
+ * kv heads, 64k keys): the few-rows rule's tile (runtime/heuristic.c), with
+ * a left window of `window` keys (-1: none) and varlen as asked. */
+static fajit__variant decode_variant(int d, int dtype, int mask, int arch, int window, int varlen) {
+    const fajit__fwd_shape decode = {1, 1, 65536, 32, 8};
+    fajit__variant v;
+    fajit__variant_defaults(&v);
+    v.op = FAJIT__OP_FWD;
+    v.dqk = v.dv = d;
+    v.dtype = dtype;
+    v.mask = mask;
+    v.window_left = window;
+    v.varlen = varlen;
+    v.arch = arch;
+    v.arch_suffix = 0;
+    fajit__heuristic_tiles_for(&v, &decode);
     return v;
 }
 
@@ -117,6 +139,18 @@ static size_t build_jobs(job *jobs, size_t cap) {
     for (size_t i = 0; i < sizeof sm80 / sizeof sm80[0]; ++i)
         n = add(jobs, n, cap, fwd_variant(sm80[i][0], sm80[i][1], (int)i % 2, (int)i % 3, 80));
     n = add(jobs, n, cap, fwd_variant(128, 128, 1, 1, 86));
+    /* Decode's few-rows tile (8 warps, bn 128 where it fits) over the head
+     * dims it covers, sm_80 and sm_90, with a mask, a window and varlen on
+     * d 128, and sm_86's narrower keys. */
+    static const int decode_dims[] = {64, 72, 96, 112, 128};
+    for (size_t i = 0; i < sizeof decode_dims / sizeof decode_dims[0]; ++i)
+        for (int a = 0; a < 2; ++a)
+            n = add(jobs, n, cap, decode_variant(decode_dims[i], 1 - (int)(i + (size_t)a) % 2,
+                                                 (int)(i + (size_t)a) % 2, a ? 90 : 80, -1, 0));
+    n = add(jobs, n, cap, decode_variant(128, 1, 1, 90, -1, 1));
+    n = add(jobs, n, cap, decode_variant(128, 1, 0, 80, 4096, 0));
+    n = add(jobs, n, cap, decode_variant(128, 1, 0, 90, 4096, 1));
+    n = add(jobs, n, cap, decode_variant(128, 1, 0, 86, -1, 0));
     /* Every feature alone and all together, over head dims that stress the
      * registers (64, 128 and 256 sit near the 255 limit) and both archs. */
     static const int feat_dims[][2] = {{64, 64}, {72, 72}, {128, 128}, {192, 128}, {256, 256}};
@@ -253,7 +287,7 @@ int main(int argc, char **argv) {
     printf("NVRTC %d.%d, %d threads%s, part %d of %d\n", major, minor, COMPILE_THREADS,
            odd ? ", odd head dims" : "", part + 1, parts);
 
-    static job jobs[128];
+    static job jobs[160];
     const size_t cap = sizeof jobs / sizeof jobs[0];
     size_t all = odd ? build_odd_jobs(jobs, cap) : build_jobs(jobs, cap), n = 0;
     /* Every N-th job from the K-th: each part a CTest test of its own, so

@@ -2,8 +2,10 @@
  * tests/test_tune.c - the autotuning infrastructure without a GPU: tuning
  * records in the store (round trip, key independence, checksum), the
  * best-of lookup and its memo, candidate enumeration and pruning (a few
- * survivors compiled for sm_90 with no spills), the problem manifest parser,
- * export/import carrying records, and `fajit tune` / `fajit ls --tuning`.
+ * survivors compiled for sm_90 with no spills), the shape-aware heuristic
+ * (decode's few-rows tile) and the tuner's baseline and record keys agreeing
+ * with it, the problem manifest parser, export/import carrying records, and
+ * `fajit tune` / `fajit ls --tuning`.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,16 +80,25 @@ static fajit__variant fwd_variant(int d, int bm, int bn, int warps, int stages)
     return v;
 }
 
-/* A record of candidate v with split count `splits` under plan_splits. */
+/* A record of candidate v with split count `splits` under plan_splits and
+ * the few-rows class few_rows. */
+static int put_class_record(fajit_ctx *ctx, const fajit__gpu_identity *g, const uint8_t build[16],
+                            const fajit__variant *v, int splits, int bucket, int plan_splits,
+                            int few_rows, uint64_t ns)
+{
+    uint8_t key[FAJIT__TUNING_KEY_MAX];
+    const fajit__tune_choice c = {*v, splits};
+    size_t n = fajit__tuning_key(g, build, &c, bucket, plan_splits, few_rows, 1, key, sizeof key);
+    fajit__tuning_value tv = {ns, 1700000000000000000ull, 10};
+    return fajit__store_tuning_put(ctx->store, key, n, &tv);
+}
+
+/* A record of a problem with full blocks (prefill) under plan_splits. */
 static int put_split_record(fajit_ctx *ctx, const fajit__gpu_identity *g, const uint8_t build[16],
                             const fajit__variant *v, int splits, int bucket, int plan_splits,
                             uint64_t ns)
 {
-    uint8_t key[FAJIT__TUNING_KEY_MAX];
-    const fajit__tune_choice c = {*v, splits};
-    size_t n = fajit__tuning_key(g, build, &c, bucket, plan_splits, 1, key, sizeof key);
-    fajit__tuning_value tv = {ns, 1700000000000000000ull, 10};
-    return fajit__store_tuning_put(ctx->store, key, n, &tv);
+    return put_class_record(ctx, g, build, v, splits, bucket, plan_splits, 0, ns);
 }
 
 /* A record where split-KV does not apply (the rule decides). */
@@ -105,7 +116,7 @@ static int count_cb(void *user, const uint8_t *k, size_t kl, const uint8_t *v, s
 }
 
 typedef struct seen_split {
-    int n, best_splits, plan;
+    int n, best_splits, best_warps, plan, few_rows;
 } seen_split;
 
 static int seen_split_cb(void *user, const fajit_tuning_record *r)
@@ -113,8 +124,11 @@ static int seen_split_cb(void *user, const fajit_tuning_record *r)
     seen_split *s = user;
     s->n++;
     s->plan = r->plan_splits;
-    if (r->best)
+    s->few_rows += r->few_rows;
+    if (r->best) {
         s->best_splits = r->splits;
+        s->best_warps = r->warps;
+    }
     return 0;
 }
 
@@ -127,7 +141,7 @@ static void test_records(void)
     fajit__variant v = fwd_variant(128, 128, 64, 8, 2);
     fajit__tune_choice back, vc = {v, 0};
     fajit__tuning_value tv = {123456, 42, 10}, got;
-    size_t n = fajit__tuning_key(&g, ctx->build_id, &vc, 12, 0, 1, key, sizeof key);
+    size_t n = fajit__tuning_key(&g, ctx->build_id, &vc, 12, 0, 0, 1, key, sizeof key);
     CHECK(n <= FAJIT__TUNING_KEY_MAX, "record key is %zu bytes (limit %d)", n,
           FAJIT__TUNING_KEY_MAX);
     CHECK(fajit__store_tuning_put(ctx->store, key, n, &tv) == 0, "put a record");
@@ -136,23 +150,25 @@ static void test_records(void)
           "get returns what was put");
     fajit__gpu_identity dg;
     uint8_t db[16];
-    int bucket = 0, plan = -1;
-    CHECK(fajit__tuning_key_decode(key, n, &dg, db, &back, &bucket, &plan) == 0 &&
+    int bucket = 0, plan = -1, few = -1;
+    CHECK(fajit__tuning_key_decode(key, n, &dg, db, &back, &bucket, &plan, &few) == 0 &&
               memcmp(&back.v, &v, sizeof v) == 0 && back.splits == 0 && bucket == 12 &&
-              plan == 0 && dg.sm_count == 132 && strcmp(dg.name, g.name) == 0 &&
+              plan == 0 && few == 0 && dg.sm_count == 132 && strcmp(dg.name, g.name) == 0 &&
               memcmp(db, ctx->build_id, 16) == 0,
           "key decodes to GPU, build, variant with tiles, bucket and no split count");
     {
         uint8_t sk[FAJIT__TUNING_KEY_MAX];
         const fajit__tune_choice sc = {v, 16};
-        size_t sn = fajit__tuning_key(&g, ctx->build_id, &sc, 16, 31, 1, sk, sizeof sk);
-        CHECK(sn == n && fajit__tuning_key_decode(sk, sn, &dg, db, &back, &bucket, &plan) == 0 &&
-                  back.splits == 16 && plan == 31 && bucket == 16 &&
+        size_t sn = fajit__tuning_key(&g, ctx->build_id, &sc, 16, 31, 1, 1, sk, sizeof sk);
+        CHECK(sn == n && fajit__tuning_key_decode(sk, sn, &dg, db, &back, &bucket, &plan, &few) == 0 &&
+                  back.splits == 16 && plan == 31 && bucket == 16 && few == 1 &&
                   memcmp(&back.v, &v, sizeof v) == 0,
-              "a split-KV record round-trips: splits 16 under the rule's 31");
-        sk[3] = 1; /* the format version before split counts */
-        CHECK(fajit__tuning_key_decode(sk, sn, &dg, db, &back, &bucket, &plan) == FAJIT_ECORRUPT,
-              "a key of format version 1 is refused, not misread: %s", fajit_last_error());
+              "a split-KV record of a few-rows problem round-trips: splits 16 under the rule's 31");
+        for (uint8_t old = 1; old <= 2; old++) { /* before split counts; before few_rows */
+            sk[3] = old;
+            CHECK(fajit__tuning_key_decode(sk, sn, &dg, db, &back, &bucket, &plan, &few) == FAJIT_ECORRUPT,
+                  "a key of format version %d is refused, not misread: %s", old, fajit_last_error());
+        }
     }
 
     /* Independence: another GPU, bucket, build or candidate is another record. */
@@ -169,7 +185,7 @@ static void test_records(void)
           "the first record is untouched by the others");
     int all = 0, group = 0;
     uint8_t prefix[FAJIT__TUNING_KEY_MAX];
-    size_t pn = fajit__tuning_key(&g, ctx->build_id, &vc, 12, 0, 0, prefix, sizeof prefix);
+    size_t pn = fajit__tuning_key(&g, ctx->build_id, &vc, 12, 0, 0, 0, prefix, sizeof prefix);
     fajit__store_tuning_iterate(ctx->store, NULL, 0, count_cb, &all);
     fajit__store_tuning_iterate(ctx->store, prefix, pn, count_cb, &group);
     CHECK(all == 5 && group == 2, "iterate: 5 records in all, 2 under one problem's prefix "
@@ -191,30 +207,30 @@ static void test_records(void)
                                        FAJIT__UNSET);
     fajit__tune_choice out;
     fajit__tuned_forget();
-    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 64 &&
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 0, 0, &g, &out) == 0 && out.v.bm == 64 &&
               out.v.warps == 4 && out.splits == 0,
           "tuned tiles: the candidate with the lowest median (bm=%d warps=%d)", out.v.bm,
           out.v.warps);
-    CHECK(fajit__tuned_tiles(ctx, &asked, 14, 0, &g, &out) == FAJIT_ENOTFOUND,
+    CHECK(fajit__tuned_tiles(ctx, &asked, 14, 0, 0, &g, &out) == FAJIT_ENOTFOUND,
           "tuned tiles: nothing for an untuned bucket");
-    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 7, &g, &out) == FAJIT_ENOTFOUND,
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 7, 0, &g, &out) == FAJIT_ENOTFOUND,
           "tuned tiles: nothing for another rule's split count");
     CHECK(put_record(ctx, &g, ctx->build_id, &v, 12, 0) == 0 &&
-              fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 64,
+              fajit__tuned_tiles(ctx, &asked, 12, 0, 0, &g, &out) == 0 && out.v.bm == 64,
           "the memo answers without reading the store again");
     fajit__tuned_forget();
-    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 128,
+    CHECK(fajit__tuned_tiles(ctx, &asked, 12, 0, 0, &g, &out) == 0 && out.v.bm == 128,
           "after forgetting, the new best is found");
-    {   /* a record of the previous format version is ignored */
+    {   /* a record of an older format version is ignored */
         uint8_t old_key[FAJIT__TUNING_KEY_MAX];
         const fajit__tune_choice oc = {fwd_variant(128, 64, 32, 4, 1), 0};
-        size_t on = fajit__tuning_key(&g, ctx->build_id, &oc, 12, 0, 1, old_key, sizeof old_key);
+        size_t on = fajit__tuning_key(&g, ctx->build_id, &oc, 12, 0, 0, 1, old_key, sizeof old_key);
         fajit__tuning_value fast = {1, 42, 10};
-        old_key[3] = 1;
+        old_key[3] = 2;
         fajit__tuned_forget();
         CHECK(fajit__store_tuning_put(ctx->store, old_key, on, &fast) == 0 &&
-                  fajit__tuned_tiles(ctx, &asked, 12, 0, &g, &out) == 0 && out.v.bm == 128,
-              "a faster record under a version-1 key is ignored (bm=%d)", out.v.bm);
+                  fajit__tuned_tiles(ctx, &asked, 12, 0, 0, &g, &out) == 0 && out.v.bm == 128,
+              "a faster record under a version-2 key is ignored (bm=%d)", out.v.bm);
         fajit__store_tuning_del(ctx->store, old_key, on, NULL);
     }
 
@@ -268,7 +284,7 @@ static void test_launch_tiles(void)
           other.bn, other.warps, other.stages);
 
     fajit__tuned_forget();
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 &&
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, 0, &v, NULL) == 0 &&
               memcmp(&v, &heur, sizeof v) == 0,
           "no record: the heuristic's tiles (bm=%d bn=%d warps=%d stages=%d)", v.bm, v.bn,
           v.warps, v.stages);
@@ -277,42 +293,42 @@ static void test_launch_tiles(void)
           "records: heuristic 1000 ns, other 990 ns");
     fajit__tuned_forget(); /* what tuning does after storing */
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 1 && memcmp(&v, &heur, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, 0, &v, NULL) == 1 && memcmp(&v, &heur, sizeof v) == 0,
           "a 1%% win does not leave the heuristic's tiles (bm=%d)", v.bm);
     CHECK(put_record(ctx, &g, ctx->build_id, &other, fajit__seqlen_bucket(2048), 900) == 0,
           "record: other 900 ns");
     fajit__tuned_forget();
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 1 && v.bm == other.bm &&
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, 0, &v, NULL) == 1 && v.bm == other.bm &&
               v.warps == other.warps && v.stages == other.stages,
           "a 10%% win takes the tuned tiles (bm=%d warps=%d stages=%d)", v.bm, v.warps,
           v.stages);
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 1 && v.bm == other.bm,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, 0, &v, NULL) == 1 && v.bm == other.bm,
           "the repeat of the last lookup answers the same");
     setenv("FAJIT_TUNED_TILES", "0", 1);
     fajit_ctx *off = open_ctx(dir);
     unsetenv("FAJIT_TUNED_TILES");
     v = heur;
-    CHECK(fajit__launch_tiles(off, &drv, dev, 2048, 0, &v, NULL) == 0 && memcmp(&v, &heur, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(off, &drv, dev, 2048, 0, 0, &v, NULL) == 0 && memcmp(&v, &heur, sizeof v) == 0,
           "FAJIT_TUNED_TILES=0: the heuristic's tiles despite the record");
     fajit_destroy(off);
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 64 * 1024, 0, &v, NULL) == 0 && v.bm == heur.bm,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 64 * 1024, 0, 0, &v, NULL) == 0 && v.bm == heur.bm,
           "another length bucket was not tuned: the heuristic's");
     v = heur;
     v.mask = FAJIT_MASK_CAUSAL;
     fajit__variant causal = v;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 && memcmp(&v, &causal, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, 0, &v, NULL) == 0 && memcmp(&v, &causal, sizeof v) == 0,
           "another variant (causal) was not tuned: the heuristic's");
     CHECK(fajit_tuning_clear(ctx) == 0, "clear the tuning records");
     v = heur;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 && v.bm == heur.bm,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, 0, &v, NULL) == 0 && v.bm == heur.bm,
           "after clearing, the heuristic's again (the per-thread memo saw the change)");
     fajit__variant ref = heur;
     ref.op = FAJIT__OP_REF;
     v = ref;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, &v, NULL) == 0 && memcmp(&v, &ref, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 2048, 0, 0, &v, NULL) == 0 && memcmp(&v, &ref, sizeof v) == 0,
           "the reference op is never tuned");
     fajit_destroy(ctx);
 }
@@ -371,6 +387,174 @@ static void test_split_plan(void)
     CHECK(n == 1 && counts[0] == 0, "no split-KV: the single count 0, the rule's");
 }
 
+static int same_tiles(const fajit__variant *a, const fajit__variant *b)
+{
+    return memcmp(a, b, sizeof *a) == 0;
+}
+
+/* The shape-aware heuristic (fajit__heuristic_tiles_for): a decode step of
+ * few query rows a block takes the few-rows rule's 8-warp tile; prefill,
+ * no shape, and every variant the rule does not cover take exactly
+ * fajit__heuristic_tiles' tiles. */
+static void test_few_rows_rule(void)
+{
+    const fajit__fwd_shape decode = {1, 1, 65536, 32, 8}, prefill = {1, 1024, 1024, 32, 8};
+    fajit__variant base = fwd_variant(128, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET);
+    base.dtype = FAJIT_DTYPE_BF16;
+    fajit__variant heur = base, v = base;
+    fajit__heuristic_tiles(&heur);
+    int few = fajit__heuristic_tiles_for(&v, &decode);
+    CHECK(few == 1 && v.bm == 128 && v.bn == 128 && v.warps == 8 && v.stages == 2,
+          "decode (seqlen_q 1, 32/8 heads, d128 bf16, sm_90): bm=%d bn=%d warps=%d stages=%d "
+          "(prefill's: bm=%d bn=%d warps=%d)", v.bm, v.bn, v.warps, v.stages, heur.bm, heur.bn, heur.warps);
+    fajit__split_plan s = fajit__plan_split(&v, &decode, 132, 0);
+    CHECK(s.pack == 4 && s.grid_y == 8, "the decode tile packs the 4 query heads of a kv head (pack %d)",
+          s.pack);
+    fajit__variant back = base;
+    fajit__few_rows_tiles(&back);
+    CHECK(same_tiles(&back, &v), "fajit__few_rows_tiles (a record's few_rows) rebuilds the same tile");
+    v = base;
+    few = fajit__heuristic_tiles_for(&v, &prefill);
+    CHECK(few == 0 && same_tiles(&v, &heur), "prefill (seqlen_q 1024): fajit__heuristic_tiles' tile");
+    v = base;
+    few = fajit__heuristic_tiles_for(&v, NULL);
+    CHECK(few == 0 && same_tiles(&v, &heur), "no shape: fajit__heuristic_tiles' tile");
+
+    /* Which shapes have few rows a block: packed groups up to 16, unpacked
+     * seqlen_q up to 16 (a group too big for the block is not packed). */
+    static const struct {
+        fajit__fwd_shape sh;
+        int few;
+        const char *what;
+    } shapes[] = {
+        {{1, 1, 4096, 32, 32}, 1, "MHA decode: 1 row a block"},
+        {{8, 1, 4096, 64, 4}, 1, "decode, group 16"},
+        {{1, 1, 4096, 64, 2}, 0, "decode, group 32: 32 rows a block"},
+        {{1, 1, 4096, 256, 1}, 1, "decode, group 256 > bm: not packed, 1 row a block"},
+        {{1, 16, 4096, 32, 8}, 1, "seqlen_q 16 (not packed)"},
+        {{1, 17, 4096, 32, 8}, 0, "seqlen_q 17"},
+        {{2, 4096, 4096, 16, 16}, 0, "training"},
+    };
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        v = base;
+        few = fajit__heuristic_tiles_for(&v, &shapes[i].sh);
+        CHECK(few == shapes[i].few && (few ? v.warps == 8 && v.bn == 128 : same_tiles(&v, &heur)),
+              "%s: %s (bm=%d bn=%d warps=%d)", shapes[i].what, few ? "few rows" : "the usual tile", v.bm,
+              v.bn, v.warps);
+    }
+
+    /* Variants the rule does not cover, for any shape, and every variant
+     * without a shape or at prefill: exactly fajit__heuristic_tiles'. */
+    static const int archs[] = {80, 86, 89, 90, 100, 120};
+    int same = 1, covered = 0, ok_cover = 1, n = 0;
+    for (int d = 8; d <= 256; d += 8)
+        for (size_t a = 0; a < sizeof archs / sizeof archs[0]; a++)
+            for (int f = 0; f < 16; f++)
+                for (int mask = 0; mask < 3; mask++) {
+                    fajit__variant w = fwd_variant(d, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET);
+                    w.arch = archs[a];
+                    w.mask = mask;
+                    w.dropout = f & 1;
+                    w.softcap = (f >> 1) & 1;
+                    w.alibi = (f >> 2) & 1;
+                    w.varlen = (f >> 3) & 1;
+                    if (d == 160)
+                        w.dv = 128; /* unequal head dims */
+                    fajit__variant h = w, x = w, y = w, z = w;
+                    fajit__heuristic_tiles(&h);
+                    same &= fajit__heuristic_tiles_for(&x, NULL) == 0 && same_tiles(&x, &h);
+                    same &= fajit__heuristic_tiles_for(&y, &prefill) == 0 && same_tiles(&y, &h);
+                    const int takes = fajit__heuristic_tiles_for(&z, &decode);
+                    const int covers =
+                        w.dqk == w.dv && d >= 64 && d <= 128 && !w.dropout && !w.softcap && !w.alibi;
+                    ok_cover &= takes == covers && (takes ? z.warps == 8 && z.bm == 128 &&
+                                                                fajit__variant_smem_bytes(&z) <=
+                                                                    fajit__arch_smem_limit(w.arch)
+                                                          : same_tiles(&z, &h));
+                    covered += takes;
+                    n++;
+                }
+    CHECK(same, "%d variants: no shape or prefill gives fajit__heuristic_tiles' tiles", n);
+    CHECK(ok_cover, "decode: the few-rows tile for d 64..128 without dropout, softcap or ALiBi (%d of %d), "
+          "fitting the arch's shared memory; the usual tile for the rest", covered, n);
+
+    v = base;
+    v.arch = 86; /* 99 KB: two stages of 128 keys do not fit */
+    few = fajit__heuristic_tiles_for(&v, &decode);
+    CHECK(few == 1 && v.warps == 8 && v.bm == 128 && v.bn == 64 && v.stages == 2,
+          "sm_86 decode: narrower key tiles first, as fwd_tiles (bn=%d stages=%d)", v.bn, v.stages);
+    v = base;
+    v.stages = 1;
+    few = fajit__heuristic_tiles_for(&v, &decode);
+    CHECK(few == 1 && v.stages == 1 && v.warps == 8 && v.bn == 128, "a tile field the caller set is kept");
+}
+
+/* The tuner's heuristic config is what fajit_attn_fwd launches for the
+ * problem's shape, and records are keyed by the few-rows answer: the launch
+ * path prefers the few-rows tile for a decode call and never reads a
+ * decode problem's records for a prefill call of the same bucket. */
+static void test_few_rows_tuning(void)
+{
+    char dir[1024];
+    fajit__tune_problem *p = NULL;
+    size_t n = 0;
+    int rc = fajit__tune_parse_problems(
+        "fwd dqk=128 dtype=bf16 seqlen_q=1 seqlen_k=65536 nheads_q=32 nheads_kv=8\n"
+        "fwd dqk=128 dtype=bf16 batch=2 seqlen=1024 nheads=32\n",
+        &p, &n);
+    CHECK(rc == 0 && n == 2, "a decode and a prefill problem of one variant parse");
+    if (rc != 0 || n != 2) {
+        free(p);
+        return;
+    }
+    const fajit__fwd_shape decode = {1, 1, 65536, 32, 8};
+    fajit__variant want, got, pre, pre_want;
+    p[0].v.arch = p[1].v.arch = 90; /* as fajit_tune sets them */
+    p[0].v.arch_suffix = p[1].v.arch_suffix = 0;
+    want = p[0].v;
+    const int want_few = fajit__heuristic_tiles_for(&want, &decode);
+    const int few = fajit__tune_heuristic(&p[0], &got);
+    CHECK(few == 1 && want_few == 1 && same_tiles(&got, &want) && got.warps == 8 && got.bn == 128,
+          "decode problem: the tuner's heuristic config is the shape-aware choice (bm=%d bn=%d warps=%d "
+          "stages=%d)", got.bm, got.bn, got.warps, got.stages);
+    pre_want = p[1].v;
+    fajit__heuristic_tiles(&pre_want);
+    CHECK(fajit__tune_heuristic(&p[1], &pre) == 0 && same_tiles(&pre, &pre_want),
+          "prefill problem of the same variant: fajit__heuristic_tiles' config (warps=%d bn=%d)", pre.warps,
+          pre.bn);
+
+    /* Records as `fajit tune` leaves them for the decode problem: its
+     * heuristic config and the prefill tile 2% faster. */
+    fajit_ctx *ctx = open_ctx(cache_dir("few_rows", dir, sizeof dir));
+    fajit__gpu_identity g = gpu_a();
+    fajit__driver drv = fake_driver();
+    const CUdevice dev = FAJIT__MAX_DEVICES - 1;
+    const int plan = fajit__plan_splits(&got, &decode, 132), bucket = fajit__seqlen_bucket(65536);
+    fajit__variant prefill_tile = got, v;
+    prefill_tile.bm = pre.bm;
+    prefill_tile.bn = pre.bn;
+    prefill_tile.warps = pre.warps;
+    prefill_tile.stages = pre.stages;
+    int splits = -1;
+    CHECK(plan > 0 && put_class_record(ctx, &g, ctx->build_id, &got, plan, bucket, plan, 1, 1000) == 0 &&
+              put_class_record(ctx, &g, ctx->build_id, &prefill_tile, plan, bucket, plan, 1, 980) == 0,
+          "decode records (rule's %d splits): the few-rows heuristic 1000 ns, the prefill tile 980 ns", plan);
+    fajit__tuned_forget();
+    v = got;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, 1, &v, &splits) == 1 && same_tiles(&v, &got) &&
+              splits == plan,
+          "a 2%% win keeps the few-rows heuristic's tile for the decode call (warps=%d)", v.warps);
+    v = pre;
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, 0, &v, &splits) == 0 && same_tiles(&v, &pre),
+          "a call of the same variant, bucket and split count with full blocks reads none of them");
+    seen_split st = {0};
+    CHECK(fajit_tuning_list(ctx, seen_split_cb, &st) == 0 && st.n == 2 && st.best_splits == plan &&
+              st.few_rows == 2 && st.best_warps == got.warps,
+          "list: both records of the few-rows class, its heuristic marked best (warps=%d)", st.best_warps);
+    fajit_destroy(ctx);
+    free(p);
+}
+
 /* Tuned split counts through the launch path: the record's count where it
  * beats the rule's by 3%, the rule's otherwise, nothing with
  * FAJIT_TUNED_TILES=0, and nothing for another rule's count. */
@@ -392,17 +576,17 @@ static void test_split_launch(void)
           "records: the rule's %d splits 1000 ns, %d splits 980 ns", plan, alt1);
     fajit__tuned_forget();
     v = h;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, &v, &splits) == 1 && splits == plan &&
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, 0, &v, &splits) == 1 && splits == plan &&
               memcmp(&v, &h, sizeof v) == 0,
           "a 2%% win keeps the rule's count (%d)", splits);
     CHECK(put_split_record(ctx, &g, ctx->build_id, &h, alt2, bucket, plan, 900) == 0,
           "record: %d splits 900 ns", alt2);
     fajit__tuned_forget();
     v = h;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, &v, &splits) == 1 && splits == alt2,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, 0, &v, &splits) == 1 && splits == alt2,
           "a 10%% win takes the tuned count (%d)", splits);
     v = h;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan + 1, &v, &splits) == 0 && splits == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan + 1, 0, &v, &splits) == 0 && splits == 0,
           "another rule's count was not tuned: the rule decides");
     fajit__variant other = h;
     other.bm = 64;
@@ -410,14 +594,14 @@ static void test_split_launch(void)
     CHECK(put_split_record(ctx, &g, ctx->build_id, &other, 2, bucket, plan, 500) == 0, "record: bm 64 with 2 splits 500 ns");
     fajit__tuned_forget();
     v = h;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, &v, &splits) == 1 && splits == 2 && v.bm == 64 &&
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 65536, plan, 0, &v, &splits) == 1 && splits == 2 && v.bm == 64 &&
               v.warps == 4,
           "tiles and split count are chosen together (bm=%d, %d splits)", v.bm, splits);
     setenv("FAJIT_TUNED_TILES", "0", 1);
     fajit_ctx *off = open_ctx(dir);
     unsetenv("FAJIT_TUNED_TILES");
     v = h;
-    CHECK(fajit__launch_tiles(off, &drv, dev, 65536, plan, &v, &splits) == 0 && splits == 0 &&
+    CHECK(fajit__launch_tiles(off, &drv, dev, 65536, plan, 0, &v, &splits) == 0 && splits == 0 &&
               memcmp(&v, &h, sizeof v) == 0,
           "FAJIT_TUNED_TILES=0: the heuristic's tiles and the rule's count despite the records");
     fajit_destroy(off);
@@ -455,19 +639,19 @@ static void test_bwd_launch(void)
     fajit__tuned_forget();
     int splits = -1;
     v = hb;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, &splits) == 1 && v.bm == ob.bm &&
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, 0, &v, &splits) == 1 && v.bm == ob.bm &&
               v.stages == 1 && splits == 0,
           "the backward takes the tuned tiles (bm=%d stages=%d)", v.bm, v.stages);
     v = hf;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, NULL) == 0 && memcmp(&v, &hf, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, 0, &v, NULL) == 0 && memcmp(&v, &hf, sizeof v) == 0,
           "the forward of the same shape was not tuned: the heuristic's");
     v = hb;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, NULL) == 1 && v.bm == ob.bm,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, 0, &v, NULL) == 1 && v.bm == ob.bm,
           "after a forward lookup the backward's is still remembered");
     fajit__variant det = hb;
     det.op = FAJIT__OP_BWD_DKDV;
     v = det;
-    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, &v, NULL) == 0 && memcmp(&v, &det, sizeof v) == 0,
+    CHECK(fajit__launch_tiles(ctx, &drv, dev, 4096, 0, 0, &v, NULL) == 0 && memcmp(&v, &det, sizeof v) == 0,
           "deterministic mode's kernels are not tuned");
     fajit_destroy(ctx);
 }
@@ -740,7 +924,7 @@ static void test_cli(void)
     put_record(ctx, &g, ctx->build_id, &v1, 11, 250000);
     put_record(ctx, &g, ctx->build_id, &v2, 11, 150000);
     fajit__variant v3 = fwd_variant(128, 128, 128, 8, 2);
-    put_split_record(ctx, &g, ctx->build_id, &v3, 8, 16, 31, 50000);
+    put_class_record(ctx, &g, ctx->build_id, &v3, 8, 16, 31, 1, 50000); /* a decode problem's */
     fajit_info info;
     memset(&info, 0, sizeof info);
     info.struct_size = sizeof info;
@@ -752,14 +936,17 @@ static void test_cli(void)
     snprintf(cmd, sizeof cmd, "grep -q 'NVIDIA H100 80GB HBM3.*sm_90.*132.*2048.*64/32 */4/1 *- .*"
              "150.00 \\*' '%s/ls.txt' && grep -c 'fwd dqk=64' '%s/ls.txt' | grep -qx 2", dir, dir);
     CHECK(rc == 0 && run(cmd) == 0, "ls --tuning lists both records, the faster marked *");
-    snprintf(cmd, sizeof cmd, "grep -q '128/128/8/2 *8/31 .*50.00 \\* fwd dqk=128' '%s/ls.txt'", dir);
-    CHECK(run(cmd) == 0, "ls --tuning shows a split-KV record's count and the rule's (8/31)");
+    snprintf(cmd, sizeof cmd,
+             "grep -q '128/128/8/2 *8/31 .*50.00 \\* fwd dqk=128.*\\[few rows\\]' '%s/ls.txt' && "
+             "test $(grep -c 'few rows' '%s/ls.txt') = 1", dir, dir);
+    CHECK(run(cmd) == 0, "ls --tuning shows a split-KV record's count and the rule's (8/31), "
+          "and marks the decode problem's record [few rows]");
     snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls --tuning --json | grep -c "
              "'\"best\":true' | grep -qx 2", tool, dir);
     CHECK(run(cmd) == 0, "ls --tuning --json marks one best a problem");
     snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls --tuning --json | grep -q "
-             "'\"splits\":8,\"plan_splits\":31'", tool, dir);
-    CHECK(run(cmd) == 0, "ls --tuning --json gives splits and plan_splits");
+             "'\"splits\":8,\"plan_splits\":31,\"few_rows\":true'", tool, dir);
+    CHECK(run(cmd) == 0, "ls --tuning --json gives splits, plan_splits and few_rows");
     snprintf(cmd, sizeof cmd, "%s/fajit-prebuild --cache-dir '%s' --from-tuning --dry-run | "
              "grep -x '%s' >/dev/null", FAJIT_BINARY_DIR, dir,
              "fwd dqk=64 dv=64 dtype=fp16 mask=none window=-1,-1 dropout=0 softcap=0 alibi=0 "
@@ -784,6 +971,16 @@ static void test_cli(void)
     snprintf(cmd, sizeof cmd, "%s --cache-dir '%s' ls | grep -c 'fwd dqk=64' | "
              "awk '$1 >= 10 {ok=1} END {exit !ok}'", tool, dir);
     CHECK(run(cmd) == 0, "the compiled candidates are in the kernel cache");
+    /* A decode problem of the same variant is tuned against its own baseline
+     * (the few-rows tile): a second group, twice the candidates (compiled
+     * above: cache hits). */
+    snprintf(cmd, sizeof cmd, "printf 'fwd dqk=64 seqlen=256 nheads=2\\nfwd dqk=64 seqlen_q=1 seqlen_k=256 "
+             "nheads_q=8 nheads_kv=2\\n' | %s --cache-dir '%s' tune -j 2 - 2>'%s/tune2.txt'", tool, dir, dir);
+    rc = run(cmd);
+    snprintf(cmd, sizeof cmd, "one=$(sed -n 's/^tune: 1 problems, \\([0-9]*\\) candidates.*/\\1/p' '%s/tune.txt'); "
+             "two=$(sed -n 's/^tune: 2 problems, \\([0-9]*\\) candidates.*/\\1/p' '%s/tune2.txt'); "
+             "test -n \"$one\" && test \"$two\" = $((2 * one))", dir, dir);
+    CHECK(rc == 4 && run(cmd) == 0, "tune: a decode and a prefill problem of one variant are two groups");
 }
 
 int main(void)
@@ -792,6 +989,8 @@ int main(void)
     test_launch_tiles();
     test_split_plan();
     test_split_launch();
+    test_few_rows_rule();
+    test_few_rows_tuning();
     test_bwd_launch();
     test_parser();
     test_candidates();

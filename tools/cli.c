@@ -228,8 +228,9 @@ static int tuning_row(void *user, const fajit_tuning_record *r)
                r->gpu_arch, r->sm_count, r->driver_version);
         fajit__cli_json_string(stdout, r->variant);
         printf(",\"seqlen_bucket\":%d,\"bm\":%d,\"bn\":%d,\"warps\":%d,\"stages\":%d,"
-               "\"splits\":%d,\"plan_splits\":%d,\"median_us\":", r->seqlen_bucket, r->bm, r->bn,
-               r->warps, r->stages, r->splits, r->plan_splits);
+               "\"splits\":%d,\"plan_splits\":%d,\"few_rows\":%s,\"median_us\":", r->seqlen_bucket,
+               r->bm, r->bn, r->warps, r->stages, r->splits, r->plan_splits,
+               r->few_rows ? "true" : "false");
         fajit__cli_json_number(stdout, r->median_us);
         printf(",\"samples\":%u,\"best\":%s,\"current_build\":%s}", r->samples,
                r->best ? "true" : "false", r->current_build ? "true" : "false");
@@ -237,10 +238,10 @@ static int tuning_row(void *user, const fajit_tuning_record *r)
         char split[24] = "-"; /* the rule's, where split-KV does not apply */
         if (r->plan_splits > 0)
             snprintf(split, sizeof split, "%d/%d", r->splits, r->plan_splits);
-        printf("%-24.24s %-6s %4d  %-8lld %3d/%-3d/%d/%d %-7s %10.2f %s %s%s\n", r->gpu_name,
+        printf("%-24.24s %-6s %4d  %-8lld %3d/%-3d/%d/%d %-7s %10.2f %s %s%s%s\n", r->gpu_name,
                r->gpu_arch, r->sm_count, 1LL << r->seqlen_bucket, r->bm, r->bn, r->warps,
                r->stages, split, r->median_us, r->best ? "*" : " ", r->variant,
-               r->current_build ? "" : "  [other build]");
+               r->few_rows ? "  [few rows]" : "", r->current_build ? "" : "  [other build]");
     }
     st->shown++;
     return 0;
@@ -565,11 +566,13 @@ static const cli_cmd commands[] = {
      "Only entries this build can reach are listed; --all adds other builds' entries\n"
      "(marked [other build]) and undecodable ones (marked [bad: ...]).\n"
      "With --tuning: the tuning records, one per (GPU, variant, seqlen bucket,\n"
-     "rule's split count, candidate): GPU, arch, SM count, the bucket's largest\n"
-     "seqlen_k, tiles bm/bn/warps/stages, split-KV count as candidate/rule's ('-'\n"
-     "where split-KV does not apply: the rule decides), median time in\n"
-     "microseconds, '*' on the best of its group (the one calls use), and the\n"
-     "candidate's variant text (op fwd, or bwd: the backward's main kernel).\n"},
+     "rule's split count, few-rows class, candidate): GPU, arch, SM count, the\n"
+     "bucket's largest seqlen_k, tiles bm/bn/warps/stages, split-KV count as\n"
+     "candidate/rule's ('-' where split-KV does not apply: the rule decides),\n"
+     "median time in microseconds, '*' on the best of its group (the one calls\n"
+     "use), and the candidate's variant text (op fwd, or bwd: the backward's main\n"
+     "kernel), marked [few rows] for problems of few query rows a block (decoding,\n"
+     "whose heuristic tiles differ).\n"},
     {"show", cmd_show, ARG_JSON, 1, -1, "show KEY [--json]", "print every field of one entry",
      NULL},
     {"source", cmd_source, 0, 1, -1, "source KEY|SPEC",

@@ -146,16 +146,17 @@ static int launched_variant(fajit_ctx *ctx, const attn_problem *p, const device_
     return fajit_attn_variant(ctx, &a, text, cap) < 0 || fajit__variant_parse(text, v) != 0;
 }
 
-/* Makes `c` (with split count `splits` under the rule's plan_splits) the
- * only tuning record of its key: the tuned winner. */
+/* Makes `c` (with split count `splits` under the rule's plan_splits and the
+ * problem's few-rows class) the only tuning record of its key: the tuned
+ * winner. */
 static int make_winner(fajit_ctx *ctx, const fajit__gpu_identity *gpu, const fajit__variant *c,
-                       int splits, int plan_splits, int64_t seqlen_k)
+                       int splits, int plan_splits, int few_rows, int64_t seqlen_k)
 {
     uint8_t key[FAJIT__TUNING_KEY_MAX];
     fajit__tuning_value tv = {1000, 1, 1};
     const fajit__tune_choice choice = {*c, splits};
     size_t n = fajit__tuning_key(gpu, ctx->build_id, &choice, fajit__seqlen_bucket(seqlen_k),
-                                 plan_splits, 1, key, sizeof key);
+                                 plan_splits, few_rows, 1, key, sizeof key);
     if (fajit_tuning_clear(ctx) != 0 || n > sizeof key ||
         fajit__store_tuning_put(ctx->store, key, n, &tv) != 0)
         return -1;
@@ -214,6 +215,9 @@ static size_t run_problem(fajit_ctx *ctx, const fajit__gpu_identity *gpu, const 
     failures += precompile_variants(ctx, specs, n, (int)sysconf(_SC_NPROCESSORS_ONLN));
     const fajit__fwd_shape sh = {p.s.batch, p.s.seqlen_q, p.s.seqlen_k, p.s.nheads_q, p.s.nheads_kv};
     const int plan = fajit__plan_splits(&base, &sh, gpu->sm_count);
+    fajit__variant untiled = base; /* the launch path's few-rows answer for the shape */
+    untiled.bm = untiled.bn = untiled.warps = untiled.stages = FAJIT__UNSET;
+    const int few_rows = fajit__heuristic_tiles_for(&untiled, &sh);
     if (must_split && plan == 0) {
         printf("FAIL problem %zu: the rule does not split it, so split counts are not tried\n", index);
         failures++;
@@ -226,7 +230,7 @@ static size_t run_problem(fajit_ctx *ctx, const fajit__gpu_identity *gpu, const 
             attn_result r;
             memset(&r, 0, sizeof r);
             last_splits = 1;
-            if (make_winner(ctx, gpu, c, counts[k], plan, p.s.seqlen_k) != 0)
+            if (make_winner(ctx, gpu, c, counts[k], plan, few_rows, p.s.seqlen_k) != 0)
                 snprintf(r.why, sizeof r.why, "writing the record: %s", fajit_last_error());
             else if (launched_variant(ctx, &p, &d, &got, text, sizeof text) || got.bm != c->bm ||
                      got.bn != c->bn || got.warps != c->warps || got.stages != c->stages)
@@ -325,7 +329,7 @@ static fajit__variant bwd_lookup(fajit_ctx *ctx, const fajit__driver *drv, CUdev
 {
     fajit__variant v[3];
     fajit__flash_bwd_variants(a, arch, v);
-    fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, 0, &v[1], NULL);
+    fajit__launch_tiles(ctx, drv, dev, a->seqlen_k, 0, 0, &v[1], NULL);
     return v[1];
 }
 
@@ -408,7 +412,7 @@ static size_t run_bwd_problem(fajit_ctx *ctx, const fajit__driver *drv, CUdevice
         const fajit__variant *c = &cands[i];
         fajit__variant got;
         memset(&r, 0, sizeof r);
-        if (make_winner(ctx, gpu, c, 0, 0, s->seqlen_k) != 0)
+        if (make_winner(ctx, gpu, c, 0, 0, 0, s->seqlen_k) != 0)
             snprintf(r.why, sizeof r.why, "writing the record: %s", fajit_last_error());
         else if ((got = bwd_lookup(ctx, drv, dev, gpu->arch, &a)), memcmp(&got, c, sizeof got) != 0)
             snprintf(r.why, sizeof r.why, "the launch path did not take the record (bm=%d bn=%d warps=%d "
