@@ -852,6 +852,48 @@ __device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, const Seq 
         }
 }
 
+/* ---------------------------------------------------------------- block order */
+
+/*
+ * Under a causal mask the blocks along the sequence differ in work: a key
+ * block sees every query block from its diagonal on (the first the most), a
+ * query block every key block up to its diagonal (the last the most). The
+ * GPU starts blocks in linear order (x fastest), so the natural grid leaves
+ * the heaviest block of the last heads to start near the end and run on
+ * alone (at 8k, 128 query blocks against an average of 65). Here a block's
+ * linear index is remapped so that the heavier half of every head's blocks
+ * starts first and the lighter halves last, each half head by head (the
+ * blocks running together still share a few heads' Q/dO or K/V in L2).
+ * heavy_low: low x is heavy (key-major) or high x (query-major).
+ */
+struct Slot {
+    int x;
+    long long y, z;
+};
+
+__device__ __forceinline__ Slot block_slot(bool heavy_low) {
+    constexpr bool kReorder = FAJIT_MASK != fajit::kMaskNone && !kLeft; /* windows: even work */
+    if constexpr (!kReorder) {
+        return Slot{static_cast<int>(blockIdx.x), blockIdx.y, blockIdx.z};
+    } else {
+        const long long nx = gridDim.x, heads = static_cast<long long>(gridDim.y) * gridDim.z;
+        long long at = blockIdx.x + nx * (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
+        const long long heavy = (nx + 1) / 2; /* blocks in a head's heavier half */
+        long long head, x;
+        if (at < heads * heavy) {
+            head = at / heavy;
+            x = at % heavy;
+        } else {
+            at -= heads * heavy;
+            head = at / (nx - heavy);
+            x = heavy + at % (nx - heavy);
+        }
+        if (!heavy_low)
+            x = nx - 1 - x;
+        return Slot{static_cast<int>(x), head % gridDim.y, head / gridDim.y};
+    }
+}
+
 /* ---------------------------------------------------------------- the key-major kernel */
 
 /*
@@ -867,9 +909,10 @@ template <bool WithDq>
 __device__ __forceinline__ void flash_bwd_key_major(const fajit_bwd_params &p, float *dq_acc, const float *stats,
                                                     elem_t *smem) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const long long b = blockIdx.z, h_kv = blockIdx.y;
+    const Slot slot = block_slot(true);
+    const long long b = slot.z, h_kv = slot.y;
     const Seq seq = seq_of(p, b);
-    const int n0 = blockIdx.x * FAJIT_BN, group = p.nheads_q / p.nheads_kv;
+    const int n0 = slot.x * FAJIT_BN, group = p.nheads_q / p.nheads_kv;
     if (FAJIT_VARLEN && n0 >= seq_k(p, seq))
         return;
     const int off = diag_of(seq_q(p, seq), seq_k(p, seq));
@@ -975,9 +1018,10 @@ __device__ __forceinline__ void write_dq(const fajit_bwd_params &p, const Seq &s
  */
 __device__ __forceinline__ void flash_bwd_query_major(const fajit_bwd_params &p, const float *stats, elem_t *smem) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const long long b = blockIdx.z, h = blockIdx.y, h_kv = h / (p.nheads_q / p.nheads_kv);
+    const Slot slot = block_slot(false);
+    const long long b = slot.z, h = slot.y, h_kv = h / (p.nheads_q / p.nheads_kv);
     const Seq seq = seq_of(p, b);
-    const int m0 = blockIdx.x * FAJIT_BM;
+    const int m0 = slot.x * FAJIT_BM;
     if (FAJIT_VARLEN && m0 >= seq_q(p, seq))
         return;
     const int off = diag_of(seq_q(p, seq), seq_k(p, seq));
