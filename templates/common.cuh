@@ -297,6 +297,42 @@ __device__ __forceinline__ float alibi_bias(float slope, long long i, long long 
     return -slope * static_cast<float>(d);
 }
 
+/*
+ * Blocks along a sequence that differ in work under a causal mask (a query
+ * block sees keys up to its diagonal, a key block queries from its
+ * diagonal on). The GPU starts blocks in linear order (x fastest), so a grid
+ * of (blocks, heads, batch) leaves the heaviest block of the last heads to
+ * start near the end and run on alone (a tail of up to a whole heavy block).
+ * This maps the linear index of block (bx, by, bz) so that the heavier half
+ * of every (y, z)'s x blocks starts before any lighter half, each half head
+ * by head (blocks that run together still share a few heads' inputs in L2):
+ * rank 0 .. ceil(nx / 2) - 1 are the heavier half in order, the rest the
+ * lighter; the caller says which x is the rank-th heaviest.
+ */
+struct BlockSlot {
+    unsigned rank, y, z;
+};
+
+__device__ __forceinline__ BlockSlot heavy_halves_first(unsigned bx, unsigned by, unsigned bz) {
+    /* 32-bit arithmetic (64-bit divisions cost registers the kernels' loops
+     * need); a grid of 2^31 blocks or more keeps the natural order. */
+    const unsigned nx = gridDim.x, ny = gridDim.y, nz = gridDim.z;
+    if (static_cast<unsigned long long>(nx) * ny * nz >= (1ull << 31))
+        return BlockSlot{bx, by, bz};
+    unsigned at = bx + nx * (by + ny * bz);
+    const unsigned heads = ny * nz, heavy = (nx + 1) / 2; /* blocks in a head's heavier half */
+    unsigned head, rank;
+    if (at < heads * heavy) {
+        head = at / heavy;
+        rank = at % heavy;
+    } else {
+        at -= heads * heavy;
+        head = at / (nx - heavy);
+        rank = heavy + at % (nx - heavy);
+    }
+    return BlockSlot{rank, head % ny, head / ny};
+}
+
 } // namespace fajit
 
 #endif

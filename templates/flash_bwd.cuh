@@ -854,43 +854,22 @@ __device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, const Seq 
 
 /* ---------------------------------------------------------------- block order */
 
-/*
- * Under a causal mask the blocks along the sequence differ in work: a key
- * block sees every query block from its diagonal on (the first the most), a
- * query block every key block up to its diagonal (the last the most). The
- * GPU starts blocks in linear order (x fastest), so the natural grid leaves
- * the heaviest block of the last heads to start near the end and run on
- * alone (at 8k, 128 query blocks against an average of 65). Here a block's
- * linear index is remapped so that the heavier half of every head's blocks
- * starts first and the lighter halves last, each half head by head (the
- * blocks running together still share a few heads' Q/dO or K/V in L2).
- * heavy_low: low x is heavy (key-major) or high x (query-major).
- */
+/* This block's (x, head, batch). Under a causal mask (common.cuh's
+ * heavy_halves_first) the heavier half of every head's blocks starts first:
+ * low x is heavy in the key-major kernel (heavy_low), high x in the
+ * query-major one. Windows give blocks even work: the natural order. */
 struct Slot {
     int x;
     long long y, z;
 };
 
 __device__ __forceinline__ Slot block_slot(bool heavy_low) {
-    constexpr bool kReorder = FAJIT_MASK != fajit::kMaskNone && !kLeft; /* windows: even work */
-    if constexpr (!kReorder) {
+    if constexpr (FAJIT_MASK == fajit::kMaskNone || kLeft) {
         return Slot{static_cast<int>(blockIdx.x), blockIdx.y, blockIdx.z};
     } else {
-        const long long nx = gridDim.x, heads = static_cast<long long>(gridDim.y) * gridDim.z;
-        long long at = blockIdx.x + nx * (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
-        const long long heavy = (nx + 1) / 2; /* blocks in a head's heavier half */
-        long long head, x;
-        if (at < heads * heavy) {
-            head = at / heavy;
-            x = at % heavy;
-        } else {
-            at -= heads * heavy;
-            head = at / (nx - heavy);
-            x = heavy + at % (nx - heavy);
-        }
-        if (!heavy_low)
-            x = nx - 1 - x;
-        return Slot{static_cast<int>(x), head % gridDim.y, head / gridDim.y};
+        const fajit::BlockSlot s = fajit::heavy_halves_first(blockIdx.x, blockIdx.y, blockIdx.z);
+        const int x = heavy_low ? static_cast<int>(s.rank) : static_cast<int>(gridDim.x - 1 - s.rank);
+        return Slot{x, s.y, s.z};
     }
 }
 
