@@ -139,6 +139,14 @@ static size_t build_jobs(job *jobs, size_t cap) {
     for (size_t i = 0; i < sizeof sm80 / sizeof sm80[0]; ++i)
         n = add(jobs, n, cap, fwd_variant(sm80[i][0], sm80[i][1], (int)i % 2, (int)i % 3, 80));
     n = add(jobs, n, cap, fwd_variant(128, 128, 1, 1, 86));
+    /* d 160's two-tiles-a-warp tile (4 warps, bn 32; one stage unmasked, two
+     * masked) sits at the register file's edge: every mask and both dtypes
+     * on the archs whose rules differ (the d 160 of the loop above is
+     * fp16 causal on sm_90). */
+    for (int mask = 0; mask < 3; ++mask)
+        for (int a = 0; a < 3; ++a)
+            if (!(mask == 1 && a == 2))
+                n = add(jobs, n, cap, fwd_variant(160, 160, (mask + a) % 2, mask, a == 0 ? 80 : a == 1 ? 86 : 90));
     /* Decode's few-rows tile (8 warps, bn 128 where it fits) over the head
      * dims it covers, sm_80 and sm_90, with a mask, a window and varlen on
      * d 128, and sm_86's narrower keys. */
