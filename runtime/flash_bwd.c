@@ -98,13 +98,15 @@ static int shrink(const fajit__variant *caller, fajit__variant *t)
 /* Tuning FlashAttention's grid on the H100 (third session, all 6 seqlens,
  * fp16 and bf16; benchmarks/RESULTS.md) found bm 32 bn 128 with 4 warps the
  * fastest backward at d 64 without a mask: 2-9% ahead of bm 128 with 8
- * warps, which spilled 88 bytes there. With a causal mask bm 128 stays ahead
- * from 2k on, and the features' registers were not measured with 4 warps. */
+ * warps, which spilled 88 bytes there. Since the dQ accumulator's tile
+ * order (fifth session) it wins under a causal mask too: `fajit tune` (fp16,
+ * 2k and 8k) timed it 7.5% ahead of bm 128 there, where it had lost before;
+ * causal with varlen spilled 4-12 bytes with it (sm_80/90), so keeps bm 128.
+ * Windows and the features' registers were not measured with 4 warps. */
 static int plain_narrow_head(const fajit__variant *v, int dmax)
 {
-    return v->op == FAJIT__OP_BWD && dmax <= 64 && v->mask == FAJIT_MASK_NONE &&
-           v->window_left == -1 && v->window_right == -1 && !v->dropout && !v->softcap &&
-           !v->alibi;
+    return v->op == FAJIT__OP_BWD && dmax <= 64 && (v->mask == FAJIT_MASK_NONE || !v->varlen) &&
+           v->window_left == -1 && v->window_right == -1 && !v->dropout && !v->softcap && !v->alibi;
 }
 
 static void main_tiles(fajit__variant *v)
