@@ -60,7 +60,8 @@ static size_t smem_limit(int arch) {
     return arch == 90 ? 227 * 1024 : arch == 80 ? 163 * 1024 : 99 * 1024;
 }
 
-static fajit__variant fwd_variant(int dqk, int dv, int dtype, int mask, int arch) {
+/* An op=fwd variant with these fields and every tile unset. */
+static fajit__variant untiled(int dqk, int dv, int dtype, int mask, int arch) {
     fajit__variant v;
     fajit__variant_defaults(&v);
     v.op = FAJIT__OP_FWD;
@@ -70,6 +71,11 @@ static fajit__variant fwd_variant(int dqk, int dv, int dtype, int mask, int arch
     v.mask = mask;
     v.arch = arch;
     v.arch_suffix = 0;
+    return v;
+}
+
+static fajit__variant fwd_variant(int dqk, int dv, int dtype, int mask, int arch) {
+    fajit__variant v = untiled(dqk, dv, dtype, mask, arch);
     fajit__heuristic_tiles(&v);
     return v;
 }
@@ -79,16 +85,9 @@ static fajit__variant fwd_variant(int dqk, int dv, int dtype, int mask, int arch
  * a left window of `window` keys (-1: none) and varlen as asked. */
 static fajit__variant decode_variant(int d, int dtype, int mask, int arch, int window, int varlen) {
     const fajit__fwd_shape decode = {1, 1, 65536, 32, 8};
-    fajit__variant v;
-    fajit__variant_defaults(&v);
-    v.op = FAJIT__OP_FWD;
-    v.dqk = v.dv = d;
-    v.dtype = dtype;
-    v.mask = mask;
+    fajit__variant v = untiled(d, d, dtype, mask, arch);
     v.window_left = window;
     v.varlen = varlen;
-    v.arch = arch;
-    v.arch_suffix = 0;
     fajit__heuristic_tiles_for(&v, &decode);
     return v;
 }
@@ -97,15 +96,7 @@ static fajit__variant decode_variant(int d, int dtype, int mask, int arch, int w
 enum { FEAT_SOFTCAP = 1, FEAT_ALIBI = 2, FEAT_VARLEN = 4, FEAT_DROPOUT = 8 };
 
 static fajit__variant feature_variant(int dqk, int dv, int dtype, int mask, int arch, int feats) {
-    fajit__variant v;
-    fajit__variant_defaults(&v);
-    v.op = FAJIT__OP_FWD;
-    v.dqk = dqk;
-    v.dv = dv;
-    v.dtype = dtype;
-    v.mask = mask;
-    v.arch = arch;
-    v.arch_suffix = 0;
+    fajit__variant v = untiled(dqk, dv, dtype, mask, arch);
     v.softcap = (feats & FEAT_SOFTCAP) != 0;
     v.alibi = (feats & FEAT_ALIBI) != 0;
     v.varlen = (feats & FEAT_VARLEN) != 0;
