@@ -590,10 +590,10 @@ __device__ __forceinline__ void zero_pad_chunks(const Tiles &t, int tid) {
 
 /*
  * Where a block's query blocks come from, worked out once per block: the Q
- * and dO rows of head 0 of the block's sequence, the per-head strides, and
- * this thread's share of the lse2 / D copies (a 16-byte chunk of either, by
- * the first BM / 2 threads), so that each query block costs an add per
- * pointer instead of the 64-bit products of the full offsets.
+ * and dO rows and the lse2 scratch row of head 0 of the block's sequence,
+ * and the strides between heads and rows (and from lse2 to D), so that each
+ * query block costs a multiply-add per pointer instead of the 64-bit
+ * products of the full offsets.
  */
 struct QuerySrc {
     const elem_t *q, *dout;     /* (batch b, head 0, sequence row 0) */
@@ -1009,7 +1009,7 @@ __device__ __forceinline__ void flash_bwd_query_major(const fajit_bwd_params &p,
     const Head hd = head_of(p, b, h);
     const Tiles t = tiles_of(smem);
     zero_pad_chunks(t, tid);
-    load_query_block(query_src_of(p, stats, seq, b), t, h, m0, 0, tid);
+    load_query_block(query_src_of(p, stats, seq, b), t, static_cast<int>(h), m0, 0, tid);
     if constexpr (FAJIT_STAGES == 2) {
         if (n_tiles > 0)
             load_key_block(p, t, seq, b, h_kv, nb0, 0, tid);
