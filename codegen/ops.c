@@ -42,12 +42,25 @@ static size_t fwd_row_bytes(int dim)
     return (chunks % 8 == 0 ? chunks : (chunks | 1)) * 16;
 }
 
+int fajit__fwd_key_warps(const fajit__variant *v)
+{
+    int row_tiles = v->bm / 16;
+    return v->bm > 0 && v->warps > row_tiles && row_tiles > 0 ? v->warps / row_tiles : 1;
+}
+
 static size_t fwd_smem_bytes(const fajit__variant *v)
 {
-    size_t qk = fwd_row_bytes((v->dqk + 15) / 16 * 16), vv = fwd_row_bytes(v->dv);
+    size_t qk = fwd_row_bytes((v->dqk + 15) / 16 * 16), vv = fwd_row_bytes(v->dv), kv, merge;
+    int key_warps = fajit__fwd_key_warps(v);
     if (v->bm <= 0 || v->bn <= 0 || v->stages <= 0 || v->dqk <= 0 || v->dv <= 0)
         return 0;
-    return (size_t)v->bm * qk + (size_t)v->stages * (size_t)v->bn * (qk + vv);
+    kv = (size_t)v->stages * (size_t)v->bn * (qk + vv);
+    /* key-split warps' merge: a lane's accumulators (4 floats an 8-wide dv
+     * tile), max and sums, for every warp but a row tile's first */
+    merge = key_warps > 1 ? (size_t)(key_warps - 1) * (size_t)(v->bm / 16) * 32 *
+                                ((size_t)(v->dv + 7) / 8 * 4 + 4) * sizeof(float)
+                          : 0;
+    return (size_t)v->bm * qk + (kv > merge ? kv : merge);
 }
 
 /* Must match the layouts in templates/flash_bwd.cuh (its static_assert

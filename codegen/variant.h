@@ -114,6 +114,11 @@ const char *fajit__variant_entry_name(const fajit__variant *v);
  * static_asserts its layout fits. */
 size_t fajit__variant_smem_bytes(const fajit__variant *v);
 
+/* Warps the fast forward splits each key tile over (templates/flash_fwd.cuh
+ * kKeyWarps): warps / (bm / 16) when a block has fewer 16-row tiles than
+ * warps, else 1. */
+int fajit__fwd_key_warps(const fajit__variant *v);
+
 /* 1 if the fast forward (op fwd, templates/flash_fwd.cuh) implements the
  * variant's features (dropout, softcap, ALiBi, varlen, paged), else 0; the
  * runtime falls back to the reference for the others. Head dims, alignment

@@ -50,7 +50,8 @@ size_t fajit__arch_smem_limit(int arch)
 static void fit_smem(const fajit__variant *asked, fajit__variant *t, size_t limit)
 {
     while (fajit__variant_smem_bytes(t) > limit) {
-        if (asked->bn == FAJIT__UNSET && t->bn > 32)
+        /* (warps splitting the key tiles need 16 keys each) */
+        if (asked->bn == FAJIT__UNSET && t->bn > 32 && t->bn / 2 % (16 * fajit__fwd_key_warps(t)) == 0)
             t->bn /= 2;
         else if (asked->stages == FAJIT__UNSET && t->stages > 1)
             t->stages--;
@@ -146,25 +147,29 @@ static int packs_group(const fajit__variant *v, int bm, const fajit__fwd_shape *
     return sh->seqlen_q == 1 && group > 1 && group <= bm && !v->alibi && !v->dropout;
 }
 
-/* A block whose real query rows all fit one warp's 16-row mma tile (a decode
- * step: seqlen_q 1, a kv head's query heads packed into one block, its keys
- * split over blocks) does its math on one warp whatever the tile; the other
- * warps only copy K and V tiles in (cp.async), and over long keys those
- * copies are the whole cost. So such calls take more copying warps and wider
- * key tiles than fwd_tiles gives prefill: bf16 d128 decode (32/8 heads,
- * batch 1, H100) reached 80% of the copy bandwidth at 64k keys with bm 128
- * bn 128, 8 warps, 2 stages, and 76% with fwd_tiles' bm 128 bn 64, 4 warps
- * (benchmarks/RESULTS.md, third and fourth sessions). One 16-row tile a warp
- * keeps the accumulators of head dims up to 128 in registers (it is the tile
- * fwd_tiles gives masked d128 off sm_90); unequal head dims, other widths,
- * dropout, softcap and ALiBi keep fwd_tiles' choice (not measured). These
- * are starting values, to be tuned on the GPU. */
-#define FEW_ROWS_MAX 16 /* real query rows a block: one warp's mma tile holds them */
+/* A decode step (few real query rows a block: seqlen_q 1 with a kv head's
+ * query heads packed into one block, its keys split over blocks) streams K
+ * and V once and does little math on them. The usual tile would give those
+ * few rows to one warp, whose math then trails the copies; a block of one
+ * 16-row tile whose 4 warps split every key tile (templates/flash_fwd.cuh
+ * kKeyWarps, merged at the end) keeps them all busy. bm 16 bn 128, 4 warps,
+ * 2 stages (132 KB: one block an SM, so the split rule fills the SMs with one
+ * block each) timed best or within 1% of the best candidate on every decode
+ * problem `fajit tune` tried on H100 (bf16 d128 32/8 heads: batch 1 4k-128k
+ * keys, batch 8 4k and 16k; fp16 d64; 4 query rows of 16 MHA heads), e.g.
+ * batch 1 4k 13.7 us (bm 128 bn 128 8 warps: 14.9), 64k 97.7 (98.5), 128k
+ * 181.0 (182.5) (benchmarks/results/tune_decode_h100_s6.txt); under
+ * bench_decode.py's dirty-L2 timing the gain is 0-1% (64k 108.1 against
+ * 108.6 us).
+ * One 16-row tile holds the accumulators of head dims up to 128 in
+ * registers; unequal head dims, other widths, dropout, softcap and ALiBi
+ * keep fwd_tiles' choice (not measured). */
+#define FEW_ROWS_MAX 16 /* real query rows a block: one 16-row mma tile holds them */
 #define FEW_ROWS_DMIN 64 /* head dims (dqk == dv) the rule covers */
 #define FEW_ROWS_DMAX 128
-#define FEW_ROWS_BM 128
+#define FEW_ROWS_BM 16
 #define FEW_ROWS_BN 128
-#define FEW_ROWS_WARPS 8
+#define FEW_ROWS_WARPS 4
 #define FEW_ROWS_STAGES 2
 
 static int few_rows_tile_fits(const fajit__variant *v)
@@ -174,12 +179,13 @@ static int few_rows_tile_fits(const fajit__variant *v)
 }
 
 /* The few-rows tile for v (fields the caller set kept), shrunk as fwd_tiles
- * shrinks its own where the arch's shared memory is short. */
+ * shrinks its own where the arch's shared memory is short. A caller's warps
+ * or bm that leave no key split keep one tile a warp. */
 static void few_rows_tiles(fajit__variant *v)
 {
     fajit__variant t = *v;
     set_if_unset(&t.warps, FEW_ROWS_WARPS);
-    set_if_unset(&t.bm, FEW_ROWS_BM > 16 * t.warps ? FEW_ROWS_BM : 16 * t.warps);
+    set_if_unset(&t.bm, FEW_ROWS_BM);
     set_if_unset(&t.bn, FEW_ROWS_BN);
     set_if_unset(&t.stages, FEW_ROWS_STAGES);
     fit_smem(v, &t, fajit__arch_smem_limit(v->arch == FAJIT__UNSET ? 90 : v->arch));
@@ -196,10 +202,13 @@ static int64_t rows_a_block(const fajit__variant *v, const fajit__fwd_shape *sh)
 int fajit__heuristic_tiles_for(fajit__variant *v, const fajit__fwd_shape *sh)
 {
     if (sh && few_rows_tile_fits(v)) {
-        fajit__variant t = *v;
-        few_rows_tiles(&t); /* whether the call packs depends on the bm it takes */
-        if (rows_a_block(&t, sh) <= FEW_ROWS_MAX) {
-            *v = t;
+        /* Few rows as the usual tile would pack them: a group of more than
+         * 16 query heads keeps that tile (packed, it reads K and V once; the
+         * few-rows tile could not pack it). */
+        fajit__variant usual = *v;
+        fajit__heuristic_tiles(&usual);
+        if (rows_a_block(&usual, sh) <= FEW_ROWS_MAX) {
+            few_rows_tiles(v);
             return 1;
         }
     }

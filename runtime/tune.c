@@ -193,7 +193,7 @@ int fajit__tuning_key_decode(const uint8_t *key, size_t len, fajit__gpu_identity
 
 /* ---------------------------------------------------------------- candidates and pruning */
 
-static const int cand_bm[] = {64, 128}, cand_bn[] = {32, 64, 128}, cand_warps[] = {4, 8},
+static const int cand_bm[] = {16, 64, 128}, cand_bn[] = {32, 64, 128}, cand_warps[] = {4, 8},
                  cand_stages[] = {1, 2, 3};
 /* The backward's main kernel: bn 32 lost badly wherever the sweep of
  * tests/gpu/test_flash_bwd_gpu tried it (129 against 201 TFLOPs at d 256). */
@@ -253,6 +253,7 @@ static const char *bwd_static_refusal(const fajit__variant *v, char *buf, size_t
 
 const char *fajit__tune_static_refusal(const fajit__variant *v, char *buf, size_t cap)
 {
+    int key_warps;
     if (v->op == FAJIT__OP_BWD)
         return bwd_static_refusal(v, buf, cap);
     if (v->op != FAJIT__OP_FWD)
@@ -261,17 +262,21 @@ const char *fajit__tune_static_refusal(const fajit__variant *v, char *buf, size_
         return refuse(buf, cap, "the fast forward lacks a feature of the variant");
     if (v->dqk > 256 || v->dv > 256 || v->dqk < 1 || v->dv < 1)
         return refuse(buf, cap, "dqk=%d dv=%d: head dims must be in 1..256", v->dqk, v->dv);
-    if (v->warps < 1 || v->warps > 16 || v->bm % (16 * v->warps) != 0)
-        return refuse(buf, cap, "bm=%d warps=%d: bm must be a multiple of 16 * warps", v->bm,
+    if (v->warps < 1 || v->warps > 16 || v->bm < 16 || v->bm % 16 != 0 ||
+        (v->bm % (16 * v->warps) != 0 && (16 * v->warps) % v->bm != 0))
+        return refuse(buf, cap, "bm=%d warps=%d: bm must be a multiple of 16 * warps, or divide it", v->bm,
                       v->warps);
-    if (v->bn < 16 || v->bn % 16 != 0)
-        return refuse(buf, cap, "bn=%d: must be a multiple of 16", v->bn);
+    key_warps = fajit__fwd_key_warps(v);
+    if (v->bn < 16 || v->bn % (16 * key_warps) != 0)
+        return refuse(buf, cap, "bn=%d: must be a multiple of 16 * %d (the warps a key tile is split over)",
+                      v->bn, key_warps);
     if (v->stages < 1 || v->stages > 3)
         return refuse(buf, cap, "stages=%d: must be 1..3", v->stages);
     size_t smem = fajit__variant_smem_bytes(v), limit = fajit__arch_smem_limit(v->arch);
     if (smem > limit)
         return refuse(buf, cap, "shared memory %zu bytes above the arch's %zu", smem, limit);
-    int regs = v->bm / v->warps * ((v->dv + 7) / 8 * 8 + v->bn) / 32; /* dv padded as in smem */
+    /* a warp's rows times (dv padded as in smem + its keys of a tile) */
+    int regs = v->bm * key_warps / v->warps * ((v->dv + 7) / 8 * 8 + v->bn / key_warps) / 32;
     if (regs > MAX_ACCUMULATOR_REGS)
         return refuse(buf, cap, "accumulators need %d registers a thread (more than %d)", regs,
                       MAX_ACCUMULATOR_REGS);

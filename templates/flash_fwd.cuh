@@ -55,6 +55,9 @@
  *     a second launch of the same kernel with p.combine = 1 (a warp per row)
  *     merges the splits by their LSEs into o and lse.
  * Warps with no row of their own (decode's mostly empty blocks) only copy.
+ * Or a block of fewer 16-row tiles than warps (bm < 16 * warps) splits each
+ * key tile over its warps instead, which merge at the end (kKeyWarps): then
+ * every warp does math on a decode block's few rows.
  * Needs q and k aligned to dqk's load width (in bytes: 2 * width) with
  * strides multiples of it in elements, v and o the same for dv's width
  * (runtime/attn.c fast_fwd_refusal checks, and falls back to the reference).
@@ -68,7 +71,8 @@ static_assert(FAJIT_ARCH >= 80, "flash_fwd: needs sm_80 or newer (mma.sync bf16,
 static_assert(FAJIT_DQK >= 1 && FAJIT_DQK <= 256, "flash_fwd: dqk must be in 1..256");
 static_assert(FAJIT_DV >= 1 && FAJIT_DV <= 256, "flash_fwd: dv must be in 1..256");
 static_assert(FAJIT_WARPS >= 1 && FAJIT_WARPS <= 16, "flash_fwd: warps must be 1..16");
-static_assert(FAJIT_BM % (16 * FAJIT_WARPS) == 0, "flash_fwd: bm must be a multiple of 16 * warps");
+static_assert(FAJIT_BM % 16 == 0 && (FAJIT_BM % (16 * FAJIT_WARPS) == 0 || (16 * FAJIT_WARPS) % FAJIT_BM == 0),
+              "flash_fwd: bm must be a multiple of 16 * warps, or divide it (warps then split the keys)");
 static_assert(FAJIT_BN >= 16 && FAJIT_BN % 16 == 0, "flash_fwd: bn must be a multiple of 16");
 static_assert(FAJIT_STAGES >= 1 && FAJIT_STAGES <= 3, "flash_fwd: stages must be 1..3");
 static_assert(FAJIT_PAGED == 0, "flash_fwd: paged KV is not implemented");
@@ -80,12 +84,22 @@ using namespace fajit_ptx; /* ptx.cuh */
 using elem_t = unsigned short; /* raw fp16 / bf16 bits */
 
 constexpr int kThreads = FAJIT_WARPS * 32;
-constexpr int kMTiles = FAJIT_BM / (16 * FAJIT_WARPS); /* 16-row mma tiles per warp */
+/* Fewer 16-row tiles than warps (bm < 16 * warps: decode's few rows over long
+ * keys) split every key tile over kKeyWarps warps a row tile: warp w takes
+ * rows of tile w % kRowWarps and keys (w / kRowWarps) * kWarpBN onwards of
+ * each key tile, with a softmax state of its own; the warps of a row tile
+ * merge their states in shared memory at the end (merge_key_warps). */
+constexpr int kRowWarps = FAJIT_BM / 16 < FAJIT_WARPS ? FAJIT_BM / 16 : FAJIT_WARPS;
+constexpr int kKeyWarps = FAJIT_WARPS / kRowWarps;
+constexpr int kWarpBN = FAJIT_BN / kKeyWarps; /* keys of a tile one warp takes */
+static_assert(kKeyWarps == 1 || (FAJIT_WARPS % kRowWarps == 0 && kWarpBN % 16 == 0),
+              "flash_fwd: with bm < 16 * warps, warps / (bm / 16) must divide bn / 16");
+constexpr int kMTiles = FAJIT_BM / (16 * kRowWarps); /* 16-row mma tiles per warp */
 constexpr int kWarpRows = 16 * kMTiles;
 constexpr int kDqkPad = (FAJIT_DQK + 15) / 16 * 16; /* mma k steps of 16 */
 constexpr int kChunksQK = kDqkPad / 8;              /* 16-byte chunks of a Q/K smem row */
 constexpr int kChunksV = (FAJIT_DV + 7) / 8;       /* 16-byte chunks of a V smem row */
-constexpr int kNTiles = FAJIT_BN / 8;   /* n tiles of S */
+constexpr int kNTiles = kWarpBN / 8;    /* n tiles of a warp's S */
 constexpr int kOTiles = kChunksV;       /* n tiles of O */
 
 /* Elements a load moves at once for a head dim: the largest power of two
@@ -106,7 +120,7 @@ constexpr bool kCanPack = !FAJIT_ALIBI && !FAJIT_DROPOUT;
 constexpr bool kHeavyFirst = FAJIT_MASK != fajit::kMaskNone && !(kMTiles == 2 && kChunksV >= 16);
 constexpr int kDvPad = kOTiles * 8; /* floats of a partial output row */
 constexpr int kKSteps = kDqkPad / 16;   /* k steps of Q K^T */
-constexpr int kPSteps = FAJIT_BN / 16;  /* k steps of P V */
+constexpr int kPSteps = kWarpBN / 16;   /* k steps of P V */
 
 /* Row length in chunks: swizzled rows keep their length, others go odd. */
 __host__ __device__ constexpr int row_chunks(int chunks) { return chunks % 8 == 0 ? chunks : (chunks | 1); }
@@ -114,7 +128,12 @@ __host__ __device__ constexpr int row_chunks(int chunks) { return chunks % 8 == 
 constexpr int kQElems = FAJIT_BM * row_chunks(kChunksQK) * 8;
 constexpr int kKElems = FAJIT_BN * row_chunks(kChunksQK) * 8; /* one stage */
 constexpr int kVElems = FAJIT_BN * row_chunks(kChunksV) * 8;  /* one stage */
-constexpr int kSmemBytes = (kQElems + FAJIT_STAGES * (kKElems + kVElems)) * 2;
+/* merge_key_warps' exchange, in the K/V buffers once the loop is done: each
+ * warp of key split 1.. keeps a lane's accumulators, max and sums. */
+constexpr int kMergeFloats = kOTiles * 4 + 4; /* a lane's */
+constexpr int kMergeBytes = kKeyWarps > 1 ? (kKeyWarps - 1) * kRowWarps * 32 * kMergeFloats * 4 : 0;
+constexpr int kKVBytes = FAJIT_STAGES * (kKElems + kVElems) * 2;
+constexpr int kSmemBytes = kQElems * 2 + (kKVBytes > kMergeBytes ? kKVBytes : kMergeBytes);
 static_assert(kSmemBytes <= FAJIT_SMEM_BYTES,
               "flash_fwd: shared memory layout larger than FAJIT_SMEM_BYTES (codegen disagrees)");
 
@@ -535,10 +554,10 @@ struct Frags {
 };
 
 __device__ __forceinline__ void init_frags(Frags &f, unsigned sQ, unsigned sK, unsigned sV,
-                                           int warp_row0, int lane) {
+                                           int warp_row0, int warp_key0, int lane) {
     f.q.init(sQ, warp_row0 + (lane & 15), lane >> 4);
-    f.k.init(sK, (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
-    f.v.init(sV, (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+    f.k.init(sK, warp_key0 + (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+    f.v.init(sV, warp_key0 + (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
 }
 
 /* acc = Q K^T for the K tile at byte offset k_off from stage 0. */
@@ -705,6 +724,12 @@ __device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, co
                                    long long h, int m0, int tid, const Block &blk) {
     const int n = imin(FAJIT_BM, blk.rows - m0);
     if (blk.split >= 0) {
+        /* The partial output too (zeros): the combine reads every split's
+         * rows unconditionally, weighting this one by 0. */
+        for (int i = tid; i < n * kDvPad; i += kThreads) {
+            const long long slot = blk.split * p.partial_rows + lse_index(p, seq, bh, h, m0 + i / kDvPad, blk);
+            p.o_partial[slot * kDvPad + i % kDvPad] = 0.0f;
+        }
         for (int r = tid; r < n; r += kThreads)
             p.lse_partial[blk.split * p.partial_rows + lse_index(p, seq, bh, h, m0 + r, blk)] =
                 fajit::neg_infinity();
@@ -767,11 +792,12 @@ __device__ void combine_partials(const fajit_fwd_params &p, int tid) {
         const float ls = s0 + lane < splits ? lse_s[(s0 + lane) * step] : fajit::neg_infinity();
         const float w_lane = ls == fajit::neg_infinity() ? 0.0f : fast_exp2((ls - lse) * kLog2e);
         const int n = imin(32, splits - s0);
+        /* No branch on w: the loads of 8 splits go out together (a split
+         * without keys wrote zeros and weighs 0). Branching on w serialised
+         * one L2 round trip a split: 11 us for 16 splits of d 128 (ncu). */
 #pragma unroll 8
         for (int k = 0; k < n; ++k) {
             const float w = __shfl_sync(fajit::kFullWarp, w_lane, k);
-            if (w == 0.0f)
-                continue; /* no key in that split: its partial output was never written */
             const float *o = p.o_partial + ((s0 + k) * step + idx) * kDvPad + lane;
 #pragma unroll
             for (int c = 0; c < kCols; ++c)
@@ -786,6 +812,60 @@ __device__ void combine_partials(const fajit_fwd_params &p, int tid) {
             fajit::store_from_float<FAJIT_DTYPE>(o + c * 32 + lane, acc[c]);
     if (p.lse != nullptr && lane == 0)
         p.lse[idx] = lse;
+}
+
+/* ---------------------------------------------------------------- key-split warps */
+
+/* The kKeyWarps warps of row tile `rtile` saw disjoint keys of every tile,
+ * each with its own running max m and sums l (in the same lane layout): the
+ * first (key_split 0) takes the others' over shared memory `buf` (the K/V
+ * buffers, free once every warp is past the loop) as
+ *   m = max m_k,  l = sum l_k 2^(m_k - m),  acc = sum acc_k 2^(m_k - m),
+ * a key split that saw no key (m_k = -inf) weighing 0. Returns whether this
+ * warp holds the merged state (and writes the output). Every thread of the
+ * block calls it: two barriers. */
+__device__ __forceinline__ bool merge_key_warps(float (&acc_o)[kMTiles][kOTiles][4], RowState &st, elem_t *buf,
+                                                int rtile, int key_split, int lane) {
+    static_assert(kKeyWarps == 1 || kMTiles == 1, "key-split warps own one 16-row tile");
+    float *const slots = reinterpret_cast<float *>(buf);
+    __syncthreads(); /* every warp is done reading K and V */
+    if (key_split > 0) {
+        /* float i of a lane at slot[i * 32 + lane]: conflict-free */
+        float *slot = slots + ((key_split - 1) * kRowWarps + rtile) * 32 * kMergeFloats + lane;
+#pragma unroll
+        for (int j = 0; j < kOTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                slot[(j * 4 + e) * 32] = acc_o[0][j][e];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            slot[(kOTiles * 4 + half) * 32] = st.m[0][half];
+            slot[(kOTiles * 4 + 2 + half) * 32] = st.l[0][half];
+        }
+    }
+    __syncthreads();
+    if (key_split > 0)
+        return false;
+#pragma unroll 1
+    for (int k = 1; k < kKeyWarps; ++k) {
+        const float *slot = slots + ((k - 1) * kRowWarps + rtile) * 32 * kMergeFloats + lane;
+        float mine[2], theirs[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const float mk = slot[(kOTiles * 4 + half) * 32], m = fmaxf(st.m[0][half], mk);
+            /* -inf - -inf is NaN: a side without keys weighs 0 */
+            mine[half] = st.m[0][half] == fajit::neg_infinity() ? 0.0f : fast_exp2(st.m[0][half] - m);
+            theirs[half] = mk == fajit::neg_infinity() ? 0.0f : fast_exp2(mk - m);
+            st.m[0][half] = m;
+            st.l[0][half] = st.l[0][half] * mine[half] + slot[(kOTiles * 4 + 2 + half) * 32] * theirs[half];
+        }
+#pragma unroll
+        for (int j = 0; j < kOTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                acc_o[0][j][e] = acc_o[0][j][e] * mine[e / 2] + slot[(j * 4 + e) * 32] * theirs[e / 2];
+    }
+    return true;
 }
 
 /* ---------------------------------------------------------------- the kernel */
@@ -941,8 +1021,11 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
         }
     };
 
-    const int warp_row0 = warp * kWarpRows;
-    if (FAJIT_STAGES > 1 && m0 + warp_row0 >= blk.rows) {
+    /* (constants 0 and warp without key splits: a known 0 costs no register) */
+    const int warp_row0 = (kKeyWarps == 1 ? warp : warp % kRowWarps) * kWarpRows;
+    const int key_split = kKeyWarps == 1 ? 0 : warp / kRowWarps;
+    const int warp_key0 = key_split * kWarpBN; /* the warp's first key in each tile */
+    if (FAJIT_STAGES > 1 && kKeyWarps == 1 && m0 + warp_row0 >= blk.rows) {
         /* No row of this warp's (few query rows: decode, a last block): it
          * only helps copy, at the same barriers. (Single-stage variants,
          * the small-smem archs', keep the math: a second copy of their
@@ -968,7 +1051,7 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
             st.l[mt][half] = 0.0f;
         }
     Frags f;
-    init_frags(f, aQ, aK, aV, warp_row0, lane);
+    init_frags(f, aQ, aK, aV, warp_row0, warp_key0, lane);
 
     float acc_o[kMTiles][kOTiles][4];
 #pragma unroll
@@ -991,11 +1074,11 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
                         ldmatrix_x4(f.q.at(mt * 16, 2 * kk), qreg[mt][kk]);
             }
         }
-        const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
+        const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN + warp_key0; /* the warp's keys */
         float x[kMTiles][kNTiles][4];
         qk_tile(x, f, qreg, s * kKElems * 2);
         scale_scores(x, mods, n0);
-        if (n0 < all_begin || n0 + FAJIT_BN > all_end)
+        if (n0 < all_begin || n0 + kWarpBN > all_end)
             mask_tile(x, st, n0, lane);
         online_softmax(x, st, acc_o, kFoldScale ? mods.scale : 1.0f);
         if constexpr (FAJIT_DROPOUT)
@@ -1003,13 +1086,25 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
         pv_tile(acc_o, x, f, s * kVElems * 2);
     }
     cp_async_wait<0>(); /* no copy may outlive the block (empty groups only, by now) */
+    if constexpr (kKeyWarps > 1) {
+        if (!merge_key_warps(acc_o, st, smem + kQElems, warp_row0 / kWarpRows, key_split, lane))
+            return; /* its share went to the row tile's first warp */
+    }
     const Place fin = place_fresh(p);
     write_out(p, heads_at(p, fin), fin.seq, fin.bh, fin.h, acc_o, st, fin.m0 + warp_row0, lane, fin.blk);
 }
 
 } // namespace fajit_fa
 
-extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads) fajit_flash_fwd(const fajit_fwd_params p) {
+/* Key-split blocks (bm < 16 * warps) name their minimum of one block an SM:
+ * left out, ptxas capped sm_80's d128 bm 16 bn 128 4-warp kernel at 168
+ * registers (three blocks an SM) and spilled 12 bytes into the loop. The
+ * others' 0 is the attribute left out (same cubin). */
+namespace fajit_fa {
+constexpr int kMinBlocks = kKeyWarps > 1 ? 1 : 0;
+}
+
+extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads, fajit_fa::kMinBlocks) fajit_flash_fwd(const fajit_fwd_params p) {
     if (p.combine)
         fajit_fa::combine_partials(p, threadIdx.x);
     else

@@ -348,7 +348,7 @@ static void test_attn_validation(void)
 }
 
 /* fajit_attn_variant reports the tiles for the call's shape: a decode step
- * (seqlen_q 1, 32/8 heads, d128 bf16) gets the few-rows rule's 8 warps, the
+ * (seqlen_q 1, 32/8 heads, d128 bf16) gets the few-rows rule's bm 16, 4 warps, the
  * same variant at prefill the usual 4 (runtime/heuristic.c). Cache off: no
  * tuning record can change them. */
 static void test_decode_tiles(void)
@@ -360,7 +360,7 @@ static void test_decode_tiles(void)
     a.batch = 1, a.seqlen_q = 1, a.seqlen_k = 65536, a.nheads_q = 32, a.nheads_kv = 8;
     a.dqk = a.dv = 128, a.dtype = FAJIT_DTYPE_BF16;
     check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0 && strncmp(text, "fwd dqk=128", 11) == 0 &&
-              strstr(text, " bm=128 ") && strstr(text, " warps=8 "),
+              strstr(text, " bm=16 ") && strstr(text, " warps=4 "),
           "decode: the few-rows tile");
     printf("     %s\n", text);
     a.seqlen_q = a.seqlen_k = 1024;

@@ -393,7 +393,8 @@ static int same_tiles(const fajit__variant *a, const fajit__variant *b)
 }
 
 /* The shape-aware heuristic (fajit__heuristic_tiles_for): a decode step of
- * few query rows a block takes the few-rows rule's 8-warp tile; prefill,
+ * few query rows a block takes the few-rows rule's key-split tile (bm 16, 4
+ * warps splitting each key tile); prefill,
  * no shape, and every variant the rule does not cover take exactly
  * fajit__heuristic_tiles' tiles. */
 static void test_few_rows_rule(void)
@@ -404,7 +405,7 @@ static void test_few_rows_rule(void)
     fajit__variant heur = base, v = base;
     fajit__heuristic_tiles(&heur);
     int few = fajit__heuristic_tiles_for(&v, &decode);
-    CHECK(few == 1 && v.bm == 128 && v.bn == 128 && v.warps == 8 && v.stages == 2,
+    CHECK(few == 1 && v.bm == 16 && v.bn == 128 && v.warps == 4 && v.stages == 2 && fajit__fwd_key_warps(&v) == 4,
           "decode (seqlen_q 1, 32/8 heads, d128 bf16, sm_90): bm=%d bn=%d warps=%d stages=%d "
           "(prefill's: bm=%d bn=%d warps=%d)", v.bm, v.bn, v.warps, v.stages, heur.bm, heur.bn, heur.warps);
     fajit__split_plan s = fajit__plan_split(&v, &decode, 132, 0);
@@ -438,7 +439,7 @@ static void test_few_rows_rule(void)
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         v = base;
         few = fajit__heuristic_tiles_for(&v, &shapes[i].sh);
-        CHECK(few == shapes[i].few && (few ? v.warps == 8 && v.bn == 128 : same_tiles(&v, &heur)),
+        CHECK(few == shapes[i].few && (few ? v.bm == 16 && v.warps == 4 && v.bn == 128 : same_tiles(&v, &heur)),
               "%s: %s (bm=%d bn=%d warps=%d)", shapes[i].what, few ? "few rows" : "the usual tile", v.bm,
               v.bn, v.warps);
     }
@@ -467,7 +468,7 @@ static void test_few_rows_rule(void)
                     const int takes = fajit__heuristic_tiles_for(&z, &decode);
                     const int covers =
                         w.dqk == w.dv && d >= 64 && d <= 128 && !w.dropout && !w.softcap && !w.alibi;
-                    ok_cover &= takes == covers && (takes ? z.warps == 8 && z.bm == 128 &&
+                    ok_cover &= takes == covers && (takes ? z.warps == 4 && z.bm == 16 &&
                                                                 fajit__variant_smem_bytes(&z) <=
                                                                     fajit__arch_smem_limit(w.arch)
                                                           : same_tiles(&z, &h));
@@ -481,12 +482,12 @@ static void test_few_rows_rule(void)
     v = base;
     v.arch = 86; /* 99 KB: two stages of 128 keys do not fit */
     few = fajit__heuristic_tiles_for(&v, &decode);
-    CHECK(few == 1 && v.warps == 8 && v.bm == 128 && v.bn == 64 && v.stages == 2,
+    CHECK(few == 1 && v.warps == 4 && v.bm == 16 && v.bn == 64 && v.stages == 2,
           "sm_86 decode: narrower key tiles first, as fwd_tiles (bn=%d stages=%d)", v.bn, v.stages);
     v = base;
     v.stages = 1;
     few = fajit__heuristic_tiles_for(&v, &decode);
-    CHECK(few == 1 && v.stages == 1 && v.warps == 8 && v.bn == 128, "a tile field the caller set is kept");
+    CHECK(few == 1 && v.stages == 1 && v.warps == 4 && v.bn == 128, "a tile field the caller set is kept");
 }
 
 /* The tuner's heuristic config is what fajit_attn_fwd launches for the
@@ -514,7 +515,7 @@ static void test_few_rows_tuning(void)
     want = p[0].v;
     const int want_few = fajit__heuristic_tiles_for(&want, &decode);
     const int few = fajit__tune_heuristic(&p[0], &got);
-    CHECK(few == 1 && want_few == 1 && same_tiles(&got, &want) && got.warps == 8 && got.bn == 128,
+    CHECK(few == 1 && want_few == 1 && same_tiles(&got, &want) && got.warps == 4 && got.bm == 16 && got.bn == 128,
           "decode problem: the tuner's heuristic config is the shape-aware choice (bm=%d bn=%d warps=%d "
           "stages=%d)", got.bm, got.bn, got.warps, got.stages);
     pre_want = p[1].v;
@@ -714,10 +715,16 @@ static void test_candidates(void)
     size_t n = fajit__tune_candidates(&base, c, 64);
     int legal = n > 0;
     for (size_t i = 0; i < n; i++)
-        legal &= c[i].bm % (16 * c[i].warps) == 0 && c[i].bn % 16 == 0 &&
-                 fajit__variant_smem_bytes(&c[i]) <= 227 * 1024 &&
+        legal &= (c[i].bm % (16 * c[i].warps) == 0 ||
+                  (16 * c[i].warps % c[i].bm == 0 && c[i].bn % (16 * c[i].warps * 16 / c[i].bm) == 0)) &&
+                 c[i].bm % 16 == 0 && c[i].bn % 16 == 0 && fajit__variant_smem_bytes(&c[i]) <= 227 * 1024 &&
                  fajit__variant_check(&c[i]) == 0;
     CHECK(legal, "d128 sm_90: %zu candidates, all legal by the template's rules", n);
+    int key_split = 0;
+    for (size_t i = 0; i < n; i++)
+        key_split += c[i].bm == 16 && c[i].warps == 4 && c[i].bn == 64 && fajit__fwd_key_warps(&c[i]) == 4;
+    CHECK(key_split == 3, "d128: bm 16 bn 64 with 4 warps (keys split over the warps) is a candidate at 1..3 "
+                          "stages (%d)", key_split);
     for (int odd = 0; odd < 2; odd++) { /* the fast forward takes every head dim now */
         fajit__variant ob = fwd_variant(odd ? 59 : 100, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET,
                                         FAJIT__UNSET), oc[64];
@@ -727,9 +734,15 @@ static void test_candidates(void)
             ok &= fajit__variant_check(&oc[i]) == 0;
         CHECK(ok, "d%d (not a multiple of 8): %zu candidates, all valid variants", ob.dqk, on);
     }
-    fajit__variant bad = fwd_variant(128, 64, 64, 8, 2);
+    fajit__variant bad = fwd_variant(128, 48, 64, 4, 2);
     CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) != NULL && strstr(why, "16 * warps"),
-          "bm 64 with 8 warps is refused: %s", why);
+          "bm 48 with 4 warps is refused: %s", why);
+    bad = fwd_variant(128, 16, 32, 4, 2); /* 4 warps a 16-row tile: 8 keys each, below the mma's 16 */
+    CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) != NULL && strstr(why, "bn=32"),
+          "bm 16 bn 32 with 4 warps is refused: %s", why);
+    bad = fwd_variant(128, 64, 64, 8, 2); /* 4 row tiles, each one's keys over 2 warps */
+    CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) == NULL && fajit__fwd_key_warps(&bad) == 2,
+          "bm 64 bn 64 with 8 warps is taken, 2 warps a key tile: %s", why);
     bad = fwd_variant(256, 128, 128, 8, 3);
     bad.arch = 86;
     CHECK(fajit__tune_static_refusal(&bad, why, sizeof why) != NULL && strstr(why, "shared"),
