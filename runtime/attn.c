@@ -311,6 +311,36 @@ static void tuned_choice(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev,
     *splits = found ? tuned : plan;
 }
 
+/* The combine's launch. On sm_90 it is a programmatic dependent launch: its
+ * blocks may start while the partials' grid still runs (every block of that
+ * grid allows it as it starts) and wait in the kernel (griddepcontrol.wait)
+ * until that grid is done and its writes are visible, so the gap between the
+ * two kernels is not spent launching. Elsewhere, or when the driver lacks
+ * cuLaunchKernelEx or refuses the attribute, an ordinary launch. */
+static int launch_combine(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
+                          struct fajit_fwd_params *p, unsigned blocks, void *stream)
+{
+    if (drv->launchKernelEx && v->arch >= 90) {
+        void *kargs[] = {p};
+        CUlaunchAttribute attr;
+        CUlaunchConfig cfg;
+        memset(&attr, 0, sizeof attr);
+        memset(&cfg, 0, sizeof cfg);
+        attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        cfg.gridDimX = blocks;
+        cfg.gridDimY = cfg.gridDimZ = 1;
+        cfg.blockDimX = (unsigned)(v->warps * 32);
+        cfg.blockDimY = cfg.blockDimZ = 1;
+        cfg.hStream = (CUstream)stream;
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        if (drv->launchKernelEx(&cfg, fn, kargs, NULL) == CUDA_SUCCESS)
+            return 0;
+    }
+    return launch_grid(drv, fn, v, p, blocks, 1, 1, 0, stream);
+}
+
 /* The split launch: partials into stream-ordered scratch, then the same
  * kernel in its combine role merges them into o and lse; the scratch is
  * freed on the stream behind them. */
@@ -333,8 +363,7 @@ static int launch_split(const fajit__driver *drv, CUfunction fn, const fajit__va
                      (unsigned)fajit__variant_smem_bytes(v), stream);
     p->combine = 1;
     if (rc == 0)
-        rc = launch_grid(drv, fn, v, p, (unsigned)((rows + (size_t)v->warps - 1) / (size_t)v->warps), 1, 1, 0,
-                         stream);
+        rc = launch_combine(drv, fn, v, p, (unsigned)((rows + (size_t)v->warps - 1) / (size_t)v->warps), stream);
     p->combine = 0;
     freed = fajit__scratch_free(drv, scratch, (CUstream)stream);
     return rc != 0 ? rc : freed;

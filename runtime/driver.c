@@ -115,6 +115,8 @@ static int load_symbols(void *lib)
      * reused by a new one, so the address alone is not a safe cache key). */
     if (load_symbol(lib, "cuCtxGetId", &drv.ctxGetId, sizeof drv.ctxGetId) != 0)
         drv.ctxGetId = NULL;
+    if (load_symbol(lib, "cuLaunchKernelEx", &drv.launchKernelEx, sizeof drv.launchKernelEx) != 0)
+        drv.launchKernelEx = NULL;
     drv.has_timing = LOAD_GROUP(lib, timing) == NULL;
     drv.has_async_alloc = LOAD_GROUP(lib, async_alloc) == NULL;
     if (LOAD_GROUP(lib, pools) != NULL)

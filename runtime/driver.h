@@ -28,6 +28,9 @@ typedef struct fajit__driver {
     CUresult (*funcSetAttribute)(CUfunction, CUfunction_attribute, int);
     CUresult (*launchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                              unsigned, unsigned, CUstream, void **, void **);
+    /* NULL before CUDA 12: launches with attributes (the split-KV combine's
+     * programmatic dependent launch on sm_90) then go through launchKernel. */
+    CUresult (*launchKernelEx)(const CUlaunchConfig *, CUfunction, void **, void **);
     CUresult (*getErrorName)(CUresult, const char **);
     CUresult (*getErrorString)(CUresult, const char **);
     /* Memory, streams and events, for timing (runtime/tune.c). In every driver

@@ -748,6 +748,20 @@ __device__ void write_masked_block(const fajit_fwd_params &p, const Heads &t, co
 
 /* ---------------------------------------------------------------- combine */
 
+/* Programmatic dependent launch (sm_90; runtime/attn.c launch_combine): a
+ * block of the partials' grid lets the combine's grid start early, and the
+ * combine waits for that grid to finish, its writes visible. Both are no-ops
+ * for a grid launched without the attribute. */
+__device__ __forceinline__ void allow_dependents() {
+    if constexpr (FAJIT_ARCH >= 90)
+        asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wait_prerequisites() {
+    if constexpr (FAJIT_ARCH >= 90)
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+
 /* Where output row `idx` (the LSE's index: (b, h, i) dense, (h, packed row)
  * under varlen) lives in o. */
 __device__ __forceinline__ elem_t *out_row(const fajit_fwd_params &p, long long idx, long long total_q) {
@@ -767,6 +781,7 @@ __device__ void combine_partials(const fajit_fwd_params &p, int tid) {
     constexpr int kCols = (kDvPad + 31) / 32; /* columns a lane merges */
     constexpr float kLog2e = 1.4426950408889634f;
     const int warp = tid / 32, lane = tid % 32, splits = p.num_splits;
+    wait_prerequisites(); /* the partials (and nothing of them is read before) */
     const long long total_q = FAJIT_VARLEN ? p.cu_seqlens_q[p.batch] : 0;
     const long long rows = FAJIT_VARLEN ? total_q * p.nheads_q : p.partial_rows;
     const long long idx = static_cast<long long>(blockIdx.x) * FAJIT_WARPS + warp;
@@ -774,13 +789,27 @@ __device__ void combine_partials(const fajit_fwd_params &p, int tid) {
         return;
     const float *lse_s = p.lse_partial + idx;
     const long long step = p.partial_rows;
-    float mx = fajit::neg_infinity();
-    for (int s = lane; s < splits; s += 32)
+    const float *o_row = p.o_partial + idx * kDvPad + lane; /* split s's at + s * step * kDvPad */
+    /* The first kAhead splits' partial rows are loaded with the LSEs, before
+     * their weights are known: up to kAhead splits cost one L2 round trip,
+     * not one for the LSEs and more for the rows (those past splits read as
+     * 0; a split without keys wrote zeros, and both weigh 0). */
+    constexpr int kAhead = 16;
+    float ahead[kAhead][kCols];
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c)
+            ahead[k][c] = k < splits && c * 32 + lane < kDvPad ? o_row[k * step * kDvPad + c * 32] : 0.0f;
+    /* Lane s holds split s's LSE (of the first 32; more are folded in). */
+    const float ls0 = lane < splits ? lse_s[lane * step] : fajit::neg_infinity();
+    float mx = ls0;
+    for (int s = lane + 32; s < splits; s += 32)
         mx = fmaxf(mx, lse_s[s * step]);
     mx = fajit::warp_max(mx);
     const bool any = mx != fajit::neg_infinity();
-    float sum = 0.0f;
-    for (int s = lane; any && s < splits; s += 32)
+    float sum = any ? fast_exp2((ls0 - mx) * kLog2e) : 0.0f; /* exp2(-inf) = 0 */
+    for (int s = lane + 32; any && s < splits; s += 32)
         sum += fast_exp2((lse_s[s * step] - mx) * kLog2e);
     sum = fajit::warp_sum(sum);
     const float lse = any ? mx + log2f(sum) * 0.6931471805599453f : fajit::neg_infinity();
@@ -788,21 +817,31 @@ __device__ void combine_partials(const fajit_fwd_params &p, int tid) {
 #pragma unroll
     for (int c = 0; c < kCols; ++c)
         acc[c] = 0.0f;
-    for (int s0 = 0; any && s0 < splits; s0 += 32) {
-        const float ls = s0 + lane < splits ? lse_s[(s0 + lane) * step] : fajit::neg_infinity();
-        const float w_lane = ls == fajit::neg_infinity() ? 0.0f : fast_exp2((ls - lse) * kLog2e);
-        const int n = imin(32, splits - s0);
-        /* No branch on w: the loads of 8 splits go out together (a split
-         * without keys wrote zeros and weighs 0). Branching on w serialised
-         * one L2 round trip a split: 11 us for 16 splits of d 128 (ncu). */
-#pragma unroll 8
-        for (int k = 0; k < n; ++k) {
-            const float w = __shfl_sync(fajit::kFullWarp, w_lane, k);
-            const float *o = p.o_partial + ((s0 + k) * step + idx) * kDvPad + lane;
+    if (any) {
+        const float w0 = ls0 == fajit::neg_infinity() ? 0.0f : fast_exp2((ls0 - lse) * kLog2e);
+#pragma unroll
+        for (int k = 0; k < kAhead; ++k) {
+            const float w = __shfl_sync(fajit::kFullWarp, w0, k);
 #pragma unroll
             for (int c = 0; c < kCols; ++c)
-                if (c * 32 + lane < kDvPad)
-                    acc[c] = fmaf(w, o[c * 32], acc[c]);
+                acc[c] = fmaf(w, ahead[k][c], acc[c]);
+        }
+        for (int s0 = 0; s0 < splits; s0 += 32) {
+            const float ls = s0 == 0 ? ls0 : s0 + lane < splits ? lse_s[(s0 + lane) * step] : fajit::neg_infinity();
+            const float w_lane = ls == fajit::neg_infinity() ? 0.0f : fast_exp2((ls - lse) * kLog2e);
+            const int n = imin(32, splits - s0);
+            /* No branch on w: 8 splits' loads go out together. (Branching
+             * on it serialised one round trip a split: 11 us for 16 splits
+             * of d 128, ncu.) */
+#pragma unroll 8
+            for (int k = s0 == 0 ? kAhead : 0; k < n; ++k) {
+                const float w = __shfl_sync(fajit::kFullWarp, w_lane, k);
+                const float *o = o_row + (s0 + k) * step * kDvPad;
+#pragma unroll
+                for (int c = 0; c < kCols; ++c)
+                    if (c * 32 + lane < kDvPad)
+                        acc[c] = fmaf(w, o[c * 32], acc[c]);
+            }
         }
     }
     elem_t *o = out_row(p, idx, total_q);
@@ -951,6 +990,8 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
     }
     const Heads t = heads_at(p, w);
     const int splits = p.num_splits > 1 ? p.num_splits : 1;
+    if (splits > 1)
+        allow_dependents(); /* the combine may launch; it waits for this grid's end */
 
     /* Keys any row of the block may see: visible ranges only move right. */
     const int last_row = imin(m0 + FAJIT_BM, blk.rows) - 1;
