@@ -85,18 +85,34 @@ static void fwd_tiles(fajit__variant *v)
      * tile (bm 128 bn 64, 4 warps: two blocks an SM): measured on H100
      * (fp16, `fajit tune`, 1k-16k) 12-30% ahead of one tile a warp at bn
      * 128, once the softmax folded its scale and rescaled lazily made it fit
-     * in registers. It sits at the register file's edge: unmasked it does
-     * not spill (two stages); causal it fits with one stage (one timed
-     * fastest of the rest under causal) on sm_90 without varlen; windows,
-     * and causal on other archs or with varlen, spilled (16-68 bytes), so
-     * those keep one tile a warp. */
+     * in registers. It sits at the register file's edge: unmasked and causal
+     * (sm_90 without varlen) it does not spill with two stages (causal took
+     * one stage until the sixth session: `fajit tune` on H100, fp16 b 8 h 16
+     * 2k, timed two stages 7.8% ahead, 427 against 460 us); windows, and
+     * causal on other archs or with varlen, spilled (16-68 bytes), so those
+     * keep one tile a warp. */
     const int windowed = v->window_left >= 0 || v->window_right >= 0;
     if (dmax == 128 && dqk_pad == dv_pad && !v->dropout && !v->softcap && !v->alibi && !windowed &&
         (!masked || (arch == 90 && !v->varlen))) {
         set_if_unset(&t.warps, 4);
         set_if_unset(&t.bn, 64);
-        if (masked)
-            set_if_unset(&t.stages, 1);
+    }
+    /* d 256 causal on sm_90 without windows, dropout, softcap or ALiBi:
+     * FlashAttention-2's tile for d 256 (bm 64 bn 64, 4 warps, one K and one
+     * V buffer: 96 KB, two blocks an SM), whose single stage pipelines K
+     * against V (templates/flash_fwd.cuh next_tile). H100, bench_fwd.py
+     * (sixth session, benchmarks/results/bench_fwd_d128_d256_h100_s6.txt):
+     * causal 1k-4k 1.00-1.15x FlashAttention-2 (bm 128 bn 64, 8 warps, 2
+     * stages: 0.92-1.02x), 8k-16k 1.04-1.09x (that tile: 1.06-1.13x).
+     * Unmasked it lost to that tile from 8k on (0.99 against 1.05x at 8k)
+     * and gained nothing at 1k-2k, so unmasked keeps it. With softcap,
+     * ALiBi and varlen together it spilled (16 bytes). */
+    if (dmax == 256 && dqk_pad == dv_pad && arch == 90 && v->mask != FAJIT_MASK_NONE && !windowed &&
+        !v->dropout && !v->softcap && !v->alibi) {
+        set_if_unset(&t.warps, 4);
+        set_if_unset(&t.bm, 64);
+        set_if_unset(&t.bn, 64);
+        set_if_unset(&t.stages, 1);
     }
     /* d 160 without features: two 16-row tiles a warp over 32-key tiles (4
      * warps; one stage unmasked, whose two-stage variant spilled, two under

@@ -597,19 +597,13 @@ __device__ __forceinline__ void qk_tile(float (&acc)[kMTiles][kNTiles][4], const
 
 /* acc_o += P V for the V tile at byte offset v_off; P is the softmaxed x in
  * the accumulator layout, which is the A-operand layout once packed. */
-__device__ __forceinline__ void pv_tile(float (&acc_o)[kMTiles][kOTiles][4],
-                                        const float (&x)[kMTiles][kNTiles][4], const Frags &f,
-                                        unsigned v_off) {
+template <typename PFrag>
+__device__ __forceinline__ void pv_mma(float (&acc_o)[kMTiles][kOTiles][4], const PFrag &p_frag, const Frags &f,
+                                       unsigned v_off) {
 #pragma unroll
     for (int kk = 0; kk < kPSteps; ++kk) {
         unsigned a[kMTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-            a[mt][0] = pack2(x[mt][2 * kk][0], x[mt][2 * kk][1]);
-            a[mt][1] = pack2(x[mt][2 * kk][2], x[mt][2 * kk][3]);
-            a[mt][2] = pack2(x[mt][2 * kk + 1][0], x[mt][2 * kk + 1][1]);
-            a[mt][3] = pack2(x[mt][2 * kk + 1][2], x[mt][2 * kk + 1][3]);
-        }
+        p_frag(kk, a);
 #pragma unroll
         for (int dp = 0; dp < kOTiles / 2; ++dp) {
             unsigned b[4];
@@ -629,6 +623,40 @@ __device__ __forceinline__ void pv_tile(float (&acc_o)[kMTiles][kOTiles][4],
                 mma(acc_o[mt][kOTiles - 1], a[mt], b0, b1);
         }
     }
+}
+
+/* P's A fragments for k step kk of P V, packed from the softmaxed x. */
+__device__ __forceinline__ void pack_p(const float (&x)[kMTiles][kNTiles][4], int kk, unsigned (&a)[kMTiles][4]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = pack2(x[mt][2 * kk][0], x[mt][2 * kk][1]);
+        a[mt][1] = pack2(x[mt][2 * kk][2], x[mt][2 * kk][3]);
+        a[mt][2] = pack2(x[mt][2 * kk + 1][0], x[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2(x[mt][2 * kk + 1][2], x[mt][2 * kk + 1][3]);
+    }
+}
+
+/* acc_o += P V for the V tile at byte offset v_off, P packed step by step
+ * from x (the accumulator layout is the A-operand layout once packed). */
+__device__ __forceinline__ void pv_tile(float (&acc_o)[kMTiles][kOTiles][4],
+                                        const float (&x)[kMTiles][kNTiles][4], const Frags &f,
+                                        unsigned v_off) {
+    pv_mma(acc_o, [&](int kk, unsigned (&a)[kMTiles][4]) { pack_p(x, kk, a); }, f, v_off);
+}
+
+/* The same from P packed in advance (half x's registers: the one-stage
+ * pipeline packs it before issuing the next K, which keeps x from living
+ * through that copy's address arithmetic). */
+__device__ __forceinline__ void pv_tile_packed(float (&acc_o)[kMTiles][kOTiles][4],
+                                               const unsigned (&pa)[kPSteps][kMTiles][4], const Frags &f,
+                                               unsigned v_off) {
+    pv_mma(acc_o, [&](int kk, unsigned (&a)[kMTiles][4]) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                a[mt][e] = pa[kk][mt][e];
+    }, f, v_off);
 }
 
 /* ---------------------------------------------------------------- epilogue */
@@ -1031,33 +1059,58 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
      * for Q and K, measured 4% faster at d 128 but 5% slower at d 64 and 256
      * on H100: not done.) */
     load_tile<FAJIT_BM, FAJIT_DQK, kChunksQK>(aQ, t.q, t.q_row, m0, blk.rows, tid);
-    auto load_kv = [&](int i) {
+    auto load_k = [&](int i) {
         const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
         load_tile<FAJIT_BN, FAJIT_DQK, kChunksQK>(aK + s * kKElems * 2, t.k, t.k_row, n0, seq_k(p, seq), tid);
+    };
+    auto load_v = [&](int i) {
+        const int s = i % FAJIT_STAGES, n0 = kb + i * FAJIT_BN;
         load_tile<FAJIT_BN, FAJIT_DV, kChunksV>(aV + s * kVElems * 2, t.v, t.v_row, n0, seq_k(p, seq), tid);
     };
+    auto load_kv = [&](int i) {
+        load_k(i);
+        load_v(i);
+    };
+    if constexpr (FAJIT_STAGES == 1) {
+        load_k(0); /* with Q; V 0 goes out once the first barrier is passed */
+        cp_async_commit();
+    }
 #pragma unroll
     for (int i = 0; i < FAJIT_STAGES - 1; ++i) {
         if (i < n_tiles)
             load_kv(i);
         cp_async_commit();
     }
-    /* Tile i is in shared memory for every thread when this returns, and
-     * tile i + STAGES - 1 is on its way. */
+    /* Tile i is in shared memory for every thread when this returns (one
+     * stage: its K; V follows, see after_scores), and tile i + STAGES - 1 is
+     * on its way. One stage pipelines K against V, as FlashAttention-2 does
+     * with its single K and V buffers: past this barrier every warp is done
+     * with P V of tile i - 1, so V i goes out (and lands under Q K^T); past
+     * after_scores' every warp is done with Q K^T, so K i + 1 goes out (and
+     * lands under the softmax and P V). Two barriers a tile, as before, when
+     * the load of K and V together was waited for in full. */
     auto next_tile = [&](int i) {
         if constexpr (FAJIT_STAGES == 1) {
-            if (i > 0)
-                __syncthreads(); /* every warp is done with the single buffer */
-            load_kv(i);
+            cp_async_wait<0>(); /* K i (and Q) landed, for this thread */
+            __syncthreads();    /* ... for every thread; the V buffer is free */
+            load_v(i);
             cp_async_commit();
-            cp_async_wait<0>();
         } else {
             cp_async_wait<FAJIT_STAGES - 2>(); /* tile i (and Q) landed, for this thread */
-        }
-        __syncthreads(); /* ... for every thread; and buffer (i-1) % STAGES is free */
-        if constexpr (FAJIT_STAGES > 1) {
+            __syncthreads(); /* ... for every thread; and buffer (i-1) % STAGES is free */
             if (i + FAJIT_STAGES - 1 < n_tiles)
                 load_kv(i + FAJIT_STAGES - 1);
+            cp_async_commit();
+        }
+    };
+    /* One stage, before P V: V i landed for every thread, the K buffer is
+     * free (K i + 1 out). */
+    auto after_scores = [&](int i) {
+        if constexpr (FAJIT_STAGES == 1) {
+            cp_async_wait<0>();
+            __syncthreads();
+            if (i + 1 < n_tiles)
+                load_k(i + 1);
             cp_async_commit();
         }
     };
@@ -1124,7 +1177,16 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
         online_softmax(x, st, acc_o, kFoldScale ? mods.scale : 1.0f);
         if constexpr (FAJIT_DROPOUT)
             dropout_tile(x, p, b, h, threshold, m0 + warp_row0 + lane / 4, n0, lane);
-        pv_tile(acc_o, x, f, s * kVElems * 2);
+        if constexpr (FAJIT_STAGES == 1) {
+            unsigned pa[kPSteps][kMTiles][4];
+#pragma unroll
+            for (int kk = 0; kk < kPSteps; ++kk)
+                pack_p(x, kk, pa[kk]);
+            after_scores(i);
+            pv_tile_packed(acc_o, pa, f, s * kVElems * 2);
+        } else {
+            pv_tile(acc_o, x, f, s * kVElems * 2);
+        }
     }
     cp_async_wait<0>(); /* no copy may outlive the block (empty groups only, by now) */
     if constexpr (kKeyWarps > 1) {
