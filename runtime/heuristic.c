@@ -195,12 +195,12 @@ static int few_rows_tile_fits(const fajit__variant *v)
 }
 
 /* The few-rows tile for v (fields the caller set kept), shrunk as fwd_tiles
- * shrinks its own where the arch's shared memory is short. A caller's warps
- * or bm that leave no key split keep one tile a warp. */
+ * shrinks its own where the arch's shared memory is short. */
 static void few_rows_tiles(fajit__variant *v)
 {
     fajit__variant t = *v;
-    set_if_unset(&t.warps, FEW_ROWS_WARPS);
+    /* a caller's bm of more rows than the warps' tiles: a tile a warp */
+    set_if_unset(&t.warps, t.bm != FAJIT__UNSET && t.bm / 16 > FEW_ROWS_WARPS ? t.bm / 16 : FEW_ROWS_WARPS);
     set_if_unset(&t.bm, FEW_ROWS_BM);
     set_if_unset(&t.bn, FEW_ROWS_BN);
     set_if_unset(&t.stages, FEW_ROWS_STAGES);

@@ -488,6 +488,11 @@ static void test_few_rows_rule(void)
     v.stages = 1;
     few = fajit__heuristic_tiles_for(&v, &decode);
     CHECK(few == 1 && v.stages == 1 && v.warps == 4 && v.bn == 128, "a tile field the caller set is kept");
+    v = base;
+    v.bm = 128;
+    few = fajit__heuristic_tiles_for(&v, &decode);
+    CHECK(few == 1 && v.bm == 128 && v.warps == 8 && fajit__fwd_key_warps(&v) == 1,
+          "a caller's bm 128 takes a 16-row tile a warp (8 warps), not 4 warps of two tiles (warps=%d)", v.warps);
 }
 
 /* The tuner's heuristic config is what fajit_attn_fwd launches for the
