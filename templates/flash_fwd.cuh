@@ -139,6 +139,17 @@ static_assert(kSmemBytes <= FAJIT_SMEM_BYTES,
 
 /* Q fragments live in registers when they cost at most 32 of them. */
 constexpr bool kQInRegs = kMTiles * kKSteps * 4 <= 32;
+/* Otherwise, with two 16-row tiles a warp, unmasked, Q K^T loads the next
+ * k step's Q fragments ahead of this step's mma (8 registers more): ncu of
+ * d 256 (one Q register set) showed each step's first mma waiting on the Q
+ * ldmatrix issued just before it. H100, bench_fwd.py, three interleaved A/B
+ * rounds (benchmarks/results/bench_fwd_qpf_stage_ab_h100_s7.txt): d 128
+ * unmasked (bm 128 bn 64, 4 warps) +4-8% at 1k-16k, fp16 and bf16. Causal
+ * (sm_90) and d 160 at sm_80/86 spilled with it; one tile a warp (d 256)
+ * gained nothing (-2% at 1k). */
+constexpr bool kQPrefetch = !kQInRegs && kMTiles == 2 && kOTiles <= 16 && FAJIT_MASK == fajit::kMaskNone &&
+                            FAJIT_WINDOW_LEFT < 0 && FAJIT_WINDOW_RIGHT < 0;
+
 
 /* Element offset of chunk `chunk` of row `row` in a tile of `Chunks`-chunk rows. */
 template <int Chunks>
@@ -569,6 +580,12 @@ __device__ __forceinline__ void qk_tile(float (&acc)[kMTiles][kNTiles][4], const
 #pragma unroll
         for (int j = 0; j < kNTiles; ++j)
             acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.0f;
+    unsigned qa[2][kMTiles][4];
+    if constexpr (kQPrefetch) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+            ldmatrix_x4(f.q.at(mt * 16, 0), qa[0][mt]);
+    }
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
         unsigned a[kMTiles][4];
@@ -578,8 +595,19 @@ __device__ __forceinline__ void qk_tile(float (&acc)[kMTiles][kNTiles][4], const
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
                     a[mt][i] = qreg[mt][kk][i];
+            } else if constexpr (kQPrefetch) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    a[mt][i] = qa[kk % 2][mt][i];
             } else {
                 ldmatrix_x4(f.q.at(mt * 16, 2 * kk), a[mt]);
+            }
+        }
+        if constexpr (kQPrefetch) {
+            if (kk + 1 < kKSteps) {
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt)
+                    ldmatrix_x4(f.q.at(mt * 16, 2 * (kk + 1)), qa[(kk + 1) % 2][mt]);
             }
         }
 #pragma unroll
@@ -708,8 +736,34 @@ __device__ __forceinline__ void write_partial_row(const fajit_fwd_params &p, lon
         p.lse_partial[slot] = lse;
 }
 
+/* With one 16-row tile a warp, O leaves through shared memory when its rows
+ * are whole 16-byte chunks that fit in the warp's own rows of the Q tile (no
+ * other warp reads those once its last Q K^T is done): each thread puts its
+ * pairs there, then the warp stores whole rows 16 bytes a lane, a quarter of
+ * the store instructions. ncu (d 256 bm 64, 4 warps, 1k) had the 4-byte
+ * stores at 4% of the stall samples; the A/B above: d 256 +2-4% at 1k, +1-2%
+ * at 4k, even from 16k. Two tiles a warp sit at the register file's edge,
+ * where ptxas spilled in the loop for the epilogue's sake (d 128 and d 160,
+ * 8-40 bytes), so they keep the pairs. */
+constexpr bool kStageO = kMTiles == 1 && kWidthV == 8 && kChunksV <= row_chunks(kChunksQK);
+
+/* 1 / l and the LSE of the thread's row (mt, half) (l summed over its quad). */
+__device__ __forceinline__ void row_norm(const fajit_fwd_params &p, const RowState &st, int mt, int half, float &inv,
+                                         float &lse) {
+    float l = st.l[mt][half];
+    l += __shfl_xor_sync(fajit::kFullWarp, l, 1);
+    l += __shfl_xor_sync(fajit::kFullWarp, l, 2);
+    /* l >= 1 when any key was visible (the max contributes exp2(0)). */
+    const bool any = l > 0.0f;
+    /* Dropout: P V summed kept probabilities only; scale them here. */
+    inv = any ? fast_rcp(l) : 0.0f; /* l >= 1: no slow path (and no call) */
+    if constexpr (FAJIT_DROPOUT)
+        inv *= p.dropout_scale;
+    lse = any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
+}
+
 /* O = acc_o / l and LSE for this thread's rows of the block (or a split's
- * partials of them). */
+ * partials of them), O by 4-byte pairs. */
 __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads &t, const Seq &seq,
                                           long long bh, long long h,
                                           float (&acc_o)[kMTiles][kOTiles][4], const RowState &st,
@@ -718,19 +772,11 @@ __device__ __forceinline__ void write_out(const fajit_fwd_params &p, const Heads
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            float l = st.l[mt][half];
-            l += __shfl_xor_sync(fajit::kFullWarp, l, 1);
-            l += __shfl_xor_sync(fajit::kFullWarp, l, 2);
+            float inv, lse;
+            row_norm(p, st, mt, half, inv, lse);
             const int row = row0 + mt * 16 + half * 8 + lane / 4;
             if (row >= blk.rows)
                 continue;
-            /* l >= 1 when any key was visible (the max contributes exp2(0)). */
-            const bool any = l > 0.0f;
-            /* Dropout: P V summed kept probabilities only; scale them here. */
-            float inv = any ? fast_rcp(l) : 0.0f; /* l >= 1: no slow path (and no call) */
-            if constexpr (FAJIT_DROPOUT)
-                inv *= p.dropout_scale;
-            const float lse = any ? (st.m[mt][half] + log2f(l)) * 0.6931471805599453f : fajit::neg_infinity();
             if (blk.split >= 0) {
                 write_partial_row(p, lse_index(p, seq, bh, h, row, blk), blk.split, acc_o, mt, half, inv, lse,
                                   lane);
@@ -997,6 +1043,49 @@ __device__ __forceinline__ Heads heads_at(const fajit_fwd_params &p, const Place
     return t;
 }
 
+/* The same through shared memory (kStageO, not a split launch): the pairs go
+ * to the warp's rows of sQ (warp_row0..) first, before anything of the
+ * block's place is computed again; then the warp stores whole rows. */
+__device__ __forceinline__ void write_out_staged(const fajit_fwd_params &p, float (&acc_o)[kMTiles][kOTiles][4],
+                                                 const RowState &st, unsigned aQ, int warp_row0, int lane) {
+    float lse[kMTiles][2];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float inv;
+            row_norm(p, st, mt, half, inv, lse[mt][half]);
+            const int r = warp_row0 + mt * 16 + half * 8 + lane / 4;
+#pragma unroll
+            for (int j = 0; j < kOTiles; ++j)
+                st_shared_u32(aQ + static_cast<unsigned>(smem_at<kChunksQK>(r, j) + (lane % 4) * 2) * 2,
+                              pack2(acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv));
+        }
+    __syncwarp();
+    const Place w = place_fresh(p);
+    const Heads t = heads_at(p, w);
+    const int row0 = w.m0 + warp_row0;
+    constexpr int kPieces = kWarpRows * kChunksV;
+#pragma unroll
+    for (int i = lane; i < kPieces; i += 32) {
+        const int r = i / kChunksV, c = i % kChunksV;
+        if (row0 + r < w.blk.rows) {
+            const uint4 v = ld_shared_v4(aQ + static_cast<unsigned>(smem_at<kChunksQK>(warp_row0 + r, c)) * 2);
+            *reinterpret_cast<uint4 *>(t.o + static_cast<long long>(row0 + r) * t.o_row + c * 8) = v;
+        }
+    }
+    if (p.lse != nullptr && lane % 4 == 0) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = row0 + mt * 16 + half * 8 + lane / 4;
+                if (row < w.blk.rows)
+                    p.lse[lse_index(p, w.seq, w.bh, w.h, row, w.blk)] = lse[mt][half];
+            }
+    }
+}
+
 /* One block's attention: FAJIT_BM rows of one (batch, head), or of one kv
  * head's packed query heads, over all its keys or one split of them. */
 __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
@@ -1192,6 +1281,12 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
     if constexpr (kKeyWarps > 1) {
         if (!merge_key_warps(acc_o, st, smem + kQElems, warp_row0 / kWarpRows, key_split, lane))
             return; /* its share went to the row tile's first warp */
+    }
+    if constexpr (kStageO) {
+        if (p.num_splits <= 1) {
+            write_out_staged(p, acc_o, st, aQ, warp_row0, lane);
+            return;
+        }
     }
     const Place fin = place_fresh(p);
     write_out(p, heads_at(p, fin), fin.seq, fin.bh, fin.h, acc_o, st, fin.m0 + warp_row0, lane, fin.blk);

@@ -39,6 +39,19 @@ __device__ __forceinline__ void cp_async_small(unsigned dst, const void *src, bo
                  : "memory");
 }
 
+__device__ __forceinline__ void st_shared_u32(unsigned dst, unsigned x) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(x) : "memory");
+}
+
+__device__ __forceinline__ uint4 ld_shared_v4(unsigned src) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(src)
+                 : "memory");
+    return v;
+}
+
 __device__ __forceinline__ void st_shared_u16(unsigned dst, unsigned short x) {
     asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst), "h"(x));
 }
