@@ -1048,6 +1048,9 @@ __device__ __forceinline__ Heads heads_at(const fajit_fwd_params &p, const Place
  * block's place is computed again; then the warp stores whole rows. */
 __device__ __forceinline__ void write_out_staged(const fajit_fwd_params &p, float (&acc_o)[kMTiles][kOTiles][4],
                                                  const RowState &st, unsigned aQ, int warp_row0, int lane) {
+    /* Every lane's last Q ldmatrix of these rows is done before any lane
+     * overwrites them (racecheck: the lanes of a warp are not in lockstep). */
+    __syncwarp();
     float lse[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
