@@ -150,7 +150,6 @@ constexpr bool kQInRegs = kMTiles * kKSteps * 4 <= 32;
 constexpr bool kQPrefetch = !kQInRegs && kMTiles == 2 && kOTiles <= 16 && FAJIT_MASK == fajit::kMaskNone &&
                             FAJIT_WINDOW_LEFT < 0 && FAJIT_WINDOW_RIGHT < 0;
 
-
 /* Element offset of chunk `chunk` of row `row` in a tile of `Chunks`-chunk rows. */
 template <int Chunks>
 __device__ __forceinline__ int smem_at(int row, int chunk) {
