@@ -686,6 +686,16 @@ __device__ __forceinline__ float score_of(float a, float scale, float cap2, floa
     }
 }
 
+/* Without softcap (whose dS/dx factor would need a register a score until
+ * the dS), x - lse2 is formed for the whole tile first and the mask applied
+ * to it in a block of its own, which the steps that need none branch over:
+ * interleaved with the exp2s, ptxas predicated the mask's tests and selects
+ * into every step (d 128 causal: 102 more instructions in the loop than
+ * unmasked). H100, fp16, two interleaved A/B rounds
+ * (benchmarks/results/bench_bwd_maskapart_ab_h100_s8.txt): d 64 +2-7%,
+ * d 128 +0.4-1.4%, deterministic mode d 64 causal +13-15%. */
+constexpr bool kMaskApart = !FAJIT_SOFTCAP;
+
 /*
  * Phase 1 for this warp's kSdpKeys x kSdpRows tile: P^T (when WriteP) and
  * dS^T, rounded, into smem. With the features (reference_bwd.cuh's formulas,
@@ -716,10 +726,56 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
     const float scale = FAJIT_SOFTCAP ? __fdividef(p.softmax_scale, p.softcap) : p.softmax_scale_log2; /* as the forward */
     const float cap2 = FAJIT_SOFTCAP ? p.softcap * 1.4426950408889634f : 0.0f;
     const unsigned threshold = FAJIT_DROPOUT ? fajit::dropout_threshold(p.dropout_p) : 0u;
+    if constexpr (kMaskApart) {
+        /* x - lse2 in place, then the mask in a block of its own that a
+         * step without one branches over. */
+#pragma unroll
+        for (int nt = 0; nt < kSdpNT; ++nt) {
+            const int col = row0 + nt * 8 + (lane % 4) * 2;
+            const float l0 = lse2[col], l1 = lse2[col + 1];
+#pragma unroll
+            for (int mt = 0; mt < kSdpMT; ++mt)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    float &x0 = acc_s[mt][nt][2 * half], &x1 = acc_s[mt][nt][2 * half + 1];
+                    if constexpr (kFoldScale) {
+                        x0 = fmaf(x0, scale, -l0);
+                        x1 = fmaf(x1, scale, -l1);
+                    } else {
+                        x0 *= scale;
+                        x1 *= scale;
+                        if constexpr (FAJIT_ALIBI) {
+                            const int key = key0 + mt * 16 + half * 8 + lane / 4;
+                            const int dist = st.m0 + col + seq_k(p, seq) - seq_q(p, seq) - (st.n0 + key);
+                            x0 = fmaf(-hd.slope2, static_cast<float>(dist < 0 ? -dist : dist), x0);
+                            x1 = fmaf(-hd.slope2, static_cast<float>(dist + 1 < 0 ? -dist - 1 : dist + 1), x1);
+                        }
+                        x0 -= l0;
+                        x1 -= l1;
+                    }
+                }
+        }
+        if (st.mask) {
+#pragma unroll
+            for (int nt = 0; nt < kSdpNT; ++nt)
+#pragma unroll
+                for (int mt = 0; mt < kSdpMT; ++mt)
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int kg = st.n0 + key0 + mt * 16 + half * 8 + lane / 4;
+                        const int rg = st.m0 + row0 + nt * 8 + (lane % 4) * 2;
+                        if (hidden(kg, rg, seq_k(p, seq), off))
+                            acc_s[mt][nt][2 * half] = fajit::neg_infinity();
+                        if (hidden(kg, rg + 1, seq_k(p, seq), off))
+                            acc_s[mt][nt][2 * half + 1] = fajit::neg_infinity();
+                    }
+        }
+    }
 #pragma unroll
     for (int nt = 0; nt < kSdpNT; ++nt) {
         const int col = row0 + nt * 8 + (lane % 4) * 2; /* query row within the block */
-        const float l0 = lse2[col], l1 = lse2[col + 1], d0 = dd[col], d1 = dd[col + 1];
+        const float l0 = kMaskApart ? 0.0f : lse2[col], l1 = kMaskApart ? 0.0f : lse2[col + 1];
+        const float d0 = dd[col], d1 = dd[col + 1];
 #pragma unroll
         for (int mt = 0; mt < kSdpMT; ++mt) {
             unsigned keep = 0xfu;
@@ -731,7 +787,10 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
                 /* x - lse2: one FFMA when nothing else changes the score
                  * (lse2 is +inf for rows that see no key: P = 0 there). */
                 float g0 = 1.0f, g1 = 1.0f, x0, x1;
-                if constexpr (kFoldScale) {
+                if constexpr (kMaskApart) {
+                    x0 = acc_s[mt][nt][2 * half];
+                    x1 = acc_s[mt][nt][2 * half + 1];
+                } else if constexpr (kFoldScale) {
                     x0 = fmaf(acc_s[mt][nt][2 * half], scale, -l0);
                     x1 = fmaf(acc_s[mt][nt][2 * half + 1], scale, -l1);
                 } else {
@@ -745,7 +804,7 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
                     x0 -= l0;
                     x1 -= l1;
                 }
-                if (st.mask) {
+                if (!kMaskApart && st.mask) {
                     const int kg = st.n0 + key, rg = st.m0 + col;
                     if (hidden(kg, rg, seq_k(p, seq), off))
                         x0 = fajit::neg_infinity();
