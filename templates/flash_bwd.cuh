@@ -163,6 +163,9 @@ static_assert(!(kKeyMajor || kQueryMajor) || (kSdp.wa > 0 && (kKv.wa > 0 || kQue
               "flash_bwd: no warp layout for these bm, bn and warps (bn / 16 and bm / 16 too small "
               "for the warps)");
 
+/* Warp columns of each layout, 1 where the op has none (pre and post
+ * compile the phases too, with layouts their tiles may not have). */
+constexpr int kSdpWb = at_least_1(kSdp.wb), kKvWb = at_least_1(kKv.wb), kDqWb = at_least_1(kDq.wb);
 constexpr int kSdpKeys = FAJIT_BN / at_least_1(kSdp.wa), kSdpRows = FAJIT_BM / at_least_1(kSdp.wb);
 constexpr int kSdpMT = at_least_1(kSdpKeys / 16), kSdpNT = at_least_1(kSdpRows / 8);
 constexpr int kKvKeys = FAJIT_BN / at_least_1(kKv.wa);
@@ -709,7 +712,7 @@ constexpr bool kMaskApart = !FAJIT_SOFTCAP;
 template <bool WriteP>
 __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles &t, const Step &st, const Seq &seq,
                                           int off, const Head &hd, int warp, int lane) {
-    const int key0 = (warp / kSdp.wb) * kSdpKeys, row0 = (warp % kSdp.wb) * kSdpRows;
+    const int key0 = (warp / kSdpWb) * kSdpKeys, row0 = (warp % kSdpWb) * kSdpRows;
     float acc_s[kSdpMT][kSdpNT][4], acc_dp[kSdpMT][kSdpNT][4];
     zero(acc_s);
     zero(acc_dp);
@@ -838,7 +841,7 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
 /* Phase 2: dV += P^T dO, dK += dS^T Q for this warp's keys x columns. */
 __device__ __forceinline__ void kv_phase(float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
                                          const Tiles &t, int sq, int warp, int lane) {
-    const int key0 = (warp / kKv.wb) * kKvKeys, cb = warp % kKv.wb;
+    const int key0 = (warp / kKvWb) * kKvKeys, cb = warp % kKvWb;
     warp_gemm<kKvMT, kKvVNT, FAJIT_BM / 16, false, true>(
         dv, a_rows<kRowP>(t.p, key0, 0, lane), b_trans<kRowV>(t.dout + sq * kDoElems * 2, 0, cb * kKvVCols / 8, lane));
     warp_gemm<kKvMT, kKvQkNT, FAJIT_BM / 16, false, true>(
@@ -847,17 +850,17 @@ __device__ __forceinline__ void kv_phase(float (&dv)[kKvMT][kKvVNT][4], float (&
 
 /* Phase 3: acc += dS K for this warp's rows x columns (K stage sk). */
 __device__ __forceinline__ void dq_phase(float (&acc)[kDqMT][kDqNT][4], const Tiles &t, int sk, int warp, int lane) {
-    const int row0 = (warp / kDq.wb) * kDqRows, col0 = (warp % kDq.wb) * kDqCols;
+    const int row0 = (warp / kDqWb) * kDqRows, col0 = (warp % kDqWb) * kDqCols;
     warp_gemm<kDqMT, kDqNT, FAJIT_BN / 16, true, true>(
         acc, a_trans<kRowP>(t.ds, 0, row0 / 8, lane), b_trans<kRowQK>(t.k + sk * kKElems * 2, 0, col0 / 8, lane));
 }
 
 /* The element (mt, nt, e) of phase 3's tile: its row within the block and column. */
 __device__ __forceinline__ int dq_row(int warp, int lane, int mt, int half) {
-    return (warp / kDq.wb) * kDqRows + mt * 16 + half * 8 + lane / 4;
+    return (warp / kDqWb) * kDqRows + mt * 16 + half * 8 + lane / 4;
 }
 __device__ __forceinline__ int dq_col(int warp, int lane, int nt) {
-    return (warp % kDq.wb) * kDqCols + nt * 8 + (lane % 4) * 2;
+    return (warp % kDqWb) * kDqCols + nt * 8 + (lane % 4) * 2;
 }
 
 /* The key-major kernel's dQ: phase 3's tile added into dq_acc (fp32
@@ -883,7 +886,7 @@ __device__ __forceinline__ void dq_atomics(float *dq_rows, const Tiles &t, int w
 __device__ __forceinline__ void write_dkdv(const fajit_bwd_params &p, const Seq &seq, long long b, long long h_kv,
                                           int n0, float (&dv)[kKvMT][kKvVNT][4], float (&dk)[kKvMT][kKvQkNT][4],
                                           int warp, int lane) {
-    const int key0 = (warp / kKv.wb) * kKvKeys, cb = warp % kKv.wb;
+    const int key0 = (warp / kKvWb) * kKvKeys, cb = warp % kKvWb;
     const float dv_scale = FAJIT_DROPOUT ? p.dropout_scale : 1.0f;
     elem_t *gk = static_cast<elem_t *>(p.grad_k) + b * p.grad_k_stride[0] + seq.k_start * p.grad_k_stride[1] +
                  h_kv * p.grad_k_stride[2];
