@@ -166,13 +166,13 @@ static_assert(!(kKeyMajor || kQueryMajor) || (kSdp.wa > 0 && (kKv.wa > 0 || kQue
 /* Warp columns of each layout, 1 where the op has none (pre and post
  * compile the phases too, with layouts their tiles may not have). */
 constexpr int kSdpWb = at_least_1(kSdp.wb), kKvWb = at_least_1(kKv.wb), kDqWb = at_least_1(kDq.wb);
-constexpr int kSdpKeys = FAJIT_BN / at_least_1(kSdp.wa), kSdpRows = FAJIT_BM / at_least_1(kSdp.wb);
+constexpr int kSdpKeys = FAJIT_BN / at_least_1(kSdp.wa), kSdpRows = FAJIT_BM / kSdpWb;
 constexpr int kSdpMT = at_least_1(kSdpKeys / 16), kSdpNT = at_least_1(kSdpRows / 8);
 constexpr int kKvKeys = FAJIT_BN / at_least_1(kKv.wa);
 constexpr int kKvMT = at_least_1(kKvKeys / 16);
-constexpr int kKvQkCols = kDqk / at_least_1(kKv.wb), kKvVCols = kDv / at_least_1(kKv.wb);
+constexpr int kKvQkCols = kDqk / kKvWb, kKvVCols = kDv / kKvWb;
 constexpr int kKvQkNT = at_least_1(kKvQkCols / 8), kKvVNT = at_least_1(kKvVCols / 8);
-constexpr int kDqRows = FAJIT_BM / at_least_1(kDq.wa), kDqCols = kDqk / at_least_1(kDq.wb);
+constexpr int kDqRows = FAJIT_BM / at_least_1(kDq.wa), kDqCols = kDqk / kDqWb;
 constexpr int kDqMT = at_least_1(kDqRows / 16), kDqNT = at_least_1(kDqCols / 8);
 
 /* ---------------------------------------------------------------- shared memory */
@@ -729,6 +729,34 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
     const float scale = FAJIT_SOFTCAP ? __fdividef(p.softmax_scale, p.softcap) : p.softmax_scale_log2; /* as the forward */
     const float cap2 = FAJIT_SOFTCAP ? p.softcap * 1.4426950408889634f : 0.0f;
     const unsigned threshold = FAJIT_DROPOUT ? fajit::dropout_threshold(p.dropout_p) : 0u;
+    /* x - lse2 of block rows col and col + 1 at block key `key` (g: dS/dx's
+     * softcap factor). Without softcap and ALiBi one FFMA; lse2 is +inf for
+     * rows that see no key: P = 0 there. */
+    auto x_pair = [&](float a0, float a1, int col, int key, float l0, float l1, float &x0, float &x1, float &g0,
+                      float &g1) {
+        if constexpr (kFoldScale) {
+            x0 = fmaf(a0, scale, -l0);
+            x1 = fmaf(a1, scale, -l1);
+        } else {
+            x0 = score_of(a0, scale, cap2, g0);
+            x1 = score_of(a1, scale, cap2, g1);
+            if constexpr (FAJIT_ALIBI) {
+                const int dist = st.m0 + col + seq_k(p, seq) - seq_q(p, seq) - (st.n0 + key);
+                x0 = fmaf(-hd.slope2, static_cast<float>(dist < 0 ? -dist : dist), x0);
+                x1 = fmaf(-hd.slope2, static_cast<float>(dist + 1 < 0 ? -dist - 1 : dist + 1), x1);
+            }
+            x0 -= l0;
+            x1 -= l1;
+        }
+    };
+    /* -inf where the mask hides the element. */
+    auto mask_pair = [&](int col, int key, float &x0, float &x1) {
+        const int kg = st.n0 + key, rg = st.m0 + col;
+        if (hidden(kg, rg, seq_k(p, seq), off))
+            x0 = fajit::neg_infinity();
+        if (hidden(kg, rg + 1, seq_k(p, seq), off))
+            x1 = fajit::neg_infinity();
+    };
     if constexpr (kMaskApart) {
         /* x - lse2 in place, then the mask in a block of its own that a
          * step without one branches over. */
@@ -741,21 +769,8 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     float &x0 = acc_s[mt][nt][2 * half], &x1 = acc_s[mt][nt][2 * half + 1];
-                    if constexpr (kFoldScale) {
-                        x0 = fmaf(x0, scale, -l0);
-                        x1 = fmaf(x1, scale, -l1);
-                    } else {
-                        x0 *= scale;
-                        x1 *= scale;
-                        if constexpr (FAJIT_ALIBI) {
-                            const int key = key0 + mt * 16 + half * 8 + lane / 4;
-                            const int dist = st.m0 + col + seq_k(p, seq) - seq_q(p, seq) - (st.n0 + key);
-                            x0 = fmaf(-hd.slope2, static_cast<float>(dist < 0 ? -dist : dist), x0);
-                            x1 = fmaf(-hd.slope2, static_cast<float>(dist + 1 < 0 ? -dist - 1 : dist + 1), x1);
-                        }
-                        x0 -= l0;
-                        x1 -= l1;
-                    }
+                    float g0, g1; /* (no softcap here: left alone) */
+                    x_pair(x0, x1, col, key0 + mt * 16 + half * 8 + lane / 4, l0, l1, x0, x1, g0, g1);
                 }
         }
         if (st.mask) {
@@ -764,14 +779,9 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
 #pragma unroll
                 for (int mt = 0; mt < kSdpMT; ++mt)
 #pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        const int kg = st.n0 + key0 + mt * 16 + half * 8 + lane / 4;
-                        const int rg = st.m0 + row0 + nt * 8 + (lane % 4) * 2;
-                        if (hidden(kg, rg, seq_k(p, seq), off))
-                            acc_s[mt][nt][2 * half] = fajit::neg_infinity();
-                        if (hidden(kg, rg + 1, seq_k(p, seq), off))
-                            acc_s[mt][nt][2 * half + 1] = fajit::neg_infinity();
-                    }
+                    for (int half = 0; half < 2; ++half)
+                        mask_pair(row0 + nt * 8 + (lane % 4) * 2, key0 + mt * 16 + half * 8 + lane / 4,
+                                  acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]);
         }
     }
 #pragma unroll
@@ -787,32 +797,11 @@ __device__ __forceinline__ void sdp_phase(const fajit_bwd_params &p, const Tiles
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int key = key0 + mt * 16 + half * 8 + lane / 4; /* within the block */
-                /* x - lse2: one FFMA when nothing else changes the score
-                 * (lse2 is +inf for rows that see no key: P = 0 there). */
-                float g0 = 1.0f, g1 = 1.0f, x0, x1;
-                if constexpr (kMaskApart) {
-                    x0 = acc_s[mt][nt][2 * half];
-                    x1 = acc_s[mt][nt][2 * half + 1];
-                } else if constexpr (kFoldScale) {
-                    x0 = fmaf(acc_s[mt][nt][2 * half], scale, -l0);
-                    x1 = fmaf(acc_s[mt][nt][2 * half + 1], scale, -l1);
-                } else {
-                    x0 = score_of(acc_s[mt][nt][2 * half], scale, cap2, g0);
-                    x1 = score_of(acc_s[mt][nt][2 * half + 1], scale, cap2, g1);
-                    if constexpr (FAJIT_ALIBI) {
-                        const int dist = st.m0 + col + seq_k(p, seq) - seq_q(p, seq) - (st.n0 + key);
-                        x0 = fmaf(-hd.slope2, static_cast<float>(dist < 0 ? -dist : dist), x0);
-                        x1 = fmaf(-hd.slope2, static_cast<float>(dist + 1 < 0 ? -dist - 1 : dist + 1), x1);
-                    }
-                    x0 -= l0;
-                    x1 -= l1;
-                }
-                if (!kMaskApart && st.mask) {
-                    const int kg = st.n0 + key, rg = st.m0 + col;
-                    if (hidden(kg, rg, seq_k(p, seq), off))
-                        x0 = fajit::neg_infinity();
-                    if (hidden(kg, rg + 1, seq_k(p, seq), off))
-                        x1 = fajit::neg_infinity();
+                float g0 = 1.0f, g1 = 1.0f, x0 = acc_s[mt][nt][2 * half], x1 = acc_s[mt][nt][2 * half + 1];
+                if constexpr (!kMaskApart) { /* softcap: g lives only until the dS */
+                    x_pair(x0, x1, col, key, l0, l1, x0, x1, g0, g1);
+                    if (st.mask)
+                        mask_pair(col, key, x0, x1);
                 }
                 float p0 = fast_exp2(x0), p1 = fast_exp2(x1);
                 float dp0 = acc_dp[mt][nt][2 * half], dp1 = acc_dp[mt][nt][2 * half + 1];
