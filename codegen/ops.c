@@ -3,6 +3,7 @@
  * The one table both the renderer and the runtime's loader read.
  */
 #include "codegen/variant.h"
+#include "fajit.h"
 
 static const struct {
     const char *template_name;
@@ -107,6 +108,23 @@ size_t fajit__variant_smem_bytes(const fajit__variant *v)
     default:
         return 0; /* static shared memory only */
     }
+}
+
+/* Whether the fast forward's kernel for v runs as persistent blocks
+ * (templates/flash_fwd.cuh attend_items, FAJIT_PERSIST): one 16-row tile a
+ * warp (bm = 16 warps), two stages, 8 keys of a tile a warp at least (the
+ * output leaves through the K and V buffers), no mask, window, dropout,
+ * ALiBi, varlen or paged KV; its launch is then a 1-D grid of blocks looping
+ * over the (query block, head, batch) items. The template covers dqk = dv
+ * any multiple of 16; taken where it was measured faster: d 256 (H100,
+ * bench_fwd.py, three interleaved rounds, ninth session: 1k +3-4%, 2k +1-4%,
+ * 16k even). d 192 measured 2-3% slower at 2k-16k (even at 1k), the other
+ * dims were not measured: they keep a block an item. */
+int fajit__fwd_persistent(const fajit__variant *v)
+{
+    return v->op == FAJIT__OP_FWD && v->dqk == 256 && v->dv == 256 && v->bm == 16 * v->warps && v->stages == 2 &&
+           v->warps * 8 <= v->bn && v->mask == FAJIT_MASK_NONE && v->window_left < 0 && v->window_right < 0 &&
+           !v->dropout && !v->alibi && !v->varlen && !v->paged;
 }
 
 /* What templates/flash_fwd.cuh implements: every mask and window, softcap,

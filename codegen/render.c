@@ -79,6 +79,7 @@ static int put_prelude(struct sbuf *b, const fajit__variant *v, const char *text
         {"FAJIT_BM", v->bm},         {"FAJIT_BN", v->bn},
         {"FAJIT_WARPS", v->warps},   {"FAJIT_STAGES", v->stages},
         {"FAJIT_SMEM_BYTES", (int)fajit__variant_smem_bytes(v)},
+        {"FAJIT_PERSIST", fajit__fwd_persistent(v)},
         {"FAJIT_ARCH", v->arch},
     };
     if (sb_printf(b, "// fajit variant: %s\n", text))

@@ -119,6 +119,11 @@ size_t fajit__variant_smem_bytes(const fajit__variant *v);
  * warps, else 1. */
 int fajit__fwd_key_warps(const fajit__variant *v);
 
+/* 1 if the fast forward's kernel for v (tiles set) loops over work items
+ * in a 1-D grid of persistent blocks (templates/flash_fwd.cuh attend_items),
+ * else 0. The renderer passes it as FAJIT_PERSIST; the runtime launches by it. */
+int fajit__fwd_persistent(const fajit__variant *v);
+
 /* 1 if the fast forward (op fwd, templates/flash_fwd.cuh) implements the
  * variant's features (dropout, softcap, ALiBi, varlen, paged), else 0; the
  * runtime falls back to the reference for the others. Head dims, alignment

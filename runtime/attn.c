@@ -5,6 +5,7 @@
  * Everything is checked before anything is launched; the warm path is a table
  * lookup and one cuLaunchKernel.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -372,8 +373,21 @@ static int launch_split(const fajit__driver *drv, CUfunction fn, const fajit__va
 int fajit__fwd_launch_plan(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
                            struct fajit_fwd_params *p, const fajit__split_plan *s, void *stream)
 {
+    p->persist = 0;
     if (s->splits > 1)
         return launch_split(drv, fn, v, p, s, stream);
+    if (s->blocks > 0) {
+        /* a 1-D grid of blocks looping over the items (the kernel numbers
+         * them in an int) */
+        if ((int64_t)s->grid_x * s->grid_y * p->batch > INT_MAX)
+            return fajit__fail(FAJIT_EINVAL,
+                               "batch=%d, nheads_q=%d, seqlen_q=%d: %lld query blocks of %d rows, more than %d",
+                               p->batch, p->nheads_q, p->seqlen_q, (long long)s->grid_x * s->grid_y * p->batch,
+                               v->bm, INT_MAX);
+        p->pack_gqa = 1;
+        p->persist = 1;
+        return launch_grid(drv, fn, v, p, s->blocks, 1, 1, (unsigned)fajit__variant_smem_bytes(v), stream);
+    }
     p->pack_gqa = s->pack;
     return launch_grid(drv, fn, v, p, s->grid_x, s->grid_y, (unsigned)p->batch,
                        (unsigned)fajit__variant_smem_bytes(v), stream);
@@ -384,8 +398,10 @@ static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, CUfunc
                   const fajit__variant *v, struct fajit_fwd_params *p, int tuned_splits, void *stream)
 {
     const fajit__fwd_shape sh = shape_of(p);
-    const int few_tiles = tuned_splits == 0 && (sh.seqlen_k + v->bn - 1) / v->bn < FAJIT__MIN_SPLIT_TILES;
-    fajit__split_plan s = fajit__plan_split(v, &sh, few_tiles ? 0 : sm_count(drv, dev), tuned_splits);
+    const int few_tiles = tuned_splits == 0 && (sh.seqlen_k + v->bn - 1) / v->bn < FAJIT__MIN_SPLIT_TILES &&
+                          !fajit__fwd_persistent(v);
+    fajit__split_plan s =
+        fajit__plan_split(v, &sh, few_tiles ? 0 : sm_count(drv, dev), tuned_splits, ctx->fwd_persist);
     if (s.splits > 1 || s.pack > 1)
         fajit__log(&ctx->log, FAJIT_LOG_DEBUG, "split-KV: %d splits, %d query heads a block, grid %u x %u x %d",
                    s.splits, s.pack, s.grid_x * (unsigned)s.splits, s.grid_y, p->batch);

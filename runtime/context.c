@@ -114,15 +114,17 @@ static int resolve_options(const fajit_options *opt, fajit_ctx *ctx, fajit__stor
     static const char *const levels[] = {"off", "error", "warn", "info", "debug",
                                          "0",   "1",     "2",    "3",    "4"};
     int mode = FAJIT_CACHE_READWRITE, level = FAJIT_LOG_OFF, rc;
-    long device = 0, map_mb = 256, tuned = 1;
+    long device = 0, map_mb = 256, tuned = 1, persist = -1;
 
     if ((rc = env_word("FAJIT_CACHE_MODE", modes, 6, &mode)) != 0 ||
         (rc = env_word("FAJIT_LOG_LEVEL", levels, 10, &level)) != 0 ||
         (rc = env_int("FAJIT_DEVICE", 0, FAJIT__MAX_DEVICES - 1, &device)) != 0 ||
         (rc = env_int("FAJIT_CACHE_MAP_MB", 1, 1L << 20, &map_mb)) != 0 ||
-        (rc = env_int("FAJIT_TUNED_TILES", 0, 1, &tuned)) != 0)
+        (rc = env_int("FAJIT_TUNED_TILES", 0, 1, &tuned)) != 0 ||
+        (rc = env_int("FAJIT_FWD_PERSIST", -1, INT_MAX, &persist)) != 0)
         return rc;
     ctx->tuned_tiles = (int)tuned;
+    ctx->fwd_persist = (int)persist;
     ctx->cache_mode = opt->cache_mode == FAJIT_CACHE_DEFAULT ? mode : opt->cache_mode;
     ctx->log.level = opt->log_level == FAJIT_LOG_DEFAULT ? level : opt->log_level;
     ctx->log.fn = opt->log_fn;

@@ -322,10 +322,10 @@ static int choose_splits(int64_t blocks, int slots, int max_splits)
 /* Packing when each kv head's query heads fit one block's rows at seqlen_q 1
  * (packs_group); splitting when the blocks would leave SMs idle and the keys
  * are long, or as tuned. */
-fajit__split_plan fajit__plan_split(const fajit__variant *v, const fajit__fwd_shape *sh, int sms,
-                                    int tuned_splits)
+static fajit__split_plan plan_split_kv(const fajit__variant *v, const fajit__fwd_shape *sh, int sms,
+                                       int tuned_splits)
 {
-    fajit__split_plan s = {1, 1, (unsigned)((sh->seqlen_q + v->bm - 1) / v->bm), (unsigned)sh->nheads_q, 0};
+    fajit__split_plan s = {1, 1, (unsigned)((sh->seqlen_q + v->bm - 1) / v->bm), (unsigned)sh->nheads_q, 0, 0};
     int64_t group = sh->nheads_q / sh->nheads_kv, n_tiles = (sh->seqlen_k + v->bn - 1) / v->bn, blocks;
     int max_splits = n_tiles < FAJIT__MAX_SPLITS ? (int)n_tiles : FAJIT__MAX_SPLITS, slots;
     if (v->op != FAJIT__OP_FWD)
@@ -350,8 +350,25 @@ fajit__split_plan fajit__plan_split(const fajit__variant *v, const fajit__fwd_sh
     return s;
 }
 
+fajit__split_plan fajit__plan_split(const fajit__variant *v, const fajit__fwd_shape *sh, int sms,
+                                    int tuned_splits, int persist)
+{
+    fajit__split_plan s = plan_split_kv(v, sh, sms, tuned_splits);
+    if (s.splits == 1 && s.pack == 1 && fajit__fwd_persistent(v)) {
+        int64_t items = (int64_t)s.grid_x * s.grid_y * sh->batch, cap = items;
+        if (sms > 0)
+            cap = (int64_t)sms * blocks_per_sm(v);
+        if (persist == 0)
+            cap = items;
+        else if (persist > 0 && persist < cap)
+            cap = persist;
+        s.blocks = (unsigned)(items < cap ? items : cap); /* items: checked against INT_MAX at launch */
+    }
+    return s;
+}
+
 int fajit__plan_splits(const fajit__variant *heuristic, const fajit__fwd_shape *sh, int sms)
 {
-    fajit__split_plan s = fajit__plan_split(heuristic, sh, sms, 0);
+    fajit__split_plan s = fajit__plan_split(heuristic, sh, sms, 0, -1);
     return s.max_splits > 0 ? s.splits : 0;
 }

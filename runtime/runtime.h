@@ -79,6 +79,8 @@ struct fajit_ctx {
     CUcontext primary;    /* retained primary context of `device`, or NULL */
     int tuned_tiles;      /* 1: launches take tuned tiles when the store has them;
                              0 ($FAJIT_TUNED_TILES=0): the heuristic's, for comparisons */
+    int fwd_persist;      /* persistent forward kernels' grid ($FAJIT_FWD_PERSIST): -1 the
+                             blocks the SMs hold, 0 a block an item, N at most N blocks */
 };
 
 /* Build identity: XXH3-128 of the codegen digest (templates + codegen sources),

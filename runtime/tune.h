@@ -62,13 +62,20 @@ typedef struct fajit__split_plan {
     unsigned grid_x, grid_y; /* query blocks (before splitting), heads (kv heads when packed) */
     int max_splits;          /* 0: the rule does not split (too few key tiles, enough blocks
                                 already, no SM count, not op fwd); else its bound */
+    unsigned blocks;         /* a persistent variant's launch (fajit__fwd_persistent) that
+                                neither splits nor packs: the 1-D grid, each block looping
+                                over the grid_x * grid_y * batch items; else 0 */
 } fajit__split_plan;
 
 /* The plan of a fast-forward launch of v (tiles set) on a device of `sms`
  * SMs: tuned_splits > 0 takes that count (bounded by the key tiles and
- * FAJIT__MAX_SPLITS), else the rule decides. Pure: no GPU needed. */
+ * FAJIT__MAX_SPLITS), else the rule decides. A persistent variant's launch
+ * that neither splits nor packs gets `blocks`: the blocks the SMs hold at
+ * once (no SM count known: a block an item), at most `persist` when persist
+ * > 0, a block an item when it is 0 ($FAJIT_FWD_PERSIST; -1: no bound).
+ * Pure: no GPU needed. */
 fajit__split_plan fajit__plan_split(const fajit__variant *v, const fajit__fwd_shape *sh, int sms,
-                                    int tuned_splits);
+                                    int tuned_splits, int persist);
 
 /* The split count the rule gives a problem with the heuristic's tiles: the
  * tuning key's plan_splits, 0 when split-KV does not apply to it (every

@@ -217,7 +217,8 @@ __device__ __forceinline__ long long lse_row0(const fajit_fwd_params &p, const S
 
 __device__ __forceinline__ Heads heads_of(const fajit_fwd_params &p, const Seq &seq, long long b,
                                           long long h) {
-    const long long h_kv = h / (p.nheads_q / p.nheads_kv);
+    /* (heads fit an int: a 32-bit division, not the 64-bit subroutine) */
+    const long long h_kv = static_cast<int>(h) / (p.nheads_q / p.nheads_kv);
     /* Varlen tensors are packed (total, nheads, dim): batch strides unused. */
     Heads t;
     if constexpr (FAJIT_VARLEN) {
@@ -1042,29 +1043,36 @@ __device__ __forceinline__ Heads heads_at(const fajit_fwd_params &p, const Place
     return t;
 }
 
-/* The same through shared memory (kStageO, not a split launch): the pairs go
- * to the warp's rows of sQ (warp_row0..) first, before anything of the
- * block's place is computed again; then the warp stores whole rows. */
-__device__ __forceinline__ void write_out_staged(const fajit_fwd_params &p, float (&acc_o)[kMTiles][kOTiles][4],
-                                                 const RowState &st, unsigned aQ, int warp_row0, int lane) {
-    /* Every lane's last Q ldmatrix of these rows is done before any lane
-     * overwrites them (racecheck: the lanes of a warp are not in lockstep). */
+/* The same through shared memory (kStageO, not a split launch), in two
+ * halves: stage_pairs puts the thread's normalised pairs into rows r0.. of
+ * the smem tile at `tile` (rows of kChunksQK chunks: the Q tile, or a
+ * persistent block's K and V buffers) and keeps their LSEs; store_staged
+ * then has the warp store those rows, 16 bytes a lane, as output rows
+ * w.m0 + warp_row0.. of place w. */
+__device__ __forceinline__ void stage_pairs(const fajit_fwd_params &p, float (&acc_o)[kMTiles][kOTiles][4],
+                                            const RowState &st, unsigned tile, int r0, float (&lse)[kMTiles][2],
+                                            int lane) {
+    /* Every lane's last read of these rows (ldmatrix) is done before any
+     * lane overwrites them (racecheck: the lanes of a warp are not in
+     * lockstep). */
     __syncwarp();
-    float lse[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             float inv;
             row_norm(p, st, mt, half, inv, lse[mt][half]);
-            const int r = warp_row0 + mt * 16 + half * 8 + lane / 4;
+            const int r = r0 + mt * 16 + half * 8 + lane / 4;
 #pragma unroll
             for (int j = 0; j < kOTiles; ++j)
-                st_shared_u32(aQ + static_cast<unsigned>(smem_at<kChunksQK>(r, j) + (lane % 4) * 2) * 2,
+                st_shared_u32(tile + static_cast<unsigned>(smem_at<kChunksQK>(r, j) + (lane % 4) * 2) * 2,
                               pack2(acc_o[mt][j][2 * half] * inv, acc_o[mt][j][2 * half + 1] * inv));
         }
     __syncwarp();
-    const Place w = place_fresh(p);
+}
+
+__device__ __forceinline__ void store_staged(const fajit_fwd_params &p, const Place &w, unsigned tile, int r0,
+                                             int warp_row0, const float (&lse)[kMTiles][2], int lane) {
     const Heads t = heads_at(p, w);
     const int row0 = w.m0 + warp_row0;
     constexpr int kPieces = kWarpRows * kChunksV;
@@ -1072,7 +1080,7 @@ __device__ __forceinline__ void write_out_staged(const fajit_fwd_params &p, floa
     for (int i = lane; i < kPieces; i += 32) {
         const int r = i / kChunksV, c = i % kChunksV;
         if (row0 + r < w.blk.rows) {
-            const uint4 v = ld_shared_v4(aQ + static_cast<unsigned>(smem_at<kChunksQK>(warp_row0 + r, c)) * 2);
+            const uint4 v = ld_shared_v4(tile + static_cast<unsigned>(smem_at<kChunksQK>(r0 + r, c)) * 2);
             *reinterpret_cast<uint4 *>(t.o + static_cast<long long>(row0 + r) * t.o_row + c * 8) = v;
         }
     }
@@ -1086,6 +1094,15 @@ __device__ __forceinline__ void write_out_staged(const fajit_fwd_params &p, floa
                     p.lse[lse_index(p, w.seq, w.bh, w.h, row, w.blk)] = lse[mt][half];
             }
     }
+}
+
+/* The pairs go to the warp's rows of sQ first, before anything of the
+ * block's place is computed again; then the warp stores whole rows. */
+__device__ __forceinline__ void write_out_staged(const fajit_fwd_params &p, float (&acc_o)[kMTiles][kOTiles][4],
+                                                 const RowState &st, unsigned aQ, int warp_row0, int lane) {
+    float lse[kMTiles][2];
+    stage_pairs(p, acc_o, st, aQ, warp_row0, lse, lane);
+    store_staged(p, place_fresh(p), aQ, warp_row0, warp_row0, lse, lane);
 }
 
 /* One block's attention: FAJIT_BM rows of one (batch, head), or of one kv
@@ -1294,6 +1311,181 @@ __device__ __forceinline__ void attend(const fajit_fwd_params &p) {
     write_out(p, heads_at(p, fin), fin.seq, fin.bh, fin.h, acc_o, st, fin.m0 + warp_row0, lane, fin.blk);
 }
 
+/* ---------------------------------------------------------------- persistent blocks */
+
+/*
+ * FAJIT_PERSIST (codegen's fajit__fwd_persistent decides, the runtime
+ * launches accordingly): one 16-row tile a warp, two stages, the same dims
+ * for Q K^T and P V, no mask, window, dropout, ALiBi or varlen. Such a block
+ * holds one SM alone (d 256: 192 KB, every register), and each block used to
+ * pay its start (Q and the first K and V copied before any math) and its end
+ * unhidden: at 16 key tiles a block (d 256, 1k) about two tiles' time, so
+ * FlashAttention-2's two 4-warp blocks an SM led there while we led from 4k
+ * (the fit over 1k/4k/16k in benchmarks/RESULTS.md, ninth session).
+ *
+ * So (p.persist: the runtime's choice when the launch neither splits the
+ * keys nor packs heads) the grid is 1-D, at most the blocks the SMs hold at
+ * once, and block
+ * b takes items b, b + gridDim.x, ... (an item: what a block of the 3-D grid
+ * did, numbered as that grid's blocks are, x fastest). The copies run on
+ * across items: the last tile of an item sends the next item's K and V
+ * tile 0 into the free stage (as any tile sends its successor), and each warp,
+ * once past that tile's Q K^T, copies its own rows of the next item's Q (no
+ * other warp reads them). O then leaves through the last tile's K and V
+ * buffers (a barrier first: every warp is done with them) instead of the Q
+ * rows, which already hold the next item's. The next item's first barrier
+ * finds its Q and tile 0 landed.
+ */
+constexpr bool kPersist = FAJIT_PERSIST != 0;
+static_assert(!kPersist || (kMTiles == 1 && kKeyWarps == 1 && FAJIT_STAGES == 2 && FAJIT_DQK == FAJIT_DV &&
+                            FAJIT_DQK % 16 == 0 && FAJIT_MASK == fajit::kMaskNone && FAJIT_WINDOW_LEFT < 0 &&
+                            FAJIT_WINDOW_RIGHT < 0 && !FAJIT_VARLEN && !FAJIT_DROPOUT && !FAJIT_ALIBI &&
+                            FAJIT_WARPS * 8 <= FAJIT_BN),
+              "flash_fwd: FAJIT_PERSIST for a variant the persistent loop does not cover (codegen disagrees)");
+
+/* Item `item`'s place: (query block, head, batch) as the 3-D grid numbers it. */
+__device__ __forceinline__ Place place_item(const fajit_fwd_params &p, int item) {
+    const int x_blocks = (p.seqlen_q + FAJIT_BM - 1) / FAJIT_BM, per_batch = x_blocks * p.nheads_q;
+    const int b = item / per_batch, r = item - b * per_batch;
+    return place_of(p, static_cast<unsigned>(r % x_blocks), static_cast<unsigned>(r / x_blocks),
+                    static_cast<unsigned>(b));
+}
+
+/* The byte address of staged output row r (a multiple of 16) of stage s:
+ * rows 0..bn-1 in the K buffer, the rest in the V buffer (same row length). */
+__device__ __forceinline__ unsigned staged_row_tile(unsigned aK, unsigned aV, int s, int r, int &tile_row) {
+    const bool in_k = r < FAJIT_BN;
+    tile_row = in_k ? r : r - FAJIT_BN;
+    return in_k ? aK + s * kKElems * 2 : aV + s * kVElems * 2;
+}
+
+/* (a template, so that the variants without the loop never instantiate it) */
+template <bool On>
+__device__ void attend_items(const fajit_fwd_params &p) {
+    if constexpr (On) {
+        extern __shared__ __attribute__((aligned(128))) elem_t smem[];
+        const unsigned aQ = smem_addr(smem), aK = aQ + kQElems * 2, aV = aK + FAJIT_STAGES * kKElems * 2;
+        const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, warp_row0 = warp * 16;
+        /* (read from the parameters where needed: registers are short) */
+        auto items = [&]() { return (p.seqlen_q + FAJIT_BM - 1) / FAJIT_BM * p.nheads_q * p.batch; };
+        auto next_of = [&](int it) { return it + static_cast<int>(gridDim.x); };
+        const int n_tiles = (p.seqlen_k + FAJIT_BN - 1) / FAJIT_BN;
+        int item = static_cast<int>(blockIdx.x);
+        if (n_tiles == 0) {
+            for (; item < items(); item = next_of(item)) {
+                const Place w = place_item(p, item);
+                write_masked_block(p, heads_at(p, w), w.seq, w.bh, w.h, w.m0, tid, w.blk);
+            }
+            return;
+        }
+        if (item >= items())
+            return;
+        /* (K and V rows have the same strides in every item) */
+        auto load_kv = [&](const elem_t *k, const elem_t *v, int s, int n0) {
+            load_tile<FAJIT_BN, FAJIT_DQK, kChunksQK>(aK + s * kKElems * 2, k, p.k_stride[1], n0, p.seqlen_k, tid);
+            load_tile<FAJIT_BN, FAJIT_DV, kChunksV>(aV + s * kVElems * 2, v, p.v_stride[1], n0, p.seqlen_k, tid);
+        };
+        {
+            const Place w = place_item(p, item);
+            const Heads t = heads_at(p, w);
+            load_tile<FAJIT_BM, FAJIT_DQK, kChunksQK>(aQ, t.q, t.q_row, w.m0, w.blk.rows, tid);
+            load_kv(t.k, t.v, 0, 0);
+            cp_async_commit();
+        }
+        Frags f;
+        init_frags(f, aQ, aK, aV, warp_row0, 0, lane);
+        const ScoreMods mods = score_mods(p, fajit::Seq{}, 0, 0, 0, lane); /* no ALiBi: the same for every item */
+        unsigned qreg[kQInRegs ? kMTiles : 1][kQInRegs ? kKSteps : 1][4];
+        int s = 0; /* the stage of the tile at hand (two stages: it alternates) */
+#pragma unroll 1
+        for (;;) {
+            RowState st;
+            st.diag0 = 0; /* no mask: only keys past seqlen_k are hidden */
+            st.row_step = 1;
+            st.seqlen_k = p.seqlen_k;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                st.m[0][half] = fajit::neg_infinity();
+                st.l[0][half] = 0.0f;
+            }
+            float acc_o[kMTiles][kOTiles][4];
+#pragma unroll
+            for (int j = 0; j < kOTiles; ++j)
+                acc_o[0][j][0] = acc_o[0][j][1] = acc_o[0][j][2] = acc_o[0][j][3] = 0.0f;
+            const Heads t = heads_at(p, place_item(p, item)); /* its K and V, through the loop */
+            for (int i = 0; i < n_tiles; ++i) {
+                cp_async_wait<0>(); /* tile i (and the item's Q) landed, for this thread */
+                __syncthreads();    /* ... for every thread; the other stage is free */
+                /* tile i + 1 of this item, or tile 0 of the next (and, below,
+                 * the next's Q rows: its place is worked out once) */
+                const elem_t *k = t.k, *v = t.v, *next_q = nullptr;
+                int n1 = (i + 1) * FAJIT_BN, next_m0 = 0;
+                if (i + 1 == n_tiles) {
+                    k = nullptr;
+                    if (next_of(item) < items()) {
+                        const Place nw = place_item(p, next_of(item));
+                        const Heads nt = heads_at(p, nw);
+                        k = nt.k;
+                        v = nt.v;
+                        n1 = 0;
+                        next_q = nt.q;
+                        next_m0 = nw.m0;
+                    }
+                }
+                if (k != nullptr)
+                    load_kv(k, v, s ^ 1, n1);
+                cp_async_commit();
+                if constexpr (kQInRegs) {
+                    if (i == 0) {
+#pragma unroll
+                        for (int kk = 0; kk < kKSteps; ++kk)
+                            ldmatrix_x4(f.q.at(0, 2 * kk), qreg[0][kk]);
+                    }
+                }
+                float x[kMTiles][kNTiles][4];
+                qk_tile(x, f, qreg, s * kKElems * 2);
+                if (next_q != nullptr) {
+                    /* The warp's Q rows are read for the last time: the next
+                     * item's go out (Q from registers: they were free since
+                     * tile 0, the same place is simplest). */
+                    __syncwarp();
+                    load_rows<32, 16, FAJIT_DQK / kWidthQK, kWidthQK>(
+                        next_q, p.q_stride[1], next_m0 + warp_row0, p.seqlen_q, lane, [&](int r, int c) {
+                            return aQ + static_cast<unsigned>(smem_at<kChunksQK>(warp_row0 + r, c)) * 2;
+                        });
+                    cp_async_commit();
+                }
+                const int n0 = i * FAJIT_BN;
+                scale_scores(x, mods, n0);
+                if (n0 + FAJIT_BN > p.seqlen_k)
+                    mask_tile(x, st, n0, lane);
+                online_softmax(x, st, acc_o, kFoldScale ? mods.scale : 1.0f);
+                pv_tile(acc_o, x, f, s * kVElems * 2);
+                s ^= 1;
+            }
+            const int s_last = s ^ 1; /* (s: the next item's tile 0's) */
+            __syncthreads(); /* every warp is done with the last tile's K and V */
+            {
+                /* The thread index read anew: the epilogue's addresses then
+                 * cannot be worked out once before the item loop, where
+                 * ptxas kept them in spilled registers (d 224, 240). */
+                unsigned tx;
+                asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tx));
+                const int e_lane = static_cast<int>(tx % 32), e_row0 = static_cast<int>(tx / 32) * 16;
+                int r0;
+                const unsigned tile = staged_row_tile(aK, aV, s_last, e_row0, r0);
+                float lse[kMTiles][2];
+                stage_pairs(p, acc_o, st, tile, r0, lse, e_lane);
+                store_staged(p, place_item(p, item), tile, r0, e_row0, lse, e_lane);
+            }
+            item = next_of(item);
+            if (item >= items())
+                break;
+        }
+        cp_async_wait<0>(); /* nothing is in flight by now; no copy may outlive the block */
+    }
+}
+
 } // namespace fajit_fa
 
 /* Key-split blocks (bm < 16 * warps) name their minimum of one block an SM:
@@ -1307,6 +1499,8 @@ constexpr int kMinBlocks = kKeyWarps > 1 ? 1 : 0;
 extern "C" __global__ void __launch_bounds__(fajit_fa::kThreads, fajit_fa::kMinBlocks) fajit_flash_fwd(const fajit_fwd_params p) {
     if (p.combine)
         fajit_fa::combine_partials(p, threadIdx.x);
+    else if (fajit_fa::kPersist && p.persist)
+        fajit_fa::attend_items<fajit_fa::kPersist>(p);
     else
         fajit_fa::attend(p);
 }

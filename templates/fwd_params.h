@@ -40,7 +40,9 @@ struct fajit_fwd_params {
                        head y * pack_gqa + r % pack_gqa); grid y = nheads_kv */
     int combine;    /* 1: this launch merges the partials into o and lse: one
                        warp per row, grid x = ceil(partial_rows / warps) */
-    int split_pad_; /* keeps the pointers below 8-byte aligned, as on the host */
+    int persist;    /* 1 (FAJIT_PERSIST variants, neither split nor packed): a 1-D grid
+                       of blocks looping over the (query block, head, batch) items;
+                       (also keeps the pointers below 8-byte aligned, as on the host) */
     float *o_partial;        /* num_splits * partial_rows rows of dv rounded up to 8 */
     float *lse_partial;      /* num_splits * partial_rows; -inf: no key in that split */
     fajit_i64 partial_rows;  /* rows of one split: batch * nheads_q * seqlen_q (its max

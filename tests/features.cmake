@@ -24,6 +24,11 @@ if(TARGET fajit_attn_check)
     SOURCES gpu/test_features_gpu.c
     LIBS fajit fajit_attn_check CUDA::cudart m
     LABELS gpu features)
+  # Again with the persistent kernels (d 256 unmasked, its softcap case
+  # among them) run by 3 blocks looping over the items.
+  add_test(NAME test_features_gpu_persist COMMAND test_features_gpu)
+  set_tests_properties(test_features_gpu_persist PROPERTIES SKIP_RETURN_CODE 77 LABELS "gpu;features"
+                       ENVIRONMENT "FAJIT_FWD_PERSIST=3;FAJIT_CACHE_DIR=${CMAKE_BINARY_DIR}/test-cache/test_features_gpu_persist")
 endif()
 
 # The forward's probabilities output (fajit_attn_args.probs, op ref-probs):

@@ -29,6 +29,11 @@ fajit_add_test(test_fwd_gpu
   SOURCES gpu/test_fwd_gpu.c
   LIBS fajit fajit_attn_check CUDA::cudart Threads::Threads
   LABELS gpu)
+# The same binary over the persistent kernels (d 256 unmasked), 3 blocks
+# looping over every shape's items.
+add_test(NAME test_fwd_gpu_persist COMMAND test_fwd_gpu --persist 3)
+set_tests_properties(test_fwd_gpu_persist PROPERTIES SKIP_RETURN_CODE 77 LABELS gpu
+                     ENVIRONMENT "FAJIT_CACHE_DIR=${CMAKE_BINARY_DIR}/test-cache/test_fwd_gpu_persist")
 include(${CMAKE_CURRENT_LIST_DIR}/fwd.cmake OPTIONAL) # test_fwd_compile (CPU); guarded against a second include
 
 # The reference backward against an fp64 CPU backward (tests/gpu/bwd_check.c).

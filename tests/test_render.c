@@ -52,6 +52,7 @@ static const char *const example_prelude =
     "static constexpr int FAJIT_WARPS = 4;\n"
     "static constexpr int FAJIT_STAGES = 1;\n"
     "static constexpr int FAJIT_SMEM_BYTES = 0;\n"
+    "static constexpr int FAJIT_PERSIST = 0;\n"
     "static constexpr int FAJIT_ARCH = 90;\n"
     "#line 1 \"reference.cuh\"\n";
 

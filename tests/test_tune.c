@@ -353,7 +353,7 @@ static void test_split_plan(void)
     const fajit__fwd_shape decode = {1, 1, 65536, 32, 8}, train = {4, 4096, 4096, 16, 16},
                            short_keys = {1, 1, 256, 32, 8};
     int plan = fajit__plan_splits(&h, &decode, 132);
-    fajit__split_plan s = fajit__plan_split(&h, &decode, 132, 0);
+    fajit__split_plan s = fajit__plan_split(&h, &decode, 132, 0, -1);
     CHECK(plan > 1 && s.splits == plan && s.pack == 4 && s.max_splits > 0,
           "decode 1x64k, 32/8 heads: the rule splits %d ways, 4 query heads a block", plan);
     CHECK(fajit__plan_splits(&h, &train, 132) == 0 && fajit__plan_splits(&h, &short_keys, 132) == 0 &&
@@ -362,10 +362,10 @@ static void test_split_plan(void)
     fajit__variant bwd = h;
     bwd.op = FAJIT__OP_BWD;
     CHECK(fajit__plan_splits(&bwd, &decode, 132) == 0, "no split for the backward");
-    s = fajit__plan_split(&h, &decode, 132, 4);
+    s = fajit__plan_split(&h, &decode, 132, 4, -1);
     CHECK(s.splits == 4 && s.pack == 4, "a tuned count of 4 is taken");
     const fajit__fwd_shape few = {1, 1, 300, 32, 8};
-    s = fajit__plan_split(&h, &few, 132, 32);
+    s = fajit__plan_split(&h, &few, 132, 32, -1);
     CHECK(s.splits == (300 + h.bn - 1) / h.bn, "a tuned 32 is bounded by the %d key tiles of 300 keys",
           s.splits);
 
@@ -385,6 +385,40 @@ static void test_split_plan(void)
           "1000 keys in tiles of 128: 1, 2, 4, 8 and the rule's 3 (%zu counts)", n);
     n = fajit__tune_split_counts(&h, 65536, 0, counts, 8);
     CHECK(n == 1 && counts[0] == 0, "no split-KV: the single count 0, the rule's");
+}
+
+/* Persistent forward kernels (fajit__fwd_persistent: d256 unmasked takes bm
+ * 128, 8 warps, 2 stages on sm_90) launched neither split nor packed: the
+ * grid is one block an SM (192 KB each) unless there are fewer items, a
+ * block an item when asked (persist 0) or no SM count is known, at most N
+ * when asked; a decode shape still splits (and is then not persistent). */
+static void test_persistent_plan(void)
+{
+    fajit__variant v = fwd_variant(256, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET);
+    fajit__heuristic_tiles(&v);
+    fajit__variant causal = v, d64 = fwd_variant(64, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET, FAJIT__UNSET);
+    causal.mask = FAJIT_MASK_CAUSAL;
+    fajit__heuristic_tiles(&d64);
+    CHECK(fajit__fwd_persistent(&v) && v.bm == 128 && v.warps == 8 && v.stages == 2,
+          "d256 unmasked sm_90 (bm=%d warps=%d stages=%d) runs persistent blocks", v.bm, v.warps, v.stages);
+    CHECK(!fajit__fwd_persistent(&causal) && !fajit__fwd_persistent(&d64),
+          "causal d256 and d64 (two tiles a warp) do not");
+    const fajit__fwd_shape train = {16, 1024, 1024, 8, 8}, small = {1, 200, 128, 2, 2},
+                           decode = {1, 1, 65536, 32, 8};
+    fajit__split_plan s = fajit__plan_split(&v, &train, 132, 0, -1);
+    CHECK(s.splits == 1 && s.pack == 1 && s.blocks == 132 && s.grid_x * s.grid_y * 16 == 1024,
+          "1024 items on 132 SMs: %u blocks", s.blocks);
+    s = fajit__plan_split(&v, &small, 132, 0, -1);
+    CHECK(s.blocks == 4, "4 items: 4 blocks (%u)", s.blocks);
+    s = fajit__plan_split(&v, &train, 132, 0, 0);
+    CHECK(s.blocks == 1024, "persist 0: a block an item (%u)", s.blocks);
+    s = fajit__plan_split(&v, &train, 0, 0, -1);
+    CHECK(s.blocks == 1024, "no SM count: a block an item (%u)", s.blocks);
+    s = fajit__plan_split(&v, &train, 132, 0, 5);
+    CHECK(s.blocks == 5, "persist 5: 5 blocks (%u)", s.blocks);
+    s = fajit__plan_split(&v, &decode, 132, 0, -1);
+    CHECK(s.splits > 1 && s.pack == 4 && s.blocks == 0,
+          "decode with this tile: split %d ways, packed, not persistent (%u)", s.splits, s.blocks);
 }
 
 static int same_tiles(const fajit__variant *a, const fajit__variant *b)
@@ -408,7 +442,7 @@ static void test_few_rows_rule(void)
     CHECK(few == 1 && v.bm == 16 && v.bn == 128 && v.warps == 4 && v.stages == 2 && fajit__fwd_key_warps(&v) == 4,
           "decode (seqlen_q 1, 32/8 heads, d128 bf16, sm_90): bm=%d bn=%d warps=%d stages=%d "
           "(prefill's: bm=%d bn=%d warps=%d)", v.bm, v.bn, v.warps, v.stages, heur.bm, heur.bn, heur.warps);
-    fajit__split_plan s = fajit__plan_split(&v, &decode, 132, 0);
+    fajit__split_plan s = fajit__plan_split(&v, &decode, 132, 0, -1);
     CHECK(s.pack == 4 && s.grid_y == 8, "the decode tile packs the 4 query heads of a kv head (pack %d)",
           s.pack);
     fajit__variant back = base;
@@ -1006,6 +1040,7 @@ int main(void)
     test_records();
     test_launch_tiles();
     test_split_plan();
+    test_persistent_plan();
     test_split_launch();
     test_few_rows_rule();
     test_few_rows_tuning();

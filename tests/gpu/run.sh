@@ -69,8 +69,8 @@ else
     record ctest "$detail"
     # This area's tests: CTest's verdict and the test's own last line (-V
     # prefixes each output line with the test's number).
-    for name in test_ref_compile test_ref_gpu test_cache_gpu test_fwd_compile test_fwd_compile_b test_fwd_compile_odd test_fwd_gpu \
-                test_features_gpu test_large_gpu test_bwd_compile test_bwd_gpu test_flash_bwd_compile test_flash_bwd_gpu test_probs_gpu test_tune test_tuned_gpu test_python; do
+    for name in test_ref_compile test_ref_gpu test_cache_gpu test_fwd_compile test_fwd_compile_b test_fwd_compile_odd test_fwd_gpu test_fwd_gpu_persist \
+                test_features_gpu test_features_gpu_persist test_large_gpu test_bwd_compile test_bwd_gpu test_flash_bwd_compile test_flash_bwd_gpu test_probs_gpu test_tune test_tuned_gpu test_python; do
         line=$(grep -E -m1 "Test +#[0-9]+: $name " "$out/ctest.log")
         num=$(sed -E 's/.*Test +#([0-9]+):.*/\1/' <<<"$line")
         verdict=$(sed -E 's/.* \.+ *//; s/ +/ /g' <<<"$line")
@@ -89,11 +89,16 @@ else
             [ "$prog" = test_ref_gpu ] || [ "$tool" = memcheck ] || [ "$tool" = racecheck ] || continue
             args=(--quick)
             [ "$prog" = test_features_gpu ] && args=(--split-only) # the split-KV path
-            step "$tool $prog" "sanitizer-$tool-$prog.log" "$sanitizer" --tool "$tool" \
-                --error-exitcode 99 "$build/tests/$prog" "${args[@]}"
-            record "$tool $prog" "$(grab "sanitizer-$tool-$prog.log" 'ERROR SUMMARY|RACECHECK SUMMARY|^SKIP' | cut -c1-70)"
-            cat "$out/sanitizer-$tool-$prog.log" >>"$out/sanitizer-$tool.log"
-            rm -f "$out/sanitizer-$tool-$prog.log"
+            runs=("$prog")
+            [ "$prog" = test_fwd_gpu ] && runs+=(test_fwd_gpu_persist) # and the persistent blocks' loop
+            for run in "${runs[@]}"; do
+                [ "$run" = test_fwd_gpu_persist ] && args=(--persist 3 --quick)
+                step "$tool $run" "sanitizer-$tool-$run.log" "$sanitizer" --tool "$tool" \
+                    --error-exitcode 99 "$build/tests/$prog" "${args[@]}"
+                record "$tool $run" "$(grab "sanitizer-$tool-$run.log" 'ERROR SUMMARY|RACECHECK SUMMARY|^SKIP' | cut -c1-70)"
+                cat "$out/sanitizer-$tool-$run.log" >>"$out/sanitizer-$tool.log"
+                rm -f "$out/sanitizer-$tool-$run.log"
+            done
         done
     done
     unset FAJIT_CACHE_DIR

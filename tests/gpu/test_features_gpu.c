@@ -691,8 +691,8 @@ static size_t build_cases(fcase *cs)
             c.wl = windows[w][0], c.wr = windows[w][1];
             cs[n++] = c;
         }
-    for (int k = 0; k < 4; k++) { /* softcap */
-        fcase c = base(k % 2 ? 128 : 8, k % 2, k / 2, 97, 160);
+    for (int k = 0; k < 5; k++) { /* softcap (d 256 unmasked: a persistent kernel) */
+        fcase c = base(k == 4 ? 256 : k % 2 ? 128 : 8, k % 2, k == 4 ? 0 : k / 2, 97, 160);
         c.softcap = k % 2 ? 5.0f : 30.0f;
         cs[n++] = c;
     }

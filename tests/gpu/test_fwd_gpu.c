@@ -27,7 +27,7 @@
  * misaligned for its head dim's loads must fall back to the reference (and
  * still be right). The CPU reference runs on all cores.
  *
- * Usage: test_fwd_gpu [--quick]. Exit 0 pass, 1 fail, 77 no GPU.
+ * Usage: test_fwd_gpu [--persist N] [--quick]. Exit 0 pass, 1 fail, 77 no GPU.
  */
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -563,6 +563,36 @@ static size_t build_grid(fcase *cs, size_t cap, int quick) {
     return n;
 }
 
+/* --persist N: d 256 unmasked runs persistent blocks (codegen's
+ * fajit__fwd_persistent), here launched with FAJIT_FWD_PERSIST=N, so N
+ * blocks loop over every shape's items: one key tile an item and odd counts
+ * (the stages' parity flips from item to item), query blocks cut short, GQA,
+ * strided layouts, LSE on and off. The other dims and the causal cases
+ * check that variants without the loop are unaffected by the setting. */
+static size_t build_persist_grid(fcase *cs, size_t cap, int quick) {
+    static const int pdims[][2] = {{256, 256}, {224, 224}, {192, 192}, {144, 144}};
+    static const int64_t plens[][4] = {/* sq, sk, hq, hkv */
+                                       {113, 17, 4, 1},   {17, 113, 4, 2},  {1, 256, 4, 1},
+                                       {256, 256, 2, 2},  {300, 2049, 4, 2}, {1023, 129, 2, 1},
+                                       {129, 1023, 3, 3}};
+    size_t n = 0;
+    for (size_t d = 0; d < sizeof pdims / sizeof pdims[0]; ++d)
+        for (int dtype = 0; dtype < 2; ++dtype)
+            for (size_t l = 0; l < sizeof plens / sizeof plens[0] && n < cap; ++l) {
+                if (quick && (l > 3 || d % 2 == 1 || dtype == 1))
+                    continue; /* the sanitizers' run: short shapes of d 256 and 192 */
+                cs[n++] = mk(pdims[d][0], pdims[d][1], dtype, 0, plens[l][0], plens[l][1], plens[l][2],
+                             plens[l][3], (int)((d + l + (size_t)dtype) % 2), (int)(l % 3 != 2));
+            }
+    if (quick)
+        return n;
+    for (size_t d = 0; d < sizeof pdims / sizeof pdims[0] && n < cap; ++d)
+        cs[n++] = mk(pdims[d][0], pdims[d][1], (int)d % 2, 1, 300, 1023, 4, 2, DENSE, 1);
+    cs[n] = mk(256, 256, 1, 0, 1023, 2049, 2, 1, DENSE, 1); /* scores far from the default scale */
+    cs[n++].scale_mul = 12.0f;
+    return n;
+}
+
 /* ---------------------------------------------------------------- main */
 
 /* Every case's variant, compiled up front on all cores (shapes alone decide
@@ -609,10 +639,13 @@ static int require_gpu(void) {
 }
 
 int main(int argc, char **argv) {
-    const int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    const char *persist = argc > 2 && strcmp(argv[1], "--persist") == 0 ? argv[2] : NULL;
+    const int quick = argc > (persist ? 3 : 1) && strcmp(argv[persist ? 3 : 1], "--quick") == 0;
     const int skip = require_gpu();
     if (skip)
         return skip;
+    if (persist)
+        setenv("FAJIT_FWD_PERSIST", persist, 1); /* read by fajit_create */
     fajit_ctx *ctx = NULL;
     const int rc = fajit_create(&ctx, NULL);
     if (rc != FAJIT_OK) {
@@ -620,13 +653,16 @@ int main(int argc, char **argv) {
         return 1;
     }
     static fcase cases[1024];
-    const size_t n = build_grid(cases, 1024, quick);
+    const size_t n = persist ? build_persist_grid(cases, 1024, quick) : build_grid(cases, 1024, quick);
     size_t failures = precompile_grid(ctx, cases, n);
     double worst = 0.0;
     for (size_t i = 0; i < n; ++i)
         failures += (size_t)run_case(ctx, &cases[i], 0x9e3779b97f4a7c15ull ^ (i * 0x1000193u + 1), &worst);
     fajit_destroy(ctx);
-    printf("test_fwd_gpu%s: %zu cases, %zu failed; worst output error %.2f of its tolerance\n",
-           quick ? " (quick)" : "", n, failures, worst);
+    char mode[64] = "";
+    if (persist)
+        snprintf(mode, sizeof mode, " (persistent, FAJIT_FWD_PERSIST=%s)", persist);
+    printf("test_fwd_gpu%s%s: %zu cases, %zu failed; worst output error %.2f of its tolerance\n",
+           quick ? " (quick)" : "", mode, n, failures, worst);
     return failures ? 1 : 0;
 }
