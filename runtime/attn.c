@@ -398,10 +398,8 @@ static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, CUfunc
                   const fajit__variant *v, struct fajit_fwd_params *p, int tuned_splits, void *stream)
 {
     const fajit__fwd_shape sh = shape_of(p);
-    const int few_tiles = tuned_splits == 0 && (sh.seqlen_k + v->bn - 1) / v->bn < FAJIT__MIN_SPLIT_TILES &&
-                          !fajit__fwd_persistent(v);
-    fajit__split_plan s =
-        fajit__plan_split(v, &sh, few_tiles ? 0 : sm_count(drv, dev), tuned_splits, ctx->fwd_persist);
+    /* (the plan itself leaves too few key tiles unsplit; persistent grids need the SM count) */
+    fajit__split_plan s = fajit__plan_split(v, &sh, sm_count(drv, dev), tuned_splits, ctx->fwd_persist);
     if (s.splits > 1 || s.pack > 1)
         fajit__log(&ctx->log, FAJIT_LOG_DEBUG, "split-KV: %d splits, %d query heads a block, grid %u x %u x %d",
                    s.splits, s.pack, s.grid_x * (unsigned)s.splits, s.grid_y, p->batch);
