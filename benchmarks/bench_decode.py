@@ -106,11 +106,21 @@ class Fajit:
         self._lib.check(self.lib.fajit_attn_variant(self.ctx, ctypes.byref(a), buf, 512), "fajit_attn_variant")
         return buf.value.decode()
 
-    def runner(self, a):
+    def runner(self, a, workspace=True):
+        """The call, with the workspace it needs (split-KV partials) lent once,
+        as an engine keeps one for its decode steps (workspace=False: none, so
+        the library takes scratch from its pool each call)."""
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        need = ctypes.c_size_t(0)
+        if workspace:
+            self._lib.check(self.lib.fajit_attn_fwd_workspace_size(self.ctx, ctypes.byref(a), ctypes.byref(need)),
+                            "fajit_attn_fwd_workspace_size")
+        ws = torch.empty(need.value, dtype=torch.uint8, device="cuda") if need.value else None
+        if ws is not None:
+            a.workspace, a.workspace_bytes = ws.data_ptr(), need.value
         ref, fwd, ctx = ctypes.byref(a), self.lib.fajit_attn_fwd, self.ctx
 
-        def run():
+        def run(ws=ws):  # (holds the workspace as long as the runner lives)
             rc = fwd(ctx, ref, stream)
             if rc < 0:
                 self._lib.check(rc, "fajit_attn_fwd")

@@ -231,6 +231,17 @@ typedef struct fajit_attn_args {
      * slower, and meant for tests. */
     float *probs;
     int64_t probs_stride[3];
+    /* Scratch the caller lends: a device buffer of workspace_bytes, 16-byte
+     * aligned, that nothing else touches until the work this call queues on
+     * `stream` is done (stream order: a caching allocator's block on that
+     * stream, or a buffer kept for it). Split-KV launches (decoding: few query
+     * rows over long keys) put their partial outputs there; the size a call
+     * needs is fajit_attn_fwd_workspace_size's answer (0 for most calls). NULL
+     * (the default), or fewer bytes than the call needs: the library takes
+     * stream-ordered scratch from its pool for the call (cuMemAllocAsync and
+     * cuMemFreeAsync, which cost the GPU about 1 us a call; H100, decode). */
+    void *workspace;
+    size_t workspace_bytes;
 } fajit_attn_args;
 
 FAJIT_API void fajit_attn_args_init(fajit_attn_args *args);
@@ -241,6 +252,14 @@ FAJIT_API void fajit_attn_args_init(fajit_attn_args *args);
  * the cache); later calls only launch. Arguments are checked first: on any error
  * nothing is launched. Thread-safe. */
 FAJIT_API int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream);
+
+/* *bytes = the workspace fajit_attn_fwd would use for these arguments on the
+ * device it would run on (the calling thread's current CUDA context, else the
+ * context's device): 0 when the call needs none. The arguments are checked as
+ * fajit_attn_fwd checks them (the workspace fields aside); nothing is compiled
+ * or launched. The answer is the plan's at the time of the call: tuning
+ * records stored later (fajit tune) may change it. */
+FAJIT_API int fajit_attn_fwd_workspace_size(fajit_ctx *ctx, const fajit_attn_args *args, size_t *bytes);
 
 /* Canonical text of the variant fajit_attn_fwd would run for these arguments,
  * written to buf (NUL-terminated, truncated to cap). Needs the GPU only to learn

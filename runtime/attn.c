@@ -77,6 +77,10 @@ static int check_pointers(const fajit_attn_args *a)
         (rc = fajit__check_pointer("v", a->v, 2, need_kv)) || (rc = fajit__check_pointer("o", a->o, 2, 1)) ||
         (rc = fajit__check_pointer("lse", a->lse, 4, 0)))
         return rc;
+    if (a->workspace && (uintptr_t)a->workspace % 16 != 0)
+        return fajit__fail(FAJIT_EINVAL, "workspace=%p: not 16-byte aligned", a->workspace);
+    if (!a->workspace && a->workspace_bytes != 0)
+        return fajit__fail(FAJIT_EINVAL, "workspace_bytes=%zu with a NULL workspace", a->workspace_bytes);
     return 0;
 }
 
@@ -342,17 +346,29 @@ static int launch_combine(const fajit__driver *drv, CUfunction fn, const fajit__
     return launch_grid(drv, fn, v, p, blocks, 1, 1, 0, stream);
 }
 
-/* The split launch: partials into stream-ordered scratch, then the same
- * kernel in its combine role merges them into o and lse; the scratch is
- * freed on the stream behind them. */
+/* Bytes of fp32 partials (O / l rows of dv rounded up to 8, and LSEs) a split
+ * launch of v with plan s needs for p's rows; 0 when s does not split. */
+static size_t split_bytes(const fajit__variant *v, const struct fajit_fwd_params *p, const fajit__split_plan *s)
+{
+    size_t rows = (size_t)p->batch * (size_t)p->nheads_q * (size_t)p->seqlen_q;
+    size_t dv_pad = ((size_t)v->dv + 7) / 8 * 8;
+    return s->splits > 1 ? (size_t)s->splits * rows * (dv_pad + 1) * sizeof(float) : 0;
+}
+
+/* The split launch: partials into the caller's workspace when it is large
+ * enough, else into stream-ordered scratch freed on the stream behind the
+ * kernels; then the same kernel in its combine role merges them into o and
+ * lse. */
 static int launch_split(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
-                        struct fajit_fwd_params *p, const fajit__split_plan *s, void *stream)
+                        struct fajit_fwd_params *p, const fajit__split_plan *s, CUdeviceptr workspace,
+                        size_t workspace_bytes, void *stream)
 {
     size_t rows = (size_t)p->batch * (size_t)p->nheads_q * (size_t)p->seqlen_q;
     size_t dv_pad = ((size_t)v->dv + 7) / 8 * 8, slots = (size_t)s->splits * rows;
-    CUdeviceptr scratch;
-    int freed, rc = fajit__scratch_alloc(drv, slots * (dv_pad + 1) * sizeof(float), (CUstream)stream, &scratch,
-                                  "split-KV partials");
+    size_t need = split_bytes(v, p, s);
+    CUdeviceptr scratch = workspace;
+    const int lent = workspace != 0 && workspace_bytes >= need;
+    int freed, rc = lent ? 0 : fajit__scratch_alloc(drv, need, (CUstream)stream, &scratch, "split-KV partials");
     if (rc != 0)
         return rc;
     p->num_splits = s->splits;
@@ -366,16 +382,17 @@ static int launch_split(const fajit__driver *drv, CUfunction fn, const fajit__va
     if (rc == 0)
         rc = launch_combine(drv, fn, v, p, (unsigned)((rows + (size_t)v->warps - 1) / (size_t)v->warps), stream);
     p->combine = 0;
-    freed = fajit__scratch_free(drv, scratch, (CUstream)stream);
+    freed = lent ? 0 : fajit__scratch_free(drv, scratch, (CUstream)stream);
     return rc != 0 ? rc : freed;
 }
 
 int fajit__fwd_launch_plan(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
-                           struct fajit_fwd_params *p, const fajit__split_plan *s, void *stream)
+                           struct fajit_fwd_params *p, const fajit__split_plan *s, CUdeviceptr workspace,
+                           size_t workspace_bytes, void *stream)
 {
     p->persist = 0;
     if (s->splits > 1)
-        return launch_split(drv, fn, v, p, s, stream);
+        return launch_split(drv, fn, v, p, s, workspace, workspace_bytes, stream);
     if (s->blocks > 0) {
         /* a 1-D grid of blocks looping over the items (the kernel numbers
          * them in an int) */
@@ -393,17 +410,28 @@ int fajit__fwd_launch_plan(const fajit__driver *drv, CUfunction fn, const fajit_
                        (unsigned)fajit__variant_smem_bytes(v), stream);
 }
 
-/* splits: tuned_choice's count (0: the rule, with v's tiles). */
-static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, CUfunction fn,
-                  const fajit__variant *v, struct fajit_fwd_params *p, int tuned_splits, void *stream)
+/* The launch plan for v on device dev; tuned_splits: tuned_choice's count
+ * (0: the rule, with v's tiles). (The plan itself leaves too few key tiles
+ * unsplit; persistent grids need the SM count.) */
+static fajit__split_plan plan_of(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, const fajit__variant *v,
+                                 const struct fajit_fwd_params *p, int tuned_splits)
 {
     const fajit__fwd_shape sh = shape_of(p);
-    /* (the plan itself leaves too few key tiles unsplit; persistent grids need the SM count) */
-    fajit__split_plan s = fajit__plan_split(v, &sh, sm_count(drv, dev), tuned_splits, ctx->fwd_persist);
+    return fajit__plan_split(v, &sh, sm_count(drv, dev), tuned_splits, ctx->fwd_persist);
+}
+
+static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, CUfunction fn,
+                  const fajit__variant *v, struct fajit_fwd_params *p, int tuned_splits, const fajit_attn_args *a,
+                  void *stream)
+{
+    fajit__split_plan s = plan_of(ctx, drv, dev, v, p, tuned_splits);
     if (s.splits > 1 || s.pack > 1)
-        fajit__log(&ctx->log, FAJIT_LOG_DEBUG, "split-KV: %d splits, %d query heads a block, grid %u x %u x %d",
-                   s.splits, s.pack, s.grid_x * (unsigned)s.splits, s.grid_y, p->batch);
-    return fajit__fwd_launch_plan(drv, fn, v, p, &s, stream);
+        fajit__log(&ctx->log, FAJIT_LOG_DEBUG, "split-KV: %d splits, %d query heads a block, grid %u x %u x %d%s",
+                   s.splits, s.pack, s.grid_x * (unsigned)s.splits, s.grid_y, p->batch,
+                   s.splits > 1 && a->workspace && a->workspace_bytes < split_bytes(v, p, &s)
+                       ? "; the workspace is too small, scratch from the pool" : "");
+    return fajit__fwd_launch_plan(drv, fn, v, p, &s, (CUdeviceptr)(uintptr_t)a->workspace, a->workspace_bytes,
+                                  stream);
 }
 
 int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
@@ -438,7 +466,46 @@ int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
     if (rc == 0 && v.op == FAJIT__OP_REF_PROBS)
         rc = launch_probs(drv, fn, &v, &p, &po, stream);
     else if (rc == 0)
-        rc = launch(ctx, drv, dev, fn, &v, &p, splits, stream);
+        rc = launch(ctx, drv, dev, fn, &v, &p, splits, &a, stream);
+    if (pushed)
+        drv->ctxPopCurrent(&cu);
+    return rc;
+}
+
+int fajit_attn_fwd_workspace_size(fajit_ctx *ctx, const fajit_attn_args *args, size_t *bytes)
+{
+    const fajit__driver *drv;
+    struct fajit_fwd_params p;
+    fajit_attn_args a;
+    probs_out po;
+    fajit__variant v;
+    CUcontext cu;
+    CUdevice dev = -1;
+    int rc, pushed, arch = 0, splits = 0, few_rows;
+
+    if (!ctx || !bytes)
+        return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "bytes" : "ctx");
+    *bytes = 0;
+    if ((rc = copy_args(args, &a)) != 0)
+        return rc;
+    a.workspace = NULL; /* its own fields aside */
+    a.workspace_bytes = 0;
+    if ((rc = check_shapes(&a)) || (rc = check_features(&a)) || (rc = check_pointers(&a)) ||
+        (rc = fill_params(&a, &p)) || (rc = fill_probs(&a, &po)))
+        return rc;
+    if (a.batch == 0 || a.seqlen_q == 0)
+        return 0; /* nothing to compute */
+    if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
+        return rc;
+    rc = fajit__context_device(ctx, drv, fajit__context_id(drv, cu), &arch, &dev);
+    if (rc == 0) {
+        few_rows = derive_variant(ctx, &a, &p, arch, &v);
+        tuned_choice(ctx, drv, dev, &p, few_rows, &v, &splits);
+        if (v.op == FAJIT__OP_FWD) {
+            const fajit__split_plan s = plan_of(ctx, drv, dev, &v, &p, splits);
+            *bytes = split_bytes(&v, &p, &s);
+        }
+    }
     if (pushed)
         drv->ctxPopCurrent(&cu);
     return rc;

@@ -1669,7 +1669,7 @@ static int launch_on(tune_run *r, gpu_state *g, const tune_launch *l, const faji
     const fajit__fwd_shape sh = problem_shape(p);
     const fajit__split_plan plan = fajit__plan_split(&l->v, &sh, g->gpu.sm_count, l->splits, -1);
     make_params(g, p, set, &par);
-    return fajit__fwd_launch_plan(g->drv, l->fn, &l->v, &par, &plan, g->stream);
+    return fajit__fwd_launch_plan(g->drv, l->fn, &l->v, &par, &plan, 0, 0, g->stream);
 }
 
 static size_t output_elems(const fajit__tune_problem *p)

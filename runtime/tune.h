@@ -94,10 +94,12 @@ size_t fajit__tune_split_counts(const fajit__variant *c, int64_t seqlen_k, int p
 
 /* Queues a fast-forward launch of fn (variant v, params p filled as
  * runtime/attn.c fills them) as plan s says: one grid, or the split grid and
- * its combine over stream-ordered scratch (runtime/attn.c). */
+ * its combine over the partials: in workspace when it holds workspace_bytes
+ * and they fit, else in stream-ordered scratch (runtime/attn.c). */
 struct fajit_fwd_params;
 int fajit__fwd_launch_plan(const fajit__driver *drv, CUfunction fn, const fajit__variant *v,
-                           struct fajit_fwd_params *p, const fajit__split_plan *s, void *stream);
+                           struct fajit_fwd_params *p, const fajit__split_plan *s, CUdeviceptr workspace,
+                           size_t workspace_bytes, void *stream);
 
 /* ---------------------------------------------------------------- records */
 

@@ -265,6 +265,8 @@ static void lse_overflow(fajit_attn_args *a)
     a->seqlen_k = 1, a->dqk = a->dv = 1;
 }
 static void lse_past_the_end(fajit_attn_args *a) { a->lse = (float *)(UINTPTR_MAX - 3); }
+static void odd_workspace(fajit_attn_args *a) { a->workspace = (char *)a->o + 8, a->workspace_bytes = 4096; }
+static void null_workspace(fajit_attn_args *a) { a->workspace_bytes = 4096; }
 
 /* Inputs may alias (reads are safe); dims of extent 1 may have any stride. */
 static void check_accepted_layouts(fajit_ctx *ctx)
@@ -312,6 +314,8 @@ static void test_attn_validation(void)
         {q_past_the_end, "past the end of the address space"},
         {lse_overflow, "lse: batch=65535 x nheads_q=65535 x seqlen_q=1073741824"},
         {lse_past_the_end, "lse=0xfffffffffffffffc: its"},
+        {odd_workspace, "not 16-byte aligned"},
+        {null_workspace, "workspace_bytes=4096 with a NULL workspace"},
     };
     fajit_ctx *ctx = make_ctx("/nonexistent", FAJIT_CACHE_OFF);
     fajit_attn_args a;
@@ -324,6 +328,26 @@ static void test_attn_validation(void)
         snprintf(what, sizeof what, "fajit_attn_fwd refuses a bad argument, naming '%s'",
                  cases[i].named);
         check(rc == FAJIT_EINVAL && strstr(fajit_last_error(), cases[i].named), what);
+        if (cases[i].fn != bad_size && cases[i].fn != odd_workspace && cases[i].fn != null_workspace) {
+            size_t bytes = 1;
+            rc = fajit_attn_fwd_workspace_size(ctx, &a, &bytes);
+            snprintf(what, sizeof what, "fajit_attn_fwd_workspace_size refuses it too, naming '%s'",
+                     cases[i].named);
+            check(rc == FAJIT_EINVAL && strstr(fajit_last_error(), cases[i].named) && bytes == 0, what);
+        }
+    }
+    valid_args(&a);
+    null_workspace(&a);
+    {
+        size_t bytes = 1;
+        check(fajit_attn_fwd_workspace_size(ctx, &a, &bytes) != FAJIT_EINVAL,
+              "fajit_attn_fwd_workspace_size ignores the workspace fields");
+        check(fajit_attn_fwd_workspace_size(ctx, &a, NULL) == FAJIT_EINVAL &&
+                  strstr(fajit_last_error(), "bytes: NULL"),
+              "fajit_attn_fwd_workspace_size refuses a NULL bytes");
+        a.batch = 0;
+        check(fajit_attn_fwd_workspace_size(ctx, &a, &bytes) == 0 && bytes == 0,
+              "an empty batch needs no workspace");
     }
     check_accepted_layouts(ctx);
     check(fajit_attn_fwd(ctx, NULL, NULL) == FAJIT_EINVAL, "NULL args are refused");
@@ -337,6 +361,9 @@ static void test_attn_validation(void)
         check(rc == FAJIT_ENOGPU && fajit_last_error()[0] != '\0',
               "valid arguments without a GPU give FAJIT_ENOGPU with the reason");
         printf("     reason: %s\n", fajit_last_error());
+        size_t bytes = 1;
+        check(fajit_attn_fwd_workspace_size(ctx, &a, &bytes) == FAJIT_ENOGPU && bytes == 0,
+              "fajit_attn_fwd_workspace_size without a GPU gives FAJIT_ENOGPU");
         char text[400];
         check(fajit_attn_variant(ctx, &a, text, sizeof text) > 0 && strstr(text, "arch=sm_90") &&
                   strstr(text, "dqk=72 dv=72 dtype=fp16"),

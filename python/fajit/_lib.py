@@ -153,6 +153,9 @@ class AttnArgs(ctypes.Structure):
         # the probabilities output (flash_attn's S_dmask): fp32, strides batch, head, row
         ("probs", ctypes.c_void_p),
         ("probs_stride", _i64_3),
+        # scratch the caller lends (split-KV partials); NULL: the library's pool
+        ("workspace", ctypes.c_void_p),
+        ("workspace_bytes", ctypes.c_size_t),
     ]
 
 
@@ -243,6 +246,10 @@ _SIGNATURES = {
     "fajit_destroy": (None, [_P]),
     "fajit_attn_args_init": (None, [ctypes.POINTER(AttnArgs)]),
     "fajit_attn_fwd": (ctypes.c_int, [_P, ctypes.POINTER(AttnArgs), _P]),
+    "fajit_attn_fwd_workspace_size": (
+        ctypes.c_int,
+        [_P, ctypes.POINTER(AttnArgs), ctypes.POINTER(ctypes.c_size_t)],
+    ),
     "fajit_attn_variant": (
         ctypes.c_int,
         [_P, ctypes.POINTER(AttnArgs), ctypes.c_char_p, ctypes.c_size_t],

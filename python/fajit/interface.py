@@ -331,6 +331,17 @@ def _forward(q, k, v, out, lse, scale, mask, feat):
 def _launch_forward(loaded, a, device):
     with _torch.cuda.device(device):
         ctx = _lib.context(device.index)
+        # Split-KV partials in a block of torch's caching allocator on the
+        # current stream (freed with `ws` once queued: the allocator keeps it
+        # for that stream's later work) rather than the library's
+        # stream-ordered scratch, which costs the GPU about 1 us a call.
+        need = ctypes.c_size_t(0)
+        rc = loaded.lib.fajit_attn_fwd_workspace_size(ctx, ctypes.byref(a), ctypes.byref(need))
+        _lib.check(rc, "fajit_attn_fwd_workspace_size")
+        ws = None
+        if need.value:
+            ws = _torch.empty(need.value, dtype=_torch.uint8, device=device)
+            a.workspace, a.workspace_bytes = ws.data_ptr(), need.value
         rc = loaded.lib.fajit_attn_fwd(ctx, ctypes.byref(a), _stream(device))
     _lib.check(rc, "fajit_attn_fwd")
 

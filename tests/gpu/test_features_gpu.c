@@ -453,6 +453,9 @@ static void check_dense_equivalence(const problem *p, const device *d, fajit_ctx
     free(lse);
 }
 
+static void check_workspace(const problem *p, const device *d, fajit_ctx *ctx, const uint16_t *o0,
+                            const float *lse0);
+
 static void run_case(const fcase *c, fajit_ctx *ctx, uint64_t seed)
 {
     problem p;
@@ -487,6 +490,8 @@ static void run_case(const fcase *c, fajit_ctx *ctx, uint64_t seed)
         if (!v.why[0] && kernel == FAJIT_KERNEL_AUTO && c->want_split && last_splits < 2)
             snprintf(v.why, sizeof v.why, "AUTO did not split the keys (split-KV)");
         check(!v.why[0], line, v.why);
+        if (k == 1 && c->want_split && !v.why[0])
+            check_workspace(&p, &d, ctx, o, lse);
         if (k == 0 && c->varlen && c->p == 0.0f)
             check_dense_equivalence(&p, &d, ctx, o, lse);
     }
@@ -494,6 +499,47 @@ static void run_case(const fcase *c, fajit_ctx *ctx, uint64_t seed)
     free(lse);
     device_free(&d);
     problem_free(&p);
+}
+
+/* A split launch given a workspace (exactly the size
+ * fajit_attn_fwd_workspace_size names, and 16 bytes short of it, which falls
+ * back to the pool's scratch) writes the same bits as with none. */
+static void check_workspace(const problem *p, const device *d, fajit_ctx *ctx, const uint16_t *o0,
+                            const float *lse0)
+{
+    const size_t nq = (size_t)(p->total_q * p->c.hq);
+    uint16_t *o = malloc(nq * (size_t)p->c.dv * 2 + 2);
+    float *lse = malloc(nq * 4 + 4);
+    fajit_attn_args a;
+    size_t bytes = 0;
+    void *ws = NULL;
+    char why[300] = "", line[160];
+    make_args(p, d, FAJIT_KERNEL_AUTO, &a);
+    int rc = fajit_attn_fwd_workspace_size(ctx, &a, &bytes);
+    snprintf(line, sizeof line, "  workspace size %zu bytes (%s)", bytes, rc ? fajit_last_error() : "ok");
+    check(rc == 0 && bytes > 0 && bytes % 4 == 0, line,
+          rc ? fajit_strerror(rc) : bytes == 0 ? "0: a split launch needs some" : "");
+    if (rc != 0 || bytes == 0 || !o || !lse || cudaMalloc(&ws, bytes) != cudaSuccess) {
+        free(o);
+        free(lse);
+        return;
+    }
+    for (int short_by = 0; short_by <= 16; short_by += 16) {
+        a.workspace = ws;
+        a.workspace_bytes = bytes - (size_t)short_by;
+        cudaMemset(ws, 0xff, bytes);
+        why[0] = '\0';
+        if (run(p, d, &a, ctx, o, lse, why, sizeof why) == 0) {
+            const int same = memcmp(o, o0, nq * (size_t)p->c.dv * 2) == 0 && memcmp(lse, lse0, nq * 4) == 0;
+            snprintf(why, sizeof why, "%s", same ? "" : "outputs differ from the run without a workspace");
+        }
+        snprintf(line, sizeof line, "  with a workspace %s: the same bits as without",
+                 short_by ? "16 bytes short (pool scratch)" : "of that size");
+        check(!why[0], line, why);
+    }
+    cudaFree(ws);
+    free(o);
+    free(lse);
 }
 
 /* ---------------------------------------------------------------- dropout mask */
