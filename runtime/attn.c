@@ -434,81 +434,93 @@ static int launch(fajit_ctx *ctx, const fajit__driver *drv, CUdevice dev, CUfunc
                                   stream);
 }
 
-int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
-{
-    const fajit__driver *drv;
-    struct fajit_fwd_params p;
+/* A call whose arguments passed: their checked copy, the kernel params, the
+ * probabilities' layout, the variant with its tuned split count, and the
+ * device whose CUDA context was entered. */
+typedef struct fwd_call {
     fajit_attn_args a;
+    struct fajit_fwd_params p;
     probs_out po;
     fajit__variant v;
-    CUfunction fn;
+    const fajit__driver *drv;
     CUcontext cu;
-    CUdevice dev = -1;
     unsigned long long cu_id;
-    int rc, pushed, arch = 0, splits = 0, few_rows;
+    CUdevice dev;
+    int pushed; /* 1: the caller pops cu */
+    int splits; /* tuned_choice's count */
+} fwd_call;
+
+/* Checks args (the workspace fields left out when !with_workspace), enters
+ * the CUDA context and chooses the variant. Returns 1 when there is nothing
+ * to compute (no context entered), 0 when c is ready (the caller pops
+ * c->cu if c->pushed), else a status (nothing left entered). */
+static int prepare_call(fajit_ctx *ctx, const fajit_attn_args *args, int with_workspace, fwd_call *c)
+{
+    int rc, arch = 0, few_rows;
+    fajit_attn_args *a = &c->a;
+    if ((rc = copy_args(args, a)) != 0)
+        return rc;
+    if (!with_workspace) {
+        a->workspace = NULL;
+        a->workspace_bytes = 0;
+    }
+    if ((rc = check_shapes(a)) || (rc = check_features(a)) || (rc = check_pointers(a)) ||
+        (rc = fill_params(a, &c->p)) || (rc = fill_probs(a, &c->po)))
+        return rc;
+    if (a->batch == 0 || a->seqlen_q == 0)
+        return 1; /* nothing to compute */
+    if ((rc = fajit__driver_get(&c->drv)) || (rc = fajit__enter_cuda(ctx, c->drv, &c->cu, &c->pushed)))
+        return rc;
+    c->cu_id = fajit__context_id(c->drv, c->cu);
+    c->dev = -1;
+    rc = fajit__context_device(ctx, c->drv, c->cu_id, &arch, &c->dev);
+    if (rc != 0) {
+        if (c->pushed)
+            c->drv->ctxPopCurrent(&c->cu);
+        return rc;
+    }
+    few_rows = derive_variant(ctx, a, &c->p, arch, &c->v); /* checked on a table miss */
+    tuned_choice(ctx, c->drv, c->dev, &c->p, few_rows, &c->v, &c->splits);
+    return 0;
+}
+
+int fajit_attn_fwd(fajit_ctx *ctx, const fajit_attn_args *args, void *stream)
+{
+    fwd_call c;
+    CUfunction fn;
+    int rc;
 
     if (!ctx)
         return fajit__fail(FAJIT_EINVAL, "ctx: NULL");
-    if ((rc = copy_args(args, &a)) || (rc = check_shapes(&a)) || (rc = check_features(&a)) ||
-        (rc = check_pointers(&a)) || (rc = fill_params(&a, &p)) || (rc = fill_probs(&a, &po)))
-        return rc;
-    if (a.batch == 0 || a.seqlen_q == 0)
-        return 0; /* nothing to compute */
-    if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
-        return rc;
-    cu_id = fajit__context_id(drv, cu);
-    rc = fajit__context_device(ctx, drv, cu_id, &arch, &dev);
-    if (rc == 0) {
-        few_rows = derive_variant(ctx, &a, &p, arch, &v); /* checked on a table miss */
-        tuned_choice(ctx, drv, dev, &p, few_rows, &v, &splits);
-        rc = fajit__kernel_function(ctx, drv, &v, cu_id, &fn);
-    }
-    if (rc == 0 && v.op == FAJIT__OP_REF_PROBS)
-        rc = launch_probs(drv, fn, &v, &p, &po, stream);
+    if ((rc = prepare_call(ctx, args, 1, &c)) != 0)
+        return rc == 1 ? 0 : rc;
+    rc = fajit__kernel_function(ctx, c.drv, &c.v, c.cu_id, &fn);
+    if (rc == 0 && c.v.op == FAJIT__OP_REF_PROBS)
+        rc = launch_probs(c.drv, fn, &c.v, &c.p, &c.po, stream);
     else if (rc == 0)
-        rc = launch(ctx, drv, dev, fn, &v, &p, splits, &a, stream);
-    if (pushed)
-        drv->ctxPopCurrent(&cu);
+        rc = launch(ctx, c.drv, c.dev, fn, &c.v, &c.p, c.splits, &c.a, stream);
+    if (c.pushed)
+        c.drv->ctxPopCurrent(&c.cu);
     return rc;
 }
 
 int fajit_attn_fwd_workspace_size(fajit_ctx *ctx, const fajit_attn_args *args, size_t *bytes)
 {
-    const fajit__driver *drv;
-    struct fajit_fwd_params p;
-    fajit_attn_args a;
-    probs_out po;
-    fajit__variant v;
-    CUcontext cu;
-    CUdevice dev = -1;
-    int rc, pushed, arch = 0, splits = 0, few_rows;
+    fwd_call c;
+    int rc;
 
     if (!ctx || !bytes)
         return fajit__fail(FAJIT_EINVAL, "%s: NULL", ctx ? "bytes" : "ctx");
     *bytes = 0;
-    if ((rc = copy_args(args, &a)) != 0)
-        return rc;
-    a.workspace = NULL; /* its own fields aside */
-    a.workspace_bytes = 0;
-    if ((rc = check_shapes(&a)) || (rc = check_features(&a)) || (rc = check_pointers(&a)) ||
-        (rc = fill_params(&a, &p)) || (rc = fill_probs(&a, &po)))
-        return rc;
-    if (a.batch == 0 || a.seqlen_q == 0)
-        return 0; /* nothing to compute */
-    if ((rc = fajit__driver_get(&drv)) || (rc = fajit__enter_cuda(ctx, drv, &cu, &pushed)))
-        return rc;
-    rc = fajit__context_device(ctx, drv, fajit__context_id(drv, cu), &arch, &dev);
-    if (rc == 0) {
-        few_rows = derive_variant(ctx, &a, &p, arch, &v);
-        tuned_choice(ctx, drv, dev, &p, few_rows, &v, &splits);
-        if (v.op == FAJIT__OP_FWD) {
-            const fajit__split_plan s = plan_of(ctx, drv, dev, &v, &p, splits);
-            *bytes = split_bytes(&v, &p, &s);
-        }
+    if ((rc = prepare_call(ctx, args, 0, &c)) != 0)
+        return rc == 1 ? 0 : rc;
+    if (c.v.op == FAJIT__OP_FWD) {
+        const fajit__split_plan s = plan_of(ctx, c.drv, c.dev, &c.v, &c.p, c.splits);
+        *bytes = split_bytes(&c.v, &c.p, &s);
     }
-    if (pushed)
-        drv->ctxPopCurrent(&cu);
-    return rc;
+    if (c.pushed)
+        c.drv->ctxPopCurrent(&c.cu);
+    return 0;
 }
 
 /* What fajit_attn_fwd would launch on the context's device: its tuned tiles
